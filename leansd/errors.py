@@ -1,0 +1,31 @@
+"""User-facing errors. Each carries a one-line message a front end can show as is."""
+
+from __future__ import annotations
+
+
+class LeansdError(Exception):
+    """Base class: a problem the user can fix; the message is one clear line."""
+
+
+class InvalidRequestError(LeansdError, ValueError):
+    """A request value is out of range or unknown; the message names the valid options."""
+
+
+class ModelLoadError(LeansdError):
+    """A checkpoint, folder or hub id could not be read as a Stable Diffusion model."""
+
+
+class UnsafeCheckpointError(ModelLoadError):
+    """A .ckpt would need a full (code-executing) unpickle; refused."""
+
+
+class UnsupportedModelError(ModelLoadError):
+    """The model was recognised but its family is not supported (yet)."""
+
+
+class OfflineError(ModelLoadError):
+    """A hub id was given but the model hub cannot be reached and nothing is cached."""
+
+
+class OutputError(LeansdError):
+    """Images could not be written (unwritable folder, disk full, ...)."""
