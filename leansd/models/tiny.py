@@ -1,0 +1,101 @@
+"""Tiny random-weight SD 1.x-shaped models for tests and `--model tiny`.
+
+THESE MODELS ARE RANDOM: they exercise every code path of a real SD 1.x model in a fraction of a
+second, and the pictures they make are noise.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+from leansd.models.configs import SD1_VAE_SCALING_FACTOR
+
+if TYPE_CHECKING:
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from transformers import CLIPTextModel
+
+TINY_NAME = "tiny"
+TINY_DEFAULT_SIZE = 64
+TINY_WARNING = "tiny is a random-weight test model: its images are noise"
+
+TINY_UNET_CONFIG = dict(
+    sample_size=8,
+    in_channels=4,
+    out_channels=4,
+    block_out_channels=(32, 64),
+    layers_per_block=2,
+    down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+    up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+    cross_attention_dim=32,
+    attention_head_dim=8,
+    norm_num_groups=32,
+)
+# Four levels like SD's VAE, so images are 8x the latent size as in real checkpoints.
+TINY_VAE_CONFIG = dict(
+    in_channels=3,
+    out_channels=3,
+    block_out_channels=(32, 32, 32, 32),
+    down_block_types=("DownEncoderBlock2D",) * 4,
+    up_block_types=("UpDecoderBlock2D",) * 4,
+    latent_channels=4,
+    layers_per_block=1,
+    norm_num_groups=32,
+    sample_size=64,
+    scaling_factor=SD1_VAE_SCALING_FACTOR,
+)
+TINY_TEXT_CONFIG = dict(
+    vocab_size=49408,
+    hidden_size=32,
+    intermediate_size=37,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    max_position_embeddings=77,
+    hidden_act="quick_gelu",
+    layer_norm_eps=1e-5,
+    bos_token_id=49406,
+    eos_token_id=49407,
+    pad_token_id=49407,
+    projection_dim=32,
+)
+
+
+@dataclass
+class TinyComponents:
+    unet: "UNet2DConditionModel"
+    vae: "AutoencoderKL"
+    text_encoder: "CLIPTextModel"
+
+
+def build_tiny_components(*, seed: int = 0) -> TinyComponents:
+    """Build the three tiny models with deterministic random weights (same seed, same tensors)."""
+    import torch
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    def seeded(offset: int):
+        torch.manual_seed(seed * 1000 + offset)
+
+    # Seed before each so one component's construction does not shift another's weights.
+    seeded(1)
+    unet = UNet2DConditionModel(**TINY_UNET_CONFIG)
+    seeded(2)
+    vae = AutoencoderKL(**TINY_VAE_CONFIG)
+    seeded(3)
+    text_encoder = CLIPTextModel(CLIPTextConfig(**TINY_TEXT_CONFIG))
+    # Default inits leave some layers at exactly zero (conv_out etc.); give every tensor
+    # non-trivial values so the pipelines show real differences between settings.
+    generator = torch.Generator().manual_seed(seed * 1000 + 4)
+    with torch.no_grad():
+        for module in (unet, vae, text_encoder):
+            for name, param in module.named_parameters():
+                if name.endswith("weight") and param.ndim >= 2:
+                    fan_in = param[0].numel()
+                    param.copy_(torch.randn(param.shape, generator=generator) / fan_in**0.5)
+                elif "norm" in name and name.endswith("weight"):
+                    param.copy_(1.0 + 0.1 * torch.randn(param.shape, generator=generator))
+                else:
+                    param.copy_(0.02 * torch.randn(param.shape, generator=generator))
+    for module in (unet, vae, text_encoder):
+        module.eval()
+    return TinyComponents(unet=unet, vae=vae, text_encoder=text_encoder)
