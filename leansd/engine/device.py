@@ -1,0 +1,81 @@
+"""Device and precision choice. Probing happens only when these functions are called."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+from leansd.errors import InvalidRequestError
+
+if TYPE_CHECKING:
+    import torch
+
+logger = logging.getLogger(__name__)
+
+PRECISIONS = ("auto", "full", "autocast", "fp16", "bf16")
+_PRECISION_ALIASES = {"fp32": "full", "float32": "full", "half": "fp16", "float16": "fp16", "bfloat16": "bf16"}
+
+
+def resolve_device(name: str | None = "auto") -> "torch.device":
+    """"auto" picks CUDA, then Apple MPS, then the CPU; an explicit device must exist."""
+    import torch
+
+    if name is None or name == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    try:
+        device = torch.device(name)
+    except (RuntimeError, TypeError):
+        raise InvalidRequestError(f"unknown device {name!r}; use auto, cpu, cuda, cuda:N or mps") from None
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise InvalidRequestError(
+                f"device {name!r} requested but CUDA is not available here (torch {torch.__version__}); use --device cpu"
+            )
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise InvalidRequestError(
+                f"device {name!r} does not exist; this machine has {torch.cuda.device_count()} CUDA device(s)"
+            )
+    elif device.type == "mps":
+        if not (getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available()):
+            raise InvalidRequestError(f"device {name!r} requested but Apple MPS is not available here")
+    elif device.type != "cpu":
+        raise InvalidRequestError(f"unsupported device {name!r}; use auto, cpu, cuda, cuda:N or mps")
+    return device
+
+
+@dataclass(frozen=True)
+class Precision:
+    name: str
+    """Canonical precision name (one of PRECISIONS, never "auto")."""
+    weight_dtype: "torch.dtype"
+    """dtype of the weights on the compute device."""
+    autocast_dtype: "torch.dtype | None"
+    """If set, run the models under torch.autocast with this dtype."""
+
+
+def resolve_precision(name: str, device: "torch.device") -> Precision:
+    """Map a user precision to dtypes. Defaults: fp32 on CPU (fp16 is emulated there), fp16 on GPUs."""
+    import torch
+
+    key = _PRECISION_ALIASES.get(str(name).lower(), str(name).lower())
+    if key not in PRECISIONS:
+        raise InvalidRequestError(f"unknown precision {name!r}; valid: {', '.join(PRECISIONS)}")
+    if key == "auto":
+        key = "full" if device.type == "cpu" else "fp16"
+    if key == "full":
+        return Precision("full", torch.float32, None)
+    if key == "fp16":
+        if device.type == "cpu":
+            logger.warning("fp16 on the CPU is emulated and very slow; bf16 or full is much faster here")
+        return Precision("fp16", torch.float16, None)
+    if key == "bf16":
+        return Precision("bf16", torch.bfloat16, None)
+    # autocast: the CompVis scripts' mixed precision. On the CPU, bf16 is the fast autocast type.
+    if device.type == "cpu":
+        return Precision("autocast", torch.float32, torch.bfloat16)
+    return Precision("autocast", torch.float16, torch.float16)

@@ -1,0 +1,93 @@
+"""The Engine owns one loaded model, its device and its precision. Two engines can coexist."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from typing import TYPE_CHECKING, Callable, Iterator
+
+from leansd.engine.device import Precision, resolve_device, resolve_precision
+
+if TYPE_CHECKING:
+    import torch
+
+    from leansd.models.bundle import ModelBundle
+    from leansd.request import GenerationRequest, GenerationResult, ProgressEvent
+
+logger = logging.getLogger(__name__)
+
+
+class Engine:
+    """Load once, generate many.
+
+    >>> engine = Engine.load("tiny")
+    >>> result = engine.generate(GenerationRequest(prompt="a red fox", seed=1))
+    """
+
+    def __init__(self, bundle: "ModelBundle", *, device: str | None = "auto", precision: str = "auto") -> None:
+        self.bundle = bundle
+        self.device: "torch.device" = resolve_device(device)
+        self.precision: Precision = resolve_precision(precision, self.device)
+        for module in (bundle.unet, bundle.vae, bundle.text_encoder):
+            if module.dtype == self.precision.weight_dtype:
+                module.to(self.device)  # no dtype argument: avoids diffusers' cast warning
+            else:
+                module.to(device=self.device, dtype=self.precision.weight_dtype)
+        logger.info(
+            "model %s (%s) on %s, precision %s",
+            bundle.name,
+            bundle.family.label,
+            self.device,
+            self.precision.name,
+        )
+
+    @classmethod
+    def load(cls, model: str, *, device: str | None = "auto", precision: str = "auto") -> "Engine":
+        """Load a .safetensors/.ckpt file, a diffusers folder, a hub id, or "tiny" (random test model)."""
+        from leansd.models.loader import load_model
+
+        # Validate device/precision before the (slow) load so a typo fails at once.
+        resolve_precision(precision, resolve_device(device))
+        return cls(load_model(model), device=device, precision=precision)
+
+    @property
+    def dtype(self) -> "torch.dtype":
+        return self.precision.weight_dtype
+
+    @contextlib.contextmanager
+    def compute(self) -> Iterator[None]:
+        """Context for running the models: inference mode plus autocast when the precision asks for it."""
+        import torch
+
+        with torch.inference_mode():
+            if self.precision.autocast_dtype is None:
+                yield
+            else:
+                with torch.autocast(self.device.type, dtype=self.precision.autocast_dtype):
+                    yield
+
+    def reset_peak_memory(self) -> None:
+        import torch
+
+        if self.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(self.device)
+
+    def peak_memory(self) -> int | None:
+        """Peak bytes allocated on the compute device since the last reset (CUDA only)."""
+        import torch
+
+        if self.device.type == "cuda":
+            return int(torch.cuda.max_memory_allocated(self.device))
+        return None
+
+    def generate(
+        self,
+        request: "GenerationRequest",
+        *,
+        progress: Callable[["ProgressEvent"], None] | None = None,
+        progress_bar: bool = True,
+    ) -> "GenerationResult":
+        """txt2img: validate the request, sample, decode; returns PIL images, seeds and infotexts."""
+        from leansd.pipelines.txt2img import txt2img
+
+        return txt2img(self, request, progress=progress, progress_bar=progress_bar)
