@@ -1,0 +1,39 @@
+"""Shared builders for the test suite (tiny random models, built in-process)."""
+
+from __future__ import annotations
+
+import functools
+
+from leansd.models.bundle import ModelBundle
+
+
+@functools.lru_cache(maxsize=1)
+def _tiny_components():
+    from leansd.models.tiny import build_tiny_components
+
+    return build_tiny_components(seed=0)
+
+
+def tiny_bundle() -> ModelBundle:
+    """A fresh ModelBundle over deep copies of the tiny seed-0 models (tests may move/cast them)."""
+    import copy
+
+    from leansd.models.configs import SD1_SCHEDULER_CONFIG
+    from leansd.models.family import ModelFamily
+    from leansd.models.tiny import TINY_DEFAULT_SIZE
+    from leansd.models.tokenizer import bundled_tokenizer
+
+    c = _tiny_components()
+    return ModelBundle(
+        unet=copy.deepcopy(c.unet),
+        vae=copy.deepcopy(c.vae),
+        text_encoder=copy.deepcopy(c.text_encoder),
+        tokenizer=bundled_tokenizer(),
+        family=ModelFamily.SD1,
+        name="tiny",
+        source="tiny",
+        hash=None,
+        scheduler_config=dict(SD1_SCHEDULER_CONFIG),
+        default_size=TINY_DEFAULT_SIZE,
+        is_random=True,
+    )

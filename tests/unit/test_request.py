@@ -1,0 +1,100 @@
+"""Request validation: every bad value gets a clear one-line error naming the valid range."""
+
+from __future__ import annotations
+
+import pytest
+
+from leansd.errors import InvalidRequestError
+from leansd.request import GenerationRequest
+from leansd.sampling.samplers import canonical_sampler_name, sampler_names
+
+
+@pytest.mark.parametrize(
+    ("changes", "message"),
+    [
+        ({"width": 100}, "width must be a multiple of 8"),
+        ({"height": 510}, "height must be a multiple of 8"),
+        ({"width": 32}, "between 64 and 4096"),
+        ({"height": 100000}, "between 64 and 4096"),
+        ({"num_inference_steps": 0}, "steps must be between 1"),
+        ({"num_inference_steps": 5000}, "steps must be between 1"),
+        ({"batch_size": 0}, "n_samples (batch size) must be between 1"),
+        ({"n_iter": 0}, "n_iter must be between 1"),
+        ({"guidance_scale": -1.0}, "scale (CFG) must be >= 0"),
+        ({"guidance_scale": float("nan")}, "guidance_scale must be a finite number"),
+        ({"eta": -0.1}, "ddim_eta must be >= 0"),
+        ({"sampler": "Euler b"}, "unknown sampler 'Euler b'; valid samplers: DDIM, PLMS, Euler, Euler a"),
+        ({"seed": -5}, "seed must be between 0 and 4294967295"),
+        ({"seed": 2**32 - 1, "batch_size": 2}, "seed must be between"),
+        ({"width": 64.0}, "width must be an integer"),
+        ({"prompt": None}, "prompt must be a string"),
+    ],
+)
+def test_bad_values(changes: dict, message: str) -> None:
+    request = GenerationRequest(prompt="x", **{k: v for k, v in changes.items() if k != "prompt"})
+    if "prompt" in changes:
+        request.prompt = changes["prompt"]
+    with pytest.raises(InvalidRequestError) as info:
+        request.validated()
+    assert message in str(info.value)
+    assert "\n" not in str(info.value)
+
+
+def test_valid_request_gets_seed_and_canonical_sampler() -> None:
+    r = GenerationRequest(prompt="x", sampler="euler_a", seed=-1).validated()
+    assert r.sampler == "Euler a"
+    assert 0 <= r.seed <= 2**32 - 1
+    r = GenerationRequest(prompt="x", seed=10, batch_size=2, n_iter=3).validated()
+    assert r.image_seeds() == [10, 11, 12, 13, 14, 15]
+    r = GenerationRequest(prompt="x", seed=10, batch_size=2, fixed_code=True).validated()
+    assert r.image_seeds() == [10, 10]
+
+
+@pytest.mark.parametrize(
+    ("alias", "name"),
+    [
+        ("ddim", "DDIM"), ("plms", "PLMS"), ("euler", "Euler"), ("euler_a", "Euler a"), ("k_euler_a", "Euler a"),
+        ("heun", "Heun"), ("dpm2", "DPM2"), ("dpm2_a", "DPM2 a"), ("lms", "LMS"), ("dpmpp_2m", "DPM++ 2M"),
+        ("DPM++ 2M Karras", "DPM++ 2M Karras"), ("dpm++ 2m karras", "DPM++ 2M Karras"),
+        ("dpmpp_sde_karras", "DPM++ SDE Karras"), ("UniPC", "UniPC"), ("lcm", "LCM"),
+    ],
+)
+def test_sampler_aliases(alias: str, name: str) -> None:
+    assert canonical_sampler_name(alias) == name
+
+
+def test_every_sampler_builds_its_scheduler() -> None:
+    from leansd.models.configs import SD1_SCHEDULER_CONFIG
+    from leansd.sampling.samplers import build_scheduler, get_sampler
+
+    for name in sampler_names():
+        scheduler = build_scheduler(name, SD1_SCHEDULER_CONFIG, seeds=[1])
+        assert type(scheduler).__name__ == get_sampler(name).scheduler_class
+        assert scheduler.config.beta_schedule == "scaled_linear"
+        assert scheduler.config.beta_start == 0.00085 and scheduler.config.beta_end == 0.012
+
+
+def test_ddim_and_plms_use_compvis_timesteps() -> None:
+    """CompVis make_ddim_timesteps('uniform', 50) = range(0, 1000, 20) + 1 -> 981 ... 1."""
+    from leansd.models.configs import SD1_SCHEDULER_CONFIG
+    from leansd.sampling.samplers import build_scheduler
+
+    ddim = build_scheduler("DDIM", SD1_SCHEDULER_CONFIG)
+    ddim.set_timesteps(50)
+    assert ddim.timesteps.tolist() == list(range(981, 0, -20))
+    assert float(ddim.final_alpha_cumprod) == pytest.approx(float(ddim.alphas_cumprod[0]))  # set_alpha_to_one=False
+    plms = build_scheduler("PLMS", SD1_SCHEDULER_CONFIG)
+    plms.set_timesteps(50)
+    assert sorted(set(plms.timesteps.tolist()), reverse=True) == list(range(981, 0, -20))
+
+
+def test_engine_precision_and_device_validation() -> None:
+    from leansd.engine.device import resolve_device, resolve_precision
+
+    cpu = resolve_device("cpu")
+    assert resolve_precision("auto", cpu).name == "full"
+    assert str(resolve_precision("bf16", cpu).weight_dtype) == "torch.bfloat16"
+    with pytest.raises(InvalidRequestError, match="unknown precision 'fp8'; valid: auto, full, autocast, fp16, bf16"):
+        resolve_precision("fp8", cpu)
+    with pytest.raises(InvalidRequestError, match="unknown device"):
+        resolve_device("tpu9")
