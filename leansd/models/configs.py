@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import re
+from collections.abc import Iterable, Mapping
 from typing import Any
+
+from leansd.errors import ModelLoadError
 
 # SD 1.x training schedule (CompVis v1-inference.yaml: linear_start 0.00085, linear_end 0.012,
 # 1000 timesteps, "scaled_linear" = linspace in sqrt space). steps_offset=1 and
@@ -21,3 +25,177 @@ SD1_SCHEDULER_CONFIG: dict[str, Any] = {
 }
 
 SD1_VAE_SCALING_FACTOR = 0.18215
+
+# ---------------------------------------------------------------------------------------------
+# Architecture configs inferred from an original-layout (single-file) state dict's shapes.
+#
+# The weights fix every width, depth and channel count. Two things are NOT in the weights:
+# - attention heads. SD 1.x's UNet uses 8 heads everywhere (diffusers' legacy name for this is
+#   `attention_head_dim=8`); CLIP text encoders use 64-wide heads (12 at width 768, 16 at 1024,
+#   20 at 1280); widths below 64 (the tiny test model, width 32) get 4 heads.
+# - the training resolution. Full-size SD 1.x was trained at 512 px (UNet sample_size 64, VAE
+#   512); narrower models than the real ones (the tiny test model) get 64 px so they stay fast.
+# ---------------------------------------------------------------------------------------------
+
+SD1_UNET_ATTENTION_HEADS = 8
+CLIP_HEAD_WIDTH = 64
+NARROW_TEXT_HEADS = 4
+NORM_NUM_GROUPS = 32
+SD1_SAMPLE_SIZE = 64  # latent pixels: 512 px images
+NARROW_SAMPLE_SIZE = 8  # latent pixels: 64 px images
+SD1_UNET_MODEL_CHANNELS = 320
+SD1_VAE_BASE_CHANNELS = 128
+CLIP_BOS_ID, CLIP_EOS_ID = 49406, 49407
+
+LDM_UNET_PREFIX = "model.diffusion_model."
+LDM_VAE_PREFIX = "first_stage_model."
+LDM_CLIP_PREFIX = "cond_stage_model.transformer."
+
+
+def _sub(shapes: Mapping[str, tuple[int, ...]], prefix: str) -> dict[str, tuple[int, ...]]:
+    return {k[len(prefix) :]: tuple(v) for k, v in shapes.items() if k.startswith(prefix)}
+
+
+def _indices(keys: Iterable[str], pattern: str) -> list[int]:
+    """Sorted distinct integers captured by ``pattern`` (a regex with one group) in ``keys``."""
+    regex = re.compile(pattern)
+    return sorted({int(m.group(1)) for k in keys if (m := regex.match(k))})
+
+
+def _need(shapes: Mapping[str, tuple[int, ...]], key: str, what: str) -> tuple[int, ...]:
+    if key not in shapes:
+        raise ModelLoadError(f"cannot infer the {what} architecture: tensor {key} is missing")
+    return shapes[key]
+
+
+def text_heads(width: int) -> int:
+    """Attention heads of a CLIP text encoder of this width (64-wide heads; 4 below width 64)."""
+    return width // CLIP_HEAD_WIDTH if width >= CLIP_HEAD_WIDTH else NARROW_TEXT_HEADS
+
+
+def infer_unet_config(shapes: Mapping[str, tuple[int, ...]]) -> dict[str, Any]:
+    """``UNet2DConditionModel`` kwargs for the ``model.diffusion_model.*`` tensors in ``shapes``.
+
+    ``shapes`` maps full original-layout keys to tensor shapes. Levels and their widths come
+    from the input blocks (block ``(layers_per_block + 1) * level + j + 1``), attention levels from
+    ``*.1.proj_in`` tensors, the context width from ``attn2.to_k``. Raises ``ModelLoadError`` if a
+    tensor the inference needs is missing.
+    """
+    unet = _sub(shapes, LDM_UNET_PREFIX)
+    conv_in = _need(unet, "input_blocks.0.0.weight", "UNet")
+    conv_out = _need(unet, "out.2.weight", "UNet")
+    model_channels, in_channels = int(conv_in[0]), int(conv_in[1])
+
+    num_input_blocks = len(_indices(unet, r"input_blocks\.(\d+)\."))
+    downsamplers = _indices(unet, r"input_blocks\.(\d+)\.0\.op\.weight")
+    levels = len(downsamplers) + 1
+    resnet_blocks = num_input_blocks - 1 - len(downsamplers)
+    if resnet_blocks <= 0 or resnet_blocks % levels:
+        raise ModelLoadError(
+            f"cannot infer the UNet architecture: {num_input_blocks} input blocks do not split "
+            f"into {levels} levels"
+        )
+    layers_per_block = resnet_blocks // levels
+
+    block_out_channels: list[int] = []
+    down_attention: list[bool] = []
+    transformer_depths: list[int] = []
+    for level in range(levels):
+        index = (layers_per_block + 1) * level + 1
+        conv = _need(unet, f"input_blocks.{index}.0.in_layers.2.weight", "UNet")
+        block_out_channels.append(int(conv[0]))
+        has_attention = f"input_blocks.{index}.1.proj_in.weight" in unet
+        down_attention.append(has_attention)
+        if has_attention:
+            depth = len(_indices(unet, rf"input_blocks\.{index}\.1\.transformer_blocks\.(\d+)\."))
+            transformer_depths.append(depth)
+
+    up_attention = []
+    for level in range(levels):
+        index = (layers_per_block + 1) * level
+        up_attention.append(f"output_blocks.{index}.1.proj_in.weight" in unet)
+
+    context = None
+    proj_in_ndim = 4
+    for key, shape in unet.items():
+        if key.endswith("attn2.to_k.weight"):
+            context = int(shape[1])
+        if key.endswith(".proj_in.weight"):
+            proj_in_ndim = len(shape)
+    if context is None:
+        raise ModelLoadError("cannot infer the UNet architecture: no cross-attention (attn2.to_k) tensors")
+    depths = set(transformer_depths) or {1}
+
+    return {
+        "sample_size": SD1_SAMPLE_SIZE if model_channels >= SD1_UNET_MODEL_CHANNELS else NARROW_SAMPLE_SIZE,
+        "in_channels": in_channels,
+        "out_channels": int(conv_out[0]),
+        "down_block_types": tuple(
+            "CrossAttnDownBlock2D" if a else "DownBlock2D" for a in down_attention
+        ),
+        "up_block_types": tuple("CrossAttnUpBlock2D" if a else "UpBlock2D" for a in up_attention),
+        "block_out_channels": tuple(block_out_channels),
+        "layers_per_block": layers_per_block,
+        "cross_attention_dim": context,
+        "attention_head_dim": SD1_UNET_ATTENTION_HEADS,
+        "use_linear_projection": proj_in_ndim == 2,
+        "transformer_layers_per_block": depths.pop() if len(depths) == 1 else tuple(transformer_depths),
+        "norm_num_groups": NORM_NUM_GROUPS,
+    }
+
+
+def infer_vae_config(shapes: Mapping[str, tuple[int, ...]]) -> dict[str, Any]:
+    """``AutoencoderKL`` kwargs for the ``first_stage_model.*`` tensors in ``shapes``."""
+    vae = _sub(shapes, LDM_VAE_PREFIX)
+    conv_in = _need(vae, "encoder.conv_in.weight", "VAE")
+    conv_out = _need(vae, "decoder.conv_out.weight", "VAE")
+    decoder_in = _need(vae, "decoder.conv_in.weight", "VAE")
+    levels = _indices(vae, r"encoder\.down\.(\d+)\.")
+    if not levels:
+        raise ModelLoadError("cannot infer the VAE architecture: no encoder.down.* tensors")
+    block_out_channels = tuple(
+        int(_need(vae, f"encoder.down.{i}.block.0.conv2.weight", "VAE")[0]) for i in levels
+    )
+    layers_per_block = len(_indices(vae, r"encoder\.down\.0\.block\.(\d+)\."))
+    base = block_out_channels[0]
+    return {
+        "in_channels": int(conv_in[1]),
+        "out_channels": int(conv_out[0]),
+        "down_block_types": ("DownEncoderBlock2D",) * len(levels),
+        "up_block_types": ("UpDecoderBlock2D",) * len(levels),
+        "block_out_channels": block_out_channels,
+        "layers_per_block": layers_per_block,
+        "latent_channels": int(decoder_in[1]),
+        "norm_num_groups": NORM_NUM_GROUPS,
+        "sample_size": 8 * (SD1_SAMPLE_SIZE if base >= SD1_VAE_BASE_CHANNELS else NARROW_SAMPLE_SIZE),
+        "scaling_factor": SD1_VAE_SCALING_FACTOR,
+        "use_quant_conv": "quant_conv.weight" in vae,
+        "use_post_quant_conv": "post_quant_conv.weight" in vae,
+    }
+
+
+def infer_text_config(shapes: Mapping[str, tuple[int, ...]]) -> dict[str, Any]:
+    """``CLIPTextConfig`` kwargs for the ``cond_stage_model.transformer.[text_model.]*`` tensors."""
+    text = _sub(shapes, LDM_CLIP_PREFIX)
+    if any(k.startswith("text_model.") for k in text):
+        text = _sub(text, "text_model.")
+    vocab_size, width = _need(text, "embeddings.token_embedding.weight", "text encoder")
+    positions = _need(text, "embeddings.position_embedding.weight", "text encoder")[0]
+    layers = _indices(text, r"encoder\.layers\.(\d+)\.")
+    if not layers:
+        raise ModelLoadError("cannot infer the text encoder architecture: no encoder.layers.* tensors")
+    intermediate = _need(text, "encoder.layers.0.mlp.fc1.weight", "text encoder")[0]
+    return {
+        "vocab_size": int(vocab_size),
+        "hidden_size": int(width),
+        "intermediate_size": int(intermediate),
+        "num_hidden_layers": len(layers),
+        "num_attention_heads": text_heads(int(width)),
+        "max_position_embeddings": int(positions),
+        "hidden_act": "quick_gelu",
+        "layer_norm_eps": 1e-5,
+        "bos_token_id": CLIP_BOS_ID,
+        "eos_token_id": CLIP_EOS_ID,
+        "pad_token_id": CLIP_EOS_ID,
+        "projection_dim": int(width),
+    }

@@ -6,7 +6,10 @@ second, and the pictures they make are noise.
 
 from __future__ import annotations
 
+import json
+import os
 from dataclasses import dataclass
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 from leansd.models.configs import SD1_VAE_SCALING_FACTOR
@@ -99,3 +102,76 @@ def build_tiny_components(*, seed: int = 0) -> TinyComponents:
     for module in (unet, vae, text_encoder):
         module.eval()
     return TinyComponents(unet=unet, vae=vae, text_encoder=text_encoder)
+
+
+def write_tiny_single_file(
+    path: str | os.PathLike[str], *, seed: int = 0, text_model_level: bool = True
+) -> Path:
+    """Write the tiny RANDOM model (it makes noise) as an original-layout SD 1.x single file.
+
+    The format follows the extension: ``.safetensors`` (safetensors) or ``.ckpt`` (a pickle of
+    ``{"state_dict": ...}`` holding tensors only, readable with ``weights_only=True``).
+    ``text_model_level=False`` writes the older layout without the ``text_model.`` level. Same
+    seed, same bytes; about 12 MB (the 49,408 x 32 token embedding is half of it).
+    """
+    import torch
+
+    from leansd.models.convert import diffusers_to_ldm
+
+    target = Path(path)
+    suffix = target.suffix.lower()
+    if suffix not in (".safetensors", ".ckpt"):
+        raise ValueError(f"{target}: expected a .safetensors or .ckpt file name")
+    tiny = build_tiny_components(seed=seed)
+    # Own contiguous copies: safetensors refuses views, and a file should not alias the modules.
+    sd = {
+        k: v.detach().contiguous().clone()
+        for k, v in diffusers_to_ldm(
+            tiny.unet, tiny.vae, tiny.text_encoder, text_model_level=text_model_level
+        ).items()
+    }
+    target.parent.mkdir(parents=True, exist_ok=True)
+    if suffix == ".safetensors":
+        from safetensors.torch import save_file
+
+        save_file(sd, str(target))
+    else:
+        torch.save({"state_dict": sd}, str(target))
+    return target
+
+
+def write_tiny_diffusers_folder(path: str | os.PathLike[str], *, seed: int = 0) -> Path:
+    """Write the tiny RANDOM model (it makes noise) as a diffusers ``StableDiffusionPipeline`` folder.
+
+    ``model_index.json``, ``unet/``, ``vae/``, ``text_encoder/`` (safetensors), ``tokenizer/``
+    (the bundled CLIP tokenizer) and ``scheduler/`` (``PNDMScheduler`` with the SD 1.x schedule).
+    Same seed, same files; about 16 MB (the tokenizer alone is 3.6 MB).
+    """
+    import diffusers
+    from diffusers import PNDMScheduler
+
+    from leansd.models.configs import SD1_SCHEDULER_CONFIG
+    from leansd.models.tokenizer import bundled_tokenizer, save_tokenizer
+
+    root = Path(path)
+    root.mkdir(parents=True, exist_ok=True)
+    tiny = build_tiny_components(seed=seed)
+    tiny.unet.save_pretrained(root / "unet", safe_serialization=True)
+    tiny.vae.save_pretrained(root / "vae", safe_serialization=True)
+    tiny.text_encoder.save_pretrained(root / "text_encoder", safe_serialization=True)
+    save_tokenizer(bundled_tokenizer(), root / "tokenizer")
+    PNDMScheduler.from_config(SD1_SCHEDULER_CONFIG).save_pretrained(root / "scheduler")
+    index = {
+        "_class_name": "StableDiffusionPipeline",
+        "_diffusers_version": diffusers.__version__,
+        "feature_extractor": [None, None],
+        "requires_safety_checker": False,
+        "safety_checker": [None, None],
+        "scheduler": ["diffusers", "PNDMScheduler"],
+        "text_encoder": ["transformers", "CLIPTextModel"],
+        "tokenizer": ["transformers", "CLIPTokenizer"],
+        "unet": ["diffusers", "UNet2DConditionModel"],
+        "vae": ["diffusers", "AutoencoderKL"],
+    }
+    (root / "model_index.json").write_text(json.dumps(index, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+    return root

@@ -1,0 +1,203 @@
+"""Which Stable Diffusion family a checkpoint belongs to, told from its tensor names and shapes.
+
+Two layouts are read: the original CompVis/Stability single-file layout (``model.diffusion_model.*``,
+``first_stage_model.*``, ``cond_stage_model.*`` or SDXL's ``conditioner.embedders.*``) and diffusers
+folders (``unet/config.json`` and friends). Only SD 1.x is supported for generation in this version;
+the others are recognised so the user gets a clear message instead of a shape error.
+"""
+
+from __future__ import annotations
+
+import enum
+import json
+import os
+import re
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+from leansd.errors import ModelLoadError, UnsupportedModelError
+
+UNET_PREFIX = "model.diffusion_model."
+CLIP_PREFIX = "cond_stage_model.transformer."
+OPEN_CLIP_PREFIX = "cond_stage_model.model."
+SDXL_CONDITIONER_PREFIX = "conditioner.embedders."
+
+# Width of the conditioning (cross-attention context) in each family's UNet.
+_CONTEXT_WIDTH_FAMILY = {1024: "SD2", 2048: "SDXL", 1280: "SDXL_REFINER"}
+
+
+class ModelFamily(str, enum.Enum):
+    SD1 = "sd1"
+    SD1_INPAINT = "sd1-inpaint"
+    SD2 = "sd2"
+    SD2_INPAINT = "sd2-inpaint"
+    SDXL = "sdxl"
+    SDXL_REFINER = "sdxl-refiner"
+    UNKNOWN = "unknown"
+
+    @property
+    def label(self) -> str:
+        """Human name for messages and metadata, e.g. "SD 1.x inpainting (9-channel)"."""
+        return _LABELS[self]
+
+
+_LABELS = {
+    ModelFamily.SD1: "SD 1.x",
+    ModelFamily.SD1_INPAINT: "SD 1.x inpainting (9-channel)",
+    ModelFamily.SD2: "SD 2.x",
+    ModelFamily.SD2_INPAINT: "SD 2.x inpainting (9-channel)",
+    ModelFamily.SDXL: "SDXL",
+    ModelFamily.SDXL_REFINER: "SDXL refiner",
+    ModelFamily.UNKNOWN: "unrecognised Stable Diffusion variant",
+}
+
+SUPPORTED_FAMILIES = (ModelFamily.SD1,)
+
+# Input channels of the UNet: 4 latent channels, or 4 + 4 (masked image) + 1 (mask) for inpainting.
+_LATENT_CHANNELS = 4
+_INPAINT_CHANNELS = 9
+
+
+def _with_inpaint(base: ModelFamily, in_channels: int | None) -> ModelFamily:
+    if in_channels is None or in_channels == _LATENT_CHANNELS:
+        return base
+    if in_channels == _INPAINT_CHANNELS:
+        return {
+            ModelFamily.SD1: ModelFamily.SD1_INPAINT,
+            ModelFamily.SD2: ModelFamily.SD2_INPAINT,
+        }.get(base, base)  # SDXL inpainting stays SDXL: unsupported either way
+    return ModelFamily.UNKNOWN  # e.g. instruct-pix2pix (8 channels)
+
+
+def _context_width(shapes: Mapping[str, tuple[int, ...]]) -> int | None:
+    """in_features of the UNet's cross-attention key projection (the text-conditioning width)."""
+    for key, shape in shapes.items():
+        if key.startswith(UNET_PREFIX) and key.endswith("attn2.to_k.weight") and len(shape) == 2:
+            return int(shape[1])
+    return None
+
+
+def _clip_width(shapes: Mapping[str, tuple[int, ...]]) -> int | None:
+    """Hidden width of an OpenAI-CLIP text encoder under ``cond_stage_model.transformer.``."""
+    for key in (
+        CLIP_PREFIX + "text_model.embeddings.token_embedding.weight",
+        CLIP_PREFIX + "embeddings.token_embedding.weight",
+    ):
+        if key in shapes and len(shapes[key]) == 2:
+            return int(shapes[key][1])
+    return None
+
+
+def detect_family(shapes: Mapping[str, tuple[int, ...]], *, source: str = "checkpoint") -> ModelFamily:
+    """Family of an original-layout (single-file) state dict, given ``{key: shape}``.
+
+    Rules, first match wins:
+    - no ``model.diffusion_model.*`` tensor: not Stable Diffusion -> ``ModelLoadError``;
+    - ``conditioner.embedders.*`` or ``model.diffusion_model.label_emb.*``: SDXL; a refiner has
+      only the OpenCLIP-bigG embedder (no ``conditioner.embedders.*.transformer.*``) or a
+      1280-wide context;
+    - ``cond_stage_model.model.*`` (OpenCLIP-H) or a 1024-wide cross-attention context: SD 2.x;
+    - ``cond_stage_model.transformer.*`` (OpenAI CLIP) whose width equals the UNet's
+      cross-attention context (768 for real checkpoints, 32 for the tiny test model): SD 1.x;
+    - a UNet input conv with 9 channels turns SD 1.x/2.x into their inpainting variants.
+    Anything else with a UNet is ``UNKNOWN``.
+    """
+    if not any(key.startswith(UNET_PREFIX) for key in shapes):
+        raise ModelLoadError(
+            f"{source} does not look like a Stable Diffusion checkpoint (no {UNET_PREFIX}* tensors)"
+        )
+    conv_in = shapes.get(UNET_PREFIX + "input_blocks.0.0.weight")
+    in_channels = int(conv_in[1]) if conv_in is not None and len(conv_in) == 4 else None
+    context = _context_width(shapes)
+
+    conditioner_keys = [k for k in shapes if k.startswith(SDXL_CONDITIONER_PREFIX)]
+    if conditioner_keys or any(k.startswith(UNET_PREFIX + "label_emb.") for k in shapes):
+        if conditioner_keys:
+            # OpenAI CLIP-L sits at embedders.N.transformer.*, OpenCLIP-bigG at embedders.N.model.*
+            has_clip_l = any(re.match(r"conditioner\.embedders\.\d+\.transformer\.", k) for k in conditioner_keys)
+            refiner = not has_clip_l
+        else:
+            refiner = context == 1280
+        return _with_inpaint(ModelFamily.SDXL_REFINER if refiner else ModelFamily.SDXL, in_channels)
+
+    if any(k.startswith(OPEN_CLIP_PREFIX) for k in shapes) or context == 1024:
+        return _with_inpaint(ModelFamily.SD2, in_channels)
+
+    clip_width = _clip_width(shapes)
+    if clip_width is not None:
+        if context is None or context == clip_width:
+            return _with_inpaint(ModelFamily.SD1, in_channels)
+        return ModelFamily.UNKNOWN
+    # No text encoder in the file: fall back on the context width alone.
+    if context == 768:
+        return _with_inpaint(ModelFamily.SD1, in_channels)
+    name = _CONTEXT_WIDTH_FAMILY.get(context or -1)
+    if name is not None:
+        return _with_inpaint(ModelFamily[name], in_channels)
+    return ModelFamily.UNKNOWN
+
+
+def _read_json(path: Path) -> dict[str, Any] | None:
+    if not path.is_file():
+        return None
+    try:
+        with open(path, encoding="utf-8") as f:
+            data = json.load(f)
+    except (OSError, ValueError) as e:
+        raise ModelLoadError(f"{path}: cannot read JSON ({type(e).__name__}: {e})") from e
+    if not isinstance(data, dict):
+        raise ModelLoadError(f"{path}: expected a JSON object")
+    return data
+
+
+def detect_family_diffusers(folder: str | os.PathLike[str]) -> ModelFamily:
+    """Family of a diffusers model folder, from ``unet/config.json`` (+ ``model_index.json``,
+    ``text_encoder/config.json``).
+
+    SDXL: ``addition_embed_type == "text_time"`` or a ``text_encoder_2`` component (refiner: no
+    ``text_encoder``, or a 1280-wide context); SD 2.x: 1024-wide context; SD 1.x: a 768-wide
+    context or one equal to the CLIP text encoder's width (the tiny test model); 9 input channels
+    mean inpainting. Raises ``ModelLoadError`` if ``unet/config.json`` is missing.
+    """
+    root = Path(folder)
+    unet = _read_json(root / "unet" / "config.json")
+    if unet is None:
+        raise ModelLoadError(f"{root}: not a complete diffusers model folder: missing unet/config.json")
+    index = _read_json(root / "model_index.json") or {}
+    text = _read_json(root / "text_encoder" / "config.json") or {}
+
+    in_channels = unet.get("in_channels")
+    context = unet.get("cross_attention_dim")
+    if isinstance(context, (list, tuple)):
+        context = context[0] if context else None
+
+    def component(name: str) -> bool:
+        entry = index.get(name)
+        return isinstance(entry, (list, tuple)) and len(entry) == 2 and entry[0] is not None
+
+    if unet.get("addition_embed_type") == "text_time" or component("text_encoder_2"):
+        refiner = context == 1280 or (component("text_encoder_2") and not component("text_encoder"))
+        return _with_inpaint(ModelFamily.SDXL_REFINER if refiner else ModelFamily.SDXL, in_channels)
+    if context == 1024:
+        return _with_inpaint(ModelFamily.SD2, in_channels)
+    if context == 768 or (context is not None and context == text.get("hidden_size")):
+        return _with_inpaint(ModelFamily.SD1, in_channels)
+    return ModelFamily.UNKNOWN
+
+
+def require_supported(family: ModelFamily, source: str) -> None:
+    """Raise ``UnsupportedModelError`` (one line naming the family) unless leansd can run it."""
+    if family in SUPPORTED_FAMILIES:
+        return
+    supported = "leansd supports SD 1.x checkpoints for now"
+    if family is ModelFamily.UNKNOWN:
+        raise UnsupportedModelError(
+            f"{source}: could not recognise the model family (not SD 1.x, SD 2.x or SDXL); {supported}"
+        )
+    if family is ModelFamily.SD1_INPAINT:
+        raise UnsupportedModelError(
+            f"{source}: recognised an {family.label} checkpoint, which is not yet supported "
+            f"for txt2img; {supported}"
+        )
+    raise UnsupportedModelError(f"{source}: recognised an {family.label} checkpoint; {supported}")

@@ -1,0 +1,305 @@
+"""Load a model from whatever the user names: "tiny", a single file, a diffusers folder, a hub id.
+
+Every path ends in a `ModelBundle` whose modules are on the CPU, float32, in eval mode, with
+gradients off. Placement on devices is the engine's job.
+
+Single files are loaded without doubling RAM: the modules are built with parameters on the meta
+device, then the converted tensors (which still share memory with the file mapping) are assigned
+to them, not copied in.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from collections.abc import Mapping
+from contextlib import contextmanager
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Iterator
+
+from leansd.errors import ModelLoadError
+from leansd.models import hub
+from leansd.models.bundle import ModelBundle
+from leansd.models.configs import (
+    LDM_CLIP_PREFIX,
+    LDM_UNET_PREFIX,
+    LDM_VAE_PREFIX,
+    SD1_SCHEDULER_CONFIG,
+    infer_text_config,
+    infer_unet_config,
+    infer_vae_config,
+)
+from leansd.models.family import ModelFamily, detect_family, detect_family_diffusers, require_supported
+
+if TYPE_CHECKING:
+    import torch
+
+logger = logging.getLogger(__name__)
+
+TINY_SPEC = "tiny"
+# Noise-schedule keys a diffusers folder's scheduler config may override.
+SCHEDULE_KEYS = ("num_train_timesteps", "beta_start", "beta_end", "beta_schedule", "prediction_type")
+DIFFUSERS_PARTS = ("unet", "vae", "text_encoder")
+_SHOWN_KEYS = 3
+# Keys under the model prefixes that are not weights of the three modules (ignored on load).
+_IGNORED_SUFFIXES = ("embeddings.position_ids",)
+_IGNORED_PREFIXES = ("first_stage_model.loss.",)
+
+
+def load_model(spec: str | os.PathLike[str]) -> ModelBundle:
+    """Load ``spec``: "tiny", a ``.safetensors``/``.ckpt`` file, a diffusers folder or a hub id.
+
+    Raises ``ModelLoadError`` (``UnsupportedModelError`` for a recognised but unsupported
+    family, ``OfflineError`` for an unreachable hub id) with a one-line message.
+    """
+    text = os.fspath(spec)
+    if text == TINY_SPEC:
+        return load_tiny()
+    path = Path(text).expanduser()
+    if path.is_file():
+        return load_single_file(path)
+    if path.is_dir():
+        return load_diffusers_folder(path)
+    if hub.is_hub_id(text):
+        folder = hub.download_diffusers_model(text, token=hub.hf_token())
+        return load_diffusers_folder(folder, name=text, source=text)
+    raise ModelLoadError(
+        f"{text}: no such file or folder (expected a .safetensors/.ckpt file, a diffusers folder, "
+        "a hub id like owner/name, or 'tiny')"
+    )
+
+
+def load_tiny(*, seed: int = 0) -> ModelBundle:
+    """The tiny RANDOM test model, built in process: every path works, the images are noise."""
+    from leansd.models import tiny
+
+    logger.warning(tiny.TINY_WARNING)
+    parts = tiny.build_tiny_components(seed=seed)
+    return ModelBundle(
+        unet=_frozen(parts.unet),
+        vae=_frozen(parts.vae),
+        text_encoder=_frozen(parts.text_encoder),
+        tokenizer=_bundled_tokenizer(),
+        family=ModelFamily.SD1,
+        name=tiny.TINY_NAME,
+        source=tiny.TINY_NAME,
+        hash=None,
+        scheduler_config=dict(SD1_SCHEDULER_CONFIG),
+        default_size=tiny.TINY_DEFAULT_SIZE,
+        is_random=True,
+    )
+
+
+def load_single_file(path: str | os.PathLike[str]) -> ModelBundle:
+    """Load an original-layout SD 1.x ``.safetensors``/``.ckpt`` (memory-mapped, not copied)."""
+    from leansd.models.checkpoint import model_hash, read_state_dict
+
+    p = Path(path)
+    sd = read_state_dict(p)
+    bundle = bundle_from_state_dict(sd, source=str(p), name=p.stem)
+    bundle.hash = model_hash(p)
+    return bundle
+
+
+def bundle_from_state_dict(
+    sd: Mapping[str, "torch.Tensor"], *, source: str, name: str
+) -> ModelBundle:
+    """Build the bundle from an original-layout state dict; float32 tensors are used in place.
+
+    The modules' parameters ARE the tensors of ``sd`` (renamed; the VAE attention weights are
+    views of them): nothing is copied unless it has to be cast to float32.
+    """
+    import accelerate
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    from leansd.models.convert import diffusers_to_ldm, ldm_to_diffusers
+
+    shapes = {key: tuple(int(d) for d in tensor.shape) for key, tensor in sd.items()}
+    family = detect_family(shapes, source=source)
+    require_supported(family, source)
+
+    unet_config = infer_unet_config(shapes)
+    vae_config = infer_vae_config(shapes)
+    text_config = infer_text_config(shapes)
+    with _model_errors(source, "the inferred architecture"):
+        # Parameters on meta (no memory), buffers real: the CLIP position_ids buffer is not in
+        # the file's weights and must exist.
+        with accelerate.init_empty_weights(include_buffers=False):
+            unet = UNet2DConditionModel(**unet_config)
+            vae = AutoencoderKL(**vae_config)
+            text_encoder = CLIPTextModel(CLIPTextConfig(**text_config))
+
+    text_model_level = any(k.startswith(LDM_CLIP_PREFIX + "text_model.") for k in sd)
+    expected = set(diffusers_to_ldm(unet, vae, text_encoder, text_model_level=text_model_level))
+    _check_keys(sd, expected, source)
+
+    unet_sd, vae_sd, text_sd = ldm_to_diffusers(sd, unet_config=unet_config, vae_config=vae_config)
+    _assign(unet, unet_sd, source=source, part="UNet")
+    _assign(vae, vae_sd, source=source, part="VAE")
+    _assign(text_encoder, text_sd, source=source, part="text encoder")
+
+    return ModelBundle(
+        unet=_frozen(unet),
+        vae=_frozen(vae),
+        text_encoder=_frozen(text_encoder),
+        tokenizer=_bundled_tokenizer(),
+        family=family,
+        name=name,
+        source=source,
+        hash=None,
+        scheduler_config=dict(SD1_SCHEDULER_CONFIG),
+        default_size=int(unet.config.sample_size) * 2 ** (len(vae.config.block_out_channels) - 1),
+    )
+
+
+def load_diffusers_folder(
+    folder: str | os.PathLike[str], *, name: str | None = None, source: str | None = None
+) -> ModelBundle:
+    """Load a diffusers ``StableDiffusionPipeline`` folder (safetensors preferred, no network)."""
+    import torch
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from transformers import CLIPTextModel
+
+    root = Path(folder)
+    label = source or str(root)
+    if not (root / "model_index.json").is_file():
+        raise ModelLoadError(
+            f"{label}: a folder without model_index.json is not a diffusers model "
+            "(expected a .safetensors/.ckpt file, a diffusers folder, a hub id like owner/name, or 'tiny')"
+        )
+    missing = [part for part in DIFFUSERS_PARTS if not (root / part / "config.json").is_file()]
+    if missing:
+        raise ModelLoadError(
+            f"{label}: incomplete diffusers model folder: missing {', '.join(p + '/' for p in missing)}"
+        )
+    family = detect_family_diffusers(root)
+    require_supported(family, label)
+
+    common: dict[str, Any] = dict(local_files_only=True)
+    with _model_errors(label, "unet/"):
+        unet = UNet2DConditionModel.from_pretrained(root, subfolder="unet", torch_dtype=torch.float32, **common)
+    with _model_errors(label, "vae/"):
+        vae = AutoencoderKL.from_pretrained(root, subfolder="vae", torch_dtype=torch.float32, **common)
+    with _model_errors(label, "text_encoder/"):
+        text_encoder = CLIPTextModel.from_pretrained(root, subfolder="text_encoder", dtype=torch.float32, **common)
+
+    tokenizer_dir = root / "tokenizer"
+    if tokenizer_dir.is_dir():
+        from leansd.models.tokenizer import load_tokenizer
+
+        tokenizer = load_tokenizer(tokenizer_dir)
+    else:
+        tokenizer = _bundled_tokenizer()
+
+    for module in (unet, vae, text_encoder):
+        _check_materialised(module, source=label)
+    return ModelBundle(
+        unet=_frozen(unet),
+        vae=_frozen(vae),
+        text_encoder=_frozen(text_encoder),
+        tokenizer=tokenizer,
+        family=family,
+        name=name or root.name,
+        source=label,
+        hash=None,
+        scheduler_config=_folder_schedule(root),
+        default_size=int(unet.config.sample_size) * 2 ** (len(vae.config.block_out_channels) - 1),
+    )
+
+
+def _folder_schedule(root: Path) -> dict[str, Any]:
+    """SD1_SCHEDULER_CONFIG with the folder's noise-schedule keys (if it has a scheduler config)."""
+    config = dict(SD1_SCHEDULER_CONFIG)
+    path = root / "scheduler" / "scheduler_config.json"
+    if path.is_file():
+        try:
+            data = json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, ValueError) as e:
+            raise ModelLoadError(f"{path}: cannot read the scheduler config ({type(e).__name__}: {e})") from e
+        if isinstance(data, dict):
+            config.update({k: data[k] for k in SCHEDULE_KEYS if k in data})
+    return config
+
+
+def _check_keys(sd: Mapping[str, Any], expected: set[str], source: str) -> None:
+    """Raise ModelLoadError naming a few missing / unexpected model tensors (original names)."""
+    prefixes = (LDM_UNET_PREFIX, LDM_VAE_PREFIX, LDM_CLIP_PREFIX)
+
+    def relevant(key: str) -> bool:
+        return (
+            key.startswith(prefixes)
+            and not key.endswith(_IGNORED_SUFFIXES)
+            and not key.startswith(_IGNORED_PREFIXES)
+        )
+
+    present = {k for k in sd if relevant(k)}
+    wanted = {k for k in expected if relevant(k)}
+    missing = sorted(wanted - present)
+    unexpected = sorted(present - wanted)
+    problems = []
+    if missing:
+        problems.append(f"{len(missing)} missing tensors ({_few(missing)})")
+    if unexpected:
+        problems.append(f"{len(unexpected)} unexpected tensors ({_few(unexpected)})")
+    if problems:
+        raise ModelLoadError(
+            f"{source}: not a complete SD 1.x checkpoint: {'; '.join(problems)}"
+        )
+
+
+def _few(keys: list[str]) -> str:
+    shown = ", ".join(keys[:_SHOWN_KEYS])
+    return shown + (", ..." if len(keys) > _SHOWN_KEYS else "")
+
+
+def _assign(module: "torch.nn.Module", weights: dict[str, "torch.Tensor"], *, source: str, part: str) -> None:
+    """Make ``weights`` the module's parameters (assign, not copy), cast to float32 if needed."""
+    import torch
+
+    # `.to` returns the same tensor when it is float32 already: no copy for fp32 files.
+    weights = {k: v.to(torch.float32) if v.is_floating_point() else v for k, v in weights.items()}
+    try:
+        module.load_state_dict(weights, strict=True, assign=True)
+    except RuntimeError as e:
+        # torch lists every key over many lines; keep the first one (it names the problem).
+        raise ModelLoadError(f"{source}: the {part} weights do not fit the architecture ({_first_line(e)})") from e
+    _check_materialised(module, source=source)
+
+
+def _check_materialised(module: "torch.nn.Module", *, source: str) -> None:
+    left = [n for n, p in module.named_parameters() if p.is_meta]
+    left += [n for n, b in module.named_buffers() if b.is_meta]
+    if left:
+        raise ModelLoadError(
+            f"{source}: {len(left)} {type(module).__name__} tensors were not loaded ({_few(sorted(left))})"
+        )
+
+
+def _frozen(module: Any) -> Any:
+    module.eval()
+    module.requires_grad_(False)
+    return module
+
+
+def _bundled_tokenizer() -> Any:
+    from leansd.models.tokenizer import load_tokenizer
+
+    return load_tokenizer(None)
+
+
+def _first_line(e: BaseException, limit: int = 200) -> str:
+    text = " ".join((str(e).strip() or type(e).__name__).split())
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+@contextmanager
+def _model_errors(source: str, part: str) -> Iterator[None]:
+    """Turn library errors (OSError, ValueError, ...) while loading ``part`` into one-line ModelLoadErrors."""
+    try:
+        yield
+    except ModelLoadError:
+        raise
+    except (OSError, ValueError, RuntimeError, KeyError, TypeError) as e:
+        raise ModelLoadError(f"{source}: cannot load {part} ({type(e).__name__}: {_first_line(e)})") from e

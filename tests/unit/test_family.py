@@ -1,0 +1,182 @@
+"""Family detection from single-file shapes and diffusers folders; unsupported-family messages."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from leansd.errors import ModelLoadError, UnsupportedModelError
+from leansd.models.family import (
+    ModelFamily,
+    detect_family,
+    detect_family_diffusers,
+    require_supported,
+)
+
+U = "model.diffusion_model."
+CONV_IN = U + "input_blocks.0.0.weight"
+TO_K = U + "input_blocks.1.1.transformer_blocks.0.attn2.to_k.weight"
+CLIP_L = "cond_stage_model.transformer.text_model.embeddings.token_embedding.weight"
+
+
+@pytest.fixture(scope="module")
+def tiny_shapes() -> dict[str, tuple[int, ...]]:
+    """Shapes of the tiny model in the original layout (built on the meta device: no memory)."""
+    import accelerate
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    from leansd.models.convert import diffusers_to_ldm
+    from leansd.models.tiny import TINY_TEXT_CONFIG, TINY_UNET_CONFIG, TINY_VAE_CONFIG
+
+    with accelerate.init_empty_weights():
+        unet = UNet2DConditionModel(**TINY_UNET_CONFIG)
+        vae = AutoencoderKL(**TINY_VAE_CONFIG)
+        text = CLIPTextModel(CLIPTextConfig(**TINY_TEXT_CONFIG))
+    return {k: tuple(v.shape) for k, v in diffusers_to_ldm(unet, vae, text).items()}
+
+
+def _sd(context: int, *, in_channels: int = 4, **extra: tuple[int, ...]) -> dict[str, tuple[int, ...]]:
+    return {CONV_IN: (320, in_channels, 3, 3), TO_K: (320, context), **extra}
+
+
+OPEN_CLIP_H = {"cond_stage_model.model.transformer.resblocks.0.attn.in_proj_weight": (3072, 1024)}
+SDXL_BASE = {
+    "conditioner.embedders.0.transformer.text_model.embeddings.token_embedding.weight": (49408, 768),
+    "conditioner.embedders.1.model.transformer.resblocks.0.attn.in_proj_weight": (3840, 1280),
+    U + "label_emb.0.0.weight": (1280, 2816),
+}
+SDXL_REFINER = {
+    "conditioner.embedders.0.model.transformer.resblocks.0.attn.in_proj_weight": (3840, 1280),
+    U + "label_emb.0.0.weight": (1536, 2560),
+}
+
+
+@pytest.mark.parametrize(
+    ("shapes", "family"),
+    [
+        (_sd(768, **{CLIP_L: (49408, 768)}), ModelFamily.SD1),
+        (_sd(768, in_channels=9, **{CLIP_L: (49408, 768)}), ModelFamily.SD1_INPAINT),
+        # older files: no text_model. level
+        (_sd(768, **{"cond_stage_model.transformer.embeddings.token_embedding.weight": (49408, 768)}), ModelFamily.SD1),
+        (_sd(768), ModelFamily.SD1),  # UNet-only file: by the context width
+        (_sd(1024, **OPEN_CLIP_H), ModelFamily.SD2),
+        (_sd(1024), ModelFamily.SD2),
+        (_sd(1024, in_channels=9, **OPEN_CLIP_H), ModelFamily.SD2_INPAINT),
+        (_sd(2048, **SDXL_BASE), ModelFamily.SDXL),
+        (_sd(2048, in_channels=9, **SDXL_BASE), ModelFamily.SDXL),
+        (_sd(1280, **SDXL_REFINER), ModelFamily.SDXL_REFINER),
+        (_sd(2048, **{U + "label_emb.0.0.weight": (1280, 2816)}), ModelFamily.SDXL),
+        (_sd(1280, **{U + "label_emb.0.0.weight": (1536, 2560)}), ModelFamily.SDXL_REFINER),
+        (_sd(768, in_channels=8, **{CLIP_L: (49408, 768)}), ModelFamily.UNKNOWN),  # instruct-pix2pix
+        (_sd(768, **{CLIP_L: (49408, 1024)}), ModelFamily.UNKNOWN),  # text width != context width
+        (_sd(512), ModelFamily.UNKNOWN),
+    ],
+)
+def test_detect_family_table(shapes, family):
+    assert detect_family(shapes) is family
+
+
+def test_tiny_model_is_sd1_and_its_9_channel_variant_is_inpainting(tiny_shapes):
+    assert tiny_shapes[CONV_IN] == (32, 4, 3, 3)
+    assert detect_family(tiny_shapes) is ModelFamily.SD1
+    patched = dict(tiny_shapes)
+    patched[CONV_IN] = (32, 9, 3, 3)
+    assert detect_family(patched) is ModelFamily.SD1_INPAINT
+
+
+def test_not_stable_diffusion_raises_one_line():
+    with pytest.raises(ModelLoadError) as info:
+        detect_family({"encoder.layer.0.weight": (8, 8), "lm_head.weight": (100, 8)}, source="bert.safetensors")
+    assert str(info.value) == (
+        "bert.safetensors does not look like a Stable Diffusion checkpoint (no model.diffusion_model.* tensors)"
+    )
+
+
+def test_labels():
+    assert ModelFamily.SD1.label == "SD 1.x"
+    assert ModelFamily.SD1_INPAINT.label == "SD 1.x inpainting (9-channel)"
+    assert ModelFamily.SD2.label == "SD 2.x"
+    assert ModelFamily.SD2_INPAINT.label == "SD 2.x inpainting (9-channel)"
+    assert ModelFamily.SDXL.label == "SDXL"
+    assert ModelFamily.SDXL_REFINER.label == "SDXL refiner"
+    assert ModelFamily("sd1") is ModelFamily.SD1 and ModelFamily.SD1 == "sd1"
+
+
+def test_require_supported_messages():
+    require_supported(ModelFamily.SD1, "a.safetensors")  # no error
+    expected = {
+        ModelFamily.SDXL: "m.ckpt: recognised an SDXL checkpoint; leansd supports SD 1.x checkpoints for now",
+        ModelFamily.SD2: "m.ckpt: recognised an SD 2.x checkpoint; leansd supports SD 1.x checkpoints for now",
+        ModelFamily.SDXL_REFINER: (
+            "m.ckpt: recognised an SDXL refiner checkpoint; leansd supports SD 1.x checkpoints for now"
+        ),
+        ModelFamily.SD1_INPAINT: (
+            "m.ckpt: recognised an SD 1.x inpainting (9-channel) checkpoint, which is not yet supported "
+            "for txt2img; leansd supports SD 1.x checkpoints for now"
+        ),
+    }
+    for family, message in expected.items():
+        with pytest.raises(UnsupportedModelError) as info:
+            require_supported(family, "m.ckpt")
+        assert str(info.value) == message
+    with pytest.raises(UnsupportedModelError, match=r"^m\.ckpt: could not recognise the model family"):
+        require_supported(ModelFamily.UNKNOWN, "m.ckpt")
+
+
+def _folder(tmp_path, unet: dict, *, text: dict | None = None, index: dict | None = None):
+    (tmp_path / "unet").mkdir()
+    (tmp_path / "unet" / "config.json").write_text(json.dumps(unet))
+    if text is not None:
+        (tmp_path / "text_encoder").mkdir()
+        (tmp_path / "text_encoder" / "config.json").write_text(json.dumps(text))
+    if index is not None:
+        (tmp_path / "model_index.json").write_text(json.dumps(index))
+    return tmp_path
+
+
+SD_INDEX = {"_class_name": "StableDiffusionPipeline", "text_encoder": ["transformers", "CLIPTextModel"]}
+XL_INDEX = {
+    "_class_name": "StableDiffusionXLPipeline",
+    "text_encoder": ["transformers", "CLIPTextModel"],
+    "text_encoder_2": ["transformers", "CLIPTextModelWithProjection"],
+}
+REFINER_INDEX = {
+    "_class_name": "StableDiffusionXLImg2ImgPipeline",
+    "text_encoder": [None, None],
+    "text_encoder_2": ["transformers", "CLIPTextModelWithProjection"],
+}
+
+
+@pytest.mark.parametrize(
+    ("unet", "text", "index", "family"),
+    [
+        ({"in_channels": 4, "cross_attention_dim": 768}, {"hidden_size": 768}, SD_INDEX, ModelFamily.SD1),
+        ({"in_channels": 9, "cross_attention_dim": 768}, {"hidden_size": 768}, SD_INDEX, ModelFamily.SD1_INPAINT),
+        ({"in_channels": 4, "cross_attention_dim": 32}, {"hidden_size": 32}, SD_INDEX, ModelFamily.SD1),  # tiny
+        ({"in_channels": 4, "cross_attention_dim": 1024}, {"hidden_size": 1024}, SD_INDEX, ModelFamily.SD2),
+        ({"in_channels": 9, "cross_attention_dim": 1024}, None, None, ModelFamily.SD2_INPAINT),
+        (
+            {"in_channels": 4, "cross_attention_dim": 2048, "addition_embed_type": "text_time"},
+            {"hidden_size": 768},
+            XL_INDEX,
+            ModelFamily.SDXL,
+        ),
+        (
+            {"in_channels": 4, "cross_attention_dim": 1280, "addition_embed_type": "text_time"},
+            None,
+            REFINER_INDEX,
+            ModelFamily.SDXL_REFINER,
+        ),
+        ({"in_channels": 4, "cross_attention_dim": 512}, {"hidden_size": 768}, SD_INDEX, ModelFamily.UNKNOWN),
+    ],
+)
+def test_detect_family_diffusers_table(tmp_path, unet, text, index, family):
+    assert detect_family_diffusers(_folder(tmp_path, unet, text=text, index=index)) is family
+
+
+def test_detect_family_diffusers_without_unet_config(tmp_path):
+    (tmp_path / "model_index.json").write_text(json.dumps(SD_INDEX))
+    with pytest.raises(ModelLoadError, match=r"missing unet/config\.json$"):
+        detect_family_diffusers(tmp_path)
