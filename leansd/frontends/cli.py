@@ -211,8 +211,6 @@ def run_txt2img(args: argparse.Namespace) -> int:
     from leansd.engine.engine import Engine
 
     engine = Engine.load(args.model, device=args.device, precision=args.precision)
-    if engine.bundle.is_random:
-        print("leansd: note: 'tiny' is a random test model; its images are noise", file=sys.stderr)
 
     # 3. Generate and save, prompt by prompt.
     show_bar = sys.stderr.isatty()

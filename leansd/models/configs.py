@@ -26,6 +26,44 @@ SD1_SCHEDULER_CONFIG: dict[str, Any] = {
 
 SD1_VAE_SCALING_FACTOR = 0.18215
 
+# The published SD 1.5 (runwayml/stable-diffusion-v1-5) component configs: constructor kwargs of
+# UNet2DConditionModel, AutoencoderKL and CLIPTextConfig. Settings left out take the libraries'
+# defaults, which equal the published ones. Used to build full-size models (tests, benchmarks).
+SD15_UNET_CONFIG: dict[str, Any] = {
+    "sample_size": 64,
+    "in_channels": 4,
+    "out_channels": 4,
+    "block_out_channels": (320, 640, 1280, 1280),
+    "layers_per_block": 2,
+    "down_block_types": ("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
+    "up_block_types": ("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3,
+    "cross_attention_dim": 768,
+    "attention_head_dim": 8,
+    "norm_num_groups": 32,
+}
+SD15_VAE_CONFIG: dict[str, Any] = {
+    "in_channels": 3,
+    "out_channels": 3,
+    "block_out_channels": (128, 256, 512, 512),
+    "down_block_types": ("DownEncoderBlock2D",) * 4,
+    "up_block_types": ("UpDecoderBlock2D",) * 4,
+    "layers_per_block": 2,
+    "latent_channels": 4,
+    "norm_num_groups": 32,
+    "sample_size": 512,
+    "scaling_factor": SD1_VAE_SCALING_FACTOR,
+}
+SD15_TEXT_CONFIG: dict[str, Any] = {
+    "vocab_size": 49408,
+    "hidden_size": 768,
+    "intermediate_size": 3072,
+    "num_hidden_layers": 12,
+    "num_attention_heads": 12,
+    "max_position_embeddings": 77,
+    "hidden_act": "quick_gelu",
+    "layer_norm_eps": 1e-5,
+}
+
 # ---------------------------------------------------------------------------------------------
 # Architecture configs inferred from an original-layout (single-file) state dict's shapes.
 #

@@ -8,6 +8,9 @@ import torch
 
 from leansd.models.configs import (
     SD1_SCHEDULER_CONFIG,
+    SD15_TEXT_CONFIG as SD15_TEXT,
+    SD15_UNET_CONFIG as SD15_UNET,
+    SD15_VAE_CONFIG as SD15_VAE,
     infer_text_config,
     infer_unet_config,
     infer_vae_config,
@@ -15,43 +18,6 @@ from leansd.models.configs import (
 )
 from leansd.models.convert import diffusers_to_ldm, ldm_schedule_buffers, ldm_to_diffusers, strip_text_prefix
 from leansd.models.tiny import TINY_TEXT_CONFIG, TINY_UNET_CONFIG, TINY_VAE_CONFIG, build_tiny_components
-
-# The published SD 1.5 (runwayml/stable-diffusion-v1-5) component configs, written out by hand.
-SD15_UNET = dict(
-    sample_size=64,
-    in_channels=4,
-    out_channels=4,
-    block_out_channels=(320, 640, 1280, 1280),
-    layers_per_block=2,
-    down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
-    up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3,
-    cross_attention_dim=768,
-    attention_head_dim=8,
-    norm_num_groups=32,
-)
-SD15_VAE = dict(
-    in_channels=3,
-    out_channels=3,
-    block_out_channels=(128, 256, 512, 512),
-    down_block_types=("DownEncoderBlock2D",) * 4,
-    up_block_types=("UpDecoderBlock2D",) * 4,
-    layers_per_block=2,
-    latent_channels=4,
-    norm_num_groups=32,
-    sample_size=512,
-    scaling_factor=0.18215,
-)
-SD15_TEXT = dict(
-    vocab_size=49408,
-    hidden_size=768,
-    intermediate_size=3072,
-    num_hidden_layers=12,
-    num_attention_heads=12,
-    max_position_embeddings=77,
-    hidden_act="quick_gelu",
-    layer_norm_eps=1e-5,
-)
-
 
 def _meta_models(unet_config, vae_config, text_config):
     import accelerate
