@@ -29,3 +29,13 @@ class OfflineError(ModelLoadError):
 
 class OutputError(LeansdError):
     """Images could not be written (unwritable folder, disk full, ...)."""
+
+
+def one_line(message: object, *, limit: int | None = None) -> str:
+    """Collapse any message (or exception) to one line, optionally shortened to `limit` characters."""
+    text = " ".join(str(message).split())
+    if isinstance(message, BaseException) and not text:
+        text = type(message).__name__
+    if limit is not None and len(text) > limit:
+        text = text[: limit - 3] + "..."
+    return text

@@ -7,6 +7,8 @@ All validation of user values happens here, in one place; a bad value raises
 from __future__ import annotations
 
 import math
+import numbers
+import operator
 import secrets
 from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any
@@ -35,8 +37,9 @@ class GenerationRequest:
     """What to generate. Field names follow diffusers' public vocabulary.
 
     `width`/`height` of None take the model's native size (512 for SD 1.x).
-    Images are numbered `0 .. batch_size * n_iter - 1`; image `k` uses seed `seed + k`
-    (or `seed` for every image with `fixed_code=True`).
+    Images are numbered `0 .. batch_size * n_iter - 1`; image `k` uses seed `seed + k`.
+    With `fixed_code=True` every batch reuses the first batch's noise (as the CompVis scripts'
+    `--fixed_code`): image `k` uses seed `seed + k % batch_size`.
     """
 
     prompt: str
@@ -55,66 +58,79 @@ class GenerationRequest:
 
     def validated(self) -> "GenerationRequest":
         """Check every value; return a copy with the sampler name canonicalised and a concrete seed."""
-        from leansd.sampling.samplers import canonical_sampler_name
+        from leansd.sampling.samplers import get_sampler
 
-        if not isinstance(self.prompt, str):
-            raise InvalidRequestError(f"prompt must be a string, got {type(self.prompt).__name__}")
-        if not isinstance(self.negative_prompt, str):
-            raise InvalidRequestError("negative_prompt must be a string")
+        negative = "" if self.negative_prompt is None else self.negative_prompt
+        for name, text in (("prompt", self.prompt), ("negative_prompt", negative)):
+            if not isinstance(text, str):
+                raise InvalidRequestError(f"{name} must be a string, got {type(text).__name__}")
+            try:
+                text.encode("utf-8")
+            except UnicodeEncodeError:
+                raise InvalidRequestError(f"{name} is not valid text (it holds undecodable bytes)") from None
+        values = {
+            name: _as_int(name, getattr(self, name))
+            for name in ("num_inference_steps", "batch_size", "n_iter")
+        }
+        for name in ("width", "height", "seed"):
+            value = getattr(self, name)
+            values[name] = None if value is None else _as_int(name, value)
+        for name in ("guidance_scale", "eta"):
+            values[name] = _as_float(name, getattr(self, name))
+        checked = replace(self, negative_prompt=negative, fixed_code=bool(self.fixed_code), **values)
+        return checked._check_ranges(get_sampler(self.sampler))
+
+    def _check_ranges(self, sampler) -> "GenerationRequest":
         for name in ("width", "height"):
             value = getattr(self, name)
             if value is None:
                 continue
-            _require_int(name, value)
             if value % 8 != 0:
                 raise InvalidRequestError(f"{name} must be a multiple of 8, got {value}")
             if not MIN_SIZE <= value <= MAX_SIZE:
                 raise InvalidRequestError(f"{name} must be between {MIN_SIZE} and {MAX_SIZE}, got {value}")
-        _require_int("num_inference_steps", self.num_inference_steps)
-        if not 1 <= self.num_inference_steps <= MAX_STEPS:
+        max_steps = min(MAX_STEPS, sampler.max_steps or MAX_STEPS)
+        if not 1 <= self.num_inference_steps <= max_steps:
             raise InvalidRequestError(
-                f"steps must be between 1 and {MAX_STEPS}, got {self.num_inference_steps}"
+                f"steps must be between 1 and {max_steps} for {sampler.name}, got {self.num_inference_steps}"
             )
-        _require_int("batch_size", self.batch_size)
         if not 1 <= self.batch_size <= MAX_BATCH:
             raise InvalidRequestError(f"n_samples (batch size) must be between 1 and {MAX_BATCH}, got {self.batch_size}")
-        _require_int("n_iter", self.n_iter)
         if not 1 <= self.n_iter <= MAX_ITER:
             raise InvalidRequestError(f"n_iter must be between 1 and {MAX_ITER}, got {self.n_iter}")
-        _require_number("guidance_scale", self.guidance_scale)
         if self.guidance_scale < 0:
             raise InvalidRequestError(f"scale (CFG) must be >= 0, got {self.guidance_scale}")
-        _require_number("eta", self.eta)
         if self.eta < 0:
             raise InvalidRequestError(f"ddim_eta must be >= 0, got {self.eta}")
         seed = self.seed
         if seed is None or seed == -1:
-            seed = secrets.randbelow(MAX_SEED + 1)
-        else:
-            _require_int("seed", seed)
-            last = seed + (0 if self.fixed_code else self.batch_size * self.n_iter - 1)
-            if seed < 0 or last > MAX_SEED:
-                raise InvalidRequestError(
-                    f"seed must be between 0 and {MAX_SEED} (or -1 for random) for every image, got {seed}"
-                )
-        return replace(self, sampler=canonical_sampler_name(self.sampler), seed=seed)
+            seed = random_seed(self.seeds_used)
+        elif seed < 0 or seed + self.seeds_used - 1 > MAX_SEED:
+            raise InvalidRequestError(
+                f"seed must be between 0 and {MAX_SEED - self.seeds_used + 1} "
+                f"(or -1 for random) so every image's seed fits, got {seed}"
+            )
+        return replace(self, sampler=sampler.name, seed=seed)
 
     @property
     def num_images(self) -> int:
         return self.batch_size * self.n_iter
 
+    @property
+    def seeds_used(self) -> int:
+        """How many consecutive seeds the request's images use."""
+        return self.batch_size if self.fixed_code else self.num_images
+
     def image_seeds(self) -> list[int]:
         """Seed of every image, in order (requires a concrete seed: call `validated()` first)."""
         if self.seed is None:
             raise InvalidRequestError("request has no seed yet; call validated() first")
-        if self.fixed_code:
-            return [self.seed] * self.num_images
-        return [self.seed + k for k in range(self.num_images)]
+        return [self.seed + k % self.seeds_used for k in range(self.num_images)]
 
 
 @dataclass
 class ProgressEvent:
-    """One sampler step finished. `image_index` counts from 0 over the whole request."""
+    """One sampler step finished (`total_steps` counts model evaluations: 2N-1 for Heun/DPM2)."""
 
     step: int
     total_steps: int
@@ -139,11 +155,19 @@ class GenerationResult:
     info: dict[str, Any] = field(default_factory=dict)
 
 
-def _require_int(name: str, value: object) -> None:
-    if isinstance(value, bool) or not isinstance(value, int):
+def random_seed(count: int = 1) -> int:
+    """A random first seed such that `count` consecutive seeds all stay within 32 bits."""
+    return secrets.randbelow(MAX_SEED + 2 - max(1, count))
+
+
+def _as_int(name: str, value: object) -> int:
+    """Python or numpy integers -> int; anything else (floats, bools, strings) is an error."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
         raise InvalidRequestError(f"{name} must be an integer, got {value!r}")
+    return operator.index(value)
 
 
-def _require_number(name: str, value: object) -> None:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+def _as_float(name: str, value: object) -> float:
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(float(value)):
         raise InvalidRequestError(f"{name} must be a finite number, got {value!r}")
+    return float(value)

@@ -70,8 +70,6 @@ def resolve_precision(name: str, device: "torch.device") -> Precision:
     if key == "full":
         return Precision("full", torch.float32, None)
     if key == "fp16":
-        if device.type == "cpu":
-            logger.warning("fp16 on the CPU is emulated and very slow; bf16 or full is much faster here")
         return Precision("fp16", torch.float16, None)
     if key == "bf16":
         return Precision("bf16", torch.bfloat16, None)

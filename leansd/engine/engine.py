@@ -28,6 +28,8 @@ class Engine:
         self.bundle = bundle
         self.device: "torch.device" = resolve_device(device)
         self.precision: Precision = resolve_precision(precision, self.device)
+        if self.precision.name == "fp16" and self.device.type == "cpu":
+            logger.warning("fp16 on the CPU is emulated and very slow; bf16 or full is much faster here")
         for module in (bundle.unet, bundle.vae, bundle.text_encoder):
             if module.dtype == self.precision.weight_dtype:
                 module.to(self.device)  # no dtype argument: avoids diffusers' cast warning
@@ -65,6 +67,13 @@ class Engine:
             else:
                 with torch.autocast(self.device.type, dtype=self.precision.autocast_dtype):
                     yield
+
+    def synchronize(self) -> None:
+        """Wait for queued device work (CUDA kernels run asynchronously); no-op on the CPU."""
+        import torch
+
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
 
     def reset_peak_memory(self) -> None:
         import torch

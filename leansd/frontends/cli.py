@@ -67,14 +67,15 @@ def build_parser() -> argparse.ArgumentParser:
     )
 
     prompt = t2i.add_argument_group("prompt")
-    prompt.add_argument("--prompt", "-p", help="what to draw")
+    source = prompt.add_mutually_exclusive_group()
+    source.add_argument("--prompt", "-p", help="what to draw")
+    source.add_argument(
+        "--from-file", "--from_file", dest="from_file", metavar="FILE",
+        help="read prompts from FILE (UTF-8), one per line, blank lines skipped; instead of --prompt",
+    )
     prompt.add_argument(
         "--nprompt", "--negative-prompt", "--negative_prompt", dest="negative_prompt", default="",
         help="what to avoid (negative prompt); default empty",
-    )
-    prompt.add_argument(
-        "--from-file", "--from_file", dest="from_file", metavar="FILE",
-        help="read prompts from FILE, one per line (blank lines skipped); replaces --prompt",
     )
 
     gen = t2i.add_argument_group("sampling")
@@ -87,7 +88,7 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--seed", type=_int, default=None, help="seed of the first image; image k uses seed+k (default: random, printed)")
     gen.add_argument("--n_samples", "--batch-size", "--batch_size", dest="n_samples", type=_int, default=1, help="images per batch (default 1)")
     gen.add_argument("--n_iter", "--n-iter", dest="n_iter", type=_int, default=1, help="number of batches; the model is loaded once (default 1)")
-    gen.add_argument("--fixed_code", "--fixed-code", dest="fixed_code", action="store_true", help="use the same starting noise (the seed's) for every image")
+    gen.add_argument("--fixed_code", "--fixed-code", dest="fixed_code", action="store_true", help="reuse the first batch's starting noise for every batch and prompt")
 
     out = t2i.add_argument_group("output")
     out.add_argument("--outdir", default="outputs/txt2img-samples", help="output folder (default outputs/txt2img-samples)")
@@ -115,17 +116,20 @@ def main(argv: Sequence[str] | None = None) -> int:
         format="leansd: %(message)s",
         stream=sys.stderr,
     )
-    from leansd.errors import LeansdError
+    from leansd.errors import LeansdError, one_line
 
     try:
         if args.command == "txt2img":
             return run_txt2img(args)
     except LeansdError as exc:
-        print(f"leansd: error: {_one_line(exc)}", file=sys.stderr)
+        print(f"leansd: error: {one_line(exc)}", file=sys.stderr)
         return EXIT_USAGE
     except KeyboardInterrupt:
         print("leansd: interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # e.g. `leansd txt2img ... | head -1`
+        sys.stderr.close()
+        return 0
     except Exception as exc:  # out of memory is a user-fixable condition, not a crash
         if type(exc).__name__ == "OutOfMemoryError":
             print(
@@ -137,17 +141,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     return EXIT_USAGE
 
 
-def _one_line(exc: BaseException) -> str:
-    return " ".join(str(exc).split())
-
-
 def _read_prompts(args: argparse.Namespace) -> list[str]:
     from leansd.errors import InvalidRequestError
 
     if args.from_file:
         path = Path(args.from_file)
         try:
-            text = path.read_text(encoding="utf-8")
+            text = path.read_text(encoding="utf-8-sig")  # -sig: a Windows byte-order mark is not a prompt
         except FileNotFoundError:
             raise InvalidRequestError(f"--from-file {path}: no such file") from None
         except IsADirectoryError:
@@ -171,18 +171,17 @@ def run_txt2img(args: argparse.Namespace) -> int:
     if not args.model:
         raise InvalidRequestError("no model given: pass --model PATH|owner/name|tiny (or set LEANSD_MODEL)")
     prompts = _read_prompts(args)
-    per_prompt = args.n_samples * args.n_iter
+    per_prompt = args.n_samples if args.fixed_code else args.n_samples * args.n_iter
     seed = args.seed
-    if seed is None or seed == -1:
-        # One random seed for the run, printed with the results.
-        import secrets
+    random_seed_chosen = seed is None or seed == -1
+    if random_seed_chosen:
+        from leansd.request import random_seed
 
-        from leansd.request import MAX_SEED
-
-        seed = secrets.randbelow(max(1, MAX_SEED - per_prompt * len(prompts)))
+        seed = random_seed(per_prompt if args.fixed_code else per_prompt * len(prompts))
     requests = []
     for k, prompt in enumerate(prompts):
-        # As in optimizedSD, seeds keep counting across prompts: prompt k starts where k-1 stopped.
+        # As in optimizedSD, seeds keep counting across prompts: prompt k starts where k-1 stopped
+        # (with --fixed_code every prompt reuses the same noise).
         offset = 0 if args.fixed_code else k * per_prompt
         requests.append(
             GenerationRequest(
@@ -202,15 +201,17 @@ def run_txt2img(args: argparse.Namespace) -> int:
         )
     writer = None
     if not (args.skip_save and args.skip_grid):
-        from leansd.outputs.writer import ImageWriter, check_outdir
+        from leansd.outputs.writer import ImageWriter
 
-        check_outdir(Path(args.outdir))
+        # Checks the folder can be made; creates nothing until the first image is written.
         writer = ImageWriter(Path(args.outdir), fmt=args.fmt)
 
     # 2. Load the model once.
     from leansd.engine.engine import Engine
 
     engine = Engine.load(args.model, device=args.device, precision=args.precision)
+    if random_seed_chosen:
+        print(f"leansd: seed {seed} (random)", file=sys.stderr)
 
     # 3. Generate and save, prompt by prompt.
     show_bar = sys.stderr.isatty()

@@ -14,7 +14,7 @@ if TYPE_CHECKING:
 
 @dataclass
 class ModelBundle:
-    """Components of one Stable Diffusion model, on the CPU in float32 (the engine places them)."""
+    """Components of one Stable Diffusion model, on the CPU in the file's dtype (the engine places and casts them)."""
 
     unet: "UNet2DConditionModel"
     vae: "AutoencoderKL"

@@ -26,7 +26,7 @@ import threading
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from leansd.errors import ModelLoadError, UnsafeCheckpointError
+from leansd.errors import ModelLoadError, UnsafeCheckpointError, one_line
 
 if TYPE_CHECKING:
     import torch
@@ -225,12 +225,9 @@ def _check_file(path: Path) -> str:
 
 
 def _one_line(exc: BaseException, limit: int = 160) -> str:
-    """The first line of an exception's message, shortened: for embedding in our one-line errors."""
+    """The first sentence of an exception's message: for embedding in our one-line errors."""
     text = str(exc).strip() or type(exc).__name__
-    line = text.splitlines()[0].strip()
-    if ". " in line:
-        line = line.split(". ")[0]
-    return line if len(line) <= limit else line[: limit - 3] + "..."
+    return one_line(text.splitlines()[0].split(". ")[0], limit=limit)
 
 
 def _read_safetensors(path: Path) -> dict[str, "torch.Tensor"]:

@@ -17,7 +17,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from leansd.errors import ModelLoadError, OfflineError
+from leansd.errors import ModelLoadError, OfflineError, one_line
 
 logger = logging.getLogger(__name__)
 
@@ -317,6 +317,4 @@ def _hub_errors(repo_id: str, revision: str | None) -> Iterator[None]:
 
 
 def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip() or type(exc).__name__
-    line = text.splitlines()[0].strip()
-    return line if len(line) <= 160 else line[:157] + "..."
+    return one_line((str(exc).strip() or type(exc).__name__).splitlines()[0], limit=160)

@@ -1,7 +1,8 @@
 """Load a model from whatever the user names: "tiny", a single file, a diffusers folder, a hub id.
 
-Every path ends in a `ModelBundle` whose modules are on the CPU, float32, in eval mode, with
-gradients off. Placement on devices is the engine's job.
+Every path ends in a `ModelBundle` whose modules are on the CPU, in eval mode, with gradients
+off. Single files keep the file's dtype (an fp16 file stays fp16, so nothing is copied);
+placement on devices and the cast to the compute dtype are the engine's job.
 
 Single files are loaded without doubling RAM: the modules are built with parameters on the meta
 device, then the converted tensors (which still share memory with the file mapping) are assigned
@@ -18,7 +19,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterator
 
-from leansd.errors import ModelLoadError
+from leansd.errors import ModelLoadError, one_line
 from leansd.models import hub
 from leansd.models.bundle import ModelBundle
 from leansd.models.configs import (
@@ -105,18 +106,20 @@ def load_single_file(path: str | os.PathLike[str]) -> ModelBundle:
 def bundle_from_state_dict(
     sd: Mapping[str, "torch.Tensor"], *, source: str, name: str
 ) -> ModelBundle:
-    """Build the bundle from an original-layout state dict; float32 tensors are used in place.
+    """Build the bundle from an original-layout state dict; its tensors are used in place.
 
     The modules' parameters ARE the tensors of ``sd`` (renamed; the VAE attention weights are
-    views of them): nothing is copied unless it has to be cast to float32.
+    views of them): nothing is copied, except tensors whose dtype differs from the rest of
+    their module (they are cast to the module's dominant dtype).
     """
     import accelerate
     from diffusers import AutoencoderKL, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
 
+    from leansd.models.checkpoint import state_dict_summary
     from leansd.models.convert import diffusers_to_ldm, ldm_to_diffusers
 
-    shapes = {key: tuple(int(d) for d in tensor.shape) for key, tensor in sd.items()}
+    shapes = state_dict_summary(sd)
     family = detect_family(shapes, source=source)
     require_supported(family, source)
 
@@ -255,16 +258,25 @@ def _few(keys: list[str]) -> str:
 
 
 def _assign(module: "torch.nn.Module", weights: dict[str, "torch.Tensor"], *, source: str, part: str) -> None:
-    """Make ``weights`` the module's parameters (assign, not copy), cast to float32 if needed."""
-    import torch
+    """Make ``weights`` the module's parameters (assign, not copy) in one floating dtype.
 
-    # `.to` returns the same tensor when it is float32 already: no copy for fp32 files.
-    weights = {k: v.to(torch.float32) if v.is_floating_point() else v for k, v in weights.items()}
+    The dtype holding most elements wins; `.to` returns the very same tensor when it already
+    has that dtype, so a uniform fp32 or fp16 file is not copied at all.
+    """
+    from collections import Counter
+
+    sizes: Counter = Counter()
+    for v in weights.values():
+        if v.is_floating_point():
+            sizes[v.dtype] += v.numel()
+    if sizes:
+        dtype = sizes.most_common(1)[0][0]
+        weights = {k: v.to(dtype) if v.is_floating_point() else v for k, v in weights.items()}
     try:
         module.load_state_dict(weights, strict=True, assign=True)
     except RuntimeError as e:
         # torch lists every key over many lines; keep the first one (it names the problem).
-        raise ModelLoadError(f"{source}: the {part} weights do not fit the architecture ({_first_line(e)})") from e
+        raise ModelLoadError(f"{source}: the {part} weights do not fit the architecture ({one_line(e, limit=200)})") from e
     _check_materialised(module, source=source)
 
 
@@ -289,11 +301,6 @@ def _bundled_tokenizer() -> Any:
     return load_tokenizer(None)
 
 
-def _first_line(e: BaseException, limit: int = 200) -> str:
-    text = " ".join((str(e).strip() or type(e).__name__).split())
-    return text if len(text) <= limit else text[: limit - 3] + "..."
-
-
 @contextmanager
 def _model_errors(source: str, part: str) -> Iterator[None]:
     """Turn library errors (OSError, ValueError, ...) while loading ``part`` into one-line ModelLoadErrors."""
@@ -302,4 +309,4 @@ def _model_errors(source: str, part: str) -> Iterator[None]:
     except ModelLoadError:
         raise
     except (OSError, ValueError, RuntimeError, KeyError, TypeError) as e:
-        raise ModelLoadError(f"{source}: cannot load {part} ({type(e).__name__}: {_first_line(e)})") from e
+        raise ModelLoadError(f"{source}: cannot load {part} ({type(e).__name__}: {one_line(e, limit=200)})") from e

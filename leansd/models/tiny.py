@@ -76,16 +76,12 @@ def build_tiny_components(*, seed: int = 0) -> TinyComponents:
     from diffusers import AutoencoderKL, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
 
-    def seeded(offset: int):
-        torch.manual_seed(seed * 1000 + offset)
-
-    # Seed before each so one component's construction does not shift another's weights.
-    seeded(1)
-    unet = UNet2DConditionModel(**TINY_UNET_CONFIG)
-    seeded(2)
-    vae = AutoencoderKL(**TINY_VAE_CONFIG)
-    seeded(3)
-    text_encoder = CLIPTextModel(CLIPTextConfig(**TINY_TEXT_CONFIG))
+    # Construction draws from the global RNG; fork it so the caller's random state is untouched
+    # (every tensor is overwritten from a private generator below anyway).
+    with torch.random.fork_rng(devices=[]):
+        unet = UNet2DConditionModel(**TINY_UNET_CONFIG)
+        vae = AutoencoderKL(**TINY_VAE_CONFIG)
+        text_encoder = CLIPTextModel(CLIPTextConfig(**TINY_TEXT_CONFIG))
     # Default inits leave some layers at exactly zero (conv_out etc.); give every tensor
     # non-trivial values so the pipelines show real differences between settings.
     generator = torch.Generator().manual_seed(seed * 1000 + 4)

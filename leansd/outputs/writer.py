@@ -17,11 +17,12 @@ from typing import BinaryIO
 
 from PIL import ExifTags, Image, PngImagePlugin
 
-from leansd.errors import InvalidRequestError, OutputError
+from leansd.errors import InvalidRequestError, OutputError, one_line
 
 __all__ = [
     "ImageWriter",
     "check_outdir",
+    "preflight_outdir",
     "count_grids",
     "count_images",
     "grid_filename",
@@ -49,10 +50,6 @@ _NO_LINK_ERRNOS = {
 }
 
 
-def _one_line(message: str) -> str:
-    return " ".join(message.split())
-
-
 def _reason(exc: BaseException) -> str:
     if isinstance(exc, OSError) and exc.strerror:
         return exc.strerror
@@ -73,13 +70,28 @@ def check_outdir(outdir: Path) -> Path:
     try:
         outdir.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
-        raise OutputError(_one_line(f"cannot create output folder {outdir}: {_reason(exc)}")) from exc
+        raise OutputError(one_line(f"cannot create output folder {outdir}: {_reason(exc)}")) from exc
     try:
         fd, probe = tempfile.mkstemp(prefix=".leansd-probe-", suffix=".tmp", dir=outdir)
         os.close(fd)
         os.unlink(probe)
     except OSError as exc:
-        raise OutputError(_one_line(f"output folder {outdir} is not writable: {_reason(exc)}")) from exc
+        raise OutputError(one_line(f"output folder {outdir} is not writable: {_reason(exc)}")) from exc
+    return outdir
+
+
+def preflight_outdir(outdir: Path) -> Path:
+    """Check, creating nothing, that `outdir` is a writable folder or can be created as one."""
+    outdir = Path(outdir)
+    if outdir.exists() and not outdir.is_dir():
+        raise OutputError(f"output folder {outdir} exists and is not a folder")
+    existing = outdir
+    while not existing.exists() and existing.parent != existing:
+        existing = existing.parent
+    if not existing.is_dir():
+        raise OutputError(f"cannot create output folder {outdir}: {existing} is not a folder")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise OutputError(f"cannot write to output folder {outdir}: {existing} is not writable")
     return outdir
 
 
@@ -96,7 +108,7 @@ def _image_names(outdir: Path) -> list[str]:
     except FileNotFoundError:
         return []
     except OSError as exc:
-        raise OutputError(_one_line(f"cannot list output folder {outdir}: {_reason(exc)}")) from exc
+        raise OutputError(one_line(f"cannot list output folder {outdir}: {_reason(exc)}")) from exc
 
 
 def count_images(outdir: Path) -> int:
@@ -197,7 +209,7 @@ def _write_atomic(image: Image.Image, path: Path, *, infotext: str | None, fmt: 
     try:
         fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     except OSError as exc:
-        raise OutputError(_one_line(f"cannot write {path}: {_reason(exc)}")) from exc
+        raise OutputError(one_line(f"cannot write {path}: {_reason(exc)}")) from exc
     tmp = Path(tmp_name)
     try:
         with os.fdopen(fd, "wb") as f:
@@ -209,7 +221,7 @@ def _write_atomic(image: Image.Image, path: Path, *, infotext: str | None, fmt: 
         tmp.unlink(missing_ok=True)
         if isinstance(exc, FileExistsError) or not isinstance(exc, Exception):
             raise
-        raise OutputError(_one_line(f"cannot write {path}: {_reason(exc)}")) from exc
+        raise OutputError(one_line(f"cannot write {path}: {_reason(exc)}")) from exc
     return path
 
 
@@ -257,7 +269,7 @@ def read_infotext(path: Path) -> str | None:
             exif = image.getexif()
             comment = exif.get_ifd(ExifTags.IFD.Exif).get(_USER_COMMENT)
     except (OSError, ValueError) as exc:
-        raise OutputError(_one_line(f"cannot read {path}: {_reason(exc)}")) from exc
+        raise OutputError(one_line(f"cannot read {path}: {_reason(exc)}")) from exc
     if isinstance(comment, bytes) and comment:
         return _decode_user_comment(comment, little_endian=exif.endian == "<")
     return None
@@ -303,7 +315,9 @@ class ImageWriter:
         if not 1 <= quality <= 100:
             raise InvalidRequestError(f"JPEG quality must be between 1 and 100, got {quality}")
         self.quality = quality
-        self.outdir = check_outdir(Path(outdir))
+        # Nothing is created until the first image is saved: a failed run leaves no empty folder.
+        self.outdir = preflight_outdir(Path(outdir))
+        self._ready = False
 
     def _save_numbered(
         self, image: Image.Image, start: int, name_for: Callable[[int], str], infotext: str | None
@@ -316,12 +330,18 @@ class ImageWriter:
             except FileExistsError:
                 index += 1
 
+    def _ensure_outdir(self) -> None:
+        if not self._ready:
+            check_outdir(self.outdir)
+            self._ready = True
+
     def save(self, image: Image.Image, *, seed: int, infotext: str | None) -> Path:
         """Save as `seed_<seed>_<NNNNN>`, NNNNN = images already in the folder.
 
         optimizedSD's README says the 55th image is `..._00055`, but its code numbers with
         `len(os.listdir(...))` before writing, so the 55th image is `..._00054`; we follow the code.
         """
+        self._ensure_outdir()
         start = count_images(self.outdir)
         return self._save_numbered(
             image, start, lambda i: image_filename(seed=seed, index=i, fmt=self.fmt), infotext
@@ -329,5 +349,6 @@ class ImageWriter:
 
     def save_grid(self, image: Image.Image, *, infotext: str | None) -> Path:
         """Save as `grid-<NNNN>`, NNNN = grids already in the folder."""
+        self._ensure_outdir()
         start = count_grids(self.outdir)
         return self._save_numbered(image, start, lambda i: grid_filename(i, self.fmt), infotext)

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+import logging
+from typing import TYPE_CHECKING, Callable
 
 import leansd
 from leansd.errors import InvalidRequestError
@@ -14,6 +15,8 @@ if TYPE_CHECKING:
 
     from leansd.engine.engine import Engine
     from leansd.request import GenerationRequest
+
+logger = logging.getLogger(__name__)
 
 
 def resolve_size(engine: "Engine", request: "GenerationRequest") -> tuple[int, int]:
@@ -35,6 +38,8 @@ def encode_conditioning(
 
     bundle = engine.bundle
     guided = uses_guidance(request.guidance_scale, bundle.unet)
+    if request.negative_prompt and not guided:
+        logger.warning("the negative prompt has no effect: guidance is off at CFG scale %g (<= 1)", request.guidance_scale)
     texts = [request.prompt, request.negative_prompt] if guided else [request.prompt]
     with engine.compute():
         hidden = encode_prompts(
@@ -53,7 +58,7 @@ def sample_latents(
     height: int,
     cond: "torch.Tensor",
     uncond: "torch.Tensor | None",
-    on_step=None,
+    on_step: Callable[[int, int], None] | None = None,
 ) -> "torch.Tensor":
     """Denoise one batch (one image per seed) from the seeds' CPU noise; returns (B, 4, h, w)."""
     from leansd.sampling.loop import denoise
@@ -65,7 +70,10 @@ def sample_latents(
     generators = image_generators(seeds)
     noise = initial_noise(generators, channels=bundle.latent_channels, height=height // factor, width=width // factor)
     scheduler = build_scheduler(request.sampler, bundle.scheduler_config, seeds=seeds)
-    scheduler.set_timesteps(request.num_inference_steps, device=engine.device)
+    try:
+        scheduler.set_timesteps(request.num_inference_steps, device=engine.device)
+    except ValueError as exc:  # a scheduler-specific limit the request checks did not know
+        raise InvalidRequestError(f"{request.sampler} cannot run {request.num_inference_steps} steps: {exc}") from None
     batch = len(seeds)
     with engine.compute():
         return denoise(

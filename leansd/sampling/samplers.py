@@ -24,13 +24,18 @@ class SamplerSpec:
     options: dict[str, Any] = field(default_factory=dict)
     aliases: tuple[str, ...] = ()
     """Other spellings, e.g. optimizedSD's `euler_a`."""
+    max_steps: int | None = None
+    """Most steps the scheduler can place (None: the request's general limit)."""
 
 
 # DDIM/PLMS keep the CompVis "leading" timestep placement (steps_offset=1 in the base config);
 # the k-diffusion-style samplers use diffusers' defaults ("linspace" spacing, as A1111's k-samplers).
 SAMPLERS: tuple[SamplerSpec, ...] = (
-    SamplerSpec("DDIM", "DDIMScheduler", {"timestep_spacing": "leading"}, ("ddim",)),
-    SamplerSpec("PLMS", "PNDMScheduler", {"timestep_spacing": "leading", "skip_prk_steps": True}, ("plms", "pndm")),
+    # With steps_offset=1, 1000 "leading" steps would place a timestep at 1000 (out of range).
+    SamplerSpec("DDIM", "DDIMScheduler", {"timestep_spacing": "leading"}, ("ddim",), max_steps=999),
+    SamplerSpec(
+        "PLMS", "PNDMScheduler", {"timestep_spacing": "leading", "skip_prk_steps": True}, ("plms", "pndm"), 999
+    ),
     SamplerSpec("Euler", "EulerDiscreteScheduler", {}, ("euler", "k_euler")),
     SamplerSpec("Euler a", "EulerAncestralDiscreteScheduler", {}, ("euler_a", "k_euler_a", "euler_ancestral")),
     SamplerSpec("Heun", "HeunDiscreteScheduler", {}, ("heun", "k_heun")),
@@ -45,7 +50,8 @@ SAMPLERS: tuple[SamplerSpec, ...] = (
         "DPM++ SDE Karras", "DPMSolverSDEScheduler", {"use_karras_sigmas": True}, ("dpmpp_sde_karras",)
     ),
     SamplerSpec("UniPC", "UniPCMultistepScheduler", {}, ("unipc",)),
-    SamplerSpec("LCM", "LCMScheduler", {}, ("lcm",)),
+    # LCM places its steps on a 50-step "original" schedule.
+    SamplerSpec("LCM", "LCMScheduler", {}, ("lcm",), max_steps=50),
 )
 
 

@@ -21,18 +21,23 @@ def request(**kw) -> GenerationRequest:
     return GenerationRequest(**base)
 
 
-def test_cuda_fp32_matches_cpu_for_the_same_seed() -> None:
-    cpu = Engine(tiny_bundle(), device="cpu", precision="full").generate(request(), progress_bar=False)
-    gpu = Engine(tiny_bundle(), device="cuda", precision="full").generate(request(), progress_bar=False)
+@pytest.mark.parametrize("sampler", ["Euler a", "DDIM", "DPM++ 2M Karras", "PLMS"])
+def test_cuda_fp32_matches_cpu_for_the_same_seed(sampler: str) -> None:
+    """CPU-drawn noise (initial and ancestral/eta step noise) makes CUDA reproduce the CPU image."""
+    req = request(sampler=sampler, eta=1.0)
+    cpu = Engine(tiny_bundle(), device="cpu", precision="full").generate(req, progress_bar=False)
+    gpu = Engine(tiny_bundle(), device="cuda", precision="full").generate(req, progress_bar=False)
     assert gpu.seeds == cpu.seeds
     assert np.abs(gpu.pixels - cpu.pixels).max() < 2e-3
     assert gpu.peak_memory_bytes is not None and gpu.peak_memory_bytes > 0
 
 
+@pytest.mark.parametrize("sampler", ["Euler a", "DPM++ SDE Karras"])
 @pytest.mark.parametrize("precision", ["fp16", "autocast", "bf16"])
-def test_cuda_half_precisions_are_finite_and_close(precision: str) -> None:
-    full = Engine(tiny_bundle(), device="cuda", precision="full").generate(request(), progress_bar=False)
-    half = Engine(tiny_bundle(), device="cuda", precision=precision).generate(request(), progress_bar=False)
+def test_cuda_half_precisions_are_finite_and_close(precision: str, sampler: str) -> None:
+    req = request(sampler=sampler)
+    full = Engine(tiny_bundle(), device="cuda", precision="full").generate(req, progress_bar=False)
+    half = Engine(tiny_bundle(), device="cuda", precision=precision).generate(req, progress_bar=False)
     assert np.isfinite(half.pixels).all()
     assert np.abs(half.pixels - full.pixels).mean() < 0.05
 

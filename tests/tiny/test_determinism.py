@@ -53,10 +53,12 @@ def test_n_iter_continues_seeds(engine: Engine) -> None:
     np.testing.assert_allclose(r.pixels[3], single.pixels[0], atol=1e-5)
 
 
-def test_fixed_code_uses_one_noise(engine: Engine) -> None:
-    r = engine.generate(base(batch_size=2, fixed_code=True, sampler="DDIM"), progress_bar=False)
-    assert r.seeds == [42, 42]
-    np.testing.assert_array_equal(r.pixels[0], r.pixels[1])
+def test_fixed_code_reuses_the_first_batch_noise(engine: Engine) -> None:
+    r = engine.generate(base(batch_size=2, n_iter=2, fixed_code=True, sampler="DDIM"), progress_bar=False)
+    assert r.seeds == [42, 43, 42, 43]
+    np.testing.assert_allclose(r.pixels[0], r.pixels[2], atol=1e-6)
+    np.testing.assert_allclose(r.pixels[1], r.pixels[3], atol=1e-6)
+    assert np.abs(r.pixels[0] - r.pixels[1]).max() > 0.05
 
 
 def test_initial_noise_contract() -> None:

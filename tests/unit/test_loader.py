@@ -138,17 +138,28 @@ def test_single_file_parameters_are_the_read_tensors(files):
     assert attention.data_ptr() == original.data_ptr()
 
 
-def test_half_precision_file_loads_as_float32(tmp_path, reference):
+def test_half_precision_file_keeps_its_dtype_without_copies(tmp_path, reference):
+    """An fp16 file stays fp16 (no 2x upcast copy in RAM); the engine casts once when placing it."""
     from safetensors.torch import save_file
+
+    from leansd import Engine
+    from leansd.models.checkpoint import read_state_dict
+    from leansd.models.loader import bundle_from_state_dict
 
     sd = diffusers_to_ldm(reference.unet, reference.vae, reference.text_encoder)
     half = {k: (v.half() if v.is_floating_point() else v).contiguous() for k, v in sd.items()}
     path = tmp_path / "tiny-fp16.safetensors"
     save_file(half, str(path))
-    bundle = load_model(path)
+    read = read_state_dict(path)
+    bundle = bundle_from_state_dict(read, source=str(path), name="tiny-fp16")
     param = bundle.unet.conv_in.weight
-    assert param.dtype == torch.float32
-    assert torch.equal(param, reference.unet.conv_in.weight.half().float())
+    assert param.dtype == torch.float16
+    assert param.data_ptr() == read["model.diffusion_model.input_blocks.0.0.weight"].data_ptr()
+    assert torch.equal(param, reference.unet.conv_in.weight.half())
+    engine = Engine(load_model(path), device="cpu", precision="full")
+    placed = engine.bundle.unet.conv_in.weight
+    assert placed.dtype == torch.float32
+    assert torch.equal(placed, reference.unet.conv_in.weight.half().float())
 
 
 def _tiny_ldm(reference) -> dict[str, torch.Tensor]:

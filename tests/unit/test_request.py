@@ -25,6 +25,7 @@ from leansd.sampling.samplers import canonical_sampler_name, sampler_names
         ({"eta": -0.1}, "ddim_eta must be >= 0"),
         ({"sampler": "Euler b"}, "unknown sampler 'Euler b'; valid samplers: DDIM, PLMS, Euler, Euler a"),
         ({"seed": -5}, "seed must be between 0 and 4294967295"),
+        ({"prompt": "a \udcff fox"}, "prompt is not valid text"),
         ({"seed": 2**32 - 1, "batch_size": 2}, "seed must be between"),
         ({"width": 64.0}, "width must be an integer"),
         ({"prompt": None}, "prompt must be a string"),
@@ -46,8 +47,36 @@ def test_valid_request_gets_seed_and_canonical_sampler() -> None:
     assert 0 <= r.seed <= 2**32 - 1
     r = GenerationRequest(prompt="x", seed=10, batch_size=2, n_iter=3).validated()
     assert r.image_seeds() == [10, 11, 12, 13, 14, 15]
-    r = GenerationRequest(prompt="x", seed=10, batch_size=2, fixed_code=True).validated()
-    assert r.image_seeds() == [10, 10]
+    r = GenerationRequest(prompt="x", seed=10, batch_size=2, n_iter=2, fixed_code=True).validated()
+    assert r.image_seeds() == [10, 11, 10, 11]
+    r = GenerationRequest(prompt="x", seed=None, batch_size=64, n_iter=10_000).validated()
+    assert r.seed + r.num_images - 1 <= 2**32 - 1
+
+
+def test_numpy_numbers_and_none_negative_prompt_are_accepted() -> None:
+    import numpy as np
+
+    r = GenerationRequest(
+        prompt="x", negative_prompt=None, width=np.int64(64), num_inference_steps=np.int32(5),
+        guidance_scale=np.float32(7.5), seed=np.int64(3),
+    ).validated()
+    assert (r.width, r.num_inference_steps, r.seed, r.negative_prompt) == (64, 5, 3, "")
+    assert type(r.width) is int and type(r.guidance_scale) is float
+
+
+def test_step_limits_per_sampler() -> None:
+    from leansd.models.configs import SD1_SCHEDULER_CONFIG
+    from leansd.sampling.samplers import SAMPLERS, build_scheduler
+
+    for spec in SAMPLERS:
+        most = spec.max_steps or 1000
+        GenerationRequest(prompt="x", sampler=spec.name, num_inference_steps=most).validated()
+        scheduler = build_scheduler(spec.name, SD1_SCHEDULER_CONFIG, seeds=[0])
+        scheduler.set_timesteps(most)
+        assert 0 <= float(scheduler.timesteps.min()) and float(scheduler.timesteps.max()) <= 999, spec.name
+        if spec.max_steps:
+            with pytest.raises(InvalidRequestError, match=f"steps must be between 1 and {most} for {spec.name}"):
+                GenerationRequest(prompt="x", sampler=spec.name, num_inference_steps=most + 1).validated()
 
 
 @pytest.mark.parametrize(
