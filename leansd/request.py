@@ -30,13 +30,23 @@ MAX_SEED = 2**32 - 1
 DEFAULT_SAMPLER = "PLMS"
 DEFAULT_STEPS = 50
 DEFAULT_GUIDANCE = 7.5
+DEFAULT_STRENGTH = 0.75
+DEFAULT_HIRES_STRENGTH = 0.5
+RESIZE_MODES = ("just-resize", "crop", "fill")
+INPAINTING_FILLS = ("original", "fill", "latent-noise", "latent-nothing")
+HIRES_UPSCALERS = ("lanczos", "latent")
+MAX_MASK_BLUR = 64
+MAX_HIRES_SCALE = 4.0
 
 
 @dataclass
 class GenerationRequest:
     """What to generate. Field names follow diffusers' public vocabulary.
 
-    `width`/`height` of None take the model's native size (512 for SD 1.x).
+    `width`/`height` of None take the model's native size (512 for SD 1.x), or for img2img the
+    init image's size rounded down to a multiple of 8.
+    The task follows from the fields: an `init_image` makes it img2img, an `init_image` with a
+    `mask` inpainting; `hires_*` adds a second, upscaled img2img pass to txt2img.
     Images are numbered `0 .. batch_size * n_iter - 1`; image `k` uses seed `seed + k`.
     With `fixed_code=True` every batch reuses the first batch's noise (as the CompVis scripts'
     `--fixed_code`): image `k` uses seed `seed + k % batch_size`.
@@ -55,6 +65,37 @@ class GenerationRequest:
     batch_size: int = 1
     n_iter: int = 1
     fixed_code: bool = False
+    init_image: "Image.Image | None" = None
+    """img2img / inpaint source image (RGB)."""
+    strength: float = DEFAULT_STRENGTH
+    """img2img denoising strength: 0 returns the image (one VAE round trip), 1 ignores it."""
+    resize_mode: str = "just-resize"
+    """How the init image fits width x height: just-resize, crop, fill (AUTOMATIC1111's modes)."""
+    mask: "Image.Image | None" = None
+    """Inpainting mask ("L"): white = regenerate, black = keep; grey values are soft."""
+    invert_mask: bool = False
+    mask_blur: int = 4
+    inpainting_fill: str = "original"
+    """What the masked area starts from: original, fill, latent-noise, latent-nothing."""
+    hires_scale: float | None = None
+    hires_width: int | None = None
+    hires_height: int | None = None
+    hires_strength: float = DEFAULT_HIRES_STRENGTH
+    hires_steps: int | None = None
+    """Steps of the second pass (default: num_inference_steps)."""
+    hires_upscaler: str = "lanczos"
+    tiling: bool = False
+    """Seamless tiling: convolutions pad circularly so the image tiles without seams."""
+
+    @property
+    def task(self) -> str:
+        if self.init_image is None:
+            return "txt2img"
+        return "img2img" if self.mask is None else "inpaint"
+
+    @property
+    def hires(self) -> bool:
+        return self.hires_scale is not None or self.hires_width is not None or self.hires_height is not None
 
     def validated(self) -> "GenerationRequest":
         """Check every value; return a copy with the sampler name canonicalised and a concrete seed."""
@@ -72,13 +113,58 @@ class GenerationRequest:
             name: _as_int(name, getattr(self, name))
             for name in ("num_inference_steps", "batch_size", "n_iter")
         }
-        for name in ("width", "height", "seed"):
+        for name in ("width", "height", "seed", "hires_width", "hires_height", "hires_steps"):
             value = getattr(self, name)
             values[name] = None if value is None else _as_int(name, value)
-        for name in ("guidance_scale", "eta"):
+        for name in ("guidance_scale", "eta", "strength", "hires_strength"):
             values[name] = _as_float(name, getattr(self, name))
-        checked = replace(self, negative_prompt=negative, fixed_code=bool(self.fixed_code), **values)
+        values["hires_scale"] = None if self.hires_scale is None else _as_float("hires_scale", self.hires_scale)
+        values["mask_blur"] = _as_int("mask_blur", self.mask_blur)
+        checked = replace(
+            self,
+            negative_prompt=negative,
+            fixed_code=bool(self.fixed_code),
+            invert_mask=bool(self.invert_mask),
+            tiling=bool(self.tiling),
+            resize_mode=_choice("resize_mode", self.resize_mode, RESIZE_MODES),
+            inpainting_fill=_choice("inpainting_fill", self.inpainting_fill, INPAINTING_FILLS),
+            hires_upscaler=_choice("hires_upscaler", self.hires_upscaler, HIRES_UPSCALERS),
+            **values,
+        )
+        checked._check_images()
         return checked._check_ranges(get_sampler(self.sampler))
+
+    def _check_images(self) -> None:
+        from PIL import Image
+
+        if self.init_image is not None and not isinstance(self.init_image, Image.Image):
+            raise InvalidRequestError(f"init_image must be a PIL image, got {type(self.init_image).__name__}")
+        if self.mask is not None:
+            if self.init_image is None:
+                raise InvalidRequestError("a mask needs an init image to inpaint")
+            if not isinstance(self.mask, Image.Image):
+                raise InvalidRequestError(f"mask must be a PIL image, got {type(self.mask).__name__}")
+        for name in ("strength", "hires_strength"):
+            value = getattr(self, name)
+            if not 0.0 <= value <= 1.0:
+                raise InvalidRequestError(f"{name} must be between 0 and 1, got {value:g}")
+        if not 0 <= self.mask_blur <= MAX_MASK_BLUR:
+            raise InvalidRequestError(f"mask_blur must be between 0 and {MAX_MASK_BLUR} pixels, got {self.mask_blur}")
+        if self.hires:
+            if self.init_image is not None:
+                raise InvalidRequestError("the high-resolution second pass (hires) is for txt2img only")
+            if self.hires_scale is not None and (self.hires_width is not None or self.hires_height is not None):
+                raise InvalidRequestError("give either hires_scale or hires width/height, not both")
+            if self.hires_scale is not None and not 1.0 <= self.hires_scale <= MAX_HIRES_SCALE:
+                raise InvalidRequestError(f"hires_scale must be between 1 and {MAX_HIRES_SCALE:g}, got {self.hires_scale:g}")
+            for name in ("hires_width", "hires_height"):
+                value = getattr(self, name)
+                if value is not None and (value % 8 or not MIN_SIZE <= value <= MAX_SIZE):
+                    raise InvalidRequestError(
+                        f"{name} must be a multiple of 8 between {MIN_SIZE} and {MAX_SIZE}, got {value}"
+                    )
+            if self.hires_steps is not None and not 1 <= self.hires_steps <= MAX_STEPS:
+                raise InvalidRequestError(f"hires_steps must be between 1 and {MAX_STEPS}, got {self.hires_steps}")
 
     def _check_ranges(self, sampler) -> "GenerationRequest":
         for name in ("width", "height"):
@@ -158,6 +244,15 @@ class GenerationResult:
 def random_seed(count: int = 1) -> int:
     """A random first seed such that `count` consecutive seeds all stay within 32 bits."""
     return secrets.randbelow(MAX_SEED + 2 - max(1, count))
+
+
+def _choice(name: str, value: object, options: tuple[str, ...]) -> str:
+    """Case-insensitive choice; spaces and underscores count as hyphens ("Latent noise" -> latent-noise)."""
+    key = str(value).strip().lower().replace("_", "-").replace(" ", "-")
+    key = {"crop-and-resize": "crop", "resize-and-fill": "fill"}.get(key, key)
+    if key not in options:
+        raise InvalidRequestError(f"unknown {name} {value!r}; valid: {', '.join(options)}")
+    return key
 
 
 def _as_int(name: str, value: object) -> int:

@@ -37,3 +37,22 @@ def tiny_bundle() -> ModelBundle:
         default_size=TINY_DEFAULT_SIZE,
         is_random=True,
     )
+
+
+@functools.lru_cache(maxsize=1)
+def _tiny_inpaint_components():
+    from leansd.models.tiny import build_tiny_components
+
+    return build_tiny_components(seed=0, inpainting=True)
+
+
+def tiny_inpaint_bundle() -> ModelBundle:
+    """Like tiny_bundle(), with a 9-channel inpainting UNet."""
+    import copy
+
+    from leansd.models.family import ModelFamily
+
+    bundle = tiny_bundle()
+    bundle.unet = copy.deepcopy(_tiny_inpaint_components().unet)
+    bundle.family = ModelFamily.SD1_INPAINT
+    return bundle

@@ -96,7 +96,7 @@ class Engine:
         progress: Callable[["ProgressEvent"], None] | None = None,
         progress_bar: bool = True,
     ) -> "GenerationResult":
-        """txt2img: validate the request, sample, decode; returns PIL images, seeds and infotexts."""
-        from leansd.pipelines.txt2img import txt2img
+        """Run the request's task (txt2img, img2img, inpaint); returns PIL images, seeds and infotexts."""
+        from leansd.pipelines import generate
 
-        return txt2img(self, request, progress=progress, progress_bar=progress_bar)
+        return generate(self, request, progress=progress, progress_bar=progress_bar)

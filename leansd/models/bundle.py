@@ -40,4 +40,9 @@ class ModelBundle:
 
     @property
     def latent_channels(self) -> int:
-        return int(self.unet.config.in_channels)
+        return int(self.vae.config.latent_channels)
+
+    @property
+    def is_inpainting(self) -> bool:
+        """A 9-channel inpainting UNet (latents + mask + masked-image latents)."""
+        return int(self.unet.config.in_channels) == 2 * self.latent_channels + 1

@@ -52,7 +52,7 @@ _LABELS = {
     ModelFamily.UNKNOWN: "unrecognised Stable Diffusion variant",
 }
 
-SUPPORTED_FAMILIES = (ModelFamily.SD1,)
+SUPPORTED_FAMILIES = (ModelFamily.SD1, ModelFamily.SD1_INPAINT)
 
 # Input channels of the UNet: 4 latent channels, or 4 + 4 (masked image) + 1 (mask) for inpainting.
 _LATENT_CHANNELS = 4
@@ -190,14 +190,9 @@ def require_supported(family: ModelFamily, source: str) -> None:
     """Raise ``UnsupportedModelError`` (one line naming the family) unless leansd can run it."""
     if family in SUPPORTED_FAMILIES:
         return
-    supported = "leansd supports SD 1.x checkpoints for now"
+    supported = "leansd supports SD 1.x checkpoints (incl. 9-channel inpainting) for now"
     if family is ModelFamily.UNKNOWN:
         raise UnsupportedModelError(
             f"{source}: could not recognise the model family (not SD 1.x, SD 2.x or SDXL); {supported}"
-        )
-    if family is ModelFamily.SD1_INPAINT:
-        raise UnsupportedModelError(
-            f"{source}: recognised an {family.label} checkpoint, which is not yet supported "
-            f"for txt2img; {supported}"
         )
     raise UnsupportedModelError(f"{source}: recognised an {family.label} checkpoint; {supported}")

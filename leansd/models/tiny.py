@@ -70,8 +70,12 @@ class TinyComponents:
     text_encoder: "CLIPTextModel"
 
 
-def build_tiny_components(*, seed: int = 0) -> TinyComponents:
-    """Build the three tiny models with deterministic random weights (same seed, same tensors)."""
+def build_tiny_components(*, seed: int = 0, inpainting: bool = False) -> TinyComponents:
+    """Build the three tiny models with deterministic random weights (same seed, same tensors).
+
+    `inpainting=True` gives the UNet 9 input channels (latents, mask, masked-image latents), the
+    layout of sd-v1-5-inpainting.
+    """
     import torch
     from diffusers import AutoencoderKL, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
@@ -79,7 +83,7 @@ def build_tiny_components(*, seed: int = 0) -> TinyComponents:
     # Construction draws from the global RNG; fork it so the caller's random state is untouched
     # (every tensor is overwritten from a private generator below anyway).
     with torch.random.fork_rng(devices=[]):
-        unet = UNet2DConditionModel(**TINY_UNET_CONFIG)
+        unet = UNet2DConditionModel(**{**TINY_UNET_CONFIG, "in_channels": 9 if inpainting else 4})
         vae = AutoencoderKL(**TINY_VAE_CONFIG)
         text_encoder = CLIPTextModel(CLIPTextConfig(**TINY_TEXT_CONFIG))
     # Default inits leave some layers at exactly zero (conv_out etc.); give every tensor

@@ -1,0 +1,31 @@
+"""One function per task; `generate` picks it from the request (init image, mask)."""
+
+from __future__ import annotations
+
+import contextlib
+from typing import TYPE_CHECKING, Callable
+
+if TYPE_CHECKING:
+    from leansd.engine.engine import Engine
+    from leansd.request import GenerationRequest, GenerationResult, ProgressEvent
+
+
+def generate(
+    engine: "Engine",
+    request: "GenerationRequest",
+    *,
+    progress: Callable[["ProgressEvent"], None] | None = None,
+    progress_bar: bool = True,
+) -> "GenerationResult":
+    """Validate, then run txt2img, img2img or inpaint (with seamless tiling if asked)."""
+    from leansd.engine.tiling import seamless_tiling
+    from leansd.pipelines.img2img import img2img
+    from leansd.pipelines.inpaint import inpaint
+    from leansd.pipelines.txt2img import txt2img
+
+    request = request.validated()
+    task = {"txt2img": txt2img, "img2img": img2img, "inpaint": inpaint}[request.task]
+    bundle = engine.bundle
+    tiling = seamless_tiling(bundle.unet, bundle.vae) if request.tiling else contextlib.nullcontext()
+    with tiling:
+        return task(engine, request, progress=progress, progress_bar=progress_bar)

@@ -11,10 +11,11 @@ from leansd.errors import InvalidRequestError
 if TYPE_CHECKING:
     import numpy as np
     import torch
+    from diffusers import SchedulerMixin
     from PIL import Image
 
     from leansd.engine.engine import Engine
-    from leansd.request import GenerationRequest
+    from leansd.request import GenerationRequest, GenerationResult, ProgressEvent
 
 logger = logging.getLogger(__name__)
 
@@ -27,6 +28,18 @@ def resolve_size(engine: "Engine", request: "GenerationRequest") -> tuple[int, i
     if width % factor or height % factor:
         raise InvalidRequestError(f"width and height must be multiples of {factor} for this model")
     return width, height
+
+
+def fit_init_image(engine: "Engine", request: "GenerationRequest") -> tuple["Image.Image", int, int]:
+    """The init image fitted to the output size (the request's, else its own rounded down to 8)."""
+    from leansd.inputs.images import resize_image, target_size
+
+    width, height = target_size(request.init_image.size, width=request.width, height=request.height)
+    factor = engine.bundle.vae_scale_factor
+    if width % factor or height % factor:
+        raise InvalidRequestError(f"width and height must be multiples of {factor} for this model")
+    image = resize_image(request.init_image.convert("RGB"), width, height, mode=request.resize_mode)
+    return image, width, height
 
 
 def encode_conditioning(
@@ -49,44 +62,149 @@ def encode_conditioning(
     return hidden[:1], (hidden[1:2] if guided else None)
 
 
-def sample_latents(
+def make_scheduler(engine: "Engine", request: "GenerationRequest", *, seeds: list[int], steps: int) -> "SchedulerMixin":
+    """A fresh scheduler for one batch, with its `steps` timesteps placed on the compute device."""
+    from leansd.sampling.samplers import build_scheduler
+
+    scheduler = build_scheduler(request.sampler, engine.bundle.scheduler_config, seeds=seeds)
+    try:
+        scheduler.set_timesteps(steps, device=engine.device)
+    except ValueError as exc:  # a scheduler-specific limit the request checks did not know
+        raise InvalidRequestError(f"{request.sampler} cannot run {steps} steps: {exc}") from None
+    return scheduler
+
+
+def strength_timesteps(scheduler: "SchedulerMixin", *, steps: int, strength: float) -> "torch.Tensor":
+    """The tail of the schedule that img2img runs: the last int(steps * strength) steps (as diffusers)."""
+    run = min(int(steps * strength), steps)
+    if run == 0:  # nothing to denoise (PLMS's schedule has an extra entry, so slicing would leave one)
+        return scheduler.timesteps[:0]
+    start = steps - run
+    if hasattr(scheduler, "set_begin_index"):
+        scheduler.set_begin_index(start * scheduler.order)
+    return scheduler.timesteps[start * scheduler.order :]
+
+
+def noise_for(engine: "Engine", generators: list["torch.Generator"], *, width: int, height: int) -> "torch.Tensor":
+    """Each image's CPU-drawn starting noise (the reproducibility contract), on the compute device."""
+    from leansd.sampling.noise import initial_noise
+
+    factor = engine.bundle.vae_scale_factor
+    channels = engine.bundle.latent_channels
+    noise = initial_noise(generators, channels=channels, height=height // factor, width=width // factor)
+    return noise.to(device=engine.device, dtype=engine.dtype)
+
+
+def encode_pixels(engine: "Engine", pixels: "torch.Tensor", generators: list["torch.Generator"]) -> "torch.Tensor":
+    """VAE-encode images in [-1, 1]: (1 or B, 3, H, W) -> (B, 4, h, w), B = len(generators).
+
+    Each image's posterior sample draws from that image's generator (as diffusers' img2img), so
+    batch item i equals a single run with seed i.
+    """
+    import torch
+    from diffusers.utils.torch_utils import randn_tensor
+
+    vae = engine.bundle.vae
+    with engine.compute():
+        posterior = vae.encode(pixels.to(device=engine.device, dtype=engine.dtype)).latent_dist
+        rows = []
+        for i, g in enumerate(generators):
+            mean = posterior.mean[i : i + 1] if posterior.mean.shape[0] > 1 else posterior.mean
+            std = posterior.std[i : i + 1] if posterior.std.shape[0] > 1 else posterior.std
+            # Same draw as DiagonalGaussianDistribution.sample(generator=g) on this image alone.
+            rows.append(mean + std * randn_tensor(mean.shape, generator=g, device=mean.device, dtype=mean.dtype))
+    return torch.cat(rows).to(engine.dtype) * vae.config.scaling_factor
+
+
+def run_denoise(
     engine: "Engine",
     request: "GenerationRequest",
     *,
-    seeds: list[int],
-    width: int,
-    height: int,
+    scheduler: "SchedulerMixin",
+    latents: "torch.Tensor",
+    generators: list["torch.Generator"],
     cond: "torch.Tensor",
     uncond: "torch.Tensor | None",
+    timesteps: "torch.Tensor | None" = None,
+    extra_channels: "torch.Tensor | None" = None,
+    after_step: Callable[[int, "torch.Tensor"], "torch.Tensor"] | None = None,
     on_step: Callable[[int, int], None] | None = None,
 ) -> "torch.Tensor":
-    """Denoise one batch (one image per seed) from the seeds' CPU noise; returns (B, 4, h, w)."""
+    """The sampling loop for one batch (its size is len(generators)); returns clean latents."""
     from leansd.sampling.loop import denoise
-    from leansd.sampling.noise import image_generators, initial_noise
-    from leansd.sampling.samplers import build_scheduler
 
-    bundle = engine.bundle
-    factor = bundle.vae_scale_factor
-    generators = image_generators(seeds)
-    noise = initial_noise(generators, channels=bundle.latent_channels, height=height // factor, width=width // factor)
-    scheduler = build_scheduler(request.sampler, bundle.scheduler_config, seeds=seeds)
-    try:
-        scheduler.set_timesteps(request.num_inference_steps, device=engine.device)
-    except ValueError as exc:  # a scheduler-specific limit the request checks did not know
-        raise InvalidRequestError(f"{request.sampler} cannot run {request.num_inference_steps} steps: {exc}") from None
-    batch = len(seeds)
+    batch = len(generators)
+    if extra_channels is None and engine.bundle.is_inpainting:
+        extra_channels = whole_image_conditioning(engine, latents)
     with engine.compute():
         return denoise(
-            unet=bundle.unet,
+            unet=engine.bundle.unet,
             scheduler=scheduler,
-            latents=noise.to(device=engine.device, dtype=engine.dtype),
+            latents=latents,
             cond=cond.expand(batch, -1, -1),
             uncond=None if uncond is None else uncond.expand(batch, -1, -1),
             guidance_scale=request.guidance_scale,
             generators=generators,
             eta=request.eta,
+            timesteps=timesteps,
+            extra_channels=extra_channels,
+            after_step=after_step,
             on_step=on_step,
         )
+
+
+def whole_image_conditioning(engine: "Engine", latents: "torch.Tensor") -> "torch.Tensor":
+    """Extra UNet input of a 9-channel inpainting model asked for txt2img/img2img: all masked.
+
+    As AUTOMATIC1111: mask = 1 everywhere and the masked image (all grey) encoded with the VAE
+    (posterior mean: no random draw, so seeds keep their meaning). Returns (B, 5, h, w).
+    """
+    import torch
+
+    batch, _, h, w = latents.shape
+    factor = engine.bundle.vae_scale_factor
+    vae = engine.bundle.vae
+    grey = torch.zeros((1, 3, h * factor, w * factor), device=engine.device, dtype=engine.dtype)
+    with engine.compute():
+        masked = vae.encode(grey).latent_dist.mode() * vae.config.scaling_factor
+    mask = torch.ones((1, 1, h, w), device=engine.device, dtype=engine.dtype)
+    return torch.cat([mask, masked.to(engine.dtype)], dim=1).expand(batch, -1, -1, -1)
+
+
+def img2img_latents(
+    engine: "Engine",
+    request: "GenerationRequest",
+    *,
+    seeds: list[int],
+    pixels: "torch.Tensor",
+    strength: float,
+    steps: int,
+    cond: "torch.Tensor",
+    uncond: "torch.Tensor | None",
+    on_step: Callable[[int, int], None] | None = None,
+) -> "torch.Tensor":
+    """img2img for one batch, as diffusers' img2img: encode (posterior sample), noise to the start step, denoise.
+
+    Strength 1 ignores the image (exactly txt2img for the same seed); a strength that leaves no
+    step returns the encoded image (one VAE round trip).
+    """
+    from leansd.sampling.noise import image_generators
+
+    generators = image_generators(seeds)
+    height, width = pixels.shape[-2:]
+    scheduler = make_scheduler(engine, request, seeds=seeds, steps=steps)
+    if strength >= 1.0:
+        latents = noise_for(engine, generators, width=width, height=height) * scheduler.init_noise_sigma
+        return run_denoise(engine, request, scheduler=scheduler, latents=latents, generators=generators,
+                           cond=cond, uncond=uncond, on_step=on_step)
+    encoded = encode_pixels(engine, pixels, generators)
+    timesteps = strength_timesteps(scheduler, steps=steps, strength=strength)
+    if len(timesteps) == 0:
+        return encoded
+    noise = noise_for(engine, generators, width=width, height=height)
+    latents = scheduler.add_noise(encoded, noise, timesteps[:1].repeat(len(seeds)))
+    return run_denoise(engine, request, scheduler=scheduler, latents=latents, generators=generators,
+                       cond=cond, uncond=uncond, timesteps=timesteps, on_step=on_step)
 
 
 def decode_latents(engine: "Engine", latents: "torch.Tensor") -> "np.ndarray":
@@ -106,17 +224,26 @@ def to_pil(pixels: "np.ndarray") -> list["Image.Image"]:
 
 
 def infotext_for(
-    engine: "Engine", request: "GenerationRequest", *, seed: int, width: int, height: int
+    engine: "Engine",
+    request: "GenerationRequest",
+    *,
+    seed: int,
+    width: int,
+    height: int,
+    extra: dict[str, object] | None = None,
 ) -> str:
-    """AUTOMATIC1111 "parameters" text for one image."""
+    """AUTOMATIC1111 "parameters" text for one image; `extra` holds task entries (strength, hires...)."""
     from leansd.outputs.infotext import build_infotext
 
-    extra: dict[str, object] = {}
+    entries: dict[str, object] = {}
     if request.sampler == "DDIM" and request.eta:
-        extra["Eta"] = request.eta
+        entries["Eta"] = request.eta
+    entries.update(extra or {})
+    if request.tiling:
+        entries["Tiling"] = "True"
     if engine.bundle.is_random:
-        extra["Note"] = "random test model, noise image"
-    extra["Version"] = f"leansd {leansd.__version__}"
+        entries["Note"] = "random test model, noise image"
+    entries["Version"] = f"leansd {leansd.__version__}"
     return build_infotext(
         prompt=request.prompt,
         negative_prompt=request.negative_prompt,
@@ -128,5 +255,71 @@ def infotext_for(
         height=height,
         model_hash=engine.bundle.hash,
         model_name=engine.bundle.name,
-        extra=extra,
+        extra=entries,
+    )
+
+
+def run_batches(
+    engine: "Engine",
+    request: "GenerationRequest",
+    *,
+    width: int,
+    height: int,
+    sample_batch: Callable[[list[int], Callable[[int, int], None]], "torch.Tensor"],
+    finish: Callable[["np.ndarray"], "np.ndarray"] | None = None,
+    extra_info: dict[str, object] | None = None,
+    progress: Callable[["ProgressEvent"], None] | None = None,
+    progress_bar: bool = True,
+    started: float,
+    encode_seconds: float,
+) -> "GenerationResult":
+    """Run `sample_batch(seeds, on_step) -> latents` for each of the n_iter batches, decode, package.
+
+    `finish(pixels)` post-processes decoded float pixels (the inpainting composite).
+    """
+    import time
+
+    import numpy as np
+    from tqdm.auto import tqdm
+
+    from leansd.request import GenerationResult, ProgressEvent
+
+    seeds = request.image_seeds()
+    pixels = []
+    sample_seconds = decode_seconds = 0.0
+    for b in range(request.n_iter):
+        batch_seeds = seeds[b * request.batch_size : (b + 1) * request.batch_size]
+        with tqdm(total=None, desc=f"batch {b + 1}/{request.n_iter}", disable=not progress_bar, leave=False) as bar:
+
+            def on_step(step: int, total: int) -> None:
+                bar.total = total
+                bar.update(1)
+                if progress is not None:
+                    progress(ProgressEvent(step=step, total_steps=total, batch_index=b, n_batches=request.n_iter))
+
+            t0 = time.perf_counter()
+            latents = sample_batch(batch_seeds, on_step)
+            engine.synchronize()  # CUDA runs asynchronously: wait before reading the clock
+            t1 = time.perf_counter()
+        decoded = decode_latents(engine, latents)
+        pixels.append(decoded if finish is None else finish(decoded))
+        sample_seconds += t1 - t0
+        decode_seconds += time.perf_counter() - t1
+
+    all_pixels = np.concatenate(pixels)
+    return GenerationResult(
+        images=to_pil(all_pixels),
+        seeds=seeds,
+        infotexts=[
+            infotext_for(engine, request, seed=s, width=width, height=height, extra=extra_info) for s in seeds
+        ],
+        request=request,
+        pixels=all_pixels,
+        timings={
+            "encode": encode_seconds,
+            "sample": sample_seconds,
+            "decode": decode_seconds,
+            "total": time.perf_counter() - started,
+        },
+        peak_memory_bytes=engine.peak_memory(),
     )

@@ -1,4 +1,4 @@
-"""txt2img: prompt -> images."""
+"""txt2img: prompt -> images, with an optional upscaled second pass (hires fix)."""
 
 from __future__ import annotations
 
@@ -8,76 +8,134 @@ from typing import TYPE_CHECKING, Callable
 from leansd.pipelines.steps import (
     decode_latents,
     encode_conditioning,
-    infotext_for,
+    img2img_latents,
+    make_scheduler,
+    noise_for,
     resolve_size,
-    sample_latents,
+    run_batches,
+    run_denoise,
+    strength_timesteps,
     to_pil,
 )
-from leansd.request import GenerationResult, ProgressEvent
 
 if TYPE_CHECKING:
+    import torch
+
     from leansd.engine.engine import Engine
-    from leansd.request import GenerationRequest
+    from leansd.request import GenerationRequest, GenerationResult, ProgressEvent
 
 
 def txt2img(
     engine: "Engine",
     request: "GenerationRequest",
     *,
-    progress: Callable[[ProgressEvent], None] | None = None,
+    progress: Callable[["ProgressEvent"], None] | None = None,
     progress_bar: bool = True,
-) -> GenerationResult:
-    import numpy as np
-    from tqdm.auto import tqdm
+) -> "GenerationResult":
+    from leansd.sampling.noise import image_generators
 
     started = time.perf_counter()
     engine.reset_peak_memory()
-    # 1. Validate once; fixes the sampler spelling and a random seed if none was given.
+    # 1. Validate once (fixes the sampler spelling and a random seed); sizes of both passes.
     request = request.validated()
     width, height = resolve_size(engine, request)
-    seeds = request.image_seeds()
+    hires_size = hires_target(request, width=width, height=height)
 
     # 2. Text conditioning, shared by every image of the request.
     cond, uncond = encode_conditioning(engine, request)
-    engine.synchronize()  # CUDA runs asynchronously: wait so each stage's time is its own
+    engine.synchronize()  # CUDA runs asynchronously: wait so the encode time is its own
     encoded = time.perf_counter()
 
-    # 3. Sample and decode batch by batch (n_iter batches of batch_size images).
-    pixels = []
-    sample_seconds = decode_seconds = 0.0
-    for b in range(request.n_iter):
-        batch_seeds = seeds[b * request.batch_size : (b + 1) * request.batch_size]
-        with tqdm(total=None, desc=f"batch {b + 1}/{request.n_iter}", disable=not progress_bar, leave=False) as bar:
+    # 3. Per batch: denoise from each seed's noise; optionally upscale and refine (second pass).
+    def sample_batch(seeds: list[int], on_step: Callable[[int, int], None]) -> "torch.Tensor":
+        generators = image_generators(seeds)
+        scheduler = make_scheduler(engine, request, seeds=seeds, steps=request.num_inference_steps)
+        latents = noise_for(engine, generators, width=width, height=height) * scheduler.init_noise_sigma
+        latents = run_denoise(engine, request, scheduler=scheduler, latents=latents, generators=generators,
+                              cond=cond, uncond=uncond, on_step=on_step)
+        if hires_size is not None:
+            latents = hires_pass(engine, request, latents, seeds=seeds, size=hires_size, cond=cond, uncond=uncond,
+                                 on_step=on_step)
+        return latents
 
-            def on_step(step: int, total: int) -> None:
-                bar.total = total
-                bar.update(1)
-                if progress is not None:
-                    progress(ProgressEvent(step=step, total_steps=total, batch_index=b, n_batches=request.n_iter))
-
-            t0 = time.perf_counter()
-            latents = sample_latents(
-                engine, request, seeds=batch_seeds, width=width, height=height, cond=cond, uncond=uncond, on_step=on_step
-            )
-            engine.synchronize()  # wait for the queued UNet work before reading the clock
-            t1 = time.perf_counter()
-        pixels.append(decode_latents(engine, latents))
-        sample_seconds += t1 - t0
-        decode_seconds += time.perf_counter() - t1
-
-    # 4. Package: 8-bit images, per-image metadata, timings and peak memory.
-    all_pixels = np.concatenate(pixels)
-    return GenerationResult(
-        images=to_pil(all_pixels),
-        seeds=seeds,
-        infotexts=[infotext_for(engine, request, seed=s, width=width, height=height) for s in seeds],
-        request=request,
-        pixels=all_pixels,
-        timings={
-            "encode": encoded - started,
-            "sample": sample_seconds,
-            "decode": decode_seconds,
-            "total": time.perf_counter() - started,
-        },
-        peak_memory_bytes=engine.peak_memory(),
+    # 4. Decode each batch and package images, seeds, metadata and timings.
+    out_width, out_height = hires_size or (width, height)
+    return run_batches(
+        engine, request, width=width, height=height, sample_batch=sample_batch,
+        extra_info=hires_info(request, out_width, out_height) if hires_size else None,
+        progress=progress, progress_bar=progress_bar, started=started, encode_seconds=encoded - started,
     )
+
+
+def hires_target(request: "GenerationRequest", *, width: int, height: int) -> tuple[int, int] | None:
+    """Size of the second pass: an explicit width/height, or the first pass scaled (multiple of 8)."""
+    from leansd.errors import InvalidRequestError
+    from leansd.request import MAX_SIZE
+
+    if not request.hires:
+        return None
+    if request.hires_scale is not None:
+        w2, h2 = (int(round(side * request.hires_scale / 8)) * 8 for side in (width, height))
+    else:
+        # One side given: keep the aspect ratio, as AUTOMATIC1111's "Resize width/height to".
+        w2 = request.hires_width or int(round(width * request.hires_height / height / 8)) * 8
+        h2 = request.hires_height or int(round(height * request.hires_width / width / 8)) * 8
+    if max(w2, h2) > MAX_SIZE:
+        raise InvalidRequestError(f"the hires pass would be {w2}x{h2}; the largest side allowed is {MAX_SIZE}")
+    return w2, h2
+
+
+def hires_info(request: "GenerationRequest", width: int, height: int) -> dict[str, object]:
+    info: dict[str, object] = {"Denoising strength": request.hires_strength}
+    if request.hires_scale is not None:
+        info["Hires upscale"] = request.hires_scale
+    else:
+        info["Hires resize"] = f"{width}x{height}"
+    info["Hires steps"] = request.hires_steps or request.num_inference_steps
+    info["Hires upscaler"] = "Latent" if request.hires_upscaler == "latent" else "Lanczos"
+    return info
+
+
+def hires_pass(
+    engine: "Engine",
+    request: "GenerationRequest",
+    latents: "torch.Tensor",
+    *,
+    seeds: list[int],
+    size: tuple[int, int],
+    cond: "torch.Tensor",
+    uncond: "torch.Tensor | None",
+    on_step: Callable[[int, int], None],
+) -> "torch.Tensor":
+    """Second pass: upscale the first pass and run img2img on it at `hires_strength`.
+
+    "lanczos" decodes, resizes the 8-bit images with Lanczos and re-encodes them (exactly img2img
+    of the upscaled images with the same seeds); "latent" resizes the latents bilinearly.
+    """
+    import torch
+    from PIL import Image
+
+    from leansd.inputs.images import image_to_tensor
+
+    width, height = size
+    steps = request.hires_steps or request.num_inference_steps
+    if request.hires_upscaler == "latent":
+        from leansd.sampling.noise import image_generators
+
+        factor = engine.bundle.vae_scale_factor
+        upscaled = torch.nn.functional.interpolate(
+            latents.float(), size=(height // factor, width // factor), mode="bilinear"
+        ).to(engine.dtype)  # (B, 4, H'/8, W'/8)
+        generators = image_generators(seeds)
+        scheduler = make_scheduler(engine, request, seeds=seeds, steps=steps)
+        timesteps = strength_timesteps(scheduler, steps=steps, strength=request.hires_strength)
+        if len(timesteps) == 0:
+            return upscaled
+        noise = noise_for(engine, generators, width=width, height=height)
+        start = scheduler.add_noise(upscaled, noise, timesteps[:1].repeat(len(seeds)))
+        return run_denoise(engine, request, scheduler=scheduler, latents=start, generators=generators,
+                           cond=cond, uncond=uncond, timesteps=timesteps, on_step=on_step)
+    images = to_pil(decode_latents(engine, latents))
+    pixels = torch.cat([image_to_tensor(im.resize((width, height), Image.LANCZOS)) for im in images])
+    return img2img_latents(engine, request, seeds=seeds, pixels=pixels, strength=request.hires_strength,
+                           steps=steps, cond=cond, uncond=uncond, on_step=on_step)

@@ -106,16 +106,12 @@ def test_labels():
 
 def test_require_supported_messages():
     require_supported(ModelFamily.SD1, "a.safetensors")  # no error
+    require_supported(ModelFamily.SD1_INPAINT, "a.safetensors")  # no error
+    tail = "leansd supports SD 1.x checkpoints (incl. 9-channel inpainting) for now"
     expected = {
-        ModelFamily.SDXL: "m.ckpt: recognised an SDXL checkpoint; leansd supports SD 1.x checkpoints for now",
-        ModelFamily.SD2: "m.ckpt: recognised an SD 2.x checkpoint; leansd supports SD 1.x checkpoints for now",
-        ModelFamily.SDXL_REFINER: (
-            "m.ckpt: recognised an SDXL refiner checkpoint; leansd supports SD 1.x checkpoints for now"
-        ),
-        ModelFamily.SD1_INPAINT: (
-            "m.ckpt: recognised an SD 1.x inpainting (9-channel) checkpoint, which is not yet supported "
-            "for txt2img; leansd supports SD 1.x checkpoints for now"
-        ),
+        ModelFamily.SDXL: f"m.ckpt: recognised an SDXL checkpoint; {tail}",
+        ModelFamily.SD2: f"m.ckpt: recognised an SD 2.x checkpoint; {tail}",
+        ModelFamily.SDXL_REFINER: f"m.ckpt: recognised an SDXL refiner checkpoint; {tail}",
     }
     for family, message in expected.items():
         with pytest.raises(UnsupportedModelError) as info:

@@ -206,16 +206,15 @@ def test_wrong_shape_is_a_one_line_error(tmp_path, reference):
     assert "out.2.bias" in str(info.value) or "conv_out.bias" in str(info.value)
 
 
-def test_sd1_inpainting_file_is_recognised_not_loaded(tmp_path, reference):
+def test_sd1_inpainting_file_loads_as_a_9_channel_model(tmp_path, reference):
     sd = _tiny_ldm(reference)
-    sd["model.diffusion_model.input_blocks.0.0.weight"] = torch.zeros(32, 9, 3, 3)
-    path = _save(sd, tmp_path / "inpaint.safetensors")
-    with pytest.raises(UnsupportedModelError) as info:
-        load_model(path)
-    assert str(info.value) == (
-        f"{path}: recognised an SD 1.x inpainting (9-channel) checkpoint, which is not yet supported "
-        "for txt2img; leansd supports SD 1.x checkpoints for now"
-    )
+    weight = torch.randn(32, 9, 3, 3)
+    sd["model.diffusion_model.input_blocks.0.0.weight"] = weight
+    bundle = load_model(_save(sd, tmp_path / "inpaint.safetensors"))
+    assert bundle.family is ModelFamily.SD1_INPAINT
+    assert bundle.is_inpainting and bundle.latent_channels == 4
+    assert bundle.unet.config.in_channels == 9
+    assert torch.equal(bundle.unet.conv_in.weight, weight)
 
 
 @pytest.mark.parametrize(
