@@ -144,6 +144,12 @@ class GenerationRequest:
                 raise InvalidRequestError("a mask needs an init image to inpaint")
             if not isinstance(self.mask, Image.Image):
                 raise InvalidRequestError(f"mask must be a PIL image, got {type(self.mask).__name__}")
+            if isinstance(self.mask_blur, int) and 0 <= self.mask_blur:
+                from leansd.inputs.images import prepare_mask
+
+                # Aspect ratio and "all black" are checked now, before any model work.
+                prepare_mask(self.mask, self.init_image.size, invert=self.invert_mask, blur=0,
+                             image_size=self.init_image.size)
         for name in ("strength", "hires_strength"):
             value = getattr(self, name)
             if not 0.0 <= value <= 1.0:

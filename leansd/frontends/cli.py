@@ -42,6 +42,13 @@ def _float(text: str) -> float:
         raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
 
 
+TASKS = {
+    "txt2img": ("generate images from a text prompt", "outputs/txt2img-samples"),
+    "img2img": ("transform an init image guided by a prompt (add --mask to inpaint)", "outputs/img2img-samples"),
+    "inpaint": ("regenerate the white part of a mask, keep the rest", "outputs/inpaint-samples"),
+}
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(
         prog="leansd",
@@ -49,13 +56,24 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--version", action="version", version=f"leansd {_version()}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
+    for task, (summary, outdir) in TASKS.items():
+        command = sub.add_parser(
+            task, help=summary, description=f"{summary[0].upper()}{summary[1:]}; images are saved as PNG/JPEG "
+            "with AUTOMATIC1111 metadata."
+        )
+        _add_model_args(command)
+        _add_prompt_args(command)
+        if task != "txt2img":
+            _add_image_args(command, mask_required=task == "inpaint")
+        _add_sampling_args(command)
+        if task == "txt2img":
+            _add_hires_args(command)
+        _add_output_args(command, outdir)
+    return parser
 
-    t2i = sub.add_parser(
-        "txt2img",
-        help="generate images from a text prompt",
-        description="Generate images from a text prompt and save them (PNG/JPEG with A1111 metadata).",
-    )
-    model = t2i.add_argument_group("model")
+
+def _add_model_args(command: argparse.ArgumentParser) -> None:
+    model = command.add_argument_group("model")
     model.add_argument(
         "--model", "--ckpt", dest="model", default=os.environ.get("LEANSD_MODEL"), metavar="PATH|ID",
         help="a .safetensors/.ckpt checkpoint, a diffusers folder, a hub id (owner/name, needs network), "
@@ -66,7 +84,9 @@ def build_parser() -> argparse.ArgumentParser:
         "--precision", default="auto", help="auto (default: full on CPU, fp16 on GPU), full, autocast, fp16, bf16"
     )
 
-    prompt = t2i.add_argument_group("prompt")
+
+def _add_prompt_args(command: argparse.ArgumentParser) -> None:
+    prompt = command.add_argument_group("prompt")
     source = prompt.add_mutually_exclusive_group()
     source.add_argument("--prompt", "-p", help="what to draw")
     source.add_argument(
@@ -78,10 +98,31 @@ def build_parser() -> argparse.ArgumentParser:
         help="what to avoid (negative prompt); default empty",
     )
 
-    gen = t2i.add_argument_group("sampling")
-    gen.add_argument("--H", "--height", dest="height", type=_int, help="image height in pixels, multiple of 8 (default: the model's native size, 512 for SD 1.x)")
-    gen.add_argument("--W", "--width", dest="width", type=_int, help="image width in pixels, multiple of 8 (default: the model's native size)")
-    gen.add_argument("--ddim_steps", "--steps", dest="steps", type=_int, default=50, help="sampling steps (default 50)")
+
+def _add_image_args(command: argparse.ArgumentParser, *, mask_required: bool) -> None:
+    image = command.add_argument_group("init image and mask")
+    image.add_argument("--init-img", "--init_img", "--image", dest="init_img", required=True, metavar="PATH",
+                       help="the starting image (PNG/JPEG/WebP; transparency is flattened on white)")
+    image.add_argument("--strength", type=_float, default=0.75,
+                       help="denoising strength 0..1 (default 0.75): 0 returns the image, 1 ignores it")
+    image.add_argument("--resize-mode", "--resize_mode", dest="resize_mode", default="just-resize",
+                       help="how the image fits --W/--H: just-resize (default), crop, fill")
+    image.add_argument("--mask", required=mask_required, metavar="PATH",
+                       help="inpainting mask: white = regenerate, black = keep; grey is soft"
+                       + ("" if mask_required else " (makes img2img inpaint)"))
+    image.add_argument("--invert-mask", "--invert_mask", dest="invert_mask", action="store_true",
+                       help="regenerate the black part instead")
+    image.add_argument("--mask-blur", "--mask_blur", dest="mask_blur", type=_int, default=4,
+                       help="blur of the mask edge in pixels, 0..64 (default 4)")
+    image.add_argument("--inpainting-fill", "--inpainting_fill", dest="inpainting_fill", default="original",
+                       help="what the masked area starts from: original (default), fill, latent-noise, latent-nothing")
+
+
+def _add_sampling_args(command: argparse.ArgumentParser) -> None:
+    gen = command.add_argument_group("sampling")
+    gen.add_argument("--H", "--height", dest="height", type=_int, help="image height in pixels, multiple of 8 (default: the model's native size, 512 for SD 1.x; img2img: the init image's)")
+    gen.add_argument("--W", "--width", dest="width", type=_int, help="image width in pixels, multiple of 8 (default: the model's native size; img2img: the init image's)")
+    gen.add_argument("--ddim_steps", "--steps", dest="steps", type=_int, default=50, help="sampling steps (default 50; img2img runs steps x strength of them)")
     gen.add_argument("--scale", "--cfg-scale", "--cfg_scale", dest="scale", type=_float, default=7.5, help="classifier-free guidance scale (default 7.5; <= 1 disables guidance)")
     gen.add_argument("--sampler", default="PLMS", help=f"sampler (default PLMS): {SAMPLER_HELP}")
     gen.add_argument("--ddim_eta", "--eta", dest="eta", type=_float, default=0.0, help="DDIM eta, 0 = deterministic (default 0)")
@@ -89,14 +130,30 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--n_samples", "--batch-size", "--batch_size", dest="n_samples", type=_int, default=1, help="images per batch (default 1)")
     gen.add_argument("--n_iter", "--n-iter", dest="n_iter", type=_int, default=1, help="number of batches; the model is loaded once (default 1)")
     gen.add_argument("--fixed_code", "--fixed-code", dest="fixed_code", action="store_true", help="reuse the first batch's starting noise for every batch and prompt")
+    gen.add_argument("--tiling", action="store_true", help="seamless tiling: the image wraps around (textures, wallpapers)")
 
-    out = t2i.add_argument_group("output")
-    out.add_argument("--outdir", default="outputs/txt2img-samples", help="output folder (default outputs/txt2img-samples)")
+
+def _add_hires_args(command: argparse.ArgumentParser) -> None:
+    hires = command.add_argument_group("high-resolution second pass")
+    size = hires.add_mutually_exclusive_group()
+    size.add_argument("--hires", dest="hires", metavar="WxH", help="second pass at this size, e.g. 1024x1024")
+    size.add_argument("--hires-scale", "--hires_scale", dest="hires_scale", type=_float,
+                      help="second pass at the first pass's size times this (1..4), e.g. 2")
+    hires.add_argument("--hires-strength", "--hires_strength", dest="hires_strength", type=_float, default=0.5,
+                       help="denoising strength of the second pass (default 0.5)")
+    hires.add_argument("--hires-steps", "--hires_steps", dest="hires_steps", type=_int,
+                       help="steps of the second pass (default: --steps)")
+    hires.add_argument("--hires-upscaler", "--hires_upscaler", dest="hires_upscaler", default="lanczos",
+                       help="lanczos (default: resize the pixels) or latent (resize the latents)")
+
+
+def _add_output_args(command: argparse.ArgumentParser, outdir: str) -> None:
+    out = command.add_argument_group("output")
+    out.add_argument("--outdir", default=outdir, help=f"output folder (default {outdir})")
     out.add_argument("--format", dest="fmt", choices=("png", "jpg"), default="png", help="image format (default png)")
     out.add_argument("--skip_grid", "--skip-grid", dest="skip_grid", action="store_true", help="do not save a grid of each prompt's images")
     out.add_argument("--skip_save", "--skip-save", dest="skip_save", action="store_true", help="do not save individual images (speed runs)")
     out.add_argument("--verbose", "-v", action="store_true", help="log model, device, precision and timings")
-    return parser
 
 
 def _version() -> str:
@@ -119,8 +176,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     from leansd.errors import LeansdError, one_line
 
     try:
-        if args.command == "txt2img":
-            return run_txt2img(args)
+        if args.command in TASKS:
+            return run_generate(args)
     except LeansdError as exc:
         print(f"leansd: error: {one_line(exc)}", file=sys.stderr)
         return EXIT_USAGE
@@ -163,7 +220,41 @@ def _read_prompts(args: argparse.Namespace) -> list[str]:
     return [args.prompt]
 
 
-def run_txt2img(args: argparse.Namespace) -> int:
+def _read_images(args: argparse.Namespace) -> dict:
+    """Init image and mask fields of the request (img2img/inpaint), read before the model loads."""
+    if getattr(args, "init_img", None) is None:
+        return {}
+    from leansd.inputs.images import load_image, load_mask
+
+    fields = dict(
+        init_image=load_image(args.init_img, label="--init-img"),
+        strength=args.strength,
+        resize_mode=args.resize_mode,
+        invert_mask=args.invert_mask,
+        mask_blur=args.mask_blur,
+        inpainting_fill=args.inpainting_fill,
+    )
+    if args.mask is not None:
+        fields["mask"] = load_mask(args.mask, label="--mask")
+    return fields
+
+
+def _hires_fields(args: argparse.Namespace) -> dict:
+    from leansd.errors import InvalidRequestError
+
+    if getattr(args, "hires", None) is None and getattr(args, "hires_scale", None) is None:
+        return {}
+    fields = dict(hires_strength=args.hires_strength, hires_steps=args.hires_steps, hires_upscaler=args.hires_upscaler)
+    if args.hires_scale is not None:
+        return {**fields, "hires_scale": args.hires_scale}
+    try:
+        width, height = (int(v) for v in args.hires.lower().split("x"))
+    except ValueError:
+        raise InvalidRequestError(f"--hires expects WIDTHxHEIGHT like 1024x768, got {args.hires!r}") from None
+    return {**fields, "hires_width": width, "hires_height": height}
+
+
+def run_generate(args: argparse.Namespace) -> int:
     from leansd.errors import InvalidRequestError
     from leansd.request import GenerationRequest
 
@@ -171,6 +262,7 @@ def run_txt2img(args: argparse.Namespace) -> int:
     if not args.model:
         raise InvalidRequestError("no model given: pass --model PATH|owner/name|tiny (or set LEANSD_MODEL)")
     prompts = _read_prompts(args)
+    images = _read_images(args)
     per_prompt = args.n_samples if args.fixed_code else args.n_samples * args.n_iter
     seed = args.seed
     random_seed_chosen = seed is None or seed == -1
@@ -197,6 +289,9 @@ def run_txt2img(args: argparse.Namespace) -> int:
                 batch_size=args.n_samples,
                 n_iter=args.n_iter,
                 fixed_code=args.fixed_code,
+                tiling=args.tiling,
+                **images,
+                **_hires_fields(args),
             ).validated()
         )
     writer = None
