@@ -241,7 +241,7 @@ def test_other_families_are_unsupported(tmp_path, extra, label):
     path = _save({k: torch.zeros(s) for k, s in shapes.items()}, tmp_path / "other.safetensors")
     with pytest.raises(UnsupportedModelError) as info:
         load_model(path)
-    assert str(info.value) == f"{path}: recognised an {label} checkpoint; leansd supports SD 1.x checkpoints for now"
+    assert str(info.value) == f"{path}: recognised an {label} checkpoint; leansd supports SD 1.x checkpoints (incl. 9-channel inpainting) for now"
 
 
 def test_not_stable_diffusion(tmp_path):
