@@ -1,9 +1,28 @@
-"""Text -> conditioning: tokenise (77-token window) and run the CLIP text encoder."""
+"""Text -> CLIP embeddings: 77-token chunking, A1111 emphasis, the text-encoder call.
+
+Chunking (A1111's ``tokenize_line``): the fragments of a :class:`~leansd.prompts.parse.WeightedText`
+are tokenised one by one (after :func:`~leansd.models.tokenizer.clean_text`), and their tokens
+fill chunks of 75 content tokens; each chunk becomes ``BOS + 75 tokens + EOS`` (77 ids), the
+unused content positions padded with the tokenizer's pad token (EOS for SD 1.x). When a chunk
+is full and the next token is not a comma, and the chunk's last comma is among its last 20
+tokens, the tokens after that comma move to the next chunk, so a comma-separated phrase is not
+cut in two. ``BREAK`` closes the current chunk (padding it) even when it is empty. A prompt
+with no tokens is one chunk of padding. Nothing is truncated: a prompt of ``k`` chunks encodes
+to ``(1, 77 * k, D)``, the chunks concatenated along the sequence axis.
+
+Emphasis (A1111's ``EmphasisOriginal``, per chunk): ``z *= multipliers`` token by token, then
+``z *= original_mean / new_mean``, the means taken over the whole ``(77, D)`` chunk; computed
+in float32 and cast back. BOS, EOS and padding have multiplier 1. A chunk whose multipliers
+are all 1 is returned untouched, which is what A1111's formula gives (the ratio is exactly 1).
+"""
 
 from __future__ import annotations
 
 import logging
-from typing import TYPE_CHECKING
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Sequence
+
+from leansd.prompts.parse import BREAK, Fragment, Piece
 
 if TYPE_CHECKING:
     import torch
@@ -13,6 +32,130 @@ logger = logging.getLogger(__name__)
 
 MAX_CONTENT_TOKENS = 75
 """77 positions minus BOS and EOS."""
+CHUNK_LENGTH = MAX_CONTENT_TOKENS + 2
+COMMA_BACKTRACK = 20
+"""A full chunk is cut after its last comma when that comma is among its last 20 tokens (A1111)."""
+
+
+@dataclass(frozen=True)
+class TokenChunks:
+    """Token ids and emphasis multipliers of one text, in 77-id chunks; hashable (a cache key part)."""
+
+    ids: tuple[tuple[int, ...], ...]
+    multipliers: tuple[tuple[float, ...], ...]
+
+    @property
+    def count(self) -> int:
+        """Number of 77-token chunks."""
+        return len(self.ids)
+
+    @property
+    def is_weighted(self) -> bool:
+        """True if any multiplier differs from 1."""
+        return any(m != 1.0 for row in self.multipliers for m in row)
+
+
+def chunk_tokens(
+    tokenizer: "CLIPTokenizerFast", pieces: Sequence[Piece], *, comma_backtrack: int = COMMA_BACKTRACK
+) -> TokenChunks:
+    """Tokenise fragments into 77-id chunks with per-token multipliers (see the module docstring)."""
+    from leansd.models.tokenizer import clean_text
+
+    bos, eos = tokenizer.bos_token_id, tokenizer.eos_token_id
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos
+    comma = tokenizer.convert_tokens_to_ids(",</w>")
+    if comma == tokenizer.unk_token_id:
+        comma = None
+
+    texts = [clean_text(p.text) for p in pieces if isinstance(p, Fragment)]
+    encoded = (
+        tokenizer(texts, add_special_tokens=False, truncation=False, verbose=False).input_ids if texts else []
+    )
+    token_lists = iter(encoded)
+
+    ids: list[tuple[int, ...]] = []
+    mults: list[tuple[float, ...]] = []
+    tokens: list[int] = []
+    weights: list[float] = []
+    last_comma = -1
+
+    def close_chunk() -> None:
+        nonlocal tokens, weights, last_comma
+        fill = MAX_CONTENT_TOKENS - len(tokens)
+        if fill > 0:  # EOS right after the content, then padding (A1111 / HF layout)
+            chunk_ids = [bos, *tokens, eos] + [pad] * fill
+        else:
+            chunk_ids = [bos, *tokens, eos]
+        ids.append(tuple(chunk_ids))
+        mults.append(tuple([1.0, *weights, 1.0] + [1.0] * fill))
+        tokens, weights, last_comma = [], [], -1
+
+    for piece in pieces:
+        if piece is BREAK:
+            close_chunk()
+            continue
+        weight = piece.weight  # type: ignore[union-attr]
+        for token in next(token_lists):
+            if token == comma:
+                last_comma = len(tokens)
+            elif (
+                comma_backtrack
+                and len(tokens) == MAX_CONTENT_TOKENS
+                and last_comma != -1
+                and len(tokens) - last_comma <= comma_backtrack
+            ):
+                cut = last_comma + 1
+                moved, moved_weights = tokens[cut:], weights[cut:]
+                tokens, weights = tokens[:cut], weights[:cut]
+                close_chunk()
+                tokens, weights = moved, moved_weights
+            if len(tokens) == MAX_CONTENT_TOKENS:
+                close_chunk()
+            tokens.append(token)
+            weights.append(weight)
+    if tokens or not ids:
+        close_chunk()
+    return TokenChunks(tuple(ids), tuple(mults))
+
+
+def apply_emphasis(z: "torch.Tensor", multipliers: Sequence[Sequence[float]]) -> "torch.Tensor":
+    """A1111 ``EmphasisOriginal`` on ``z`` (k, 77, D): scale each token, restore each chunk's mean."""
+    import torch
+
+    if all(m == 1.0 for row in multipliers for m in row):
+        return z
+    zf = z.float()
+    m = torch.tensor(multipliers, dtype=torch.float32, device=z.device)  # (k, 77)
+    original_mean = zf.mean(dim=(1, 2), keepdim=True)  # (k, 1, 1)
+    zf = zf * m.unsqueeze(-1)
+    new_mean = zf.mean(dim=(1, 2), keepdim=True)
+    return (zf * (original_mean / new_mean)).to(z.dtype)
+
+
+def encode_chunks(
+    chunks: TokenChunks, *, text_encoder: "CLIPTextModel", device: "torch.device | str"
+) -> "torch.Tensor":
+    """Run the text encoder on every chunk and apply emphasis: (1, 77 * k, D) on ``device``."""
+    import torch
+
+    ids = torch.tensor(chunks.ids, dtype=torch.long, device=device)  # (k, 77)
+    with torch.inference_mode():
+        z = text_encoder(ids, return_dict=False)[0]  # (k, 77, D)
+        z = apply_emphasis(z, chunks.multipliers)
+    return z.reshape(1, -1, z.shape[-1])  # (1, 77k, D)
+
+
+def pad_chunks(z: "torch.Tensor", chunks: int, empty: "torch.Tensor") -> "torch.Tensor":
+    """Append copies of ``empty`` (1, 77, D), the encoded empty prompt, until ``z`` has ``chunks`` chunks."""
+    import torch
+
+    have = z.shape[1] // CHUNK_LENGTH
+    if have > chunks:
+        raise ValueError(f"cannot pad {have} chunks down to {chunks}")
+    if have == chunks:
+        return z
+    filler = empty.to(device=z.device, dtype=z.dtype).repeat(1, chunks - have, 1)  # (1, 77 * missing, D)
+    return torch.cat([z, filler], dim=1)
 
 
 def encode_prompts(
@@ -22,7 +165,12 @@ def encode_prompts(
     text_encoder: "CLIPTextModel",
     device: "torch.device | str",
 ) -> "torch.Tensor":
-    """Encode each text to its last hidden state, (len(texts), 77, D), on `device`."""
+    """Encode each text to its last hidden state, (len(texts), 77, D), on `device`.
+
+    Plain text, one 77-token window (longer texts are truncated with a warning). Prompt
+    syntax, chunking and the cache are :func:`leansd.prompts.conditioning.build_conditioning`,
+    which gives bit-identical tensors for plain texts of up to 75 tokens.
+    """
     import torch
 
     from leansd.models.tokenizer import count_tokens, tokenize
