@@ -37,6 +37,7 @@ INPAINTING_FILLS = ("original", "fill", "latent-noise", "latent-nothing")
 HIRES_UPSCALERS = ("lanczos", "latent")
 MAX_MASK_BLUR = 64
 MAX_HIRES_SCALE = 4.0
+PROMPT_SYNTAXES = ("auto", "a1111", "blocks", "plain")
 
 
 @dataclass
@@ -86,6 +87,8 @@ class GenerationRequest:
     hires_upscaler: str = "lanczos"
     tiling: bool = False
     """Seamless tiling: convolutions pad circularly so the image tiles without seams."""
+    prompt_syntax: str = "auto"
+    """auto, a1111 ((word:1.2), [a:b:0.5], AND, BREAK), blocks (optimizedSD `a:0.3 b:0.7`), plain."""
 
     @property
     def task(self) -> str:
@@ -129,6 +132,7 @@ class GenerationRequest:
             resize_mode=_choice("resize_mode", self.resize_mode, RESIZE_MODES),
             inpainting_fill=_choice("inpainting_fill", self.inpainting_fill, INPAINTING_FILLS),
             hires_upscaler=_choice("hires_upscaler", self.hires_upscaler, HIRES_UPSCALERS),
+            prompt_syntax=_choice("prompt_syntax", self.prompt_syntax, PROMPT_SYNTAXES),
             **values,
         )
         checked._check_images()

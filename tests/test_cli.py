@@ -108,6 +108,15 @@ def test_from_file_and_tiny_model(tmp_path: Path) -> None:
     assert Image.open(outdir / "seed_5_00000.png").size == (64, 64)  # tiny's native size
 
 
+def test_prompt_chunks_and_cache_flags(tmp_path: Path, capsys) -> None:
+    long_prompt = " ".join(["red fox"] * 45)
+    assert main(["txt2img", "--model", "tiny", "--prompt", long_prompt, "--steps", "1", "--seed", "1",
+                 "--no-prompt-cache", "--prompt-syntax", "a1111", "--outdir", str(tmp_path)]) == 0
+    err = capsys.readouterr().err
+    assert "(a1111 syntax, 2 chunks of 77 tokens)" in err
+    assert (tmp_path / "seed_1_00000.png").exists()
+
+
 def test_skip_save_writes_nothing(tmp_path: Path) -> None:
     outdir = tmp_path / "o"
     assert main(["txt2img", "--model", "tiny", "--prompt", "x", "--steps", "1", "--outdir", str(outdir),
@@ -161,6 +170,7 @@ BAD_ARGS = [
     (["--model", "{sdxl}"], "SDXL"),
     (["--model", "{unknown}"], "could not recognise the model family"),
     (["--n_iter", "0"], "n_iter must be between 1"),
+    (["--prompt-syntax", "fancy"], "unknown prompt_syntax 'fancy'"),
     (["--sampler", "DDIM", "--steps", "1000"], "steps must be between 1 and 999 for DDIM"),
     (["--sampler", "LCM", "--steps", "51"], "steps must be between 1 and 50 for LCM"),
     (["--prompt", "a", "--from-file", "{empty_prompts}"], "not allowed with argument"),

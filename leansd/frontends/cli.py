@@ -97,6 +97,15 @@ def _add_prompt_args(command: argparse.ArgumentParser) -> None:
         "--nprompt", "--negative-prompt", "--negative_prompt", dest="negative_prompt", default="",
         help="what to avoid (negative prompt); default empty",
     )
+    prompt.add_argument(
+        "--prompt-syntax", "--prompt_syntax", dest="prompt_syntax", default="auto",
+        help="auto (default), a1111 ((word:1.2), [from:to:when], [a|b], AND, BREAK), "
+        "blocks (optimizedSD 'tabby cat:0.25 white duck:0.75'), plain (no parsing); see docs/PROMPTS.md",
+    )
+    prompt.add_argument(
+        "--no-prompt-cache", "--no_prompt_cache", dest="prompt_cache", action="store_false",
+        help="do not read or write the on-disk prompt-embedding cache (~/.cache/leansd/prompt-embeddings)",
+    )
 
 
 def _add_image_args(command: argparse.ArgumentParser, *, mask_required: bool) -> None:
@@ -290,6 +299,7 @@ def run_generate(args: argparse.Namespace) -> int:
                 n_iter=args.n_iter,
                 fixed_code=args.fixed_code,
                 tiling=args.tiling,
+                prompt_syntax=args.prompt_syntax,
                 **images,
                 **_hires_fields(args),
             ).validated()
@@ -304,7 +314,7 @@ def run_generate(args: argparse.Namespace) -> int:
     # 2. Load the model once.
     from leansd.engine.engine import Engine
 
-    engine = Engine.load(args.model, device=args.device, precision=args.precision)
+    engine = Engine.load(args.model, device=args.device, precision=args.precision, prompt_cache=args.prompt_cache)
     if random_seed_chosen:
         print(f"leansd: seed {seed} (random)", file=sys.stderr)
 
@@ -312,7 +322,12 @@ def run_generate(args: argparse.Namespace) -> int:
     show_bar = sys.stderr.isatty()
     for request in requests:
         result = engine.generate(request, progress_bar=show_bar)
-        print(f"prompt: {request.prompt!r}  seeds {result.seeds[0]}..{result.seeds[-1]}", file=sys.stderr)
+        chunks = result.info.get("prompt_chunks", 1)
+        print(
+            f"prompt: {request.prompt!r} ({result.info.get('prompt_syntax', 'plain')} syntax, "
+            f"{chunks} chunk{'s' if chunks != 1 else ''} of 77 tokens)  seeds {result.seeds[0]}..{result.seeds[-1]}",
+            file=sys.stderr,
+        )
         if writer is not None and not args.skip_save:
             for image, seed, info in zip(result.images, result.seeds, result.infotexts):
                 path = writer.save(image, seed=seed, infotext=info)

@@ -5,12 +5,13 @@ from __future__ import annotations
 import time
 from typing import TYPE_CHECKING, Callable
 
-from leansd.pipelines.steps import encode_conditioning, fit_init_image, img2img_latents, run_batches
+from leansd.pipelines.steps import encode_conditioning, fit_init_image, img2img_latents, loop_length, run_batches
 
 if TYPE_CHECKING:
     import torch
 
     from leansd.engine.engine import Engine
+    from leansd.pipelines.steps import PromptConditioning
     from leansd.request import GenerationRequest, GenerationResult, ProgressEvent
 
 
@@ -31,18 +32,19 @@ def img2img(
     pixels = image_to_tensor(init)  # (1, 3, H, W) in [-1, 1]
 
     # 2. Text conditioning.
-    cond, uncond = encode_conditioning(engine, request)
+    steps = loop_length(engine, request, steps=request.num_inference_steps, strength=request.strength)
+    text = encode_conditioning(engine, request, steps=steps)
     engine.synchronize()  # CUDA runs asynchronously: wait so the encode time is its own
     encoded = time.perf_counter()
 
     # 3. Per batch: encode, noise to the strength's start step, denoise the remaining steps.
     def sample_batch(seeds: list[int], on_step: Callable[[int, int], None]) -> "torch.Tensor":
         return img2img_latents(engine, request, seeds=seeds, pixels=pixels, strength=request.strength,
-                               steps=request.num_inference_steps, cond=cond, uncond=uncond, on_step=on_step)
+                               steps=request.num_inference_steps, text=text, on_step=on_step)
 
     # 4. Decode and package.
     return run_batches(
-        engine, request, width=width, height=height, sample_batch=sample_batch,
+        engine, request, width=width, height=height, sample_batch=sample_batch, text=text,
         extra_info={"Denoising strength": request.strength},
         progress=progress, progress_bar=progress_bar, started=started, encode_seconds=encoded - started,
     )

@@ -19,6 +19,7 @@ from leansd.pipelines.steps import (
     encode_conditioning,
     encode_pixels,
     fit_init_image,
+    loop_length,
     make_scheduler,
     noise_for,
     run_batches,
@@ -31,6 +32,7 @@ if TYPE_CHECKING:
     import torch
 
     from leansd.engine.engine import Engine
+    from leansd.pipelines.steps import PromptConditioning
     from leansd.request import GenerationRequest, GenerationResult, ProgressEvent
 
 
@@ -66,7 +68,8 @@ def inpaint(
     nine_channel = engine.bundle.is_inpainting
 
     # 2. Text conditioning.
-    cond, uncond = encode_conditioning(engine, request)
+    steps = loop_length(engine, request, steps=request.num_inference_steps, strength=request.strength)
+    text = encode_conditioning(engine, request, steps=steps)
     engine.synchronize()  # CUDA runs asynchronously: wait so the encode time is its own
     encoded = time.perf_counter()
 
@@ -109,7 +112,7 @@ def inpaint(
                 return (1 - latent_mask) * proper + latent_mask * current
 
         return run_denoise(engine, request, scheduler=scheduler, latents=latents, generators=generators,
-                           cond=cond, uncond=uncond, timesteps=timesteps, extra_channels=extra,
+                           text=text, timesteps=timesteps, extra_channels=extra,
                            after_step=after_step, on_step=on_step)
 
     # 4. Decode, composite onto the original outside the blurred mask, package.
@@ -125,7 +128,7 @@ def inpaint(
     if request.invert_mask:
         extra_info["Mask mode"] = "Inpaint not masked"
     return run_batches(
-        engine, request, width=width, height=height, sample_batch=sample_batch, finish=composite,
+        engine, request, width=width, height=height, sample_batch=sample_batch, text=text, finish=composite,
         extra_info=extra_info, progress=progress, progress_bar=progress_bar, started=started,
         encode_seconds=encoded - started,
     )

@@ -15,6 +15,7 @@ if TYPE_CHECKING:
     from PIL import Image
 
     from leansd.engine.engine import Engine
+    from leansd.prompts.conditioning import ConditioningPlan
     from leansd.request import GenerationRequest, GenerationResult, ProgressEvent
 
 logger = logging.getLogger(__name__)
@@ -42,24 +43,73 @@ def fit_init_image(engine: "Engine", request: "GenerationRequest") -> tuple["Ima
     return image, width, height
 
 
-def encode_conditioning(
-    engine: "Engine", request: "GenerationRequest"
-) -> tuple["torch.Tensor", "torch.Tensor | None"]:
-    """(cond, uncond) text embeddings, each (1, 77, D) in the engine's dtype; uncond None without CFG."""
-    from leansd.prompts.encode import encode_prompts
+class PromptConditioning:
+    """The request's prompts as per-step conditioning plans, one per distinct loop length.
+
+    A plan covers the loop steps of one sampling run (prompt editing counts them); runs of the
+    same length (every batch) share one plan, so each text is encoded once per request.
+    """
+
+    def __init__(self, engine: "Engine", request: "GenerationRequest") -> None:
+        self.engine = engine
+        self.request = request
+        self._plans: dict[int, "ConditioningPlan"] = {}
+
+    def plan(self, steps: int) -> "ConditioningPlan":
+        from leansd.prompts.conditioning import build_conditioning
+
+        if steps not in self._plans:
+            engine, request = self.engine, self.request
+            with engine.compute():
+                plan = build_conditioning(
+                    request.prompt,
+                    request.negative_prompt,
+                    steps=steps,
+                    syntax=request.prompt_syntax,
+                    tokenizer=engine.bundle.tokenizer,
+                    text_encoder=engine.placed_text_encoder,  # placed only if something must be encoded
+                    device=engine.device,
+                    cache=engine.prompt_cache,
+                    encoder_fingerprint=engine.text_encoder_fingerprint() if engine.prompt_cache else None,
+                )
+            self._plans[steps] = plan.to(device=engine.device, dtype=engine.dtype)
+            logger.info(
+                "prompt: %s syntax, %d chunk(s) of 77 tokens; cache %s",
+                plan.syntax, plan.chunks, plan.cache_stats if engine.prompt_cache else "off",
+            )
+        return self._plans[steps]
+
+    def summary(self) -> dict[str, object]:
+        """What the CLI reports: syntax, 77-token chunks used, prompt-cache hits/misses."""
+        plans = list(self._plans.values())
+        if not plans:
+            return {}
+        return {
+            "prompt_syntax": plans[0].syntax,
+            "prompt_chunks": max(p.chunks for p in plans),
+            "prompt_cache": str(plans[0].cache_stats) if self.engine.prompt_cache else "off",
+            "text_encoder_used": any(p.needs_text_encoder for p in plans),
+        }
+
+
+def encode_conditioning(engine: "Engine", request: "GenerationRequest", *, steps: int) -> PromptConditioning:
+    """Parse and encode the prompts for a first run of `steps` loop steps (later runs reuse them)."""
     from leansd.sampling.loop import uses_guidance
 
-    bundle = engine.bundle
-    guided = uses_guidance(request.guidance_scale, bundle.unet)
-    if request.negative_prompt and not guided:
+    if request.negative_prompt and not uses_guidance(request.guidance_scale, engine.bundle.unet):
         logger.warning("the negative prompt has no effect: guidance is off at CFG scale %g (<= 1)", request.guidance_scale)
-    texts = [request.prompt, request.negative_prompt] if guided else [request.prompt]
-    with engine.compute():
-        hidden = encode_prompts(
-            texts, tokenizer=bundle.tokenizer, text_encoder=bundle.text_encoder, device=engine.device
-        )
-    hidden = hidden.to(engine.dtype)
-    return hidden[:1], (hidden[1:2] if guided else None)
+    text = PromptConditioning(engine, request)
+    if steps > 0:
+        text.plan(steps)
+    return text
+
+
+def loop_length(engine: "Engine", request: "GenerationRequest", *, steps: int, strength: float = 1.0) -> int:
+    """How many loop steps (model evaluations) a run of `steps` sampler steps at `strength` makes."""
+    scheduler = make_scheduler(engine, request, seeds=[0], steps=steps)
+    if strength >= 1.0:
+        return len(scheduler.timesteps)
+    return len(strength_timesteps(scheduler, steps=steps, strength=strength))
 
 
 def make_scheduler(engine: "Engine", request: "GenerationRequest", *, seeds: list[int], steps: int) -> "SchedulerMixin":
@@ -123,8 +173,7 @@ def run_denoise(
     scheduler: "SchedulerMixin",
     latents: "torch.Tensor",
     generators: list["torch.Generator"],
-    cond: "torch.Tensor",
-    uncond: "torch.Tensor | None",
+    text: PromptConditioning,
     timesteps: "torch.Tensor | None" = None,
     extra_channels: "torch.Tensor | None" = None,
     after_step: Callable[[int, "torch.Tensor"], "torch.Tensor"] | None = None,
@@ -133,7 +182,6 @@ def run_denoise(
     """The sampling loop for one batch (its size is len(generators)); returns clean latents."""
     from leansd.sampling.loop import denoise
 
-    batch = len(generators)
     if extra_channels is None and engine.bundle.is_inpainting:
         extra_channels = whole_image_conditioning(engine, latents)
     with engine.compute():
@@ -141,8 +189,7 @@ def run_denoise(
             unet=engine.bundle.unet,
             scheduler=scheduler,
             latents=latents,
-            cond=cond.expand(batch, -1, -1),
-            uncond=None if uncond is None else uncond.expand(batch, -1, -1),
+            plan=text.plan(len(scheduler.timesteps if timesteps is None else timesteps)),
             guidance_scale=request.guidance_scale,
             generators=generators,
             eta=request.eta,
@@ -179,8 +226,7 @@ def img2img_latents(
     pixels: "torch.Tensor",
     strength: float,
     steps: int,
-    cond: "torch.Tensor",
-    uncond: "torch.Tensor | None",
+    text: PromptConditioning,
     on_step: Callable[[int, int], None] | None = None,
 ) -> "torch.Tensor":
     """img2img for one batch, as diffusers' img2img: encode (posterior sample), noise to the start step, denoise.
@@ -196,7 +242,7 @@ def img2img_latents(
     if strength >= 1.0:
         latents = noise_for(engine, generators, width=width, height=height) * scheduler.init_noise_sigma
         return run_denoise(engine, request, scheduler=scheduler, latents=latents, generators=generators,
-                           cond=cond, uncond=uncond, on_step=on_step)
+                           text=text, on_step=on_step)
     encoded = encode_pixels(engine, pixels, generators)
     timesteps = strength_timesteps(scheduler, steps=steps, strength=strength)
     if len(timesteps) == 0:
@@ -204,7 +250,7 @@ def img2img_latents(
     noise = noise_for(engine, generators, width=width, height=height)
     latents = scheduler.add_noise(encoded, noise, timesteps[:1].repeat(len(seeds)))
     return run_denoise(engine, request, scheduler=scheduler, latents=latents, generators=generators,
-                       cond=cond, uncond=uncond, timesteps=timesteps, on_step=on_step)
+                       text=text, timesteps=timesteps, on_step=on_step)
 
 
 def decode_latents(engine: "Engine", latents: "torch.Tensor") -> "np.ndarray":
@@ -266,6 +312,7 @@ def run_batches(
     width: int,
     height: int,
     sample_batch: Callable[[list[int], Callable[[int, int], None]], "torch.Tensor"],
+    text: PromptConditioning,
     finish: Callable[["np.ndarray"], "np.ndarray"] | None = None,
     extra_info: dict[str, object] | None = None,
     progress: Callable[["ProgressEvent"], None] | None = None,
@@ -322,4 +369,5 @@ def run_batches(
             "total": time.perf_counter() - started,
         },
         peak_memory_bytes=engine.peak_memory(),
+        info=text.summary(),
     )

@@ -9,6 +9,7 @@ from leansd.pipelines.steps import (
     decode_latents,
     encode_conditioning,
     img2img_latents,
+    loop_length,
     make_scheduler,
     noise_for,
     resolve_size,
@@ -22,6 +23,7 @@ if TYPE_CHECKING:
     import torch
 
     from leansd.engine.engine import Engine
+    from leansd.pipelines.steps import PromptConditioning
     from leansd.request import GenerationRequest, GenerationResult, ProgressEvent
 
 
@@ -42,7 +44,7 @@ def txt2img(
     hires_size = hires_target(request, width=width, height=height)
 
     # 2. Text conditioning, shared by every image of the request.
-    cond, uncond = encode_conditioning(engine, request)
+    text = encode_conditioning(engine, request, steps=loop_length(engine, request, steps=request.num_inference_steps))
     engine.synchronize()  # CUDA runs asynchronously: wait so the encode time is its own
     encoded = time.perf_counter()
 
@@ -52,16 +54,16 @@ def txt2img(
         scheduler = make_scheduler(engine, request, seeds=seeds, steps=request.num_inference_steps)
         latents = noise_for(engine, generators, width=width, height=height) * scheduler.init_noise_sigma
         latents = run_denoise(engine, request, scheduler=scheduler, latents=latents, generators=generators,
-                              cond=cond, uncond=uncond, on_step=on_step)
+                              text=text, on_step=on_step)
         if hires_size is not None:
-            latents = hires_pass(engine, request, latents, seeds=seeds, size=hires_size, cond=cond, uncond=uncond,
+            latents = hires_pass(engine, request, latents, seeds=seeds, size=hires_size, text=text,
                                  on_step=on_step)
         return latents
 
     # 4. Decode each batch and package images, seeds, metadata and timings.
     out_width, out_height = hires_size or (width, height)
     return run_batches(
-        engine, request, width=width, height=height, sample_batch=sample_batch,
+        engine, request, width=width, height=height, sample_batch=sample_batch, text=text,
         extra_info=hires_info(request, out_width, out_height) if hires_size else None,
         progress=progress, progress_bar=progress_bar, started=started, encode_seconds=encoded - started,
     )
@@ -103,8 +105,7 @@ def hires_pass(
     *,
     seeds: list[int],
     size: tuple[int, int],
-    cond: "torch.Tensor",
-    uncond: "torch.Tensor | None",
+    text: "PromptConditioning",
     on_step: Callable[[int, int], None],
 ) -> "torch.Tensor":
     """Second pass: upscale the first pass and run img2img on it at `hires_strength`.
@@ -134,8 +135,8 @@ def hires_pass(
         noise = noise_for(engine, generators, width=width, height=height)
         start = scheduler.add_noise(upscaled, noise, timesteps[:1].repeat(len(seeds)))
         return run_denoise(engine, request, scheduler=scheduler, latents=start, generators=generators,
-                           cond=cond, uncond=uncond, timesteps=timesteps, on_step=on_step)
+                           text=text, timesteps=timesteps, on_step=on_step)
     images = to_pil(decode_latents(engine, latents))
     pixels = torch.cat([image_to_tensor(im.resize((width, height), Image.LANCZOS)) for im in images])
     return img2img_latents(engine, request, seeds=seeds, pixels=pixels, strength=request.hires_strength,
-                           steps=steps, cond=cond, uncond=uncond, on_step=on_step)
+                           steps=steps, text=text, on_step=on_step)

@@ -9,6 +9,8 @@ if TYPE_CHECKING:
     import torch
     from diffusers import SchedulerMixin, UNet2DConditionModel
 
+    from leansd.prompts.conditioning import ConditioningPlan
+
 
 def step_kwargs(scheduler: "SchedulerMixin", *, eta: float, generators: list["torch.Generator"]) -> dict:
     """Extra `scheduler.step` arguments: eta (DDIM only) and the per-image generators (ancestral noise)."""
@@ -31,8 +33,7 @@ def denoise(
     unet: "UNet2DConditionModel",
     scheduler: "SchedulerMixin",
     latents: "torch.Tensor",
-    cond: "torch.Tensor",
-    uncond: "torch.Tensor | None",
+    plan: "ConditioningPlan",
     guidance_scale: float,
     generators: list["torch.Generator"],
     eta: float = 0.0,
@@ -44,31 +45,41 @@ def denoise(
     """Run the sampler from the starting latents to a clean latent.
 
     `latents` (B, 4, h, w) are the starting latents, already scaled for the scheduler (pure noise
-    times `init_noise_sigma` for txt2img, a noised image latent for img2img). `cond`/`uncond` are
-    (B, 77, D) text embeddings (`uncond` None disables guidance). The scheduler must already have
-    its timesteps set; `timesteps` (default: all of them) is the tail to run (img2img strength).
-    `extra_channels` (B, C', h, w) are concatenated to the UNet input after scaling (the mask and
-    masked-image latents of 9-channel inpainting models). `after_step(i, latents)` may replace the
-    latents after step i (legacy inpainting re-imposes the known region there).
+    times `init_noise_sigma` for txt2img, a noised image latent for img2img). `plan` gives the text
+    conditioning of every loop step (prompt editing, alternation, `AND` parts) and must cover
+    `len(timesteps)` steps. The scheduler must already have its timesteps set; `timesteps`
+    (default: all of them) is the tail to run (img2img strength). `extra_channels` (B, C', h, w)
+    are concatenated to the UNet input after scaling (the mask and masked-image latents of
+    9-channel inpainting models). `after_step(i, latents)` may replace the latents after step i
+    (legacy inpainting re-imposes the known region there).
     """
     import torch
+
+    from leansd.prompts.conditioning import combine_guidance
 
     extra = step_kwargs(scheduler, eta=eta, generators=generators)
     if timesteps is None:
         timesteps = scheduler.timesteps
-    context = cond if uncond is None else torch.cat([uncond, cond])  # (2B, 77, D): [uncond; cond]
-    if extra_channels is not None and uncond is not None:
-        extra_channels = torch.cat([extra_channels, extra_channels])  # (2B, C', h, w)
+    batch = latents.shape[0]
+    # The unconditional pass runs only when guidance changes the result, or for AND prompts.
+    guided = uses_guidance(guidance_scale, unet) or plan.is_composable
+    last = None
     for i, t in enumerate(timesteps):
-        model_input = latents if uncond is None else torch.cat([latents, latents])
+        step = plan.at(i)
+        if step is not last:  # steps that share a conditioning share one context tensor
+            last = step
+            context = step.context(batch, include_uncond=guided)  # (k*B, 77c, D): [uncond; cond_1; ...]
+            passes = context.shape[0] // batch
+            extra_in = None if extra_channels is None else torch.cat([extra_channels] * passes)  # (k*B, C', h, w)
+        model_input = torch.cat([latents] * passes) if passes > 1 else latents
         model_input = scheduler.scale_model_input(model_input, t)
-        if extra_channels is not None:
-            model_input = torch.cat([model_input, extra_channels], dim=1)  # (2B, 4 + C', h, w)
+        if extra_in is not None:
+            model_input = torch.cat([model_input, extra_in], dim=1)  # (k*B, 4 + C', h, w)
         noise_pred = unet(model_input, t, encoder_hidden_states=context, return_dict=False)[0]
-        if uncond is not None:
-            noise_uncond, noise_cond = noise_pred.chunk(2)
-            # Classifier-free guidance (Ho & Salimans 2022): eps_u + s * (eps_c - eps_u).
-            noise_pred = noise_uncond + guidance_scale * (noise_cond - noise_uncond)
+        if guided:
+            noise_uncond, *noise_conds = noise_pred.chunk(passes)
+            # Classifier-free guidance (Ho & Salimans 2022), summed over AND parts (Liu et al. 2022).
+            noise_pred = combine_guidance(noise_uncond, noise_conds, step.weights, guidance_scale)
         latents = scheduler.step(noise_pred, t, latents, **extra, return_dict=False)[0]
         if after_step is not None:
             latents = after_step(i, latents)

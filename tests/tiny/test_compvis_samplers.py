@@ -39,7 +39,8 @@ def schedule(engine: Engine):
 def compvis_run(engine: Engine, request: GenerationRequest, method: str) -> np.ndarray:
     request = request.validated()
     unet = engine.bundle.unet
-    cond, uncond = encode_conditioning(engine, request)
+    step = encode_conditioning(engine, request, steps=STEPS).plan(STEPS).at(0)
+    cond, uncond = step.conds[0], step.uncond
     generators = image_generators(request.image_seeds())
     x = initial_noise(generators, channels=4, height=8, width=8)
     timesteps, alphas, alphas_prev = schedule(engine)
