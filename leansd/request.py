@@ -224,6 +224,14 @@ class GenerationRequest:
         return [self.seed + k % self.seeds_used for k in range(self.num_images)]
 
 
+class SkipBatch(Exception):
+    """Raise from a progress callback to drop the current batch and go on with the next."""
+
+
+class StopGeneration(Exception):
+    """Raise from a progress callback to stop; the result holds the batches finished so far."""
+
+
 @dataclass
 class ProgressEvent:
     """One sampler step finished (`total_steps` counts model evaluations: 2N-1 for Heun/DPM2)."""

@@ -331,8 +331,12 @@ def run_batches(
 
     from leansd.request import GenerationResult, ProgressEvent
 
+    from leansd.request import SkipBatch, StopGeneration
+
     seeds = request.image_seeds()
     pixels = []
+    done_seeds: list[int] = []
+    interrupted = False
     sample_seconds = decode_seconds = 0.0
     for b in range(request.n_iter):
         batch_seeds = seeds[b * request.batch_size : (b + 1) * request.batch_size]
@@ -341,19 +345,30 @@ def run_batches(
             def on_step(step: int, total: int) -> None:
                 bar.total = total
                 bar.update(1)
-                if progress is not None:
+                if progress is not None:  # may raise SkipBatch / StopGeneration
                     progress(ProgressEvent(step=step, total_steps=total, batch_index=b, n_batches=request.n_iter))
 
             t0 = time.perf_counter()
-            latents = sample_batch(batch_seeds, on_step)
+            try:
+                latents = sample_batch(batch_seeds, on_step)
+            except SkipBatch:
+                continue
+            except StopGeneration:
+                interrupted = True
+                break
             engine.synchronize()  # CUDA runs asynchronously: wait before reading the clock
             t1 = time.perf_counter()
         decoded = decode_latents(engine, latents)
         pixels.append(decoded if finish is None else finish(decoded))
+        done_seeds += batch_seeds
         sample_seconds += t1 - t0
         decode_seconds += time.perf_counter() - t1
 
-    all_pixels = np.concatenate(pixels)
+    all_pixels = np.concatenate(pixels) if pixels else np.zeros((0, height, width, 3), np.float32)
+    seeds = done_seeds
+    info = text.summary()
+    if interrupted or len(seeds) < request.num_images:
+        info["interrupted"] = True
     return GenerationResult(
         images=to_pil(all_pixels),
         seeds=seeds,
@@ -369,5 +384,5 @@ def run_batches(
             "total": time.perf_counter() - started,
         },
         peak_memory_bytes=engine.peak_memory(),
-        info=text.summary(),
+        info=info,
     )

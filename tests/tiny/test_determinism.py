@@ -102,3 +102,29 @@ def test_default_size_is_the_models(engine: Engine) -> None:
     assert r.images[0].size == (engine.bundle.default_size, engine.bundle.default_size)
     r = engine.generate(base(width=96, height=64, num_inference_steps=1), progress_bar=False)
     assert r.images[0].size == (96, 64)
+
+
+def test_progress_callback_can_skip_and_stop(engine: Engine) -> None:
+    from leansd.request import SkipBatch, StopGeneration
+
+    events = []
+
+    def skip_second(event):
+        events.append((event.batch_index, event.step, event.total_steps))
+        if event.batch_index == 1:
+            raise SkipBatch
+
+    r = engine.generate(base(batch_size=1, n_iter=3), progress=skip_second, progress_bar=False)
+    assert r.seeds == [42, 44] and len(r.images) == 2 and r.info["interrupted"] is True
+    assert events[:3] == [(0, 1, 3), (0, 2, 3), (0, 3, 3)]
+    full = engine.generate(base(batch_size=1, n_iter=3), progress_bar=False)
+    np.testing.assert_array_equal(r.pixels[1], full.pixels[2])
+
+    def stop_in_second(event):
+        if event.batch_index == 1 and event.step == 2:
+            raise StopGeneration
+
+    r = engine.generate(base(batch_size=2, n_iter=3), progress=stop_in_second, progress_bar=False)
+    assert r.seeds == [42, 43] and r.pixels.shape == (2, 64, 64, 3)
+    r = engine.generate(base(), progress=lambda e: (_ for _ in ()).throw(StopGeneration()), progress_bar=False)
+    assert r.images == [] and r.seeds == [] and r.info["interrupted"] is True
