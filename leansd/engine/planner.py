@@ -1,0 +1,300 @@
+"""The memory planner: component sizes + request + budget in, placement out. Pure integer arithmetic.
+
+No torch here: every input is a plain integer, so the planner is unit-tested with tables.
+
+What it decides, in order of preference (cheapest first, see `_cost`):
+- placement: "resident" (text encoder, UNet and VAE stay on the device), "text-visits" (the text
+  encoder comes only to encode a prompt, a cache miss), "stages" (each model is on the device
+  only for its stage: text encoder -> UNet -> VAE), "stream" (the UNet's blocks are streamed
+  from host memory one by one, the next one prefetched while the current one computes);
+- the UNet's activations: cond/uncond in one batch or two, attention query chunk (None = full);
+- the VAE: whole, tiled (tile side in pixels), or on the CPU.
+Among the plans whose accounted peak fits the budget (minus a 10 % margin against estimate
+error, unless `prefer_speed`), it takes the cheapest; below the smallest possible peak it raises
+`InvalidRequestError` naming that minimum.
+
+Activation estimates (bytes; b = images per UNet call, d = bytes per element, N = h*w latent
+tokens, C = the UNet's first block width, heads = its attention heads there):
+- UNet feature maps ~ 20 * b * N * C * d: skip connections ~5.4 C N, the GEGLU feed-forward
+  ~12 C N and the residual stream ~3 C N at the top level dominate (lower levels are 4x smaller);
+- attention scores when they are materialised (no flash / memory-efficient SDPA):
+  2 * b * heads * q * N * d for a query chunk of q tokens (scores + softmax), q = N unchunked;
+- VAE decode/encode ~ 16 * C_vae * d per pixel of the tile (the full-resolution up block holds
+  the 2*C_vae upsampled input, its conv output and the resnet tensors) plus the mid-block's
+  single-head attention scores (tile tokens)^2 * d when materialised, plus the decoded image
+  (and, tiled, the decoded tiles kept for blending) at 3 channels.
+These are estimates to be calibrated against `torch.cuda.max_memory_allocated` (bench/memory.py).
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import dataclass, field
+
+from leansd.errors import InvalidRequestError
+
+MiB = 2**20
+GiB = 2**30
+
+PLACEMENTS = ("resident", "text-visits", "stages", "stream")
+POLICIES = ("auto", "medvram", "lowvram")
+"""auto: cheapest plan that fits. medvram (A1111's --medvram): each model on the device only for
+its stage, never all three at once. lowvram (A1111's --lowvram): the UNet always streamed block by
+block."""
+
+MARGIN = 0.10
+"""Share of the budget left unplanned against estimate error (not with prefer_speed / --turbo)."""
+VAE_TILES = (1024, 768, 512, 384, 256, 192, 128, 96, 64)
+"""Candidate VAE tile sides in pixels, largest (fewest seams, fastest) first."""
+ATTENTION_CHUNKS = (4096, 2048, 1024, 512, 256, 128, 64, 32, 16)
+"""Candidate attention query chunks in tokens, largest first."""
+TEXT_ACTIVATION_FACTOR = 8
+"""Text encoder activations ~ 8 * 77 tokens * hidden * d per pass (tiny next to its weights)."""
+
+
+@dataclass(frozen=True)
+class ModelSizes:
+    """Bytes of each part on the compute device at the compute dtype, and the shapes activations need."""
+
+    text_encoder: int
+    unet_blocks: tuple[int, ...]
+    """The streamable groups (each child of the UNet's down_blocks/up_blocks)."""
+    unet_rest: int
+    """The UNet outside those blocks (conv_in, time embedding, mid block, conv_out): one group."""
+    vae: int
+    unet_channels: int
+    unet_heads: int
+    vae_channels: int
+    text_hidden: int = 768
+    vae_scale: int = 8
+    dtype_bytes: int = 2
+
+    @property
+    def unet(self) -> int:
+        return self.unet_rest + sum(self.unet_blocks)
+
+    @property
+    def stream_weights(self) -> int:
+        """UNet bytes on the device while streaming: the rest, the running block and the prefetched one."""
+        largest = sorted(self.unet_blocks, reverse=True)[:2]
+        return self.unet_rest + sum(largest)
+
+
+@dataclass(frozen=True)
+class PlanRequest:
+    width: int
+    height: int
+    batch: int = 1
+    passes: int = 2
+    """UNet evaluations per image and step: 2 with classifier-free guidance, 1 without, more for AND."""
+    efficient_attention: bool = False
+    """Flash / memory-efficient SDPA runs here (CUDA, half precision): scores are never materialised."""
+    vae_on_cpu: bool = False
+    """--vae-on-cpu: the VAE always runs on the CPU."""
+
+
+@dataclass(frozen=True)
+class MemoryPlan:
+    budget: int | None
+    placement: str
+    cfg_batched: bool
+    attention_chunk: int | None
+    vae_tile: int | None
+    vae_on_cpu: bool
+    stage_peaks: dict[str, int] = field(default_factory=dict)
+    """Accounted peak bytes of each stage: text, unet, vae."""
+    activations: dict[str, int] = field(default_factory=dict)
+    """The activation estimate of each stage (included in stage_peaks)."""
+    minimum: int = 0
+    """The smallest accounted peak any plan reaches for this model and request."""
+    streamed_bytes_per_step: int = 0
+    """Bytes copied host -> device per UNet evaluation when streaming (0 otherwise)."""
+
+    @property
+    def peak(self) -> int:
+        return max(self.stage_peaks.values())
+
+    @property
+    def stream_unet(self) -> bool:
+        return self.placement == "stream"
+
+    def resident(self, component: str) -> bool:
+        """Whether `component` ("text", "unet", "vae") stays on the device between its stages."""
+        if component == "vae" and self.vae_on_cpu:
+            return False
+        return {
+            "resident": True,
+            "text-visits": component != "text",
+            "stages": False,
+            "stream": False,
+        }[self.placement]
+
+    def describe(self) -> str:
+        budget = "none" if self.budget is None else format_size(self.budget)
+        vae = "cpu" if self.vae_on_cpu else (f"tiled {self.vae_tile}px" if self.vae_tile else "whole")
+        attention = f"chunks of {self.attention_chunk} queries" if self.attention_chunk else "full"
+        stream = f" ({format_size(self.streamed_bytes_per_step)}/step streamed)" if self.stream_unet else ""
+        return (
+            f"memory plan: budget {budget}, peak {format_size(self.peak)} (minimum {format_size(self.minimum)}); "
+            f"placement {self.placement}{stream}; cond/uncond {'one batch' if self.cfg_batched else 'two batches'}; "
+            f"attention {attention}; VAE {vae}"
+        )
+
+
+def format_size(n: int) -> str:
+    """Bytes as the CLI spells them: 1.5G, 412M (rounded up, so a minimum stays a minimum)."""
+    if n >= GiB and n % (GiB // 4) == 0:
+        return f"{n / GiB:g}G"
+    return f"{math.ceil(n / MiB)}M"
+
+
+_SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]?)(?:i?b)?\s*$", re.IGNORECASE)
+
+
+def parse_size(text: str | int | None) -> int | str | None:
+    """"4G", "1500M", "750MiB", "2.5GB" -> bytes (binary units); "auto" -> "auto"; "none"/None -> None."""
+    if text is None:
+        return None
+    if isinstance(text, int) and not isinstance(text, bool):
+        if text <= 0:
+            raise InvalidRequestError(f"a memory size must be positive, got {text}")
+        return text
+    key = str(text).strip().lower()
+    if key == "auto":
+        return "auto"
+    if key in ("none", "off", ""):
+        return None
+    match = _SIZE.match(key)
+    if not match:
+        raise InvalidRequestError(f"unknown memory size {text!r}; use e.g. 4G, 1500M, 750M, auto or none")
+    value = float(match.group(1)) * 1024 ** "bkmgt".index(match.group(2) or "b")
+    if value < 1:
+        raise InvalidRequestError(f"a memory size must be positive, got {text!r}")
+    return int(value)
+
+
+def unet_activation(sizes: ModelSizes, request: PlanRequest, *, cfg_batched: bool, chunk: int | None) -> int:
+    d = sizes.dtype_bytes
+    n = (request.width // sizes.vae_scale) * (request.height // sizes.vae_scale)
+    b = request.batch * (request.passes if cfg_batched else 1)
+    features = 20 * b * n * sizes.unet_channels * d
+    if request.efficient_attention:
+        return features
+    q = n if chunk is None else min(chunk, n)
+    return features + 2 * b * sizes.unet_heads * q * n * d
+
+
+def vae_activation(sizes: ModelSizes, request: PlanRequest, *, tile: int | None) -> int:
+    d = sizes.dtype_bytes
+    width, height, b = request.width, request.height, request.batch
+    tw, th = (width, height) if tile is None else (min(tile, width), min(tile, height))
+    work = 16 * sizes.vae_channels * d * tw * th * b
+    tokens = (tw // sizes.vae_scale) * (th // sizes.vae_scale)
+    scores = 0 if request.efficient_attention else tokens * tokens * d * b
+    image = 3 * width * height * d * b * (2 if tile is None else 4)  # output (+ the overlapping tiles kept)
+    return work + scores + image
+
+
+def text_activation(sizes: ModelSizes, request: PlanRequest) -> int:
+    return TEXT_ACTIVATION_FACTOR * 77 * sizes.text_hidden * sizes.dtype_bytes * max(2, request.passes)
+
+
+def _stage_peaks(
+    sizes: ModelSizes, request: PlanRequest, placement: str, unet_act: int, vae_act: int, vae_cpu: bool
+) -> dict[str, int]:
+    te, unet, vae = sizes.text_encoder, sizes.unet, (0 if vae_cpu else sizes.vae)
+    te_act = text_activation(sizes, request)
+    vae_act = 0 if vae_cpu else vae_act
+    if placement == "resident":
+        base = te + unet + vae
+        return {"text": base + te_act, "unet": base + unet_act, "vae": base + vae_act}
+    if placement == "text-visits":
+        base = unet + vae
+        return {"text": base + te + te_act, "unet": base + unet_act, "vae": base + vae_act}
+    unet_weights = unet if placement == "stages" else sizes.stream_weights
+    return {"text": te + te_act, "unet": unet_weights + unet_act, "vae": vae + vae_act}
+
+
+def _cost(placement: str, cfg_batched: bool, passes: int, chunk: int | None, n: int, tiles: int, vae_cpu: bool) -> float:
+    """Rough relative time over an all-resident image (ranking only; bench/memory.py measures)."""
+    cost = {"resident": 0.0, "text-visits": 0.01, "stages": 0.05, "stream": 1.0}[placement]
+    if not cfg_batched and passes > 1:
+        cost += 0.15
+    if chunk is not None:
+        cost += 0.02 * math.log2(max(2, n / chunk))
+    if tiles > 1:
+        cost += 0.05 + 0.01 * tiles
+    if vae_cpu:
+        cost += 3.0
+    return cost
+
+
+def _tiles(request: PlanRequest, tile: int | None) -> int:
+    if tile is None:
+        return 1
+    step = tile * 3 // 4  # diffusers' tiling: 25 % overlap
+    return math.ceil(max(1, request.width - tile) / step + 1) * math.ceil(max(1, request.height - tile) / step + 1)
+
+
+def candidate_plans(sizes: ModelSizes, request: PlanRequest, budget: int | None, *, policy: str = "auto") -> list[tuple[float, MemoryPlan]]:
+    """Every plan the planner considers, with its cost."""
+    if policy not in POLICIES:
+        raise InvalidRequestError(f"unknown memory policy {policy!r}; valid: {', '.join(POLICIES)}")
+    placements = {"auto": PLACEMENTS, "medvram": ("stages", "stream"), "lowvram": ("stream",)}[policy]
+    n = (request.width // sizes.vae_scale) * (request.height // sizes.vae_scale)
+    chunks: list[int | None] = [None]
+    if not request.efficient_attention:
+        chunks += [c for c in ATTENTION_CHUNKS if c < n]
+    tiles: list[int | None] = [None] + [t for t in VAE_TILES if t < max(request.width, request.height)]
+    vae_modes = [(t, False) for t in tiles] if not request.vae_on_cpu else []
+    vae_modes.append((None, True))
+    batched = (True, False) if request.passes > 1 else (True,)
+    out = []
+    for placement in placements:
+        for cfg_batched in batched:
+            for chunk in chunks:
+                unet_act = unet_activation(sizes, request, cfg_batched=cfg_batched, chunk=chunk)
+                for tile, vae_cpu in vae_modes:
+                    vae_act = vae_activation(sizes, request, tile=tile)
+                    peaks = _stage_peaks(sizes, request, placement, unet_act, vae_act, vae_cpu)
+                    plan = MemoryPlan(
+                        budget=budget, placement=placement, cfg_batched=cfg_batched, attention_chunk=chunk,
+                        vae_tile=tile, vae_on_cpu=vae_cpu, stage_peaks=peaks,
+                        activations={"text": text_activation(sizes, request), "unet": unet_act,
+                                     "vae": 0 if vae_cpu else vae_act},
+                        streamed_bytes_per_step=sum(sizes.unet_blocks) if placement == "stream" else 0,
+                    )
+                    out.append((_cost(placement, cfg_batched, request.passes, chunk, n, _tiles(request, tile), vae_cpu), plan))
+    return out
+
+
+def plan_memory(
+    sizes: ModelSizes,
+    request: PlanRequest,
+    budget_bytes: int | None,
+    *,
+    prefer_speed: bool = False,
+    policy: str = "auto",
+) -> MemoryPlan:
+    """The cheapest plan whose accounted peak fits `budget_bytes` (None: no limit, all resident).
+
+    `prefer_speed` (--turbo) plans against the whole budget; otherwise 10 % stays unplanned.
+    Raises InvalidRequestError naming the minimum when nothing fits.
+    """
+    candidates = candidate_plans(sizes, request, budget_bytes, policy=policy)
+    minimum = min(plan.peak for _, plan in candidates)
+    if budget_bytes is None:
+        fitting = candidates
+    else:
+        usable = budget_bytes if prefer_speed else int(budget_bytes * (1 - MARGIN))
+        fitting = [(c, p) for c, p in candidates if p.peak <= usable]
+        if not fitting:
+            need = minimum if prefer_speed else math.ceil(minimum / (1 - MARGIN))
+            raise InvalidRequestError(
+                f"--vram {format_size(budget_bytes)} is below the minimum of {format_size(need)} for this model at "
+                f"{request.width}x{request.height} (batch {request.batch}); give at least {format_size(need)}, "
+                "a smaller image or batch, or --vram auto"
+            )
+    _, best = min(fitting, key=lambda cp: (cp[0], cp[1].peak))
+    return MemoryPlan(**{**best.__dict__, "minimum": minimum})
