@@ -69,7 +69,33 @@ def build_parser() -> argparse.ArgumentParser:
         if task == "txt2img":
             _add_hires_args(command)
         _add_output_args(command, outdir)
+    _add_serve_args(sub)
     return parser
+
+
+def _add_serve_args(sub: "argparse._SubParsersAction") -> None:
+    serve = sub.add_parser(
+        "serve", help="serve an AUTOMATIC1111-compatible HTTP API (/sdapi/v1)",
+        description="Serve an AUTOMATIC1111-compatible HTTP API (/sdapi/v1) on one model; see docs/API.md.",
+    )
+    _add_model_args(serve)
+    net = serve.add_argument_group("server")
+    net.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1, this machine only)")
+    net.add_argument("--port", type=_int, default=7860, help="port (default 7860)")
+    net.add_argument("--listen", action="store_true",
+                     help="bind 0.0.0.0 (all interfaces); refuses to start without --api-auth")
+    net.add_argument("--api-auth", "--api_auth", dest="api_auth", metavar="USER:PASS",
+                     help="require HTTP Basic credentials on every route (several: u1:p1,u2:p2)")
+    net.add_argument("--max-queue", "--max_queue", dest="max_queue", type=_int, default=32,
+                     help="jobs allowed to wait; beyond it requests get 503 with Retry-After (default 32)")
+    net.add_argument("--max-size", "--max_size", dest="max_size", type=_int, default=2048,
+                     help="largest width/height a request may ask for, hires pass included (default 2048)")
+    net.add_argument("--save-images", "--save_images", dest="save_images", action="store_true",
+                     help="also save every generated image under --outdir")
+    net.add_argument("--outdir", default="outputs", help="output folder for --save-images (default outputs)")
+    net.add_argument("--no-prompt-cache", "--no_prompt_cache", dest="prompt_cache", action="store_false",
+                     help="do not use the on-disk prompt-embedding cache")
+    net.add_argument("--verbose", "-v", action="store_true", help="log requests, model, device and timings")
 
 
 def _add_model_args(command: argparse.ArgumentParser) -> None:
@@ -187,6 +213,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         if args.command in TASKS:
             return run_generate(args)
+        if args.command == "serve":
+            return run_serve(args)
     except LeansdError as exc:
         print(f"leansd: error: {one_line(exc)}", file=sys.stderr)
         return EXIT_USAGE
@@ -343,6 +371,43 @@ def run_generate(args: argparse.Namespace) -> int:
             "n/a" if result.peak_memory_bytes is None else f"{result.peak_memory_bytes / 2**20:.0f} MiB",
         )
     return 0
+
+
+def run_serve(args: argparse.Namespace) -> int:
+    """`leansd serve`: check the flags, load the model, serve until SIGINT/SIGTERM."""
+    from leansd.errors import InvalidRequestError
+
+    # 1. Refuse unsafe or bad flags before the (slow) model load.
+    if not args.model:
+        raise InvalidRequestError("no model given: pass --model PATH|owner/name|tiny (or set LEANSD_MODEL)")
+    host = "0.0.0.0" if args.listen else args.host
+    loopback = host in ("127.0.0.1", "localhost", "::1") or host.startswith("127.")
+    if not loopback and not args.api_auth:
+        raise InvalidRequestError(
+            f"refusing to serve on {host} without authentication: add --api-auth USER:PASS (or bind 127.0.0.1)"
+        )
+    if not 0 < args.port < 65536:
+        raise InvalidRequestError(f"--port must be between 1 and 65535, got {args.port}")
+    if args.max_queue < 1:
+        raise InvalidRequestError(f"--max-queue must be at least 1, got {args.max_queue}")
+    from leansd.frontends.http import parse_credentials, serve
+
+    credentials = parse_credentials(args.api_auth) if args.api_auth else None
+    if args.save_images:
+        from leansd.outputs.writer import preflight_outdir
+
+        preflight_outdir(Path(args.outdir))
+
+    # 2. Load the model once, then serve.
+    from leansd.engine.engine import Engine
+
+    engine = Engine.load(args.model, device=args.device, precision=args.precision, prompt_cache=args.prompt_cache)
+    return serve(
+        engine, host=host, port=args.port, auth=credentials, max_queue=args.max_queue, max_size=args.max_size,
+        save_dir=Path(args.outdir) if args.save_images else None, log_level="info" if args.verbose else "warning",
+        on_ready=lambda url: print(f"leansd: serving {engine.bundle.name} on {url}/sdapi/v1 (Ctrl+C to stop)",
+                                   file=sys.stderr, flush=True),
+    )
 
 
 if __name__ == "__main__":
