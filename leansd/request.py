@@ -256,6 +256,10 @@ class GenerationResult:
     """Seconds per stage: encode, sample, decode, total."""
     peak_memory_bytes: int | None = None
     """Peak bytes allocated on the compute device (CUDA only), else None."""
+    memory_peak_bytes: int | None = None
+    """The engine's accounted peak on the compute device: weights it placed plus the planner's activation estimate."""
+    memory_plan: str | None = None
+    """The memory plan of the last stage, in one line (see leansd.engine.planner.MemoryPlan.describe)."""
     info: dict[str, Any] = field(default_factory=dict)
 
 

@@ -4,15 +4,17 @@ from __future__ import annotations
 
 import contextlib
 import logging
-from typing import TYPE_CHECKING, Callable, Iterator
+from typing import TYPE_CHECKING, Any, Callable, Iterator
 
 from leansd.engine.device import Precision, resolve_device, resolve_precision
+from leansd.engine.memory import MemoryMeter
 
 if TYPE_CHECKING:
     import torch
 
     from transformers import CLIPTextModel
 
+    from leansd.engine.planner import MemoryPlan, ModelSizes
     from leansd.models.bundle import ModelBundle
     from leansd.prompts.cache import PromptCache
     from leansd.request import GenerationRequest, GenerationResult, ProgressEvent
@@ -34,55 +36,300 @@ class Engine:
         device: str | None = "auto",
         precision: str = "auto",
         prompt_cache: "bool | PromptCache" = True,
+        vram: "str | int | None" = "auto",
+        memory_policy: str = "auto",
+        turbo: bool = False,
+        vae_on_cpu: bool = False,
+        virtual_device: bool = False,
     ) -> None:
         """`prompt_cache`: True for the on-disk embedding cache in the user cache folder, False for
-        none, or a `PromptCache` (e.g. another folder or size bound)."""
+        none, or a `PromptCache` (e.g. another folder or size bound).
+
+        Memory: `vram` is the device budget ("4G", "1500M", bytes, "auto" = CUDA free memory minus a
+        reserve, None = no limit); `memory_policy` "auto", "medvram" or "lowvram" (see
+        `leansd.engine.planner.POLICIES`); `turbo` plans against the whole budget; `vae_on_cpu` runs
+        the VAE on the CPU. On the CPU a budget applies only with `virtual_device=True`: everything
+        still runs in RAM, and `memory` accounts as if the CPU were the budgeted device (tests).
+        """
+        from leansd.engine.planner import POLICIES
+        from leansd.errors import InvalidRequestError
         from leansd.prompts.cache import PromptCache
 
         self.bundle = bundle
         self.device: "torch.device" = resolve_device(device)
         self.precision: Precision = resolve_precision(precision, self.device)
+        if memory_policy not in POLICIES:
+            raise InvalidRequestError(f"unknown memory policy {memory_policy!r}; valid: {', '.join(POLICIES)}")
+        self.memory_policy = memory_policy
+        self.turbo = turbo
+        self.vae_on_cpu = vae_on_cpu
+        self.virtual_device = virtual_device
+        self.budget: int | None = resolve_budget(vram, self.device, virtual=virtual_device)
+        self.memory = MemoryMeter(self.budget)
+        self.plan: "MemoryPlan | None" = None
+        self._sizes: "ModelSizes | None" = None
+        self._on_device: set[str] = set()
+        self._streaming = False
+        self._attention_chunk: int | None = None
+        self._default_processors: dict | None = None
+        self._vae_full_precision = False
+        self._passes = 2
         if self.precision.name == "fp16" and self.device.type == "cpu":
             logger.warning("fp16 on the CPU is emulated and very slow; bf16 or full is much faster here")
         self.prompt_cache: PromptCache | None = (
             PromptCache() if prompt_cache is True else (prompt_cache or None)
         )
         self._fingerprint: str | None = None
-        self._text_encoder_placed = False
         # The text encoder is placed only when a prompt is not in the cache (see placed_text_encoder).
-        for module in (bundle.unet, bundle.vae):
-            self._place(module)
+        if self.budget is None and memory_policy == "auto" and not vae_on_cpu:
+            for name in ("unet", "vae"):  # no budget: resident from the start, as always
+                self._bring(name)
+        else:  # components visit the device per stage: cast on the host now, move when planned
+            for name, module in self._components().items():
+                self._cast(module, self._dtype_of(name))
         logger.info(
-            "model %s (%s) on %s, precision %s",
+            "model %s (%s) on %s, precision %s, memory budget %s%s",
             bundle.name,
             bundle.family.label,
             self.device,
             self.precision.name,
+            "none" if self.budget is None else f"{self.budget >> 20} MiB",
+            " (virtual)" if virtual_device else "",
         )
 
     @classmethod
     def load(
-        cls, model: str, *, device: str | None = "auto", precision: str = "auto", prompt_cache: bool = True
+        cls,
+        model: str,
+        *,
+        device: str | None = "auto",
+        precision: str = "auto",
+        prompt_cache: bool = True,
+        **memory: Any,
     ) -> "Engine":
-        """Load a .safetensors/.ckpt file, a diffusers folder, a hub id, or "tiny" (random test model)."""
+        """Load a .safetensors/.ckpt file, a diffusers folder, a hub id, or "tiny" (random test model).
+
+        `memory`: vram, memory_policy, turbo, vae_on_cpu, virtual_device (see `Engine`).
+        """
         from leansd.models.loader import load_model
 
-        # Validate device/precision before the (slow) load so a typo fails at once.
-        resolve_precision(precision, resolve_device(device))
-        return cls(load_model(model), device=device, precision=precision, prompt_cache=prompt_cache)
+        # Validate device/precision/budget before the (slow) load so a typo fails at once.
+        resolved = resolve_device(device)
+        resolve_precision(precision, resolved)
+        resolve_budget(memory.get("vram", "auto"), resolved, virtual=memory.get("virtual_device", False), probe=False)
+        return cls(load_model(model), device=device, precision=precision, prompt_cache=prompt_cache, **memory)
 
-    def _place(self, module: "torch.nn.Module") -> None:
-        if module.dtype == self.precision.weight_dtype:
-            module.to(self.device)  # no dtype argument: avoids diffusers' cast warning
+    # -- placement -------------------------------------------------------------------------------
+
+    def _components(self) -> dict[str, "torch.nn.Module"]:
+        return {"text": self.bundle.text_encoder, "unet": self.bundle.unet, "vae": self.bundle.vae}
+
+    def _dtype_of(self, name: str) -> "torch.dtype":
+        import torch
+
+        if name == "vae" and (self._vae_full_precision or self.vae_on_cpu):
+            return torch.float32
+        return self.precision.weight_dtype
+
+    @staticmethod
+    def _cast(module: "torch.nn.Module", dtype: "torch.dtype", device: "torch.device | None" = None) -> None:
+        if module.dtype == dtype:
+            if device is not None:
+                module.to(device)  # no dtype argument: avoids diffusers' cast warning
         else:
-            module.to(device=self.device, dtype=self.precision.weight_dtype)
+            module.to(device=device, dtype=dtype)
+
+    def _bring(self, name: str, plan: "MemoryPlan | None" = None) -> None:
+        """Put component `name` where `plan` runs it, and account for its bytes on the device."""
+        import torch
+
+        from leansd.engine.memory import module_bytes
+
+        module = self._components()[name]
+        if name == "vae" and plan is not None and plan.vae_on_cpu:
+            self._evict("vae")
+            self._cast(module, torch.float32, torch.device("cpu"))
+            return
+        if name == "unet" and plan is not None and plan.stream_unet:
+            if not self._streaming:
+                self._start_streaming()
+            self.memory.place("unet", self.sizes.stream_weights)
+            self._on_device.add("unet")
+            return
+        if name == "unet" and self._streaming:
+            self._stop_streaming()
+        self._cast(module, self._dtype_of(name), self.device)
+        self.memory.place(name, module_bytes(module))
+        self._on_device.add(name)
+
+    def _evict(self, name: str) -> None:
+        """Move component `name` back to host memory (a no-op move on the CPU) and stop counting it."""
+        import torch
+
+        if name == "unet" and self._streaming:
+            self._stop_streaming()
+        elif name in self._on_device and self.device.type != "cpu":
+            self._components()[name].to(torch.device("cpu"))
+        self._on_device.discard(name)
+        self.memory.release(name)
+
+    def _start_streaming(self) -> None:
+        """Stream the UNet block by block with diffusers' group offloading (side stream on CUDA)."""
+        import torch
+        from diffusers.hooks import apply_group_offloading
+
+        unet = self.bundle.unet
+        self._cast(unet, self.precision.weight_dtype, torch.device("cpu"))
+        # On CUDA the copies run on a side stream from pinned memory and prefetch the next block;
+        # diffusers' hook makes the compute stream wait for each block's copy before it runs.
+        apply_group_offloading(
+            unet, onload_device=self.device, offload_device=torch.device("cpu"), offload_type="block_level",
+            num_blocks_per_group=1, use_stream=self.device.type == "cuda",
+        )
+        self._streaming = True
+
+    def _stop_streaming(self) -> None:
+        import torch
+        from diffusers.hooks import HookRegistry
+
+        registry = HookRegistry.check_if_exists_or_initialize(self.bundle.unet)
+        for hook in ("group_offloading", "layer_execution_tracker", "lazy_prefetch_group_offloading"):
+            registry.remove_hook(hook, recurse=True)
+        self.bundle.unet.to(torch.device("cpu"))
+        self._streaming = False
+
+    def _enter_stage(self, name: str, plan: "MemoryPlan") -> None:
+        """Stage `name` ("text", "unet", "vae") starts: evict what the plan does not keep, bring `name`."""
+        for other in list(self._on_device):
+            if other != name and not plan.resident(other):
+                self._evict(other)
+        self._bring(name, plan)
+        activation = plan.activations.get(name, 0)
+        if self.budget is not None:  # a plan made for another request may have left too much behind
+            for other in list(self._on_device):
+                if other != name and self.memory.current + activation > self.budget:
+                    self._evict(other)
+        self.memory.enter_stage(name, activation)
+
+    @property
+    def sizes(self) -> "ModelSizes":
+        """The planner's view of the model at the compute dtype."""
+        from leansd.engine.memory import model_sizes
+
+        if self._sizes is None:
+            dtype_bytes = self.precision.weight_dtype.itemsize
+            self._sizes = model_sizes(
+                self.bundle, dtype_bytes=dtype_bytes, vae_dtype_bytes=self._dtype_of("vae").itemsize
+            )
+        return self._sizes
+
+    def plan_for(self, *, width: int, height: int, batch: int = 1, passes: int = 2) -> "MemoryPlan":
+        """The memory plan for a UNet/VAE run at this size; logged when it changes."""
+        import torch
+
+        from leansd.engine.planner import PlanRequest, plan_memory
+
+        efficient = self.device.type == "cuda" and self.precision.weight_dtype in (torch.float16, torch.bfloat16)
+        request = PlanRequest(width=width, height=height, batch=batch, passes=passes,
+                              efficient_attention=efficient, vae_on_cpu=self.vae_on_cpu)
+        plan = plan_memory(self.sizes, request, self.budget, prefer_speed=self.turbo, policy=self.memory_policy)
+        if plan != self.plan:
+            logger.info("%s", plan.describe())
+        self.plan = plan
+        return plan
 
     def placed_text_encoder(self) -> "CLIPTextModel":
         """The text encoder on the compute device, moved there on first use (a cache miss)."""
-        if not self._text_encoder_placed:
-            self._place(self.bundle.text_encoder)
-            self._text_encoder_placed = True
+        size = self.bundle.default_size
+        plan = self.plan or self.plan_for(width=size, height=size)
+        self._enter_stage("text", plan)
         return self.bundle.text_encoder
+
+    @contextlib.contextmanager
+    def unet_stage(self, *, width: int, height: int, batch: int, passes: int) -> Iterator[Any]:
+        """The UNet placed, attention set and CFG batching chosen per plan; yields what to call."""
+        from leansd.engine.attention import ChunkedAttnProcessor
+        from leansd.engine.memory import SplitBatchUNet
+
+        self._passes = passes
+        plan = self.plan_for(width=width, height=height, batch=batch, passes=passes)
+        self._enter_stage("unet", plan)
+        unet = self.bundle.unet
+        if plan.attention_chunk != self._attention_chunk:
+            if self._default_processors is None:
+                self._default_processors = dict(unet.attn_processors)
+            if plan.attention_chunk is None:
+                unet.set_attn_processor(dict(self._default_processors))
+            else:
+                unet.set_attn_processor(ChunkedAttnProcessor(plan.attention_chunk))
+            self._attention_chunk = plan.attention_chunk
+        yield unet if plan.cfg_batched or passes == 1 else SplitBatchUNet(unet, batch)
+
+    @contextlib.contextmanager
+    def vae_stage(self, *, width: int, height: int, batch: int) -> Iterator[tuple["torch.device", "torch.dtype"]]:
+        """The VAE placed (or on the CPU) and tiled per plan; yields the device and dtype to run it at."""
+        import torch
+
+        from leansd.engine.vae import vae_tiling
+
+        plan = self.plan_for(width=width, height=height, batch=batch, passes=self._passes)
+        self._enter_stage("vae", plan)
+        device = torch.device("cpu") if plan.vae_on_cpu else self.device
+        with vae_tiling(self.bundle.vae, plan.vae_tile, scale=self.bundle.vae_scale_factor):
+            yield device, self._dtype_of("vae")
+
+    def vae_decode(self, latents: "torch.Tensor") -> "torch.Tensor":
+        """Scaled latents (B, 4, h, w) -> images (B, 3, H, W) in [-1, 1], float32.
+
+        fp16 safety: a decode with NaN/inf in half precision is redone in fp32 (logged once), and
+        the VAE stays in fp32 for the rest of this engine's life.
+        """
+        import torch
+
+        from leansd.engine.vae import is_finite
+
+        vae = self.bundle.vae
+        batch, _, h, w = latents.shape
+        factor = self.bundle.vae_scale_factor
+        with self.vae_stage(width=w * factor, height=h * factor, batch=batch) as (device, dtype):
+            z = latents.to(device=device, dtype=dtype) / vae.config.scaling_factor
+            with self._vae_compute(device):
+                image = vae.decode(z, return_dict=False)[0]
+            half = dtype != torch.float32 or (self.precision.autocast_dtype is not None and device == self.device)
+            if half and not is_finite(image):
+                logger.warning(
+                    "the VAE produced NaN/inf in %s; decoding again in fp32 (kept for this session)",
+                    self.precision.name,
+                )
+                self._vae_full_precision = True
+                self._sizes = None
+                self._cast(vae, torch.float32, device)
+                if device == self.device and "vae" in self._on_device:
+                    from leansd.engine.memory import module_bytes
+
+                    self.memory.place("vae", module_bytes(vae))
+                with torch.inference_mode(), torch.autocast(device.type, enabled=False):
+                    image = vae.decode(z.float(), return_dict=False)[0]
+        return image.float()
+
+    def vae_encode(self, pixels: "torch.Tensor") -> Any:
+        """Images (B, 3, H, W) in [-1, 1] -> the VAE's latent distribution (on the VAE's device)."""
+        vae = self.bundle.vae
+        batch, _, height, width = pixels.shape
+        with self.vae_stage(width=width, height=height, batch=batch) as (device, dtype):
+            with self._vae_compute(device):
+                return vae.encode(pixels.to(device=device, dtype=dtype)).latent_dist
+
+    @contextlib.contextmanager
+    def _vae_compute(self, device: "torch.device") -> Iterator[None]:
+        import torch
+
+        if device == self.device and not self._vae_full_precision:
+            with self.compute():
+                yield
+        else:  # on the CPU (--vae-on-cpu) or after the fp16 fallback: plain fp32
+            with torch.inference_mode(), torch.autocast(device.type, enabled=False):
+                yield
 
     def text_encoder_fingerprint(self) -> str:
         """Identity of the text encoder's output for the prompt cache: its weights and our dtype."""
@@ -119,6 +366,7 @@ class Engine:
     def reset_peak_memory(self) -> None:
         import torch
 
+        self.memory.reset_peak()
         if self.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(self.device)
 
@@ -129,6 +377,13 @@ class Engine:
         if self.device.type == "cuda":
             return int(torch.cuda.max_memory_allocated(self.device))
         return None
+
+    def memory_summary(self) -> dict[str, object]:
+        """What a result reports about memory: the accounted peak and the plan."""
+        return {
+            "memory_peak_bytes": self.memory.peak,
+            "memory_plan": None if self.plan is None else self.plan.describe(),
+        }
 
     def generate(
         self,
@@ -141,3 +396,32 @@ class Engine:
         from leansd.pipelines import generate
 
         return generate(self, request, progress=progress, progress_bar=progress_bar)
+
+
+AUTO_RESERVE = 512 * 2**20
+"""--vram auto on CUDA: free memory minus this (CUDA context growth, allocator fragmentation)."""
+
+
+def resolve_budget(vram: "str | int | None", device: "torch.device", *, virtual: bool = False,
+                   probe: bool = True) -> int | None:
+    """The device budget in bytes, or None for no limit.
+
+    "auto": on CUDA the free memory minus `AUTO_RESERVE`; elsewhere no limit. A size on the CPU
+    counts only with `virtual` (the CPU then stands in for the budgeted device); else it is ignored
+    with a warning, since the CPU simply runs in RAM.
+    """
+    import torch
+
+    from leansd.engine.planner import parse_size
+
+    size = parse_size(vram)
+    if size == "auto":
+        if device.type == "cuda" and probe:
+            free, _ = torch.cuda.mem_get_info(device)
+            return max(0, free - AUTO_RESERVE)
+        return None
+    if size is not None and device.type != "cuda" and not virtual:
+        if probe:
+            logger.warning("--vram applies to a CUDA device; on %s the engine simply runs in RAM", device.type)
+        return None
+    return size  # type: ignore[return-value]

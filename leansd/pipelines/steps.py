@@ -155,15 +155,15 @@ def encode_pixels(engine: "Engine", pixels: "torch.Tensor", generators: list["to
     from diffusers.utils.torch_utils import randn_tensor
 
     vae = engine.bundle.vae
+    posterior = engine.vae_encode(pixels)  # placed, tiled or on the CPU as the memory plan says
     with engine.compute():
-        posterior = vae.encode(pixels.to(device=engine.device, dtype=engine.dtype)).latent_dist
         rows = []
         for i, g in enumerate(generators):
             mean = posterior.mean[i : i + 1] if posterior.mean.shape[0] > 1 else posterior.mean
             std = posterior.std[i : i + 1] if posterior.std.shape[0] > 1 else posterior.std
             # Same draw as DiagonalGaussianDistribution.sample(generator=g) on this image alone.
             rows.append(mean + std * randn_tensor(mean.shape, generator=g, device=mean.device, dtype=mean.dtype))
-    return torch.cat(rows).to(engine.dtype) * vae.config.scaling_factor
+    return torch.cat(rows).to(device=engine.device, dtype=engine.dtype) * vae.config.scaling_factor
 
 
 def run_denoise(
@@ -180,16 +180,20 @@ def run_denoise(
     on_step: Callable[[int, int], None] | None = None,
 ) -> "torch.Tensor":
     """The sampling loop for one batch (its size is len(generators)); returns clean latents."""
-    from leansd.sampling.loop import denoise
+    from leansd.sampling.loop import denoise, uses_guidance
 
     if extra_channels is None and engine.bundle.is_inpainting:
         extra_channels = whole_image_conditioning(engine, latents)
-    with engine.compute():
+    plan = text.plan(len(scheduler.timesteps if timesteps is None else timesteps))
+    passes = 2 if uses_guidance(request.guidance_scale, engine.bundle.unet) or plan.is_composable else 1
+    factor = engine.bundle.vae_scale_factor
+    batch, _, h, w = latents.shape
+    with engine.unet_stage(width=w * factor, height=h * factor, batch=batch, passes=passes) as unet, engine.compute():
         return denoise(
-            unet=engine.bundle.unet,
+            unet=unet,
             scheduler=scheduler,
             latents=latents,
-            plan=text.plan(len(scheduler.timesteps if timesteps is None else timesteps)),
+            plan=plan,
             guidance_scale=request.guidance_scale,
             generators=generators,
             eta=request.eta,
@@ -212,8 +216,7 @@ def whole_image_conditioning(engine: "Engine", latents: "torch.Tensor") -> "torc
     factor = engine.bundle.vae_scale_factor
     vae = engine.bundle.vae
     grey = torch.zeros((1, 3, h * factor, w * factor), device=engine.device, dtype=engine.dtype)
-    with engine.compute():
-        masked = vae.encode(grey).latent_dist.mode() * vae.config.scaling_factor
+    masked = engine.vae_encode(grey).mode().to(device=engine.device) * vae.config.scaling_factor
     mask = torch.ones((1, 1, h, w), device=engine.device, dtype=engine.dtype)
     return torch.cat([mask, masked.to(engine.dtype)], dim=1).expand(batch, -1, -1, -1)
 
@@ -255,9 +258,7 @@ def img2img_latents(
 
 def decode_latents(engine: "Engine", latents: "torch.Tensor") -> "np.ndarray":
     """VAE decode to float32 RGB in [0, 1], (B, H, W, 3) on the CPU."""
-    vae = engine.bundle.vae
-    with engine.compute():
-        image = vae.decode(latents.to(engine.dtype) / vae.config.scaling_factor, return_dict=False)[0]
+    image = engine.vae_decode(latents)  # placed, tiled or on the CPU per plan; fp16 NaN guard
     image = (image.float() / 2 + 0.5).clamp(0, 1)  # (B, 3, H, W) from [-1, 1] to [0, 1]
     return image.permute(0, 2, 3, 1).cpu().numpy()  # (B, H, W, 3)
 
@@ -384,5 +385,6 @@ def run_batches(
             "total": time.perf_counter() - started,
         },
         peak_memory_bytes=engine.peak_memory(),
+        **engine.memory_summary(),
         info=info,
     )

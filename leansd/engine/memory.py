@@ -1,0 +1,127 @@
+"""Accounting of what the engine placed on the compute device, and the model sizes the planner needs."""
+
+from __future__ import annotations
+
+import logging
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    import torch
+
+    from leansd.engine.planner import ModelSizes
+    from leansd.models.bundle import ModelBundle
+
+logger = logging.getLogger(__name__)
+
+
+class MemoryMeter:
+    """Bytes placed on the compute device by our placement operations, plus the planner's activation
+    estimate of the running stage; and the peak of their sum.
+
+    On a CUDA device this is the engine's own view (`torch.cuda.max_memory_allocated` is the
+    measured truth); on the CPU with a virtual budget it is the only view, and the tests hold it
+    to the budget.
+    """
+
+    def __init__(self, budget: int | None = None) -> None:
+        self.budget = budget
+        self.placed: dict[str, int] = {}
+        self.activation = 0
+        self.stage = ""
+        self.peak = 0
+
+    @property
+    def current(self) -> int:
+        return sum(self.placed.values()) + self.activation
+
+    def place(self, name: str, nbytes: int) -> None:
+        self.placed[name] = nbytes
+        self._update()
+
+    def release(self, name: str) -> None:
+        self.placed.pop(name, None)
+
+    def enter_stage(self, stage: str, activation: int) -> None:
+        self.stage, self.activation = stage, activation
+        self._update()
+
+    def reset_peak(self) -> None:
+        self.peak = self.current
+
+    def _update(self) -> None:
+        if self.current > self.peak:
+            self.peak = self.current
+        if self.budget is not None and self.current > self.budget:
+            logger.warning(
+                "accounted device memory %d MiB exceeds the budget of %d MiB in stage %s",
+                self.current >> 20, self.budget >> 20, self.stage,
+            )
+
+
+def module_bytes(module: "torch.nn.Module", dtype_bytes: int | None = None) -> int:
+    """Bytes of parameters and buffers; at `dtype_bytes` per floating element if given, else as stored."""
+    total = 0
+    for t in list(module.parameters()) + list(module.buffers()):
+        size = dtype_bytes if dtype_bytes is not None and t.is_floating_point() else t.element_size()
+        total += t.numel() * size
+    return total
+
+
+def model_sizes(bundle: "ModelBundle", *, dtype_bytes: int, vae_dtype_bytes: int | None = None) -> "ModelSizes":
+    """The planner's view of a bundle: sizes at the compute dtype, block split as group offloading makes it."""
+    import torch
+
+    from leansd.engine.planner import ModelSizes
+
+    unet = bundle.unet
+    blocks = []
+    rest = 0
+    for _, child in unet.named_children():
+        if isinstance(child, (torch.nn.ModuleList, torch.nn.Sequential)):
+            blocks += [module_bytes(block, dtype_bytes) for block in child]
+        else:
+            rest += module_bytes(child, dtype_bytes)
+    rest += sum(p.numel() * dtype_bytes for p in unet.parameters(recurse=False))
+    head_dim = unet.config.attention_head_dim
+    head_dim = head_dim[0] if isinstance(head_dim, (list, tuple)) else head_dim
+    channels = int(unet.config.block_out_channels[0])
+    # diffusers' SD1 UNet reads attention_head_dim as the number of heads (a historical misnomer).
+    heads = int(head_dim) if unet.config.num_attention_heads is None else int(
+        unet.config.num_attention_heads if isinstance(unet.config.num_attention_heads, int)
+        else unet.config.num_attention_heads[0])
+    return ModelSizes(
+        text_encoder=module_bytes(bundle.text_encoder, dtype_bytes),
+        unet_blocks=tuple(blocks),
+        unet_rest=rest,
+        vae=module_bytes(bundle.vae, vae_dtype_bytes or dtype_bytes),
+        unet_channels=channels,
+        unet_heads=heads,
+        vae_channels=int(bundle.vae.config.block_out_channels[0]),
+        text_hidden=int(bundle.text_encoder.config.hidden_size),
+        vae_scale=bundle.vae_scale_factor,
+        dtype_bytes=dtype_bytes,
+    )
+
+
+class SplitBatchUNet:
+    """The UNet called one pass at a time: cond/uncond (and AND parts) as separate batches.
+
+    Same outputs as one batched call (every op is per sample); the planner uses it to halve the
+    UNet's activations. `batch` is the images per pass.
+    """
+
+    def __init__(self, unet: Any, batch: int) -> None:
+        self.unet = unet
+        self.batch = batch
+        self.config = unet.config
+
+    def __call__(self, sample: "torch.Tensor", timestep: Any, *, encoder_hidden_states: "torch.Tensor",
+                 return_dict: bool = False, **kwargs: Any) -> tuple["torch.Tensor"]:
+        import torch
+
+        outs = [
+            self.unet(sample[i : i + self.batch], timestep, encoder_hidden_states=encoder_hidden_states[i : i + self.batch],
+                      return_dict=False, **kwargs)[0]
+            for i in range(0, sample.shape[0], self.batch)
+        ]
+        return (torch.cat(outs),)  # (k*B, 4, h, w)
