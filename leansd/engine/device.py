@@ -58,6 +58,24 @@ class Precision:
     """If set, run the models under torch.autocast with this dtype."""
 
 
+FP16_UNSAFE_GPUS = ("GTX 16", "MX450", "MX550")
+"""GPU names (substrings) known for black/green images in fp16 (Turing without tensor cores)."""
+
+
+def fp16_unsafe_gpu(device: "torch.device", name: str | None = None) -> bool:
+    """Whether `device` is a GPU that makes NaN/black images in half precision: default to full there."""
+    import torch
+
+    if device.type != "cuda":
+        return False
+    if name is None:
+        name = torch.cuda.get_device_name(device)
+    if any(bad in name.upper() for bad in FP16_UNSAFE_GPUS):
+        logger.warning("%s is known to produce black/green images in fp16: using full precision", name)
+        return True
+    return False
+
+
 def resolve_precision(name: str, device: "torch.device") -> Precision:
     """Map a user precision to dtypes. Defaults: fp32 on CPU (fp16 is emulated there), fp16 on GPUs."""
     import torch
@@ -66,7 +84,7 @@ def resolve_precision(name: str, device: "torch.device") -> Precision:
     if key not in PRECISIONS:
         raise InvalidRequestError(f"unknown precision {name!r}; valid: {', '.join(PRECISIONS)}")
     if key == "auto":
-        key = "full" if device.type == "cpu" else "fp16"
+        key = "full" if device.type == "cpu" or fp16_unsafe_gpu(device) else "fp16"
     if key == "full":
         return Precision("full", torch.float32, None)
     if key == "fp16":
