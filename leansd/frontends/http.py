@@ -837,6 +837,7 @@ def serve(
     On the signal the queue closes at once (waiting jobs answer 503 "shutting down"), the running
     job may finish for `shutdown_timeout` seconds and is then cancelled, and the process exits.
     """
+    import signal
     import threading
 
     import uvicorn
@@ -862,8 +863,26 @@ def serve(
     server = _Server(config)
     if on_ready is not None:
         on_ready(f"http://{'[' + host + ']' if ':' in host else host}:{port}")
+    # uvicorn handles SIGINT/SIGTERM itself, then re-raises the signal once it has shut down; our
+    # handlers turn that re-raise into a normal return, so a graceful stop exits with status 0.
+    previous = {}
+    if threading.current_thread() is threading.main_thread():
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            previous[sig] = signal.signal(sig, _raise_stopped)
     try:
         server.run()
+    except _Stopped:
+        pass
     finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
         queue.shutdown(shutdown_timeout)
     return 0 if server.started else 1
+
+
+class _Stopped(Exception):
+    """A stop signal arrived after uvicorn's graceful shutdown."""
+
+
+def _raise_stopped(signum: int, frame: Any) -> None:
+    raise _Stopped(signum)
