@@ -109,6 +109,39 @@ def _add_model_args(command: argparse.ArgumentParser) -> None:
     model.add_argument(
         "--precision", default="auto", help="auto (default: full on CPU, fp16 on GPU), full, autocast, fp16, bf16"
     )
+    memory = model  # the memory flags, see README "Memory"
+    memory.add_argument(
+        "--vram", default="auto", type=_vram, metavar="SIZE",
+        help="GPU memory budget the engine never exceeds, e.g. 4G, 1500M; 'auto' (default): free CUDA memory "
+        "minus 512M; 'none': no limit. Ignored on the CPU",
+    )
+    preset = command.add_mutually_exclusive_group()
+    preset.add_argument("--medvram", action="store_true",
+                        help="each model on the GPU only for its stage (text encoder -> UNet -> VAE), as A1111")
+    preset.add_argument("--lowvram", action="store_true",
+                        help="also stream the UNet block by block from host memory: lowest peak, slower")
+    memory.add_argument("--turbo", action="store_true",
+                        help="prefer speed within the budget: plan against all of it (no 10%% safety margin)")
+    memory.add_argument("--vae-on-cpu", "--vae_on_cpu", dest="vae_on_cpu", action="store_true",
+                        help="decode/encode with the VAE on the CPU in fp32 (slow; frees its GPU memory)")
+
+
+def _vram(text: str) -> str:
+    """--vram: validated here so a typo fails before the model loads; the Engine resolves it."""
+    from leansd.engine.planner import parse_size
+    from leansd.errors import InvalidRequestError
+
+    try:
+        parse_size(text)
+    except InvalidRequestError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+    return text
+
+
+def _memory_options(args: argparse.Namespace) -> dict[str, object]:
+    """Engine.load keyword arguments from the memory flags of _add_model_args."""
+    policy = "lowvram" if args.lowvram else "medvram" if args.medvram else "auto"
+    return {"vram": args.vram, "memory_policy": policy, "turbo": args.turbo, "vae_on_cpu": args.vae_on_cpu}
 
 
 def _add_prompt_args(command: argparse.ArgumentParser) -> None:
@@ -342,7 +375,8 @@ def run_generate(args: argparse.Namespace) -> int:
     # 2. Load the model once.
     from leansd.engine.engine import Engine
 
-    engine = Engine.load(args.model, device=args.device, precision=args.precision, prompt_cache=args.prompt_cache)
+    engine = Engine.load(args.model, device=args.device, precision=args.precision, prompt_cache=args.prompt_cache,
+                         **_memory_options(args))
     if random_seed_chosen:
         print(f"leansd: seed {seed} (random)", file=sys.stderr)
 
@@ -366,9 +400,11 @@ def run_generate(args: argparse.Namespace) -> int:
             grid = make_grid(result.images, n_rows=request.n_iter)
             print(writer.save_grid(grid, infotext=result.infotexts[0]))
         logging.getLogger("leansd.cli").info(
-            "timings: %s; peak device memory: %s",
+            "timings: %s; peak device memory: %s (accounted %s); %s",
             ", ".join(f"{k} {v:.2f}s" for k, v in result.timings.items()),
             "n/a" if result.peak_memory_bytes is None else f"{result.peak_memory_bytes / 2**20:.0f} MiB",
+            "n/a" if result.memory_peak_bytes is None else f"{result.memory_peak_bytes / 2**20:.0f} MiB",
+            result.memory_plan or "no memory plan",
         )
     return 0
 
