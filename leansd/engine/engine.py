@@ -200,6 +200,7 @@ class Engine:
 
     def _enter_stage(self, name: str, plan: "MemoryPlan") -> None:
         """Stage `name` ("text", "unet", "vae") starts: evict what the plan does not keep, bring `name`."""
+        self.memory.enter_stage(name, 0)  # the previous stage's activations are freed by now
         for other in list(self._on_device):
             if other != name and not plan.resident(other):
                 self._evict(other)

@@ -46,6 +46,8 @@ class MemoryMeter:
         self._update()
 
     def reset_peak(self) -> None:
+        """Between requests: no stage runs, only the placed weights count."""
+        self.activation = 0
         self.peak = self.current
 
     def _update(self) -> None:

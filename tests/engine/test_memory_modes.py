@@ -71,9 +71,10 @@ def test_budget_gives_same_picture_and_stays_within_it(reference, all_budgets, i
         pytest.skip("fewer distinct budgets")
     budget = all_budgets[index]
     e = engine(vram=budget, virtual_device=True)
-    result = e.generate(txt2img_request(), progress_bar=False)
-    np.testing.assert_allclose(result.pixels, reference, atol=1e-5, rtol=0)
-    assert result.memory_peak_bytes is not None and 0 < result.memory_peak_bytes <= budget
+    for _ in range(2):  # the second request starts from what the first left placed
+        result = e.generate(txt2img_request(), progress_bar=False)
+        np.testing.assert_allclose(result.pixels, reference, atol=1e-5, rtol=0)
+        assert result.memory_peak_bytes is not None and 0 < result.memory_peak_bytes <= budget
     assert "memory plan" in result.memory_plan
 
 
