@@ -1,0 +1,46 @@
+"""Memory budgets on a real GPU: measured peak under the budget, same pictures (skipped without CUDA)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+
+
+@pytest.fixture(scope="module")
+def bundle():
+    from bench.common import build_sd15_components, sd15_bundle
+
+    return sd15_bundle(build_sd15_components(dtype=torch.float16))
+
+
+def generate(bundle, *, size: int, vram, steps: int = 3, **memory):
+    from leansd import Engine, GenerationRequest
+
+    engine = Engine(bundle, device="cuda", precision="fp16", prompt_cache=False, vram=vram, **memory)
+    torch.cuda.empty_cache()
+    torch.cuda.reset_peak_memory_stats()
+    result = engine.generate(GenerationRequest(prompt="a lighthouse", num_inference_steps=steps, seed=3,
+                                               width=size, height=size), progress_bar=False)
+    peak = torch.cuda.max_memory_allocated()
+    for name in ("text", "unet", "vae"):
+        engine._evict(name)  # hand the shared bundle back on the host for the next engine
+    return result, peak
+
+
+@pytest.mark.parametrize("vram", ["4G", "2G", "1.5G", "1G"])
+def test_peak_under_budget_at_512_and_same_picture(bundle, vram):
+    from leansd.engine.planner import parse_size
+
+    reference, _ = generate(bundle, size=512, vram=None)
+    result, peak = generate(bundle, size=512, vram=vram)
+    assert peak <= parse_size(vram), (peak, result.memory_plan)
+    np.testing.assert_allclose(result.pixels, reference.pixels, atol=2e-2)  # fp16 kernels differ by batch shape
+
+
+def test_peak_under_budget_at_a_large_size(bundle):
+    result, peak = generate(bundle, size=1536, vram="3G", steps=2)
+    assert peak <= 3 * 2**30, (peak, result.memory_plan)
+    assert np.isfinite(result.pixels).all()
