@@ -15,6 +15,7 @@ import re
 import resource
 import subprocess
 import sys
+import time
 from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
@@ -167,6 +168,62 @@ def proc_status() -> dict[str, int]:
 def peak_rss() -> int:
     """Peak resident set of this process in bytes (ru_maxrss is in kB on Linux)."""
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def _busy_seconds() -> float:
+    """CPU seconds all processes have spent busy (user, system, irq, steal), from /proc/stat."""
+    with open("/proc/stat", encoding="ascii") as f:
+        fields = [int(x) for x in f.readline().split()[1:]]
+    idle = fields[3] + (fields[4] if len(fields) > 4 else 0)  # idle + iowait
+    return (sum(fields[:8]) - idle) / os.sysconf("SC_CLK_TCK")
+
+
+def _own_seconds() -> float:
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
+
+
+class OtherLoad:
+    """How many cores OTHER processes kept busy while this one ran (Linux; None elsewhere).
+
+    On a shared 2-core machine one busy neighbour slows a 2-thread torch run far more than 2x;
+    the benchmarks print this next to every timing so a disturbed number can be recognised.
+    """
+
+    def __init__(self) -> None:
+        self._start: tuple[float, float, float] | None = None
+
+    def start(self) -> None:
+        try:
+            self._start = (time.perf_counter(), _busy_seconds(), _own_seconds())
+        except OSError:
+            self._start = None
+
+    def stop(self) -> float | None:
+        if self._start is None:
+            return None
+        t0, busy0, own0 = self._start
+        wall = time.perf_counter() - t0
+        try:
+            other = (_busy_seconds() - busy0) - (_own_seconds() - own0)
+        except OSError:
+            return None
+        return max(other, 0.0) / wall if wall > 0 else None
+
+
+def wait_until_quiet(*, max_seconds: float, threshold: float = 0.2, window: float = 2.0) -> float | None:
+    """Wait (at most ``max_seconds``) until other processes use under ``threshold`` cores.
+
+    Returns the other load of the last window (None where /proc/stat is unreadable).
+    """
+    deadline = time.perf_counter() + max_seconds
+    while True:
+        meter = OtherLoad()
+        meter.start()
+        time.sleep(window)
+        load = meter.stop()
+        if load is None or load < threshold or time.perf_counter() >= deadline:
+            return load
 
 
 # ---------------------------------------------------------------------------------------------

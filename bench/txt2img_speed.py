@@ -27,7 +27,15 @@ from typing import TYPE_CHECKING
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench.common import PROMPT, build_sd15_components, machine_lines, markdown_table, sd15_bundle  # noqa: E402
+from bench.common import (  # noqa: E402
+    PROMPT,
+    OtherLoad,
+    build_sd15_components,
+    machine_lines,
+    markdown_table,
+    sd15_bundle,
+    wait_until_quiet,
+)
 
 if TYPE_CHECKING:
     import numpy as np
@@ -114,6 +122,12 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=1, help="timed runs per side and precision (default 1)")
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N (default auto)")
     parser.add_argument("--seed", type=int, default=1234)
+    parser.add_argument(
+        "--wait-quiet",
+        type=float,
+        default=60.0,
+        help="before each timed run, wait up to this many seconds for other processes to go idle (default 60)",
+    )
     args = parser.parse_args()
 
     explicit = args.precision is not None
@@ -177,26 +191,32 @@ def main() -> None:
         run_diffusers(bundle, warmup, warmup.image_seeds())
 
         times: dict[str, list[float]] = {"leansd": [], "diffusers": []}
-        stages: dict[str, list[float]] = {"encode": [], "sample": [], "decode": []}
+        loads: dict[str, list[float | None]] = {"leansd": [], "diffusers": []}
+        stages: list[dict[str, float]] = []
         ours = ref = None
         for _ in range(args.repeats):
             order = ("leansd", "diffusers") if run_index % 2 == 0 else ("diffusers", "leansd")
             run_index += 1
             for side in order:
+                wait_until_quiet(max_seconds=args.wait_quiet)
                 print(f"{precision}: {side} ...", file=sys.stderr, flush=True)
+                meter = OtherLoad()
+                meter.start()
                 t0 = time.perf_counter()
                 if side == "leansd":
                     result = engine.generate(request, progress_bar=False)
                     ours = result.pixels
-                    for key in stages:
-                        stages[key].append(result.timings[key])
+                    stages.append(result.timings)
                 else:
                     ref = run_diffusers(bundle, request, seeds)
                 if device.type == "cuda":
                     torch.cuda.synchronize(device)
                 times[side].append((time.perf_counter() - t0) / len(seeds))
-        lean = statistics.median(times["leansd"])
-        diff = statistics.median(times["diffusers"])
+                loads[side].append(meter.stop())
+        best = {side: min(range(len(t)), key=t.__getitem__) for side, t in times.items()}
+        lean, diff = times["leansd"][best["leansd"]], times["diffusers"][best["diffusers"]]
+        best_loads = [loads[side][best[side]] for side in times if loads[side][best[side]] is not None]
+        median_ratio = statistics.median(times["leansd"]) / statistics.median(times["diffusers"])
         pixel_diff = float(np.abs(np.asarray(ours, dtype=np.float32) - np.asarray(ref, dtype=np.float32)).max())
         rows.append([
             precision,
@@ -206,24 +226,38 @@ def main() -> None:
             f"{lean:.1f}",
             f"{diff:.1f}",
             f"{lean / diff:.3f}",
+            f"{median_ratio:.3f}",
             f"{pixel_diff:.2e}",
             f"{float(np.std(ref)):.3f}",
-            *(f"{statistics.median(stages[k]):.1f}" for k in ("encode", "sample", "decode")),
+            *(f"{stages[best['leansd']][k]:.1f}" for k in ("encode", "sample", "decode")),
+            f"{max(best_loads):.2f}" if best_loads else "-",
         ])
 
+        def fmt(side: str) -> str:
+            return ", ".join(
+                f"{t:.1f}" + ("" if load is None else f" (other load {load:.2f})")
+                for t, load in zip(times[side], loads[side])
+            )
+
+        notes.append(f"{precision}: seconds per image, every run in order: leansd {fmt('leansd')}; "
+                     f"diffusers {fmt('diffusers')}")
+
     headers = [
-        "precision", "size", "steps", "sampler", "leansd s/img", "diffusers s/img", "leansd/diffusers",
-        "max abs pixel diff", "image std", "leansd encode s", "leansd sample s", "leansd decode s",
+        "precision", "size", "steps", "sampler", "leansd s/img (best)", "diffusers s/img (best)",
+        "leansd/diffusers (best)", "leansd/diffusers (median)", "max abs pixel diff", "image std",
+        "leansd encode s", "leansd sample s", "leansd decode s", "other load (cores)",
     ]
     print("## txt2img speed: leansd vs diffusers, same SD 1.5 modules (random weights)\n")
     print(machine_lines() + "\n")
     print(f"- device: {device}; prompt {PROMPT!r}, CFG {args.guidance}, batch {args.batch_size}, "
-          f"seeds {seeds}, repeats {args.repeats} (median), order alternating\n")
+          f"seeds {seeds}, repeats {args.repeats}, order alternating; best = fastest run of each side\n")
     print(markdown_table(headers, rows) + "\n")
     for note in notes:
         print(f"- {note}")
     print("- pixel diff: float RGB in [0, 1], leansd's `pixels` vs diffusers' `output_type=\"np\"` images;"
           " image std: the spread of diffusers' pixels (a diff of 0 between flat images would mean nothing).")
+    print("- other load: cores other processes kept busy during a timed run (0 = quiet machine); in the table,"
+          " the larger of the two best runs'. Stage timings are those of leansd's best run.")
 
 
 if __name__ == "__main__":
