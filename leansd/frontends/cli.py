@@ -437,7 +437,8 @@ def run_serve(args: argparse.Namespace) -> int:
     # 2. Load the model once, then serve.
     from leansd.engine.engine import Engine
 
-    engine = Engine.load(args.model, device=args.device, precision=args.precision, prompt_cache=args.prompt_cache)
+    engine = Engine.load(args.model, device=args.device, precision=args.precision, prompt_cache=args.prompt_cache,
+                         **_memory_options(args))
     return serve(
         engine, host=host, port=args.port, auth=credentials, max_queue=args.max_queue, max_size=args.max_size,
         save_dir=Path(args.outdir) if args.save_images else None, log_level="info" if args.verbose else "warning",
