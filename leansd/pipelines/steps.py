@@ -247,12 +247,30 @@ def img2img_latents(
         return run_denoise(engine, request, scheduler=scheduler, latents=latents, generators=generators,
                            text=text, on_step=on_step)
     encoded = encode_pixels(engine, pixels, generators)
+    return refine_latents(engine, request, encoded, scheduler=scheduler, generators=generators, steps=steps,
+                          strength=strength, text=text, on_step=on_step)
+
+
+def refine_latents(
+    engine: "Engine",
+    request: "GenerationRequest",
+    latents: "torch.Tensor",
+    *,
+    scheduler: "SchedulerMixin",
+    generators: list["torch.Generator"],
+    steps: int,
+    strength: float,
+    text: PromptConditioning,
+    on_step: Callable[[int, int], None] | None = None,
+) -> "torch.Tensor":
+    """Noise clean latents (B, 4, h, w) to the start step `strength` implies and denoise the rest."""
     timesteps = strength_timesteps(scheduler, steps=steps, strength=strength)
     if len(timesteps) == 0:
-        return encoded
-    noise = noise_for(engine, generators, width=width, height=height)
-    latents = scheduler.add_noise(encoded, noise, timesteps[:1].repeat(len(seeds)))
-    return run_denoise(engine, request, scheduler=scheduler, latents=latents, generators=generators,
+        return latents
+    factor = engine.bundle.vae_scale_factor
+    noise = noise_for(engine, generators, width=latents.shape[-1] * factor, height=latents.shape[-2] * factor)
+    start = scheduler.add_noise(latents, noise, timesteps[:1].repeat(len(generators)))
+    return run_denoise(engine, request, scheduler=scheduler, latents=start, generators=generators,
                        text=text, timesteps=timesteps, on_step=on_step)
 
 

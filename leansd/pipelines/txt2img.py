@@ -12,10 +12,10 @@ from leansd.pipelines.steps import (
     loop_length,
     make_scheduler,
     noise_for,
+    refine_latents,
     resolve_size,
     run_batches,
     run_denoise,
-    strength_timesteps,
     to_pil,
 )
 
@@ -127,15 +127,9 @@ def hires_pass(
         upscaled = torch.nn.functional.interpolate(
             latents.float(), size=(height // factor, width // factor), mode="bilinear"
         ).to(engine.dtype)  # (B, 4, H'/8, W'/8)
-        generators = image_generators(seeds)
         scheduler = make_scheduler(engine, request, seeds=seeds, steps=steps)
-        timesteps = strength_timesteps(scheduler, steps=steps, strength=request.hires_strength)
-        if len(timesteps) == 0:
-            return upscaled
-        noise = noise_for(engine, generators, width=width, height=height)
-        start = scheduler.add_noise(upscaled, noise, timesteps[:1].repeat(len(seeds)))
-        return run_denoise(engine, request, scheduler=scheduler, latents=start, generators=generators,
-                           text=text, timesteps=timesteps, on_step=on_step)
+        return refine_latents(engine, request, upscaled, scheduler=scheduler, generators=image_generators(seeds),
+                              steps=steps, strength=request.hires_strength, text=text, on_step=on_step)
     images = to_pil(decode_latents(engine, latents))
     pixels = torch.cat([image_to_tensor(im.resize((width, height), Image.LANCZOS)) for im in images])
     return img2img_latents(engine, request, seeds=seeds, pixels=pixels, strength=request.hires_strength,
