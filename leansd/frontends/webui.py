@@ -1,0 +1,474 @@
+"""Gradio web UI (txt2img, img2img, inpaint, PNG Info) over the same `JobQueue` as the HTTP API.
+
+`build_ui(queue)` returns a `gr.Blocks`; `mount_ui(app, queue)` mounts it at `/` of the FastAPI
+app built by `leansd.frontends.http.create_app`, so the page, `/sdapi/v1` and the Basic-auth /
+Origin guard share one process, one worker and one queue. Requests are turned into
+`GenerationRequest`s by the HTTP API's own builders (`txt2img_request`, `img2img_request`), so the
+UI has the API's limits and error messages; an `InvalidRequestError` becomes a `gr.Error` (a
+readable message in the page, and an `AppError` for gradio_client). Every generate action has an
+`api_name` (`txt2img`, `img2img`, `inpaint`) so it can be scripted with gradio_client.
+Gradio is imported only here, lazily (importing it costs seconds); the page loads no remote fonts.
+"""
+
+from __future__ import annotations
+
+import base64
+import io
+import logging
+import os
+import tempfile
+import threading
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Iterator
+
+from leansd.errors import InvalidRequestError, LeansdError, one_line
+from leansd.service.queue import Job, JobCancelledError, JobQueue, JobState
+
+if TYPE_CHECKING:
+    import gradio as gr
+    from fastapi import FastAPI
+
+    from leansd.frontends.http import Limits
+    from leansd.request import GenerationRequest, GenerationResult
+
+logger = logging.getLogger(__name__)
+
+POLL_SECONDS = 0.25
+# The page's "Masked content" labels -> A1111's inpainting_fill numbers (see http.INPAINTING_FILL).
+MASKED_CONTENT = {"fill": 0, "original": 1, "latent noise": 2, "latent nothing": 3}
+RESIZE_MODES = ("just resize", "crop and resize", "resize and fill")
+CSS = ".leansd-progress {font-variant-numeric: tabular-nums; min-height: 1.6em}"
+
+
+def _gradio() -> Any:
+    os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
+    import gradio
+
+    return gradio
+
+
+def theme() -> Any:
+    """Gradio's default look with system fonts only: nothing is fetched from a font CDN."""
+    gr = _gradio()
+    return gr.themes.Default(font=["system-ui", "sans-serif"], font_mono=["ui-monospace", "monospace"])
+
+
+class _Runner:
+    """The UI's side of the queue: submit, follow progress, cancel the session's job, save files."""
+
+    def __init__(self, queue: JobQueue, *, model_name: str, limits: "Limits", save_dir: Path | None) -> None:
+        self.queue = queue
+        self.model_name = model_name
+        self.limits = limits
+        self.save_dir = save_dir
+        self._scratch = Path(tempfile.mkdtemp(prefix="leansd-webui-"))
+        self._sessions: dict[str, str] = {}
+        self._lock = threading.Lock()
+
+    def build(self, builder: Any, body: Any) -> "GenerationRequest":
+        gr = _gradio()
+        try:
+            return builder(body, model_name=self.model_name, limits=self.limits)
+        except InvalidRequestError as exc:
+            raise gr.Error(one_line(exc), print_exception=False) from None
+
+    def run(self, request: "GenerationRequest", *, task: str, session: str | None) -> Iterator[tuple]:
+        """Yield (gallery, infotext, files, progress) updates until the job ends; errors -> gr.Error."""
+        gr = _gradio()
+        try:
+            job = self.queue.submit(request)
+        except LeansdError as exc:
+            raise gr.Error(one_line(exc), print_exception=False) from None
+        if session:
+            with self._lock:
+                self._sessions[session] = job.id
+        try:
+            while not job.future.done():
+                yield gr.skip(), gr.skip(), gr.skip(), progress_text(self.queue, job)
+                _wait(job.future, POLL_SECONDS)
+            try:
+                result = job.future.result()
+            except JobCancelledError:
+                raise gr.Error("cancelled", print_exception=False) from None
+            except Exception as exc:  # noqa: BLE001 - the job failed; say why in one line
+                raise gr.Error(f"generation failed: {type(exc).__name__}: {one_line(exc, limit=200)}",
+                               print_exception=False) from None
+        finally:
+            if session:
+                with self._lock:
+                    if self._sessions.get(session) == job.id:
+                        del self._sessions[session]
+        paths = self.save(result, task=task)
+        gallery = [(str(path), info) for path, info in zip(paths, result.infotexts)]
+        seconds = result.timings.get("total")
+        done = f"{len(paths)} image{'s' * (len(paths) != 1)}" + (f" in {seconds:.1f} s" if seconds else "")
+        if job.interrupted:
+            done += " (interrupted)"
+        yield gallery, "\n\n".join(result.infotexts), [str(p) for p in paths], done
+
+    def cancel(self, session: str | None) -> str:
+        with self._lock:
+            job_id = self._sessions.get(session or "")
+        if job_id is None or not self.queue.cancel(job_id):
+            return "nothing to cancel"
+        return "cancelling..."
+
+    def save(self, result: "GenerationResult", *, task: str) -> list[Path]:
+        """PNGs with their infotext (downloads keep the parameters); into save_dir when the server saves."""
+        from leansd.outputs.writer import ImageWriter
+
+        folder = (self.save_dir or self._scratch) / f"{task}-images"
+        writer = ImageWriter(folder)
+        return [writer.save(image, seed=seed, infotext=info)
+                for image, seed, info in zip(result.images, result.seeds, result.infotexts)]
+
+
+def _wait(future: Any, timeout: float) -> None:
+    try:
+        future.exception(timeout=timeout)
+    except Exception:  # noqa: BLE001 - only waiting here; the result is read by the caller
+        pass
+
+
+def progress_text(queue: JobQueue, job: Job) -> str:
+    """`Step 3/20 · batch 1/2 · 40% · ETA 2.1 s`, or the place in the queue while waiting."""
+    if job.state is JobState.QUEUED:
+        waiting = queue.waiting()
+        ahead = waiting.index(job) if job in waiting else 0
+        ahead += queue.current is not None
+        return f"Waiting in the queue ({ahead} job{'s' * (ahead != 1)} ahead)"
+    p = job.progress
+    if not p.total_steps:
+        return "Starting..."
+    eta = "ETA ..." if p.eta_seconds is None else f"ETA {p.eta_seconds:.1f} s"
+    return (f"Step {p.step}/{p.total_steps} · batch {p.batch_index + 1}/{p.n_batches} · "
+            f"{p.fraction:.0%} · {eta}")
+
+
+def _file_base64(path: str | os.PathLike[str]) -> str:
+    return base64.b64encode(Path(path).read_bytes()).decode("ascii")
+
+
+def _png_base64(image: Any) -> str:
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    return base64.b64encode(buffer.getvalue()).decode("ascii")
+
+
+def editor_mask(value: Any) -> Any:
+    """An ImageEditor value -> the "L" mask of everything painted on its layers (white = repaint), or None."""
+    from PIL import Image
+
+    if not value:
+        return None
+    layers = [layer for layer in value.get("layers") or [] if layer is not None]
+    background = value.get("background")
+    if not layers or background is None:
+        return None
+    size = Image.open(background).size if isinstance(background, (str, Path)) else background.size
+    mask = Image.new("L", size, 0)
+    for layer in layers:
+        image = Image.open(layer) if isinstance(layer, (str, Path)) else layer
+        alpha = image.convert("RGBA").getchannel("A")
+        if alpha.size != size:
+            alpha = alpha.resize(size, Image.Resampling.NEAREST)
+        mask.paste(255, (0, 0), alpha.point(lambda a: 255 if a > 0 else 0))
+    return mask if mask.getbbox() else None
+
+
+def memory_text(queue: JobQueue) -> str:
+    """A read-only view of the engine's device, precision, VRAM budget and last memory plan."""
+    engine = queue.engine
+    budget = getattr(engine, "budget", None)
+    plan = getattr(engine, "plan", None)
+    precision = getattr(getattr(engine, "precision", None), "name", None)
+    lines = [
+        f"- **Device:** {getattr(engine, 'device', 'n/a')}",
+        f"- **Precision:** {precision or 'n/a'}",
+        f"- **VRAM budget:** {'none (no limit)' if budget is None else f'{budget >> 20} MiB'}",
+        f"- **Memory policy:** {getattr(engine, 'memory_policy', 'n/a')}",
+        f"- **Last memory plan:** {plan.describe() if plan is not None else 'none yet'}",
+        "",
+        "The budget is set when the server starts (`leansd serve --vram 4G`, `--medvram`, `--lowvram`).",
+    ]
+    return "\n".join(lines)
+
+
+def build_ui(
+    queue: JobQueue,
+    *,
+    limits: "Limits | None" = None,
+    model_name: str | None = None,
+    save_dir: "str | os.PathLike[str] | None" = None,
+) -> "gr.Blocks":
+    """The web UI's Blocks over `queue` (its worker owns the engine); mount it with `mount_ui`."""
+    gr = _gradio()
+    from leansd.frontends.http import (
+        DEFAULT_MAX_IMAGES,
+        DEFAULT_MAX_SIZE,
+        DEFAULT_MAX_STEPS,
+        Img2ImgRequest,
+        Limits,
+        Txt2ImgRequest,
+        img2img_request,
+        txt2img_request,
+    )
+    from leansd.outputs.infotext import parse_infotext
+    from leansd.outputs.writer import read_infotext
+    from leansd.sampling.samplers import sampler_names
+
+    limits = limits or Limits(max_size=DEFAULT_MAX_SIZE, max_steps=DEFAULT_MAX_STEPS, max_images=DEFAULT_MAX_IMAGES)
+    bundle = getattr(queue.engine, "bundle", None)
+    model_name = model_name or getattr(bundle, "name", None) or "model"
+    default_size = getattr(bundle, "default_size", None) or 512
+    runner = _Runner(queue, model_name=model_name, limits=limits,
+                     save_dir=None if save_dir is None else Path(save_dir).resolve())
+    samplers = sampler_names()
+    max_batch = min(8, limits.max_images)
+
+    def settings(prefix: str) -> dict[str, Any]:
+        """The A1111 controls every tab has: prompts, sampler, steps, CFG, size, batches, seed."""
+        c: dict[str, Any] = {}
+        c["prompt"] = gr.Textbox(label="Prompt", lines=3, placeholder="a photograph of an astronaut riding a horse",
+                                 elem_id=f"{prefix}_prompt")
+        c["negative"] = gr.Textbox(label="Negative prompt", lines=2, elem_id=f"{prefix}_negative_prompt")
+        with gr.Row():
+            c["sampler"] = gr.Dropdown(samplers, value="Euler a" if "Euler a" in samplers else samplers[0],
+                                       label="Sampling method", elem_id=f"{prefix}_sampler")
+            c["steps"] = gr.Slider(1, limits.max_steps, value=20, step=1, label="Sampling steps",
+                                   elem_id=f"{prefix}_steps")
+        with gr.Row():
+            c["width"] = gr.Slider(64, limits.max_size, value=default_size, step=8, label="Width",
+                                   elem_id=f"{prefix}_width")
+            c["height"] = gr.Slider(64, limits.max_size, value=default_size, step=8, label="Height",
+                                    elem_id=f"{prefix}_height")
+        with gr.Row():
+            c["n_iter"] = gr.Slider(1, max(1, limits.max_images), value=1, step=1, label="Batch count",
+                                    elem_id=f"{prefix}_batch_count")
+            c["batch_size"] = gr.Slider(1, max_batch, value=1, step=1, label="Batch size",
+                                        elem_id=f"{prefix}_batch_size")
+        c["cfg"] = gr.Slider(1.0, 30.0, value=7.0, step=0.5, label="CFG scale", elem_id=f"{prefix}_cfg_scale")
+        with gr.Row(equal_height=True):
+            c["seed"] = gr.Number(value=-1, precision=0, label="Seed (-1 = random)", elem_id=f"{prefix}_seed",
+                                  scale=4)
+            c["random_seed"] = gr.Button("🎲 Random", elem_id=f"{prefix}_random_seed", size="sm", scale=1)
+            c["reuse_seed"] = gr.Button("♻ Reuse", elem_id=f"{prefix}_reuse_seed", size="sm", scale=1)
+        return c
+
+    def results(prefix: str) -> dict[str, Any]:
+        c: dict[str, Any] = {}
+        with gr.Row():
+            c["generate"] = gr.Button("Generate", variant="primary", elem_id=f"{prefix}_generate", scale=3)
+            c["cancel"] = gr.Button("Cancel", variant="stop", elem_id=f"{prefix}_cancel", scale=1)
+        c["progress"] = gr.Markdown("", elem_id=f"{prefix}_progress", elem_classes="leansd-progress")
+        c["gallery"] = gr.Gallery(label="Results", columns=2, height="auto", object_fit="contain",
+                                  buttons=["download", "fullscreen"], elem_id=f"{prefix}_gallery",
+                                  interactive=False)
+        c["infotext"] = gr.Textbox(label="Generation parameters (infotext)", lines=4, interactive=False,
+                                   buttons=["copy"], elem_id=f"{prefix}_infotext")
+        c["files"] = gr.File(label="Download PNGs (with parameters)", file_count="multiple", interactive=False,
+                             elem_id=f"{prefix}_files")
+        return c
+
+    def wire_common(c: dict[str, Any], r: dict[str, Any], event: Any) -> None:
+        c["random_seed"].click(lambda: -1, None, c["seed"], api_name=False, queue=False)
+        c["reuse_seed"].click(reuse_seed, r["infotext"], c["seed"], api_name=False, queue=False)
+        r["cancel"].click(cancel, None, r["progress"], api_name=False, queue=False)
+
+    def reuse_seed(infotext: str) -> int:
+        if not infotext:
+            raise gr.Error("generate an image first: its seed is reused", print_exception=False)
+        seed = parse_infotext(infotext.split("\n\n")[0]).get("Seed")
+        if seed is None:
+            raise gr.Error("the infotext holds no seed", print_exception=False)
+        return int(seed)
+
+    def cancel(request: gr.Request) -> str:
+        return runner.cancel(getattr(request, "session_hash", None))
+
+    def common_body(prompt: str, negative: str, sampler: str, steps: Any, cfg: Any, width: Any, height: Any,
+                    n_iter: Any, batch_size: Any, seed: Any) -> dict[str, Any]:
+        def integer(name: str, value: Any) -> int:
+            try:
+                number = float(value)
+            except (TypeError, ValueError):
+                raise gr.Error(f"{name} must be a number, got {value!r}", print_exception=False) from None
+            if number != int(number):
+                raise gr.Error(f"{name} must be a whole number, got {value}", print_exception=False)
+            return int(number)
+
+        return dict(
+            prompt=prompt or "", negative_prompt=negative or "", sampler_name=sampler or "Euler",
+            steps=integer("steps", steps), cfg_scale=float(cfg), width=integer("width", width),
+            height=integer("height", height), n_iter=integer("batch count", n_iter),
+            batch_size=integer("batch size", batch_size), seed=-1 if seed is None else integer("seed", seed),
+        )
+
+    def txt2img(prompt, negative, sampler, steps, cfg, width, height, n_iter, batch_size, seed,
+                request: gr.Request):
+        body = Txt2ImgRequest(**common_body(prompt, negative, sampler, steps, cfg, width, height, n_iter,
+                                            batch_size, seed))
+        gen = runner.build(txt2img_request, body)
+        yield from runner.run(gen, task="txt2img", session=getattr(request, "session_hash", None))
+
+    def img2img(init_image, prompt, negative, sampler, steps, cfg, width, height, n_iter, batch_size, seed,
+                strength, resize_mode, request: gr.Request):
+        if not init_image:
+            raise gr.Error("upload an image to transform first", print_exception=False)
+        body = Img2ImgRequest(
+            **common_body(prompt, negative, sampler, steps, cfg, width, height, n_iter, batch_size, seed),
+            init_images=[_file_base64(init_image)], denoising_strength=float(strength),
+            resize_mode=RESIZE_MODES.index(resize_mode) if resize_mode in RESIZE_MODES else 0,
+        )
+        gen = runner.build(img2img_request, body)
+        yield from runner.run(gen, task="img2img", session=getattr(request, "session_hash", None))
+
+    def inpaint(editor, mask_upload, prompt, negative, sampler, steps, cfg, width, height, n_iter, batch_size,
+                seed, strength, mask_blur, masked_content, invert, request: gr.Request):
+        background = (editor or {}).get("background")
+        if background is None:
+            raise gr.Error("upload an image to inpaint first", print_exception=False)
+        if mask_upload:
+            mask_b64 = _file_base64(mask_upload)
+        else:
+            mask = editor_mask(editor)
+            if mask is None:
+                raise gr.Error("paint the area to regenerate on the image with the brush, or upload a mask",
+                               print_exception=False)
+            mask_b64 = _png_base64(mask)
+        init_b64 = (_file_base64(background) if isinstance(background, (str, Path))
+                    else _png_base64(background.convert("RGB")))
+        body = Img2ImgRequest(
+            **common_body(prompt, negative, sampler, steps, cfg, width, height, n_iter, batch_size, seed),
+            init_images=[init_b64], mask=mask_b64, denoising_strength=float(strength),
+            mask_blur=int(mask_blur), inpainting_fill=MASKED_CONTENT.get(masked_content, 1),
+            inpainting_mask_invert=int(bool(invert)),
+        )
+        gen = runner.build(img2img_request, body)
+        yield from runner.run(gen, task="inpaint", session=getattr(request, "session_hash", None))
+
+    def png_info(path: str | None) -> tuple[str, dict]:
+        if not path:
+            return "", {}
+        text = read_infotext(Path(path))
+        if not text:
+            return "(this image holds no generation parameters)", {}
+        return text, parse_infotext(text)
+
+    outputs_of = lambda r: [r["gallery"], r["infotext"], r["files"], r["progress"]]  # noqa: E731
+
+    with gr.Blocks(title="leansd", analytics_enabled=False) as ui:
+        gr.Markdown(f"## leansd · `{model_name}`")
+        with gr.Tabs() as tabs:
+            with gr.Tab("txt2img", id="txt2img"):
+                with gr.Row():
+                    with gr.Column():
+                        t = settings("txt2img")
+                    with gr.Column():
+                        tr = results("txt2img")
+                t_inputs = [t["prompt"], t["negative"], t["sampler"], t["steps"], t["cfg"], t["width"],
+                            t["height"], t["n_iter"], t["batch_size"], t["seed"]]
+                event = tr["generate"].click(txt2img, t_inputs, outputs_of(tr), api_name="txt2img",
+                                             show_progress="minimal", concurrency_limit=None)
+                wire_common(t, tr, event)
+            with gr.Tab("img2img", id="img2img"):
+                with gr.Row():
+                    with gr.Column():
+                        i_image = gr.Image(label="Image", type="filepath", image_mode=None, sources=["upload", "clipboard"],
+                                           elem_id="img2img_image")
+                        i = settings("img2img")
+                        with gr.Row():
+                            i_strength = gr.Slider(0.0, 1.0, value=0.75, step=0.01, label="Denoising strength",
+                                                   elem_id="img2img_denoising_strength")
+                            i_resize = gr.Radio(list(RESIZE_MODES), value=RESIZE_MODES[0], label="Resize mode",
+                                                elem_id="img2img_resize_mode")
+                    with gr.Column():
+                        ir = results("img2img")
+                i_inputs = [i_image, i["prompt"], i["negative"], i["sampler"], i["steps"], i["cfg"], i["width"],
+                            i["height"], i["n_iter"], i["batch_size"], i["seed"], i_strength, i_resize]
+                event = ir["generate"].click(img2img, i_inputs, outputs_of(ir), api_name="img2img",
+                                             show_progress="minimal", concurrency_limit=None)
+                wire_common(i, ir, event)
+            with gr.Tab("inpaint", id="inpaint"):
+                with gr.Row():
+                    with gr.Column():
+                        p_editor = gr.ImageEditor(
+                            label="Image: paint the area to regenerate", type="filepath", format="png",
+                            image_mode="RGBA", sources=["upload", "clipboard"], transforms=(), layers=False,
+                            brush=gr.Brush(colors=["#ffffff"], color_mode="fixed"), elem_id="inpaint_editor",
+                        )
+                        p_mask = gr.Image(label="Mask (optional upload: white = regenerate)", type="filepath",
+                                          image_mode=None, sources=["upload"], elem_id="inpaint_mask")
+                        p = settings("inpaint")
+                        with gr.Row():
+                            p_strength = gr.Slider(0.0, 1.0, value=0.75, step=0.01, label="Denoising strength",
+                                                   elem_id="inpaint_denoising_strength")
+                            p_blur = gr.Slider(0, 64, value=4, step=1, label="Mask blur", elem_id="inpaint_mask_blur")
+                        with gr.Row():
+                            p_fill = gr.Radio(list(MASKED_CONTENT), value="original", label="Masked content",
+                                              elem_id="inpaint_masked_content")
+                            p_invert = gr.Checkbox(False, label="Invert mask (regenerate the unpainted part)",
+                                                   elem_id="inpaint_invert")
+                    with gr.Column():
+                        pr = results("inpaint")
+                p_inputs = [p_editor, p_mask, p["prompt"], p["negative"], p["sampler"], p["steps"], p["cfg"],
+                            p["width"], p["height"], p["n_iter"], p["batch_size"], p["seed"], p_strength, p_blur,
+                            p_fill, p_invert]
+                event = pr["generate"].click(inpaint, p_inputs, outputs_of(pr), api_name="inpaint",
+                                             show_progress="minimal", concurrency_limit=None)
+                wire_common(p, pr, event)
+            with gr.Tab("PNG Info", id="pnginfo"):
+                with gr.Row():
+                    with gr.Column():
+                        n_image = gr.Image(label="Image", type="filepath", image_mode=None,
+                                           sources=["upload", "clipboard"], elem_id="pnginfo_image")
+                    with gr.Column():
+                        n_text = gr.Textbox(label="Parameters", lines=6, interactive=False, elem_id="pnginfo_text")
+                        n_json = gr.JSON(label="Parsed", elem_id="pnginfo_json")
+                        with gr.Row():
+                            to_txt2img = gr.Button("Send to txt2img", elem_id="pnginfo_send_txt2img")
+                            to_img2img = gr.Button("Send to img2img", elem_id="pnginfo_send_img2img")
+                n_image.change(png_info, n_image, [n_text, n_json], api_name="png_info")
+        with gr.Accordion("Settings: memory", open=False):
+            memory = gr.Markdown(memory_text(queue), elem_id="memory_settings")
+            gr.Button("Refresh", size="sm").click(lambda: memory_text(queue), None, memory, api_name=False,
+                                                  queue=False)
+
+        def send(target: dict[str, Any]) -> list:
+            return [target["prompt"], target["negative"], target["sampler"], target["steps"], target["cfg"],
+                    target["seed"], target["width"], target["height"]]
+
+        def send_values(parsed: dict | None, tab: str) -> list:
+            if not parsed:
+                raise gr.Error("drop an image with generation parameters first", print_exception=False)
+            size = str(parsed.get("Size", "")).split("x")
+            updates = [parsed.get("Prompt", ""), parsed.get("Negative prompt", "")]
+            sampler = parsed.get("Sampler")
+            updates.append(sampler if sampler in samplers else gr.skip())
+            for key, cast in (("Steps", int), ("CFG scale", float), ("Seed", int)):
+                try:
+                    updates.append(cast(parsed[key]))
+                except (KeyError, ValueError):
+                    updates.append(gr.skip())
+            if len(size) == 2 and all(s.isdigit() for s in size):
+                updates += [int(size[0]), int(size[1])]
+            else:
+                updates += [gr.skip(), gr.skip()]
+            return updates + [gr.Tabs(selected=tab)]
+
+        to_txt2img.click(lambda parsed: send_values(parsed, "txt2img"), n_json, send(t) + [tabs], api_name=False)
+        to_img2img.click(lambda parsed, path: send_values(parsed, "img2img") + [path], [n_json, n_image],
+                         send(i) + [tabs, i_image], api_name=False)
+    return ui
+
+
+def mount_ui(app: "FastAPI", queue: JobQueue, *, limits: "Limits | None" = None, model_name: str | None = None,
+             save_dir: "str | os.PathLike[str] | None" = None, path: str = "/") -> "FastAPI":
+    """Mount the web UI at `path` of `app` (routes added before it, such as /sdapi/v1, keep precedence)."""
+    gr = _gradio()
+    ui = build_ui(queue, limits=limits, model_name=model_name, save_dir=save_dir)
+    ui.queue(default_concurrency_limit=None, max_size=None)
+    return gr.mount_gradio_app(
+        app, ui, path=path, theme=theme(), css=CSS, ssr_mode=False, mcp_server=False, pwa=False,
+        footer_links=["api"], show_error=True,
+    )
