@@ -495,6 +495,7 @@ def create_app(
     max_images: int = DEFAULT_MAX_IMAGES,
     allowed_origins: Sequence[str] = (),
     shutdown_timeout: float = 30.0,
+    ui: bool = True,
 ) -> FastAPI:
     """A FastAPI app speaking A1111's `/sdapi/v1` for one engine.
 
@@ -502,7 +503,8 @@ def create_app(
     shut down with the app) or a `JobQueue` (the caller owns it). `auth`: "user:pass" or
     {user: pass} for HTTP Basic on every route. `save_dir`: when set, every generated image is
     also written there (`txt2img-images/`, `img2img-images/`) with the usual names; no request
-    field can change where.
+    field can change where. `ui`: also serve the Gradio web UI at `/` (leansd.frontends.webui),
+    over the same queue and behind the same auth and Origin checks.
     """
     from contextlib import asynccontextmanager
 
@@ -749,6 +751,10 @@ def create_app(
             raise HTTPError(404, f"no queued or running job {job_id!r}", name="NotFound")
         return {"cancelled": job_id}
 
+    if ui:  # last: the UI is mounted at "/", so every route above keeps precedence
+        from leansd.frontends.webui import mount_ui
+
+        mount_ui(app, queue, limits=limits, model_name=model_name, save_dir=outputs)
     return app
 
 

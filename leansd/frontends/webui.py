@@ -10,8 +10,6 @@ readable message in the page, and an `AppError` for gradio_client). Every genera
 Gradio is imported only here, lazily (importing it costs seconds); the page loads no remote fonts.
 """
 
-from __future__ import annotations
-
 import base64
 import io
 import logging
@@ -251,8 +249,8 @@ def build_ui(
         with gr.Row(equal_height=True):
             c["seed"] = gr.Number(value=-1, precision=0, label="Seed (-1 = random)", elem_id=f"{prefix}_seed",
                                   scale=4)
-            c["random_seed"] = gr.Button("🎲 Random", elem_id=f"{prefix}_random_seed", size="sm", scale=1)
-            c["reuse_seed"] = gr.Button("♻ Reuse", elem_id=f"{prefix}_reuse_seed", size="sm", scale=1)
+            c["random_seed"] = gr.Button("Random", elem_id=f"{prefix}_random_seed", size="sm", scale=1)
+            c["reuse_seed"] = gr.Button("Reuse last", elem_id=f"{prefix}_reuse_seed", size="sm", scale=1)
         return c
 
     def results(prefix: str) -> dict[str, Any]:
