@@ -70,14 +70,20 @@ def build_parser() -> argparse.ArgumentParser:
             _add_hires_args(command)
         _add_output_args(command, outdir)
     _add_serve_args(sub)
+    _add_serve_args(sub, name="ui")
     return parser
 
 
-def _add_serve_args(sub: "argparse._SubParsersAction") -> None:
+def _add_serve_args(sub: "argparse._SubParsersAction", name: str = "serve") -> None:
     serve = sub.add_parser(
-        "serve", help="serve an AUTOMATIC1111-compatible HTTP API (/sdapi/v1)",
-        description="Serve an AUTOMATIC1111-compatible HTTP API (/sdapi/v1) on one model; see docs/API.md.",
+        name, help="serve the web UI (/) and an AUTOMATIC1111-compatible HTTP API (/sdapi/v1)"
+        + ("; opens the browser" if name == "ui" else ""),
+        description="Serve the web UI (/) and an AUTOMATIC1111-compatible HTTP API (/sdapi/v1) on one model; "
+        "see docs/API.md." + (" Same as `leansd serve`, and opens the UI in the browser." if name == "ui" else ""),
     )
+    if name == "ui":
+        serve.add_argument("--no-browser", "--no_browser", dest="browser", action="store_false",
+                           help="do not open the web UI in the browser")
     _add_model_args(serve)
     net = serve.add_argument_group("server")
     net.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1, this machine only)")
@@ -246,7 +252,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         if args.command in TASKS:
             return run_generate(args)
-        if args.command == "serve":
+        if args.command in ("serve", "ui"):
             return run_serve(args)
     except LeansdError as exc:
         print(f"leansd: error: {one_line(exc)}", file=sys.stderr)
@@ -442,9 +448,36 @@ def run_serve(args: argparse.Namespace) -> int:
     return serve(
         engine, host=host, port=args.port, auth=credentials, max_queue=args.max_queue, max_size=args.max_size,
         save_dir=Path(args.outdir) if args.save_images else None, log_level="info" if args.verbose else "warning",
-        on_ready=lambda url: print(f"leansd: serving {engine.bundle.name} on {url}/sdapi/v1 (Ctrl+C to stop)",
-                                   file=sys.stderr, flush=True),
+        on_ready=lambda url: _on_ready(url, engine.bundle.name, browser=getattr(args, "browser", False)),
     )
+
+
+def _on_ready(url: str, model_name: str, *, browser: bool) -> None:
+    """Say where the server is; for `leansd ui`, open the page once the port answers."""
+    print(f"leansd: serving {model_name} on {url}/sdapi/v1 and the web UI on {url}/ (Ctrl+C to stop)",
+          file=sys.stderr, flush=True)
+    if browser:
+        import threading
+
+        threading.Thread(target=_open_browser, args=(url + "/",), daemon=True).start()
+
+
+def _open_browser(url: str, timeout: float = 120.0) -> None:
+    import socket
+    import time
+    import urllib.parse
+    import webbrowser
+
+    parts = urllib.parse.urlsplit(url)
+    host = "127.0.0.1" if parts.hostname in ("0.0.0.0", "::") else parts.hostname
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            with socket.create_connection((host, parts.port), timeout=1):
+                break
+        except OSError:
+            time.sleep(0.2)
+    webbrowser.open(f"{parts.scheme}://{host}:{parts.port}/" if host != parts.hostname else url)
 
 
 if __name__ == "__main__":
