@@ -7,7 +7,7 @@ PY     := $(VENV)/bin/python
 PIP    := $(PY) -m pip --disable-pip-version-check
 ARGS   ?= --model tiny --prompt "a photograph of an astronaut riding a horse"
 
-.PHONY: install install-test run test clean
+.PHONY: install install-test install-browser run test clean
 
 $(VENV)/.installed: pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
@@ -27,7 +27,17 @@ install-test: $(VENV)/.installed-test
 run: install
 	$(VENV)/bin/leansd txt2img $(ARGS)
 
-test: install-test
+# The web UI's browser test drives Debian's chromium through Playwright (executable_path); browsers
+# are never downloaded with `playwright install`.
+CHROMIUM ?= /usr/bin/chromium
+
+install-browser:
+	@if [ -x $(CHROMIUM) ]; then :; \
+	elif [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+		apt-get install -y -q chromium || (apt-get update -q && apt-get install -y -q chromium); \
+	else echo "install-browser: $(CHROMIUM) is missing; install Debian's chromium (sudo apt-get install chromium)" >&2; exit 1; fi
+
+test: install-test install-browser
 	OMP_NUM_THREADS=1 HF_HUB_OFFLINE=1 $(PY) -m pytest -q $(PYTEST_ARGS)
 
 clean:
