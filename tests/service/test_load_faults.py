@@ -148,3 +148,40 @@ def test_client_disconnect_cancels_its_job(engine, live_server) -> None:
     answer = httpx.post(f"{base}/txt2img", json={"prompt": "next", "steps": 2, "width": 64, "height": 64},
                         timeout=60)
     assert answer.status_code == 200
+
+
+def _rss_bytes() -> int:
+    with open("/proc/self/status", encoding="ascii") as status:
+        for line in status:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) * 1024
+    raise AssertionError("no VmRSS in /proc/self/status")
+
+
+def test_memory_stays_flat_under_repeated_load(engine, live_server) -> None:
+    """After a warm-up, more rounds of concurrent requests do not grow the process (no leak per job)."""
+    import gc
+
+    server = live_server(create_app(engine, max_queue=64))
+    base = server.url + "/sdapi/v1"
+
+    def round_of(n: int) -> None:
+        def send(i: int) -> int:
+            payload = {"prompt": f"flat {i}", "seed": i, "steps": 2, "width": 64, "height": 64}
+            if i % 2:
+                payload = {**payload, "init_images": [b64(INIT)], "denoising_strength": 0.5}
+            with httpx.Client(timeout=120) as http:
+                return http.post(f"{base}/{'img2img' if i % 2 else 'txt2img'}", json=payload).status_code
+
+        with ThreadPoolExecutor(8) as pool:
+            assert set(pool.map(send, range(n))) == {200}
+
+    round_of(16)  # warm-up: allocator pools, caches, lazily imported code
+    gc.collect()
+    before = _rss_bytes()
+    for _ in range(3):
+        round_of(16)
+    gc.collect()
+    growth = _rss_bytes() - before
+    assert growth < 64 * 2**20, f"RSS grew by {growth / 2**20:.1f} MiB over 48 jobs"
+    assert server.queue.status()["waiting"] == [] and server.queue.current is None
