@@ -158,9 +158,11 @@ class Engine:
             return
         if name == "unet" and self._streaming:
             self._stop_streaming()
+        # Mark it placed before moving: if the move fails halfway (out of memory), _evict still
+        # brings back the part that reached the device.
+        self._on_device.add(name)
         self._cast(module, self._dtype_of(name), self.device)
         self.memory.place(name, module_bytes(module))
-        self._on_device.add(name)
 
     def _evict(self, name: str) -> None:
         """Move component `name` back to host memory (a no-op move on the CPU) and stop counting it."""
@@ -241,8 +243,11 @@ class Engine:
 
     def placed_text_encoder(self) -> "CLIPTextModel":
         """The text encoder on the compute device, moved there on first use (a cache miss)."""
-        size = self.bundle.default_size
-        plan = self.plan or self.plan_for(width=size, height=size)
+        from leansd.request import MIN_SIZE
+
+        # Before the first UNet plan, plan at the smallest size: the text stage does not depend on
+        # the image size, and a larger guess could refuse a budget the real request fits.
+        plan = self.plan or self.plan_for(width=MIN_SIZE, height=MIN_SIZE)
         self._enter_stage("text", plan)
         return self.bundle.text_encoder
 
@@ -274,10 +279,21 @@ class Engine:
         from leansd.engine.vae import vae_tiling
 
         plan = self.plan_for(width=width, height=height, batch=batch, passes=self._passes)
+        if plan.vae_tile is not None and any(
+            getattr(m, "padding_mode", "zeros") == "circular" for m in self.bundle.vae.modules()
+        ):
+            from leansd.errors import InvalidRequestError
+
+            # Each tile would wrap onto itself instead of onto the opposite edge of the image.
+            raise InvalidRequestError(
+                "seamless tiling needs the whole image in one VAE pass, but this budget tiles the VAE; "
+                "use --vae-on-cpu or a larger --vram"
+            )
         self._enter_stage("vae", plan)
         device = torch.device("cpu") if plan.vae_on_cpu else self.device
+        dtype = torch.float32 if plan.vae_on_cpu else self._dtype_of("vae")  # _bring keeps a CPU VAE in fp32
         with vae_tiling(self.bundle.vae, plan.vae_tile, scale=self.bundle.vae_scale_factor):
-            yield device, self._dtype_of("vae")
+            yield device, dtype
 
     def vae_decode(self, latents: "torch.Tensor") -> "torch.Tensor":
         """Scaled latents (B, 4, h, w) -> images (B, 3, H, W) in [-1, 1], float32.

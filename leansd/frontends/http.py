@@ -295,17 +295,19 @@ def txt2img_request(body: Txt2ImgRequest, *, model_name: str, limits: "Limits") 
             fields["hires_height"] = ry or None
         else:
             fields["hires_scale"] = 2.0 if body.hr_scale is None else body.hr_scale
-            target = [round(fields[side] * fields["hires_scale"]) for side in ("width", "height")]
-            if max(target) > limits.max_size:
-                raise _bad(
-                    f"the hires pass would be {target[0]}x{target[1]}; the largest side allowed on this server "
-                    f"is {limits.max_size}"
-                )
-        if max(rx, ry) > limits.max_size:
-            raise _bad(f"hr_resize_x/hr_resize_y must be at most {limits.max_size} on this server")
         fields["hires_steps"] = body.hr_second_pass_steps or None
         fields["hires_strength"] = 0.75 if body.denoising_strength is None else body.denoising_strength
-    return GenerationRequest(**fields).validated()
+    request = GenerationRequest(**fields).validated()  # checks hires_scale is finite and in range first
+    if request.hires:
+        from leansd.pipelines.txt2img import hires_target
+
+        width, height = hires_target(request, width=request.width or 512, height=request.height or 512)
+        if max(width, height) > limits.max_size:
+            raise _bad(
+                f"the hires pass would be {width}x{height}; the largest side allowed on this server "
+                f"is {limits.max_size}"
+            )
+    return request
 
 
 def img2img_request(body: Img2ImgRequest, *, model_name: str, limits: "Limits") -> "GenerationRequest":

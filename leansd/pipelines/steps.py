@@ -185,7 +185,9 @@ def run_denoise(
     if extra_channels is None and engine.bundle.is_inpainting:
         extra_channels = whole_image_conditioning(engine, latents)
     plan = text.plan(len(scheduler.timesteps if timesteps is None else timesteps))
-    passes = 2 if uses_guidance(request.guidance_scale, engine.bundle.unet) or plan.is_composable else 1
+    # UNet passes per step: the negative plus every AND part when guided (as the loop batches them).
+    guided = uses_guidance(request.guidance_scale, engine.bundle.unet) or plan.is_composable
+    passes = 1 + plan.max_parts if guided else plan.max_parts
     factor = engine.bundle.vae_scale_factor
     batch, _, h, w = latents.shape
     with engine.unet_stage(width=w * factor, height=h * factor, batch=batch, passes=passes) as unet, engine.compute():

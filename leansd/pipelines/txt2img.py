@@ -72,7 +72,7 @@ def txt2img(
 def hires_target(request: "GenerationRequest", *, width: int, height: int) -> tuple[int, int] | None:
     """Size of the second pass: an explicit width/height, or the first pass scaled (multiple of 8)."""
     from leansd.errors import InvalidRequestError
-    from leansd.request import MAX_SIZE
+    from leansd.request import MAX_SIZE, MIN_SIZE
 
     if not request.hires:
         return None
@@ -82,8 +82,10 @@ def hires_target(request: "GenerationRequest", *, width: int, height: int) -> tu
         # One side given: keep the aspect ratio, as AUTOMATIC1111's "Resize width/height to".
         w2 = request.hires_width or int(round(width * request.hires_height / height / 8)) * 8
         h2 = request.hires_height or int(round(height * request.hires_width / width / 8)) * 8
-    if max(w2, h2) > MAX_SIZE:
-        raise InvalidRequestError(f"the hires pass would be {w2}x{h2}; the largest side allowed is {MAX_SIZE}")
+    if max(w2, h2) > MAX_SIZE or min(w2, h2) < MIN_SIZE:
+        raise InvalidRequestError(
+            f"the hires pass would be {w2}x{h2}; each side must be between {MIN_SIZE} and {MAX_SIZE}"
+        )
     return w2, h2
 
 

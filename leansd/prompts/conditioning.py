@@ -143,6 +143,11 @@ class ConditioningPlan:
         """True if some step has several parts or a weight other than 1 (needs the uncond pass)."""
         return any(len(s.conds) != 1 or s.weights != (1.0,) for s in self._distinct())
 
+    @property
+    def max_parts(self) -> int:
+        """The most AND parts any step has (the loop runs one UNet pass per part, plus the negative)."""
+        return max(len(s.conds) for s in self._distinct())
+
     def _distinct(self) -> list[StepConditioning]:
         return list({id(s): s for s in self.per_step}.values())
 

@@ -224,6 +224,8 @@ class JobQueue:
             self._closed = True
             waiting = list(self._waiting)
             self._waiting.clear()
+            for job in waiting:  # under the lock, so a concurrent cancel() sees them finished
+                job.state = JobState.CANCELLED
             self._lock.notify_all()
         for job in waiting:
             self._finish_cancelled(job, f"job {job.id} cancelled before it started: {reason}")
@@ -303,7 +305,10 @@ class JobQueue:
             if job is None or job.state.finished:
                 return False
             if job.state is JobState.QUEUED:
+                if job not in self._waiting:  # the worker or close() took it meanwhile
+                    return False
                 self._waiting.remove(job)
+                job.state = JobState.CANCELLED
             else:
                 job._cancel = True
                 return True

@@ -158,7 +158,19 @@ BAD = {
     "inpainting fill": ("img2img", {"mask": b64(MASK), "inpainting_fill": 7}, 400, "inpainting_fill"),
     "resize mode": ("img2img", {"resize_mode": 9}, 400, "resize mode"),
     "mask blur": ("img2img", {"mask": b64(MASK), "mask_blur": 1000}, 400, "mask_blur"),
+    "hires scale inf": ("txt2img", {"enable_hr": True, "hr_scale": 1e308}, 400, "hires_scale"),
+    "hires one side too small": ("txt2img", {"enable_hr": True, "width": 2048, "height": 64, "hr_resize_x": 64},
+                                 400, "hires pass would be"),
+    "hires one side too large": ("txt2img", {"enable_hr": True, "width": 512, "height": 1024, "hr_resize_x": 2048},
+                                 400, "hires pass would be"),
 }
+
+
+def test_nan_hires_scale_is_400(base) -> None:
+    body = '{"prompt": "x", "steps": 2, "width": 64, "height": 64, "enable_hr": true, "hr_scale": NaN}'
+    answer = httpx.post(f"{base}/txt2img", content=body, headers={"content-type": "application/json"}, timeout=60)
+    assert answer.status_code in (400, 422), answer.text
+    assert "\n" not in answer.json()["detail"]
 
 
 @pytest.mark.parametrize("case", list(BAD))

@@ -1,0 +1,39 @@
+"""Regressions found in review: VAE moved to the CPU under a half-precision budget, seamless tiling
+with a tiled VAE, hires sizes from the HTTP API."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from leansd import Engine, GenerationRequest
+from leansd.engine.planner import PlanRequest, candidate_plans
+from leansd.errors import InvalidRequestError
+from tests.helpers import tiny_bundle
+
+
+def test_vae_on_cpu_by_plan_works_in_bf16() -> None:
+    probe = Engine(tiny_bundle(), device="cpu", precision="bf16", prompt_cache=False, vram=None)
+    plans = candidate_plans(probe.sizes, PlanRequest(width=64, height=64, batch=1, passes=2), None)
+    cpu_vae_peak = min(p.peak for _, p in plans if p.vae_on_cpu)
+    budget = int(cpu_vae_peak / 0.9) + 16  # room for the plan with the VAE on the CPU, not more
+    engine = Engine(tiny_bundle(), device="cpu", precision="bf16", prompt_cache=False, vram=budget,
+                    virtual_device=True)
+    result = engine.generate(GenerationRequest(prompt="a", width=64, height=64, num_inference_steps=2, seed=1),
+                             progress_bar=False)
+    assert engine.plan.vae_on_cpu
+    assert np.isfinite(result.pixels).all() and result.pixels.std() > 0.01
+
+
+def test_seamless_tiling_refuses_a_tiled_vae() -> None:
+    # 36M (virtual) makes the planner tile the tiny model's VAE at 128x128 (plan: "VAE tiled 96px").
+    engine = Engine(tiny_bundle(), device="cpu", precision="full", prompt_cache=False, vram=36_000_000,
+                    virtual_device=True)
+    assert engine.plan_for(width=128, height=128).vae_tile is not None
+    request = GenerationRequest(prompt="a", width=128, height=128, num_inference_steps=1, seed=1)
+    assert engine.generate(request, progress_bar=False).images[0].size == (128, 128)  # tiled is fine
+    with pytest.raises(InvalidRequestError, match="seamless tiling needs the whole image in one VAE pass"):
+        engine.generate(GenerationRequest(prompt="a", width=128, height=128, num_inference_steps=1, seed=1,
+                                          tiling=True), progress_bar=False)
+    # The failed request restored the padding: the next plain request works.
+    assert engine.generate(request, progress_bar=False).images[0].size == (128, 128)
