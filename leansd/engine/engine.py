@@ -22,6 +22,16 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 
+def cpu_has_fast_bf16() -> bool:
+    """True when oneDNN has native bf16 kernels on this CPU (AVX512-BF16 or AMX); else bf16 is emulated."""
+    import torch
+
+    try:
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):
+        return False
+
+
 class Engine:
     """Load once, generate many.
 
@@ -51,6 +61,8 @@ class Engine:
         the VAE on the CPU. On the CPU a budget applies only with `virtual_device=True`: everything
         still runs in RAM, and `memory` accounts as if the CPU were the budgeted device (tests).
         """
+        import torch
+
         from leansd.engine.planner import POLICIES
         from leansd.errors import InvalidRequestError
         from leansd.prompts.cache import PromptCache
@@ -75,7 +87,13 @@ class Engine:
         self._vae_full_precision = False
         self._passes = 2
         if self.precision.name == "fp16" and self.device.type == "cpu":
-            logger.warning("fp16 on the CPU is emulated and very slow; bf16 or full is much faster here")
+            logger.warning("fp16 on the CPU is emulated and very slow; full (or bf16 on CPUs with native bf16) is faster")
+        if self.device.type == "cpu" and torch.bfloat16 in (self.precision.weight_dtype, self.precision.autocast_dtype):
+            if not cpu_has_fast_bf16():
+                logger.warning(
+                    "this CPU has no native bf16 (%s): %s precision runs far slower than full here",
+                    torch.backends.cpu.get_cpu_capability(), self.precision.name,
+                )
         self.prompt_cache: PromptCache | None = (
             PromptCache() if prompt_cache is True else (prompt_cache or None)
         )
