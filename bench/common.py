@@ -8,7 +8,6 @@ pictures are noise. Nothing here touches the network.
 from __future__ import annotations
 
 import datetime
-import json
 import os
 import platform
 import re
@@ -116,12 +115,11 @@ def write_sd15_diffusers_config(folder: str | os.PathLike[str]) -> Path:
     to work offline.
     """
     import accelerate
-    import diffusers
-    from diffusers import AutoencoderKL, PNDMScheduler, UNet2DConditionModel
+    from diffusers import AutoencoderKL, UNet2DConditionModel
     from transformers import CLIPTextConfig
 
-    from leansd.models.configs import SD1_SCHEDULER_CONFIG, SD15_TEXT_CONFIG, SD15_UNET_CONFIG, SD15_VAE_CONFIG
-    from leansd.models.tokenizer import bundled_tokenizer
+    from leansd.models.configs import SD15_TEXT_CONFIG, SD15_UNET_CONFIG, SD15_VAE_CONFIG
+    from leansd.models.tiny import write_pipeline_files
 
     root = Path(folder)
     root.mkdir(parents=True, exist_ok=True)
@@ -131,21 +129,7 @@ def write_sd15_diffusers_config(folder: str | os.PathLike[str]) -> Path:
     text_config = CLIPTextConfig(**SD15_TEXT_CONFIG)
     text_config.architectures = ["CLIPTextModel"]
     text_config.save_pretrained(root / "text_encoder")
-    bundled_tokenizer().save_pretrained(root / "tokenizer")
-    PNDMScheduler.from_config(SD1_SCHEDULER_CONFIG).save_pretrained(root / "scheduler")
-    index = {
-        "_class_name": "StableDiffusionPipeline",
-        "_diffusers_version": diffusers.__version__,
-        "feature_extractor": [None, None],
-        "requires_safety_checker": False,
-        "safety_checker": [None, None],
-        "scheduler": ["diffusers", "PNDMScheduler"],
-        "text_encoder": ["transformers", "CLIPTextModel"],
-        "tokenizer": ["transformers", "CLIPTokenizer"],
-        "unet": ["diffusers", "UNet2DConditionModel"],
-        "vae": ["diffusers", "AutoencoderKL"],
-    }
-    (root / "model_index.json").write_text(json.dumps(index, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+    write_pipeline_files(root)
     return root
 
 

@@ -140,25 +140,14 @@ def write_tiny_single_file(
     return target
 
 
-def write_tiny_diffusers_folder(path: str | os.PathLike[str], *, seed: int = 0) -> Path:
-    """Write the tiny RANDOM model (it makes noise) as a diffusers ``StableDiffusionPipeline`` folder.
-
-    ``model_index.json``, ``unet/``, ``vae/``, ``text_encoder/`` (safetensors), ``tokenizer/``
-    (the bundled CLIP tokenizer) and ``scheduler/`` (``PNDMScheduler`` with the SD 1.x schedule).
-    Same seed, same files; about 16 MB (the tokenizer alone is 3.6 MB).
-    """
+def write_pipeline_files(root: Path) -> None:
+    """The model-independent parts of an SD 1.x diffusers folder: tokenizer/, scheduler/, model_index.json."""
     import diffusers
     from diffusers import PNDMScheduler
 
     from leansd.models.configs import SD1_SCHEDULER_CONFIG
     from leansd.models.tokenizer import bundled_tokenizer, save_tokenizer
 
-    root = Path(path)
-    root.mkdir(parents=True, exist_ok=True)
-    tiny = build_tiny_components(seed=seed)
-    tiny.unet.save_pretrained(root / "unet", safe_serialization=True)
-    tiny.vae.save_pretrained(root / "vae", safe_serialization=True)
-    tiny.text_encoder.save_pretrained(root / "text_encoder", safe_serialization=True)
     save_tokenizer(bundled_tokenizer(), root / "tokenizer")
     PNDMScheduler.from_config(SD1_SCHEDULER_CONFIG).save_pretrained(root / "scheduler")
     index = {
@@ -174,4 +163,20 @@ def write_tiny_diffusers_folder(path: str | os.PathLike[str], *, seed: int = 0) 
         "vae": ["diffusers", "AutoencoderKL"],
     }
     (root / "model_index.json").write_text(json.dumps(index, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+
+
+def write_tiny_diffusers_folder(path: str | os.PathLike[str], *, seed: int = 0) -> Path:
+    """Write the tiny RANDOM model (it makes noise) as a diffusers ``StableDiffusionPipeline`` folder.
+
+    ``model_index.json``, ``unet/``, ``vae/``, ``text_encoder/`` (safetensors), ``tokenizer/``
+    (the bundled CLIP tokenizer) and ``scheduler/`` (``PNDMScheduler`` with the SD 1.x schedule).
+    Same seed, same files; about 16 MB (the tokenizer alone is 3.6 MB).
+    """
+    root = Path(path)
+    root.mkdir(parents=True, exist_ok=True)
+    tiny = build_tiny_components(seed=seed)
+    tiny.unet.save_pretrained(root / "unet", safe_serialization=True)
+    tiny.vae.save_pretrained(root / "vae", safe_serialization=True)
+    tiny.text_encoder.save_pretrained(root / "text_encoder", safe_serialization=True)
+    write_pipeline_files(root)
     return root
