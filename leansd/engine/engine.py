@@ -137,6 +137,18 @@ class Engine:
         resolve_budget(memory.get("vram", "auto"), resolved, virtual=memory.get("virtual_device", False), probe=False)
         return cls(load_model(model), device=device, precision=precision, prompt_cache=prompt_cache, **memory)
 
+    def set_budget(self, vram: "str | int | None") -> int | None:
+        """Change the device budget ("4G", "1500M", "auto", "none"); the next stage plans with it.
+
+        Raises InvalidRequestError for a size it cannot read. Returns the budget in bytes (None: no limit).
+        """
+        budget = resolve_budget(vram, self.device, virtual=self.virtual_device)
+        self.budget = budget
+        self.memory.budget = budget
+        self.plan = None
+        logger.info("memory budget now %s", "none" if budget is None else f"{budget >> 20} MiB")
+        return budget
+
     # -- placement -------------------------------------------------------------------------------
 
     def _components(self) -> dict[str, "torch.nn.Module"]:

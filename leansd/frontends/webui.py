@@ -187,7 +187,8 @@ def memory_text(queue: JobQueue) -> str:
         f"- **Memory policy:** {getattr(engine, 'memory_policy', 'n/a')}",
         f"- **Last memory plan:** {plan.describe() if plan is not None else 'none yet'}",
         "",
-        "The budget is set when the server starts (`leansd serve --vram 4G`, `--medvram`, `--lowvram`).",
+        "Change the budget above (it applies from the next model stage) or when the server starts "
+        "(`leansd serve --vram 4G`, `--medvram`, `--lowvram`).",
     ]
     return "\n".join(lines)
 
@@ -429,8 +430,21 @@ def build_ui(
                 n_image.change(png_info, n_image, [n_text, n_json], api_name="png_info")
         with gr.Accordion("Settings: memory", open=False):
             memory = gr.Markdown(memory_text(queue), elem_id="memory_settings")
+            with gr.Row():
+                vram_box = gr.Textbox(label="VRAM budget", placeholder="e.g. 4G, 1500M, auto, none",
+                                      elem_id="vram_budget", scale=3)
+                apply_vram = gr.Button("Apply", size="sm", elem_id="vram_apply", scale=1)
             gr.Button("Refresh", size="sm").click(lambda: memory_text(queue), None, memory, api_name=False,
                                                   queue=False)
+
+            def set_vram(text):
+                try:
+                    queue.engine.set_budget(str(text).strip() or "auto")
+                except LeansdError as exc:
+                    raise gr.Error(one_line(exc), print_exception=False) from None
+                return memory_text(queue)
+
+            apply_vram.click(set_vram, vram_box, memory, api_name="set_vram")
 
         def send(target: dict[str, Any]) -> list:
             return [target["prompt"], target["negative"], target["sampler"], target["steps"], target["cfg"],

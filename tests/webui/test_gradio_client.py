@@ -114,3 +114,25 @@ def test_bad_values_give_readable_errors(client, change, message) -> None:
 def test_missing_image_is_a_readable_error(client) -> None:
     with pytest.raises(Exception, match="upload an image"):
         client.predict(None, *COMMON, 0.5, "just resize", api_name="/img2img")
+
+
+def test_vram_budget_can_be_changed_from_the_settings_panel() -> None:
+    from gradio_client import Client
+
+    from leansd.engine.engine import Engine
+    from leansd.frontends.http import create_app
+    from tests.helpers import tiny_bundle
+    from tests.service.conftest import LiveServer
+
+    engine = Engine(tiny_bundle(), device="cpu", precision="full", prompt_cache=False, vram=None, virtual_device=True)
+    with LiveServer(create_app(engine, max_queue=4)) as server:
+        client = Client(server.url + "/", verbose=False)
+        shown = client.predict("300M", api_name="/set_vram")
+        assert engine.budget == 300 * 2**20 and engine.memory.budget == engine.budget
+        assert "300 MiB" in shown
+        with pytest.raises(Exception, match="vram|size|budget") as caught:
+            client.predict("lots", api_name="/set_vram")
+        assert "Traceback" not in str(caught.value)
+        assert engine.budget == 300 * 2**20  # a bad value changes nothing
+        client.predict("none", api_name="/set_vram")
+        assert engine.budget is None
