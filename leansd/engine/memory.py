@@ -102,6 +102,7 @@ def model_sizes(bundle: "ModelBundle", *, dtype_bytes: int, vae_dtype_bytes: int
         text_hidden=int(bundle.text_encoder.config.hidden_size),
         vae_scale=bundle.vae_scale_factor,
         dtype_bytes=dtype_bytes,
+        vae_dtype_bytes=vae_dtype_bytes,
     )
 
 

@@ -69,6 +69,8 @@ class ModelSizes:
     text_hidden: int = 768
     vae_scale: int = 8
     dtype_bytes: int = 2
+    vae_dtype_bytes: int | None = None
+    """The VAE's own dtype size when it differs (fp32 after the fp16 NaN fallback); None: dtype_bytes."""
 
     @property
     def unet(self) -> int:
@@ -186,7 +188,7 @@ def unet_activation(sizes: ModelSizes, request: PlanRequest, *, cfg_batched: boo
 
 
 def vae_activation(sizes: ModelSizes, request: PlanRequest, *, tile: int | None) -> int:
-    d = sizes.dtype_bytes
+    d = sizes.vae_dtype_bytes or sizes.dtype_bytes
     width, height, b = request.width, request.height, request.batch
     tw, th = (width, height) if tile is None else (min(tile, width), min(tile, height))
     work = 16 * sizes.vae_channels * d * tw * th * b

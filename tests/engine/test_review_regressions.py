@@ -37,3 +37,15 @@ def test_seamless_tiling_refuses_a_tiled_vae() -> None:
                                           tiling=True), progress_bar=False)
     # The failed request restored the padding: the next plain request works.
     assert engine.generate(request, progress_bar=False).images[0].size == (128, 128)
+
+
+def test_vae_activations_are_planned_at_the_vae_dtype() -> None:
+    from dataclasses import replace
+
+    from leansd.engine.planner import vae_activation
+
+    engine = Engine(tiny_bundle(), device="cpu", precision="fp16", prompt_cache=False, vram=None)
+    half = engine.sizes
+    request = PlanRequest(width=128, height=128, batch=1, passes=2)
+    full = replace(half, vae_dtype_bytes=4)  # the VAE in fp32 after the NaN fallback
+    assert vae_activation(full, request, tile=None) == 2 * vae_activation(half, request, tile=None)
