@@ -303,10 +303,10 @@ class Engine:
 
     @contextlib.contextmanager
     def vae_stage(self, *, width: int, height: int, batch: int) -> Iterator[tuple["torch.device", "torch.dtype"]]:
-        """The VAE placed (or on the CPU) and tiled per plan; yields the device and dtype to run it at."""
-        import torch
+        """The VAE placed (or on the CPU) per plan; yields the device and dtype to run it at.
 
-        from leansd.engine.vae import vae_tiling
+        `self.plan.vae_tile` says whether `vae_decode`/`vae_encode` run in tiles."""
+        import torch
 
         plan = self.plan_for(width=width, height=height, batch=batch, passes=self._passes)
         if plan.vae_tile is not None and any(
@@ -322,8 +322,7 @@ class Engine:
         self._enter_stage("vae", plan)
         device = torch.device("cpu") if plan.vae_on_cpu else self.device
         dtype = torch.float32 if plan.vae_on_cpu else self._dtype_of("vae")  # _bring keeps a CPU VAE in fp32
-        with vae_tiling(self.bundle.vae, plan.vae_tile, scale=self.bundle.vae_scale_factor):
-            yield device, dtype
+        yield device, dtype
 
     def vae_decode(self, latents: "torch.Tensor") -> "torch.Tensor":
         """Scaled latents (B, 4, h, w) -> images (B, 3, H, W) in [-1, 1], float32.
@@ -333,15 +332,16 @@ class Engine:
         """
         import torch
 
-        from leansd.engine.vae import is_finite
+        from leansd.engine.vae import decode, is_finite
 
         vae = self.bundle.vae
         batch, _, h, w = latents.shape
         factor = self.bundle.vae_scale_factor
         with self.vae_stage(width=w * factor, height=h * factor, batch=batch) as (device, dtype):
             z = latents.to(device=device, dtype=dtype) / vae.config.scaling_factor
+            tile = None if self.plan is None else self.plan.vae_tile
             with self._vae_compute(device):
-                image = vae.decode(z, return_dict=False)[0]
+                image = decode(vae, z, tile, scale=factor)
             half = dtype != torch.float32 or (self.precision.autocast_dtype is not None and device == self.device)
             if half and not is_finite(image):
                 logger.warning(
@@ -356,16 +356,19 @@ class Engine:
 
                     self.memory.place("vae", module_bytes(vae))
                 with torch.inference_mode(), torch.autocast(device.type, enabled=False):
-                    image = vae.decode(z.float(), return_dict=False)[0]
+                    image = decode(vae, z.float(), tile, scale=factor)
         return image.float()
 
     def vae_encode(self, pixels: "torch.Tensor") -> Any:
         """Images (B, 3, H, W) in [-1, 1] -> the VAE's latent distribution (on the VAE's device)."""
-        vae = self.bundle.vae
+        from leansd.engine.vae import encode
+
         batch, _, height, width = pixels.shape
         with self.vae_stage(width=width, height=height, batch=batch) as (device, dtype):
+            tile = None if self.plan is None else self.plan.vae_tile
             with self._vae_compute(device):
-                return vae.encode(pixels.to(device=device, dtype=dtype)).latent_dist
+                return encode(self.bundle.vae, pixels.to(device=device, dtype=dtype), tile,
+                              scale=self.bundle.vae_scale_factor)
 
     @contextlib.contextmanager
     def _vae_compute(self, device: "torch.device") -> Iterator[None]:

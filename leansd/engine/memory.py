@@ -99,6 +99,7 @@ def model_sizes(bundle: "ModelBundle", *, dtype_bytes: int, vae_dtype_bytes: int
         unet_channels=channels,
         unet_heads=heads,
         vae_channels=int(bundle.vae.config.block_out_channels[0]),
+        vae_mid_channels=int(bundle.vae.config.block_out_channels[-1]),
         text_hidden=int(bundle.text_encoder.config.hidden_size),
         vae_scale=bundle.vae_scale_factor,
         dtype_bytes=dtype_bytes,

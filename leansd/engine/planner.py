@@ -19,10 +19,14 @@ tokens, C = the UNet's first block width, heads = its attention heads there):
   ~12 C N and the residual stream ~3 C N at the top level dominate (lower levels are 4x smaller);
 - attention scores when they are materialised (no flash / memory-efficient SDPA):
   2 * b * heads * q * N * d for a query chunk of q tokens (scores + softmax), q = N unchunked;
-- VAE decode/encode ~ 16 * C_vae * d per pixel of the tile (the full-resolution up block holds
-  the 2*C_vae upsampled input, its conv output and the resnet tensors) plus the mid-block's
-  single-head attention scores (tile tokens)^2 * d when materialised, plus the decoded image
-  (and, tiled, the decoded tiles kept for blending) at 3 channels.
+- VAE decode/encode, whole: ~ 16 * C_vae * d per pixel (the full-resolution up block holds the
+  2*C_vae upsampled input, its conv output and the resnet tensors) plus the mid-block's
+  single-head attention scores tokens^2 * d when materialised, plus the decoded image at 3 channels;
+- VAE tiled (leansd.engine.tiled_vae: layer by layer, maps in host memory): one tile's working set,
+  (10 + 8 d) bytes per element of C_vae * tile^2 (the crops with halo, float32 normalised and
+  activated copies, the conv output, the residual sum, the copy out; the attention's query-chunk
+  scores are bounded by the same element count), plus the mid-block's keys and values for every
+  latent token, 2 * C_mid * tokens * d.
 These are estimates to be calibrated against `torch.cuda.max_memory_allocated` (bench/memory.py).
 """
 
@@ -71,6 +75,8 @@ class ModelSizes:
     dtype_bytes: int = 2
     vae_dtype_bytes: int | None = None
     """The VAE's own dtype size when it differs (fp32 after the fp16 NaN fallback); None: dtype_bytes."""
+    vae_mid_channels: int | None = None
+    """Channels of the VAE's mid block (its widest level); None: 4 * vae_channels, as in SD's VAEs."""
 
     @property
     def unet(self) -> int:
@@ -190,12 +196,17 @@ def unet_activation(sizes: ModelSizes, request: PlanRequest, *, cfg_batched: boo
 def vae_activation(sizes: ModelSizes, request: PlanRequest, *, tile: int | None) -> int:
     d = sizes.vae_dtype_bytes or sizes.dtype_bytes
     width, height, b = request.width, request.height, request.batch
-    tw, th = (width, height) if tile is None else (min(tile, width), min(tile, height))
-    work = 16 * sizes.vae_channels * d * tw * th * b
-    tokens = (tw // sizes.vae_scale) * (th // sizes.vae_scale)
-    scores = 0 if request.efficient_attention else tokens * tokens * d * b
-    image = 3 * width * height * d * b * (2 if tile is None else 4)  # output (+ the overlapping tiles kept)
-    return work + scores + image
+    tokens = (width // sizes.vae_scale) * (height // sizes.vae_scale)
+    if tile is None:
+        work = 16 * sizes.vae_channels * d * width * height * b
+        scores = 0 if request.efficient_attention else tokens * tokens * d * b
+        image = 3 * width * height * d * b * 2  # the output and its float32/clamped copy
+        return work + scores + image
+    side = min(tile, max(width, height))
+    work = (10 + 8 * d) * sizes.vae_channels * side * side * b
+    mid = sizes.vae_mid_channels or 4 * sizes.vae_channels
+    keys_values = 2 * mid * tokens * d * b
+    return work + keys_values
 
 
 def text_activation(sizes: ModelSizes, request: PlanRequest) -> int:
@@ -233,10 +244,10 @@ def _cost(placement: str, cfg_batched: bool, passes: int, chunk: int | None, n: 
 
 
 def _tiles(request: PlanRequest, tile: int | None) -> int:
+    """Tiles of the VAE's full-resolution layers (each layer's map is cut edge to edge, no overlap)."""
     if tile is None:
         return 1
-    step = tile * 3 // 4  # diffusers' tiling: 25 % overlap
-    return math.ceil(max(1, request.width - tile) / step + 1) * math.ceil(max(1, request.height - tile) / step + 1)
+    return math.ceil(request.width / tile) * math.ceil(request.height / tile)
 
 
 def candidate_plans(sizes: ModelSizes, request: PlanRequest, budget: int | None, *, policy: str = "auto") -> list[tuple[float, MemoryPlan]]:
