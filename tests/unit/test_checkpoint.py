@@ -201,6 +201,9 @@ def test_original_sd_ckpt_extras_load_without_lightning(tmp_path: Path, legacy_n
 
     with pytest.raises(pickle.UnpicklingError):  # plain weights_only refuses these files
         torch.load(path, weights_only=True)
+    # torch registers some safe globals of its own on first use (e.g. NestedTensor when torch.nested
+    # is first imported, which depends on what ran before): read once so that happens first.
+    read_state_dict(path)
     before = list(torch.serialization.get_safe_globals())
 
     _assert_same(read_state_dict(path), sd)
