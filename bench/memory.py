@@ -60,8 +60,10 @@ def h2d_bandwidth() -> float | None:
 def budgets_for(args, engine) -> list[str | int | None]:
     """GPU: the issue's budgets. CPU/tiny: fractions of the all-resident peak, then the minimum."""
     from leansd.engine.planner import PlanRequest, candidate_plans
+    from leansd.engine.tiled_vae import efficient_sdpa
 
-    plans = [p for _, p in candidate_plans(engine.sizes, PlanRequest(width=args.size, height=args.size), None)]
+    request = PlanRequest(width=args.size, height=args.size, efficient_attention=efficient_sdpa(engine.device))
+    plans = [p for _, p in candidate_plans(engine.sizes, request, None)]
     resident = max(p.peak for p in plans)
     minimum = min(p.peak for p in plans)
     if args.tiny or engine.device.type == "cpu":

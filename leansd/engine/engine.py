@@ -51,6 +51,7 @@ class Engine:
         turbo: bool = False,
         vae_on_cpu: bool = False,
         virtual_device: bool = False,
+        efficient_attention: bool | None = None,
     ) -> None:
         """`prompt_cache`: True for the on-disk embedding cache in the user cache folder, False for
         none, or a `PromptCache` (e.g. another folder or size bound).
@@ -60,6 +61,9 @@ class Engine:
         `leansd.engine.planner.POLICIES`); `turbo` plans against the whole budget; `vae_on_cpu` runs
         the VAE on the CPU. On the CPU a budget applies only with `virtual_device=True`: everything
         still runs in RAM, and `memory` accounts as if the CPU were the budgeted device (tests).
+        `efficient_attention`: whether SDPA runs a kernel without a score matrix (None: detect; True
+        on CUDA and the CPU). False makes the planner count scores and chunk attention, as on
+        backends that only have the math path.
         """
         import torch
 
@@ -76,12 +80,15 @@ class Engine:
         self.turbo = turbo
         self.vae_on_cpu = vae_on_cpu
         self.virtual_device = virtual_device
+        self.efficient_attention = efficient_attention
         self.budget: int | None = resolve_budget(vram, self.device, virtual=virtual_device)
+        self._vram_auto = self._is_auto(vram)
         self.memory = MemoryMeter(self.budget)
         self.plan: "MemoryPlan | None" = None
         self._sizes: "ModelSizes | None" = None
         self._on_device: set[str] = set()
         self._streaming = False
+        self._streaming_layers = False
         self._attention_chunk: int | None = None
         self._default_processors: dict | None = None
         self._vae_full_precision = False
@@ -144,10 +151,26 @@ class Engine:
         """
         budget = resolve_budget(vram, self.device, virtual=self.virtual_device)
         self.budget = budget
+        self._vram_auto = self._is_auto(vram)
         self.memory.budget = budget
         self.plan = None
         logger.info("memory budget now %s", "none" if budget is None else f"{budget >> 20} MiB")
         return budget
+
+    def _is_auto(self, vram: "str | int | None") -> bool:
+        from leansd.engine.planner import parse_size
+
+        return self.device.type == "cuda" and parse_size(vram) == "auto"
+
+    def _refresh_budget(self) -> None:
+        """--vram auto follows the device's free memory: read again before each plan."""
+        if not self._vram_auto:
+            return
+        budget = auto_budget(self.device)
+        if budget != self.budget:
+            logger.debug("--vram auto: budget now %d MiB", budget >> 20)
+            self.budget = budget
+            self.memory.budget = budget
 
     # -- placement -------------------------------------------------------------------------------
 
@@ -181,9 +204,12 @@ class Engine:
             self._cast(module, torch.float32, torch.device("cpu"))
             return
         if name == "unet" and plan is not None and plan.stream_unet:
+            layers = plan.placement == "stream-layers"
+            if self._streaming and self._streaming_layers != layers:
+                self._stop_streaming()
             if not self._streaming:
-                self._start_streaming()
-            self.memory.place("unet", self.sizes.stream_weights)
+                self._start_streaming(layers=layers)
+            self.memory.place("unet", self.sizes.unet_layer_peak if layers else self.sizes.stream_weights)
             self._on_device.add("unet")
             return
         if name == "unet" and self._streaming:
@@ -205,8 +231,8 @@ class Engine:
         self._on_device.discard(name)
         self.memory.release(name)
 
-    def _start_streaming(self) -> None:
-        """Stream the UNet block by block with diffusers' group offloading (side stream on CUDA)."""
+    def _start_streaming(self, *, layers: bool = False) -> None:
+        """Stream the UNet block by block (or layer by layer) with diffusers' group offloading."""
         import torch
         from diffusers.hooks import apply_group_offloading
 
@@ -214,11 +240,15 @@ class Engine:
         self._cast(unet, self.precision.weight_dtype, torch.device("cpu"))
         # On CUDA the copies run on a side stream from pinned memory and prefetch the next block;
         # diffusers' hook makes the compute stream wait for each block's copy before it runs.
+        # Layer by layer, the hook learns the execution order on the first call and prefetches the
+        # next layer from then on.
+        options = dict(offload_type="leaf_level") if layers else dict(offload_type="block_level", num_blocks_per_group=1)
         apply_group_offloading(
-            unet, onload_device=self.device, offload_device=torch.device("cpu"), offload_type="block_level",
-            num_blocks_per_group=1, use_stream=self.device.type == "cuda",
+            unet, onload_device=self.device, offload_device=torch.device("cpu"), use_stream=self.device.type == "cuda",
+            **options,
         )
         self._streaming = True
+        self._streaming_layers = layers
 
     def _stop_streaming(self) -> None:
         import torch
@@ -261,8 +291,10 @@ class Engine:
         import torch
 
         from leansd.engine.planner import PlanRequest, plan_memory
+        from leansd.engine.tiled_vae import efficient_sdpa
 
-        efficient = self.device.type == "cuda" and self.precision.weight_dtype in (torch.float16, torch.bfloat16)
+        self._refresh_budget()
+        efficient = efficient_sdpa(self.device) if self.efficient_attention is None else self.efficient_attention
         request = PlanRequest(width=width, height=height, batch=batch, passes=passes,
                               efficient_attention=efficient, vae_on_cpu=self.vae_on_cpu)
         plan = plan_memory(self.sizes, request, self.budget, prefer_speed=self.turbo, policy=self.memory_policy)
@@ -467,11 +499,20 @@ def resolve_budget(vram: "str | int | None", device: "torch.device", *, virtual:
     size = parse_size(vram)
     if size == "auto":
         if device.type == "cuda" and probe:
-            free, _ = torch.cuda.mem_get_info(device)
-            return max(0, free - AUTO_RESERVE)
+            return auto_budget(device)
         return None
     if size is not None and device.type != "cuda" and not virtual:
         if probe:
             logger.warning("--vram applies to a CUDA device; on %s the engine simply runs in RAM", device.type)
         return None
     return size  # type: ignore[return-value]
+
+
+def auto_budget(device: "torch.device") -> int:
+    """--vram auto on CUDA, now: what is free on the device plus what this process's allocator
+    already holds (our own weights and cache count as usable), minus `AUTO_RESERVE`. The engine
+    reads it again before every plan, so memory another process takes or frees is seen."""
+    import torch
+
+    free, _ = torch.cuda.mem_get_info(device)
+    return max(0, free + torch.cuda.memory_reserved(device) - AUTO_RESERVE)

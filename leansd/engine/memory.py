@@ -69,6 +69,15 @@ def module_bytes(module: "torch.nn.Module", dtype_bytes: int | None = None) -> i
     return total
 
 
+def module_bytes_direct(module: "torch.nn.Module", dtype_bytes: int | None = None) -> int:
+    """Bytes of the parameters and buffers `module` holds itself (not its children's)."""
+    total = 0
+    for t in list(module.parameters(recurse=False)) + list(module.buffers(recurse=False)):
+        size = dtype_bytes if dtype_bytes is not None and t.is_floating_point() else t.element_size()
+        total += t.numel() * size
+    return total
+
+
 def model_sizes(bundle: "ModelBundle", *, dtype_bytes: int, vae_dtype_bytes: int | None = None) -> "ModelSizes":
     """The planner's view of a bundle: sizes at the compute dtype, block split as group offloading makes it."""
     import torch
@@ -84,6 +93,16 @@ def model_sizes(bundle: "ModelBundle", *, dtype_bytes: int, vae_dtype_bytes: int
         else:
             rest += module_bytes(child, dtype_bytes)
     rest += sum(p.numel() * dtype_bytes for p in unet.parameters(recurse=False))
+    # Layer-by-layer streaming (diffusers' leaf-level group offloading): each module without children
+    # is a group; parameters of modules with children stay with their parent's group.
+    layers, held = [], 0
+    for module in unet.modules():
+        own = module_bytes_direct(module, dtype_bytes)
+        if next(module.children(), None) is None:
+            layers.append(own)
+        else:
+            held += own
+    layer_peak = held + sum(sorted(layers, reverse=True)[:2])
     head_dim = unet.config.attention_head_dim
     head_dim = head_dim[0] if isinstance(head_dim, (list, tuple)) else head_dim
     channels = int(unet.config.block_out_channels[0])
@@ -95,6 +114,7 @@ def model_sizes(bundle: "ModelBundle", *, dtype_bytes: int, vae_dtype_bytes: int
         text_encoder=module_bytes(bundle.text_encoder, dtype_bytes),
         unet_blocks=tuple(blocks),
         unet_rest=rest,
+        unet_layer_peak=layer_peak,
         vae=module_bytes(bundle.vae, vae_dtype_bytes or dtype_bytes),
         unet_channels=channels,
         unet_heads=heads,

@@ -6,7 +6,8 @@ What it decides, in order of preference (cheapest first, see `_cost`):
 - placement: "resident" (text encoder, UNet and VAE stay on the device), "text-visits" (the text
   encoder comes only to encode a prompt, a cache miss), "stages" (each model is on the device
   only for its stage: text encoder -> UNet -> VAE), "stream" (the UNet's blocks are streamed
-  from host memory one by one, the next one prefetched while the current one computes);
+  from host memory one by one, the next one prefetched while the current one computes),
+  "stream-layers" (the same, one layer at a time: the lowest peak, more and smaller copies);
 - the UNet's activations: cond/uncond in one batch or two, attention query chunk (None = full);
 - the VAE: whole, tiled (tile side in pixels), or on the CPU.
 Among the plans whose accounted peak fits the budget (minus a 10 % margin against estimate
@@ -14,20 +15,25 @@ error, unless `prefer_speed`), it takes the cheapest; below the smallest possibl
 `InvalidRequestError` naming that minimum.
 
 Activation estimates (bytes; b = images per UNet call, d = bytes per element, N = h*w latent
-tokens, C = the UNet's first block width, heads = its attention heads there):
-- UNet feature maps ~ 20 * b * N * C * d: skip connections ~5.4 C N, the GEGLU feed-forward
-  ~12 C N and the residual stream ~3 C N at the top level dominate (lower levels are 4x smaller);
-- attention scores when they are materialised (no flash / memory-efficient SDPA):
-  2 * b * heads * q * N * d for a query chunk of q tokens (scores + softmax), q = N unchunked;
-- VAE decode/encode, whole: ~ 16 * C_vae * d per pixel (the full-resolution up block holds the
-  2*C_vae upsampled input, its conv output and the resnet tensors) plus the mid-block's
-  single-head attention scores tokens^2 * d when materialised, plus the decoded image at 3 channels;
+tokens, C = the UNet's first block width, heads = its attention heads there). Calibrated with
+`leansd.engine.measure` (live tensor bytes per op on the meta device, CUDA's 512-byte blocks) on the
+full-size SD 1.5 architecture at 512-2048 px, fp16 and fp32 (bench/activations.py); each is 5-15 %
+above the measured peak. Kernel workspaces (cuDNN, cuBLAS) are not visible there: the 10 % margin
+and the --vram auto reserve cover them until bench/memory.py measures on a GPU.
+- UNet with flash / memory-efficient SDPA: 28 * b * N * C * d (measured 26.0 at every size and
+  dtype: the GEGLU product in the top up block, its projection, skips and residuals);
+- UNet with materialised scores (the math path; a query chunk of q tokens, q = N unchunked):
+  max(the above, (14 d + 16) * b * N * C + 8.5 * b * heads * q * N): the math path keeps fp32
+  scores and their fp32 softmax (8 bytes per score at any dtype) besides the other live tensors;
+- VAE decode/encode, whole: 7 * C_vae * d per pixel (measured 6.0 decode, 5.0 encode: three
+  2*C_vae full-resolution tensors at the first full-resolution resnet), or with materialised
+  attention the mid block's 8.5 * tokens^2 + 128 * C_vae * tokens if larger, plus the decoded image;
 - VAE tiled (leansd.engine.tiled_vae: layer by layer, maps in host memory): one tile's working set,
-  (10 + 8 d) bytes per element of C_vae * tile^2 (the crops with halo, float32 normalised and
-  activated copies, the conv output, the residual sum, the copy out; the attention's query-chunk
-  scores are bounded by the same element count), plus the mid-block's keys and values for every
-  latent token, 2 * C_mid * tokens * d.
-These are estimates to be calibrated against `torch.cuda.max_memory_allocated` (bench/memory.py).
+  (3 + 4 d) bytes per element of C_vae * tile^2 (measured 6 at fp16, 8 at fp32 on meta, plus the
+  tile's crops copied to the device), plus the mid block's keys and values of every latent token,
+  2 * C_mid * tokens * d (upcast to fp32 and 9 bytes per element of scores on the math path), plus
+  the decoded image brought back to the device;
+- text encoder: 24 * 77 * hidden * d per prompt pass (measured 16, 22.5 on the math path).
 """
 
 from __future__ import annotations
@@ -41,11 +47,11 @@ from leansd.errors import InvalidRequestError
 MiB = 2**20
 GiB = 2**30
 
-PLACEMENTS = ("resident", "text-visits", "stages", "stream")
+PLACEMENTS = ("resident", "text-visits", "stages", "stream", "stream-layers")
 POLICIES = ("auto", "medvram", "lowvram")
 """auto: cheapest plan that fits. medvram (A1111's --medvram): each model on the device only for
-its stage, never all three at once. lowvram (A1111's --lowvram): the UNet always streamed block by
-block."""
+its stage, never all three at once. lowvram (A1111's --lowvram): the UNet always streamed (block by
+block, or layer by layer where blocks do not fit)."""
 
 MARGIN = 0.10
 """Share of the budget left unplanned against estimate error (not with prefer_speed / --turbo)."""
@@ -53,8 +59,8 @@ VAE_TILES = (1024, 768, 512, 384, 256, 192, 128, 96, 64)
 """Candidate VAE tile sides in pixels, largest (fewest seams, fastest) first."""
 ATTENTION_CHUNKS = (4096, 2048, 1024, 512, 256, 128, 64, 32, 16)
 """Candidate attention query chunks in tokens, largest first."""
-TEXT_ACTIVATION_FACTOR = 8
-"""Text encoder activations ~ 8 * 77 tokens * hidden * d per pass (tiny next to its weights)."""
+TEXT_ACTIVATION_FACTOR = 24
+"""Text encoder activations ~ 24 * 77 tokens * hidden * d per pass (tiny next to its weights)."""
 
 
 @dataclass(frozen=True)
@@ -75,6 +81,9 @@ class ModelSizes:
     dtype_bytes: int = 2
     vae_dtype_bytes: int | None = None
     """The VAE's own dtype size when it differs (fp32 after the fp16 NaN fallback); None: dtype_bytes."""
+    unet_layer_peak: int = 0
+    """UNet bytes on the device while streaming layer by layer: the two largest layers (running and
+    prefetched) plus parameters held by non-layer modules; 0: layer streaming not offered."""
     vae_mid_channels: int | None = None
     """Channels of the VAE's mid block (its widest level); None: 4 * vae_channels, as in SD's VAEs."""
 
@@ -125,7 +134,7 @@ class MemoryPlan:
 
     @property
     def stream_unet(self) -> bool:
-        return self.placement == "stream"
+        return self.placement in ("stream", "stream-layers")
 
     def resident(self, component: str) -> bool:
         """Whether `component` ("text", "unet", "vae") stays on the device between its stages."""
@@ -136,6 +145,7 @@ class MemoryPlan:
             "text-visits": component != "text",
             "stages": False,
             "stream": False,
+            "stream-layers": False,
         }[self.placement]
 
     def describe(self) -> str:
@@ -186,27 +196,30 @@ def unet_activation(sizes: ModelSizes, request: PlanRequest, *, cfg_batched: boo
     d = sizes.dtype_bytes
     n = (request.width // sizes.vae_scale) * (request.height // sizes.vae_scale)
     b = request.batch * (request.passes if cfg_batched else 1)
-    features = 20 * b * n * sizes.unet_channels * d
+    features = 28 * b * n * sizes.unet_channels * d
     if request.efficient_attention:
         return features
     q = n if chunk is None else min(chunk, n)
-    return features + 2 * b * sizes.unet_heads * q * n * d
+    attention = (14 * d + 16) * b * n * sizes.unet_channels + int(8.5 * b * sizes.unet_heads * q * n)
+    return max(features, attention)
 
 
 def vae_activation(sizes: ModelSizes, request: PlanRequest, *, tile: int | None) -> int:
     d = sizes.vae_dtype_bytes or sizes.dtype_bytes
     width, height, b = request.width, request.height, request.batch
     tokens = (width // sizes.vae_scale) * (height // sizes.vae_scale)
+    image = 3 * width * height * (d + 4) * b  # the decoded image and its float32 copy
     if tile is None:
-        work = 16 * sizes.vae_channels * d * width * height * b
-        scores = 0 if request.efficient_attention else tokens * tokens * d * b
-        image = 3 * width * height * d * b * 2  # the output and its float32/clamped copy
-        return work + scores + image
+        work = 7 * sizes.vae_channels * d * width * height * b
+        if not request.efficient_attention:
+            work = max(work, int(8.5 * tokens * tokens * b) + 128 * sizes.vae_channels * tokens * b)
+        return work + image
     side = min(tile, max(width, height))
-    work = (10 + 8 * d) * sizes.vae_channels * side * side * b
+    elements = sizes.vae_channels * side * side * b
     mid = sizes.vae_mid_channels or 4 * sizes.vae_channels
-    keys_values = 2 * mid * tokens * d * b
-    return work + keys_values
+    keys_values = 2 * mid * tokens * b * (d if request.efficient_attention else d + 4)
+    scores = 0 if request.efficient_attention else 9 * elements
+    return (3 + 4 * d) * elements + keys_values + scores + image
 
 
 def text_activation(sizes: ModelSizes, request: PlanRequest) -> int:
@@ -225,13 +238,13 @@ def _stage_peaks(
     if placement == "text-visits":
         base = unet + vae
         return {"text": base + te + te_act, "unet": base + unet_act, "vae": base + vae_act}
-    unet_weights = unet if placement == "stages" else sizes.stream_weights
+    unet_weights = {"stages": unet, "stream": sizes.stream_weights, "stream-layers": sizes.unet_layer_peak}[placement]
     return {"text": te + te_act, "unet": unet_weights + unet_act, "vae": vae + vae_act}
 
 
 def _cost(placement: str, cfg_batched: bool, passes: int, chunk: int | None, n: int, tiles: int, vae_cpu: bool) -> float:
     """Rough relative time over an all-resident image (ranking only; bench/memory.py measures)."""
-    cost = {"resident": 0.0, "text-visits": 0.01, "stages": 0.05, "stream": 1.0}[placement]
+    cost = {"resident": 0.0, "text-visits": 0.01, "stages": 0.05, "stream": 1.0, "stream-layers": 1.3}[placement]
     if not cfg_batched and passes > 1:
         cost += 0.15
     if chunk is not None:
@@ -254,7 +267,9 @@ def candidate_plans(sizes: ModelSizes, request: PlanRequest, budget: int | None,
     """Every plan the planner considers, with its cost."""
     if policy not in POLICIES:
         raise InvalidRequestError(f"unknown memory policy {policy!r}; valid: {', '.join(POLICIES)}")
-    placements = {"auto": PLACEMENTS, "medvram": ("stages", "stream"), "lowvram": ("stream",)}[policy]
+    placements = {"auto": PLACEMENTS, "medvram": PLACEMENTS[2:], "lowvram": PLACEMENTS[3:]}[policy]
+    if not sizes.unet_layer_peak:
+        placements = tuple(p for p in placements if p != "stream-layers")
     n = (request.width // sizes.vae_scale) * (request.height // sizes.vae_scale)
     chunks: list[int | None] = [None]
     if not request.efficient_attention:
@@ -276,7 +291,7 @@ def candidate_plans(sizes: ModelSizes, request: PlanRequest, budget: int | None,
                         vae_tile=tile, vae_on_cpu=vae_cpu, stage_peaks=peaks,
                         activations={"text": text_activation(sizes, request), "unet": unet_act,
                                      "vae": 0 if vae_cpu else vae_act},
-                        streamed_bytes_per_step=sum(sizes.unet_blocks) if placement == "stream" else 0,
+                        streamed_bytes_per_step=sizes.unet if placement.startswith("stream") else 0,
                     )
                     out.append((_cost(placement, cfg_batched, request.passes, chunk, n, _tiles(request, tile), vae_cpu), plan))
     return out

@@ -67,11 +67,13 @@ class Stats:
         import torch
 
         b = tile.shape[0]
-        wide = torch.float32 if tile.device.type == "mps" else torch.float64  # MPS has no float64
-        values = tile.reshape(b, self.groups, -1).to(wide)  # (B, G, n): channels are grouped consecutively
+        values = tile.reshape(b, self.groups, -1)  # (B, G, n): channels are grouped consecutively
+        if values.dtype not in (torch.float32, torch.float64):
+            values = values.float()
+        var, mean = torch.var_mean(values, dim=-1, correction=0)  # one fused pass, no squared copy
         n = values.shape[-1]
-        mean = values.mean(-1)
-        m2 = ((values - mean[..., None]) ** 2).sum(-1)
+        wide = torch.float32 if tile.device.type == "mps" else torch.float64  # MPS has no float64
+        mean, m2 = mean.to(wide), var.to(wide) * n
         if self.mean is None:
             self.count, self.mean, self.m2 = n, mean, m2
             return
@@ -96,7 +98,15 @@ class Stats:
             weight, bias = norm.weight.to(torch.float32), norm.bias.to(torch.float32)
             shift = shift * weight + bias
             scale = scale * weight
-        return tile.to(torch.float32) * scale[:, :, None, None] + shift[:, :, None, None]
+        return torch.addcmul(shift[:, :, None, None], tile.to(torch.float32), scale[:, :, None, None])  # one new tensor
+
+    def normalize_act(self, tile: "torch.Tensor", norm: "torch.nn.GroupNorm", act: "torch.nn.Module") -> "torch.Tensor":
+        """act(norm(tile)) with these statistics; SiLU runs in place on the fresh normalised copy."""
+        import torch.nn.functional as F
+        from torch import nn
+
+        out = self.normalize(tile, norm)
+        return F.silu(out, inplace=True) if isinstance(act, nn.SiLU) else act(out)
 
 
 @dataclass
@@ -111,13 +121,16 @@ class TiledRunner:
     """Runs layers tile by tile: maps in `store` memory, each tile computed on `device`.
 
     `elements` bounds a tile: channels x tile area stays near it at every layer, so deep layers
-    (more channels, lower resolution) get proportionally smaller tiles.
+    (more channels, lower resolution) get proportionally smaller tiles. `efficient_attention`: SDPA
+    runs a flash / memory-efficient kernel here (CUDA, CPU), so attention needs no query chunks.
     """
 
-    def __init__(self, device: "torch.device", store: "torch.device", elements: int) -> None:
+    def __init__(self, device: "torch.device", store: "torch.device", elements: int, *,
+                 efficient_attention: bool = False) -> None:
         self.device = device
         self.store = store
         self.elements = elements
+        self.efficient_attention = efficient_attention
 
     def side(self, channels: int) -> int:
         return max(8, int(math.isqrt(max(1, self.elements // channels))) // 8 * 8)
@@ -178,13 +191,13 @@ class TiledRunner:
         out_channels = block.conv1.out_channels
 
         def first(crop):
-            return block.conv1(_to_conv(act(stats.normalize(crop, block.norm1)), block.conv1))
+            return block.conv1(_to_conv(stats.normalize_act(crop, block.norm1, act), block.conv1))
 
         h, h_stats = self.map(first, [Source(x, CONV3)], max(x.shape[1], out_channels), block.norm2.num_groups)
         assert h_stats is not None
 
         def second(h_crop, x_crop):
-            y = block.conv2(_to_conv(act(h_stats.normalize(h_crop, block.norm2)), block.conv2))
+            y = block.conv2(_to_conv(h_stats.normalize_act(h_crop, block.norm2, act), block.conv2))
             shortcut = x_crop if block.conv_shortcut is None else block.conv_shortcut(_to_conv(x_crop, block.conv_shortcut))
             return (shortcut + y) / block.output_scale_factor
 
@@ -201,32 +214,42 @@ class TiledRunner:
 
         b, c, height, width = x.shape
         side = self.side(c)
-        keys, values = [], []
+        key = value = None
+        start = 0
         for y0 in range(0, height, side):
             for x0 in range(0, width, side):
                 crop = x[:, :, y0 : y0 + side, x0 : x0 + side].to(self.device, non_blocking=True)
                 tokens = _to_conv(stats.normalize(crop, attn.group_norm), attn.to_k).flatten(2).transpose(1, 2)  # (B, n, C)
-                keys.append(attn.to_k(tokens))
-                values.append(attn.to_v(tokens))
-        key, value = torch.cat(keys, 1), torch.cat(values, 1)  # (B, N, C): token order is irrelevant to softmax
-        del keys, values
+                k, v = attn.to_k(tokens), attn.to_v(tokens)
+                if key is None:  # filled in place: no second copy of every key and value
+                    key = torch.empty((b, height * width, k.shape[-1]), dtype=k.dtype, device=k.device)
+                    value = torch.empty((b, height * width, v.shape[-1]), dtype=v.dtype, device=v.device)
+                key[:, start : start + k.shape[1]] = k  # token order is irrelevant to softmax
+                value[:, start : start + k.shape[1]] = v
+                start += k.shape[1]
+                del crop, tokens, k, v
+        assert key is not None and value is not None
         heads = attn.heads
         head_dim = key.shape[-1] // heads
         key = key.view(b, -1, heads, head_dim).transpose(1, 2)  # (B, heads, N, d)
         value = value.view(b, -1, heads, head_dim).transpose(1, 2)
         tokens_total = key.shape[2]
-        # Queries per call so that the (B, heads, q, N) score matrix stays within a tile's elements.
-        chunk = max(16, self.elements // max(1, b * heads * tokens_total))
+        # Flash / memory-efficient SDPA never materialises scores: one call per query tile. Otherwise
+        # queries per call are bounded so that the (B, heads, q, N) scores stay within a tile's elements.
+        chunk = None if self.efficient_attention else max(16, self.elements // max(1, b * heads * tokens_total))
 
         def run(crop):
             _, _, th, tw = crop.shape
             tokens = _to_conv(stats.normalize(crop, attn.group_norm), attn.to_q).flatten(2).transpose(1, 2)  # (B, n, C)
             query = attn.to_q(tokens).view(b, -1, heads, head_dim).transpose(1, 2)  # (B, heads, n, d)
-            out = torch.empty_like(query)
-            for start in range(0, query.shape[2], chunk):
-                out[:, :, start : start + chunk] = F.scaled_dot_product_attention(
-                    query[:, :, start : start + chunk], key, value, scale=attn.scale
-                )
+            if chunk is None:
+                out = F.scaled_dot_product_attention(query, key, value, scale=attn.scale)
+            else:
+                out = torch.empty_like(query)
+                for start in range(0, query.shape[2], chunk):
+                    out[:, :, start : start + chunk] = F.scaled_dot_product_attention(
+                        query[:, :, start : start + chunk], key, value, scale=attn.scale
+                    )
             out = out.transpose(1, 2).reshape(b, -1, heads * head_dim)
             out = attn.to_out[1](attn.to_out[0](out.to(query.dtype)))  # (B, n, C)
             out = out.transpose(1, 2).reshape(b, c, th, tw)
@@ -243,7 +266,11 @@ def _to_conv(x: "torch.Tensor", layer) -> "torch.Tensor":
     """Normalised float32 activations at the dtype `layer` runs in (autocast casts them itself)."""
     import torch
 
-    if torch.is_autocast_enabled(x.device.type):
+    try:
+        autocast = torch.is_autocast_enabled(x.device.type)
+    except RuntimeError:  # a device type without autocast (meta, when measuring)
+        autocast = False
+    if autocast:
         return x
     return x.to(layer.weight.dtype)
 
@@ -348,6 +375,12 @@ def tile_elements(vae: "AutoencoderKL", tile: int) -> int:
     return int(vae.config.block_out_channels[0]) * tile * tile
 
 
+def efficient_sdpa(device: "torch.device") -> bool:
+    """Whether SDPA runs a kernel that never materialises the score matrix on this device type
+    (flash on the CPU, flash / memory-efficient on CUDA at any float dtype; the math path elsewhere)."""
+    return device.type in ("cuda", "cpu")
+
+
 def tiled_decode(vae: "AutoencoderKL", z: "torch.Tensor", tile: int, *, store: "torch.device | None" = None) -> "torch.Tensor":
     """`vae.decode(z).sample` computed in tiles of about `tile` pixels; same values as untiled.
 
@@ -355,7 +388,7 @@ def tiled_decode(vae: "AutoencoderKL", z: "torch.Tensor", tile: int, *, store: "
     wait between layers (default: z's device).
     """
     dec = vae.decoder
-    runner = TiledRunner(z.device, store or z.device, tile_elements(vae, tile))
+    runner = TiledRunner(z.device, store or z.device, tile_elements(vae, tile), efficient_attention=efficient_sdpa(z.device))
     z = z.to(runner.store)
     first_groups = dec.mid_block.resnets[0].norm1.num_groups
 
@@ -370,7 +403,7 @@ def tiled_decode(vae: "AutoencoderKL", z: "torch.Tensor", tile: int, *, store: "
     x, stats = _blocks(runner, x, dec.up_blocks, stats, dec.conv_norm_out.num_groups, up=True)
 
     def conv_out(crop):
-        return dec.conv_out(_to_conv(dec.conv_act(stats.normalize(crop, dec.conv_norm_out)), dec.conv_out))
+        return dec.conv_out(_to_conv(stats.normalize_act(crop, dec.conv_norm_out, dec.conv_act), dec.conv_out))
 
     image, _ = runner.map(conv_out, [Source(x, CONV3)], x.shape[1])
     return image
@@ -379,7 +412,8 @@ def tiled_decode(vae: "AutoencoderKL", z: "torch.Tensor", tile: int, *, store: "
 def tiled_encode(vae: "AutoencoderKL", pixels: "torch.Tensor", tile: int, *, store: "torch.device | None" = None) -> "torch.Tensor":
     """The moments `vae.encode` turns into its latent distribution (B, 2*C, h, w), computed in tiles."""
     enc = vae.encoder
-    runner = TiledRunner(pixels.device, store or pixels.device, tile_elements(vae, tile))
+    runner = TiledRunner(pixels.device, store or pixels.device, tile_elements(vae, tile),
+                         efficient_attention=efficient_sdpa(pixels.device))
     pixels = pixels.to(runner.store)
     x, stats = runner.map(enc.conv_in, [Source(pixels, CONV3)], enc.conv_in.out_channels,
                           _first_norm_groups(enc.down_blocks, enc.mid_block.resnets[0].norm1))
@@ -388,7 +422,7 @@ def tiled_encode(vae: "AutoencoderKL", pixels: "torch.Tensor", tile: int, *, sto
     x, stats = _mid(runner, x, enc.mid_block, stats, enc.conv_norm_out.num_groups)
 
     def conv_out(crop):
-        out = enc.conv_out(_to_conv(enc.conv_act(stats.normalize(crop, enc.conv_norm_out)), enc.conv_out))
+        out = enc.conv_out(_to_conv(stats.normalize_act(crop, enc.conv_norm_out, enc.conv_act), enc.conv_out))
         return out if vae.quant_conv is None else vae.quant_conv(out)
 
     moments, _ = runner.map(conv_out, [Source(x, CONV3)], x.shape[1])

@@ -119,13 +119,14 @@ def _add_model_args(command: argparse.ArgumentParser) -> None:
     memory.add_argument(
         "--vram", default="auto", type=_vram, metavar="SIZE",
         help="GPU memory budget the engine never exceeds, e.g. 4G, 1500M; 'auto' (default): free CUDA memory "
-        "minus 512M; 'none': no limit. Ignored on the CPU",
+        "(plus what leansd holds) minus 512M, read again before each plan; 'none': no limit. Ignored on the CPU",
     )
     preset = command.add_mutually_exclusive_group()
     preset.add_argument("--medvram", action="store_true",
                         help="each model on the GPU only for its stage (text encoder -> UNet -> VAE), as A1111")
     preset.add_argument("--lowvram", action="store_true",
-                        help="also stream the UNet block by block from host memory: lowest peak, slower")
+                        help="also stream the UNet from host memory, block by block or (when blocks do not fit) "
+                        "layer by layer: lowest peak, slower")
     memory.add_argument("--turbo", action="store_true",
                         help="prefer speed within the budget: plan against all of it (no 10%% safety margin)")
     memory.add_argument("--vae-on-cpu", "--vae_on_cpu", dest="vae_on_cpu", action="store_true",

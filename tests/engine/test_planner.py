@@ -18,7 +18,8 @@ from leansd.engine.planner import (
 )
 from leansd.errors import InvalidRequestError
 
-# SD 1.5 in fp16, rounded: CLIP-L 246M, UNet 1.72G in 8 blocks + the rest, VAE 167M.
+# SD 1.5 in fp16, rounded: CLIP-L 246M, UNet 1.72G in 8 blocks + the rest (its two largest layers,
+# the 1280 -> 10240 GEGLU projections, are 56M each), VAE 167M.
 SD15 = ModelSizes(
     text_encoder=246 * MiB,
     unet_blocks=(33 * MiB, 104 * MiB, 390 * MiB, 60 * MiB, 460 * MiB, 330 * MiB, 100 * MiB, 43 * MiB),
@@ -27,6 +28,8 @@ SD15 = ModelSizes(
     unet_channels=320,
     unet_heads=8,
     vae_channels=128,
+    unet_layer_peak=113 * MiB,
+    vae_mid_channels=512,
 )
 R512 = PlanRequest(width=512, height=512)
 
@@ -55,9 +58,9 @@ def test_no_budget_is_all_resident_and_unchunked():
 
 def test_degrades_step_by_step_as_the_budget_shrinks():
     """Smaller budgets never give a larger peak, and placement only moves towards streaming."""
-    order = ["resident", "text-visits", "stages", "stream"]
+    order = ["resident", "text-visits", "stages", "stream", "stream-layers"]
     last_peak, last_rank = None, -1
-    for budget in [8 * GiB, 4 * GiB, 3 * GiB, 2 * GiB, 1536 * MiB, 1280 * MiB, 1100 * MiB]:
+    for budget in [8 * GiB, 4 * GiB, 3 * GiB, 2 * GiB, 1536 * MiB, 1280 * MiB, 1100 * MiB, 700 * MiB, 400 * MiB]:
         plan = plan_memory(SD15, PlanRequest(width=512, height=512, efficient_attention=True), budget, prefer_speed=True)
         assert plan.peak <= budget
         rank = order.index(plan.placement)
@@ -66,7 +69,20 @@ def test_degrades_step_by_step_as_the_budget_shrinks():
         if last_peak is not None:
             assert plan.peak <= last_peak
         last_peak = plan.peak
-    assert last_rank == order.index("stream")
+    assert last_rank == order.index("stream-layers")
+
+
+def test_layer_streaming_reaches_the_lowest_peak_target():
+    """SD 1.5 at 512x512 in fp16 plans under 600 MiB only by streaming layer by layer: blocks of up to
+    460M (plus the prefetched one and the 200M rest) cannot."""
+    request = PlanRequest(width=512, height=512, efficient_attention=True)
+    plan = plan_memory(SD15, request, 600 * MiB)
+    assert plan.placement == "stream-layers" and plan.peak <= 540 * MiB
+    assert plan.streamed_bytes_per_step == SD15.unet
+    blocks_only = ModelSizes(**{**SD15.__dict__, "unet_layer_peak": 0})  # no layer streaming offered
+    with pytest.raises(InvalidRequestError):
+        plan_memory(blocks_only, request, 600 * MiB)
+    assert plan_memory(SD15, request, 8 * GiB, policy="lowvram").placement == "stream"  # blocks when they fit
 
 
 def test_prefers_residency_when_it_fits():
@@ -76,10 +92,10 @@ def test_prefers_residency_when_it_fits():
 
 def test_below_minimum_names_the_minimum():
     with pytest.raises(InvalidRequestError) as info:
-        plan_memory(SD15, R512, 300 * MiB)
+        plan_memory(SD15, R512, 150 * MiB)
     message = str(info.value)
     minimum = min(p.peak for _, p in candidate_plans(SD15, R512, None))
-    assert "--vram 300M is below the minimum of" in message and "512x512" in message
+    assert "--vram 150M is below the minimum of" in message and "512x512" in message
     stated = message.split("minimum of ")[1].split(" ")[0]
     assert parse_size(stated) >= minimum / 0.9
     plan_memory(SD15, R512, parse_size(stated))  # the stated minimum is enough
@@ -132,6 +148,7 @@ sizes = st.builds(
     unet_heads=st.integers(1, 16),
     vae_channels=st.integers(1, 256),
     dtype_bytes=st.sampled_from([2, 4]),
+    unet_layer_peak=st.integers(0, GiB),
 )
 requests = st.builds(
     PlanRequest,

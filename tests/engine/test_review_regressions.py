@@ -13,21 +13,25 @@ from tests.helpers import tiny_bundle
 
 
 def test_vae_on_cpu_by_plan_works_in_bf16() -> None:
+    # Without efficient attention the tiny model's VAE stage outweighs its text stage at 128x128.
     probe = Engine(tiny_bundle(), device="cpu", precision="bf16", prompt_cache=False, vram=None)
-    plans = candidate_plans(probe.sizes, PlanRequest(width=64, height=64, batch=1, passes=2), None)
+    plans = candidate_plans(probe.sizes, PlanRequest(width=128, height=128, batch=1, passes=2), None)
     cpu_vae_peak = min(p.peak for _, p in plans if p.vae_on_cpu)
     budget = int(cpu_vae_peak / 0.9) + 16  # room for the plan with the VAE on the CPU, not more
+    assert budget < min(p.peak for _, p in plans if not p.vae_on_cpu) / 0.9
     engine = Engine(tiny_bundle(), device="cpu", precision="bf16", prompt_cache=False, vram=budget,
-                    virtual_device=True)
-    result = engine.generate(GenerationRequest(prompt="a", width=64, height=64, num_inference_steps=2, seed=1),
+                    virtual_device=True, efficient_attention=False)
+    result = engine.generate(GenerationRequest(prompt="a", width=128, height=128, num_inference_steps=2, seed=1),
                              progress_bar=False)
     assert engine.plan.vae_on_cpu
     assert np.isfinite(result.pixels).all() and result.pixels.std() > 0.01
 
 
 def test_seamless_tiling_refuses_a_tiled_vae() -> None:
-    # 36M (virtual) makes the planner tile the tiny model's VAE at 128x128 (plan: "VAE tiled 96px").
-    engine = Engine(tiny_bundle(), device="cpu", precision="full", prompt_cache=False, vram=36_000_000,
+    probe = Engine(tiny_bundle(), device="cpu", precision="full", prompt_cache=False, vram=None)
+    plans = candidate_plans(probe.sizes, PlanRequest(width=128, height=128, efficient_attention=True), None)
+    budget = int(min(p.peak for _, p in plans if p.vae_tile and not p.vae_on_cpu) / 0.9) + 1  # tiles the VAE
+    engine = Engine(tiny_bundle(), device="cpu", precision="full", prompt_cache=False, vram=budget,
                     virtual_device=True)
     assert engine.plan_for(width=128, height=128).vae_tile is not None
     request = GenerationRequest(prompt="a", width=128, height=128, num_inference_steps=1, seed=1)
@@ -48,4 +52,5 @@ def test_vae_activations_are_planned_at_the_vae_dtype() -> None:
     half = engine.sizes
     request = PlanRequest(width=128, height=128, batch=1, passes=2)
     full = replace(half, vae_dtype_bytes=4)  # the VAE in fp32 after the NaN fallback
-    assert vae_activation(full, request, tile=None) == 2 * vae_activation(half, request, tile=None)
+    # The work doubles with the element size; the decoded image's float32 copy does not.
+    assert 1.9 * vae_activation(half, request, tile=None) < vae_activation(full, request, tile=None) < 2 * vae_activation(half, request, tile=None)

@@ -44,3 +44,32 @@ def test_peak_under_budget_at_a_large_size(bundle):
     result, peak = generate(bundle, size=1536, vram="3G", steps=2)
     assert peak <= 3 * 2**30, (peak, result.memory_plan)
     assert np.isfinite(result.pixels).all()
+
+
+def test_auto_budget_follows_free_memory(bundle):
+    """--vram auto is read again before each plan: memory another process takes shrinks the budget,
+    and it comes back when that process ends."""
+    import subprocess
+    import sys
+
+    from leansd import Engine
+
+    engine = Engine(bundle, device="cuda", precision="fp16", prompt_cache=False, vram="auto")
+    engine.plan_for(width=512, height=512)
+    before = engine.budget
+    hog = subprocess.Popen(
+        [sys.executable, "-c", "import torch, time; x = torch.empty(2 << 30, dtype=torch.uint8, device='cuda'); "
+         "print('holding', flush=True); time.sleep(120)"],
+        stdout=subprocess.PIPE, text=True,
+    )
+    try:
+        assert hog.stdout.readline().strip() == "holding"
+        engine.plan_for(width=512, height=512)
+        assert before - engine.budget >= 2 * 2**30  # its 2 GiB plus its CUDA context
+    finally:
+        hog.kill()
+        hog.wait()
+    engine.plan_for(width=512, height=512)
+    assert abs(engine.budget - before) < 64 * 2**20
+    for name in ("text", "unet", "vae"):
+        engine._evict(name)
