@@ -340,13 +340,16 @@ class Engine:
         `self.plan.vae_tile` says whether `vae_decode`/`vae_encode` run in tiles."""
         import torch
 
+        from leansd.engine.tiled_vae import supports
+
         plan = self.plan_for(width=width, height=height, batch=batch, passes=self._passes)
-        if plan.vae_tile is not None and any(
-            getattr(m, "padding_mode", "zeros") == "circular" for m in self.bundle.vae.modules()
+        vae = self.bundle.vae
+        if plan.vae_tile is not None and not supports(vae) and any(
+            getattr(m, "padding_mode", "zeros") == "circular" for m in vae.modules()
         ):
             from leansd.errors import InvalidRequestError
 
-            # Each tile would wrap onto itself instead of onto the opposite edge of the image.
+            # diffusers' tiles would each wrap onto themselves instead of onto the opposite edge.
             raise InvalidRequestError(
                 "seamless tiling needs the whole image in one VAE pass, but this budget tiles the VAE; "
                 "use --vae-on-cpu or a larger --vram"

@@ -16,6 +16,9 @@ The result equals the untiled VAE up to floating-point summation order, so there
 no drift at any tile size. Device memory holds one tile's working set (plus the mid-block's keys and
 values), whatever the image size; the price is host <-> device copies of each layer's map.
 
+Seamless tiling (circular padding) works too: a halo that crosses an image edge is read from the
+opposite edge, as the whole-image convolution would.
+
 Supported: diffusers' `AutoencoderKL` with its standard blocks (SD 1.x/2.x/XL VAEs); `supports`
 says whether a given instance qualifies (the engine falls back to diffusers' tiling otherwise).
 """
@@ -39,10 +42,18 @@ def out_size(kind: str, n: int) -> int:
     return {POINT: n, CONV3: n, UP: 2 * n, DOWN: (n - 2) // 2 + 1}[kind]
 
 
-def window(kind: str, o0: int, o1: int, n: int) -> tuple[int, int, int]:
-    """(first input index, end input index, offset of o0 in the layer's output on that crop)."""
+def window(kind: str, o0: int, o1: int, n: int, *, wrap: bool = False) -> tuple[int, int, int]:
+    """(first input index, end input index, offset of o0 in the layer's output on that crop).
+
+    `wrap`: the layer pads circularly (seamless tiling): the range is not clipped and may reach
+    past either edge; the caller reads those indices modulo n."""
     if kind == POINT:
         return o0, o1, 0
+    if wrap and kind == CONV3:
+        return o0 - 1, o1 + 1, 1
+    if wrap and kind == UP:
+        a = (o0 - 1) // 2
+        return a, o1 // 2 + 1, o0 - 2 * a
     if kind == CONV3:  # 3x3, padding 1: one row of halo each side, zeros only at the image border
         a, b = max(0, o0 - 1), min(n, o1 + 1)
         return a, b, o0 - a
@@ -115,6 +126,8 @@ class Source:
 
     tensor: "torch.Tensor"
     kind: str
+    wrap: bool = False
+    """The reading layer pads circularly (seamless tiling): halos come from the opposite edge."""
 
 
 class TiledRunner:
@@ -159,9 +172,15 @@ class TiledRunner:
                 crops, offsets = [], None
                 for source in sources:
                     n_h, n_w = source.tensor.shape[-2:]
-                    ya, yb, oy = window(source.kind, y0, y1, n_h)
-                    xa, xb, ox = window(source.kind, x0, x1, n_w)
-                    crops.append(source.tensor[:, :, ya:yb, xa:xb].to(self.device, non_blocking=True))
+                    ya, yb, oy = window(source.kind, y0, y1, n_h, wrap=source.wrap)
+                    xa, xb, ox = window(source.kind, x0, x1, n_w, wrap=source.wrap)
+                    if source.wrap:
+                        rows = torch.arange(ya, yb, device=source.tensor.device) % n_h
+                        cols = torch.arange(xa, xb, device=source.tensor.device) % n_w
+                        crop = source.tensor.index_select(2, rows).index_select(3, cols)
+                    else:
+                        crop = source.tensor[:, :, ya:yb, xa:xb]
+                    crops.append(crop.to(self.device, non_blocking=True))
                     if offsets is None:
                         offsets = (oy, ox)
                 assert offsets is not None
@@ -193,7 +212,8 @@ class TiledRunner:
         def first(crop):
             return block.conv1(_to_conv(stats.normalize_act(crop, block.norm1, act), block.conv1))
 
-        h, h_stats = self.map(first, [Source(x, CONV3)], max(x.shape[1], out_channels), block.norm2.num_groups)
+        h, h_stats = self.map(first, [Source(x, CONV3, _circular(block.conv1))], max(x.shape[1], out_channels),
+                              block.norm2.num_groups)
         assert h_stats is not None
 
         def second(h_crop, x_crop):
@@ -202,7 +222,9 @@ class TiledRunner:
             return (shortcut + y) / block.output_scale_factor
 
         # x is read through the same window as h, so both crops cover the same pixels.
-        out, out_stats = self.map(second, [Source(h, CONV3), Source(x, CONV3)], max(x.shape[1], out_channels), next_groups)
+        wrap = _circular(block.conv2)
+        out, out_stats = self.map(second, [Source(h, CONV3, wrap), Source(x, CONV3, wrap)], max(x.shape[1], out_channels),
+                                  next_groups)
         del h
         return out, out_stats
 
@@ -320,7 +342,11 @@ def _conv3(conv) -> bool:
     from torch import nn
 
     return (isinstance(conv, nn.Conv2d) and conv.kernel_size == (3, 3) and conv.stride == (1, 1)
-            and conv.padding == (1, 1) and conv.dilation == (1, 1) and conv.padding_mode == "zeros")
+            and conv.padding == (1, 1) and conv.dilation == (1, 1) and conv.padding_mode in ("zeros", "circular"))
+
+
+def _circular(conv) -> bool:
+    return conv.padding_mode == "circular"
 
 
 def _point(conv) -> bool:
@@ -364,7 +390,9 @@ def _blocks(runner: TiledRunner, x: "torch.Tensor", blocks, stats: Stats, next_g
             x, new_stats = runner.resnet(x, module, stats, groups_at(i))
         else:
             channels = module.conv.out_channels
-            x, new_stats = runner.map(module, [Source(x, UP if up else DOWN)], max(x.shape[1], channels), groups_at(i))
+            # Downsample2D pads with zeros itself (F.pad), whatever its conv's padding mode.
+            source = Source(x, UP, _circular(module.conv)) if up else Source(x, DOWN)
+            x, new_stats = runner.map(module, [source], max(x.shape[1], channels), groups_at(i))
         if new_stats is not None:
             stats = new_stats
     return x, stats
@@ -397,7 +425,7 @@ def tiled_decode(vae: "AutoencoderKL", z: "torch.Tensor", tile: int, *, store: "
             crop = vae.post_quant_conv(crop)
         return dec.conv_in(crop)
 
-    x, stats = runner.map(conv_in, [Source(z, CONV3)], dec.conv_in.out_channels, first_groups)
+    x, stats = runner.map(conv_in, [Source(z, CONV3, _circular(dec.conv_in))], dec.conv_in.out_channels, first_groups)
     assert stats is not None
     x, stats = _mid(runner, x, dec.mid_block, stats, _first_norm_groups(dec.up_blocks, dec.conv_norm_out))
     x, stats = _blocks(runner, x, dec.up_blocks, stats, dec.conv_norm_out.num_groups, up=True)
@@ -405,7 +433,7 @@ def tiled_decode(vae: "AutoencoderKL", z: "torch.Tensor", tile: int, *, store: "
     def conv_out(crop):
         return dec.conv_out(_to_conv(stats.normalize_act(crop, dec.conv_norm_out, dec.conv_act), dec.conv_out))
 
-    image, _ = runner.map(conv_out, [Source(x, CONV3)], x.shape[1])
+    image, _ = runner.map(conv_out, [Source(x, CONV3, _circular(dec.conv_out))], x.shape[1])
     return image
 
 
@@ -415,7 +443,7 @@ def tiled_encode(vae: "AutoencoderKL", pixels: "torch.Tensor", tile: int, *, sto
     runner = TiledRunner(pixels.device, store or pixels.device, tile_elements(vae, tile),
                          efficient_attention=efficient_sdpa(pixels.device))
     pixels = pixels.to(runner.store)
-    x, stats = runner.map(enc.conv_in, [Source(pixels, CONV3)], enc.conv_in.out_channels,
+    x, stats = runner.map(enc.conv_in, [Source(pixels, CONV3, _circular(enc.conv_in))], enc.conv_in.out_channels,
                           _first_norm_groups(enc.down_blocks, enc.mid_block.resnets[0].norm1))
     assert stats is not None
     x, stats = _blocks(runner, x, enc.down_blocks, stats, enc.mid_block.resnets[0].norm1.num_groups, up=False)
@@ -425,7 +453,7 @@ def tiled_encode(vae: "AutoencoderKL", pixels: "torch.Tensor", tile: int, *, sto
         out = enc.conv_out(_to_conv(stats.normalize_act(crop, enc.conv_norm_out, enc.conv_act), enc.conv_out))
         return out if vae.quant_conv is None else vae.quant_conv(out)
 
-    moments, _ = runner.map(conv_out, [Source(x, CONV3)], x.shape[1])
+    moments, _ = runner.map(conv_out, [Source(x, CONV3, _circular(enc.conv_out))], x.shape[1])
     return moments
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+import torch
 
 from leansd import Engine, GenerationRequest
 from leansd.engine.planner import PlanRequest, candidate_plans
@@ -27,15 +28,35 @@ def test_vae_on_cpu_by_plan_works_in_bf16() -> None:
     assert np.isfinite(result.pixels).all() and result.pixels.std() > 0.01
 
 
-def test_seamless_tiling_refuses_a_tiled_vae() -> None:
+def tiled_vae_budget(size: int) -> int:
     probe = Engine(tiny_bundle(), device="cpu", precision="full", prompt_cache=False, vram=None)
-    plans = candidate_plans(probe.sizes, PlanRequest(width=128, height=128, efficient_attention=True), None)
-    budget = int(min(p.peak for _, p in plans if p.vae_tile and not p.vae_on_cpu) / 0.9) + 1  # tiles the VAE
-    engine = Engine(tiny_bundle(), device="cpu", precision="full", prompt_cache=False, vram=budget,
+    plans = candidate_plans(probe.sizes, PlanRequest(width=size, height=size, efficient_attention=True), None)
+    return int(min(p.peak for _, p in plans if p.vae_tile and not p.vae_on_cpu) / 0.9) + 1  # tiles the VAE
+
+
+def test_seamless_tiling_with_a_tiled_vae_gives_the_whole_vae_picture() -> None:
+    """The exact tiles read their halos across the image edge, as circular padding does."""
+    request = GenerationRequest(prompt="a", width=128, height=128, num_inference_steps=2, seed=1, tiling=True)
+    whole = Engine(tiny_bundle(), device="cpu", precision="full", prompt_cache=False, vram=None)
+    expected = whole.generate(request, progress_bar=False).pixels
+    engine = Engine(tiny_bundle(), device="cpu", precision="full", prompt_cache=False, vram=tiled_vae_budget(128),
                     virtual_device=True)
-    assert engine.plan_for(width=128, height=128).vae_tile is not None
+    result = engine.generate(request, progress_bar=False)
+    assert engine.plan.vae_tile is not None and engine.plan.vae_tile < 128, engine.plan.describe()
+    np.testing.assert_allclose(result.pixels, expected, atol=5e-5, rtol=0)  # fp32 summation order only
+    # ...and not the picture without wrapping: the tiles really wrapped.
+    plain = whole.generate(GenerationRequest(prompt="a", width=128, height=128, num_inference_steps=2, seed=1),
+                           progress_bar=False).pixels
+    assert np.abs(plain - expected).max() > 0.01
+
+
+def test_seamless_tiling_refuses_diffusers_tiles() -> None:
+    """A VAE the exact path does not know falls back to diffusers' tiles, which cannot wrap."""
+    bundle = tiny_bundle()
+    bundle.vae.decoder.conv_out = torch.nn.Sequential(bundle.vae.decoder.conv_out)  # same maths, unknown layout
+    engine = Engine(bundle, device="cpu", precision="full", prompt_cache=False, vram=tiled_vae_budget(128),
+                    virtual_device=True)
     request = GenerationRequest(prompt="a", width=128, height=128, num_inference_steps=1, seed=1)
-    assert engine.generate(request, progress_bar=False).images[0].size == (128, 128)  # tiled is fine
     with pytest.raises(InvalidRequestError, match="seamless tiling needs the whole image in one VAE pass"):
         engine.generate(GenerationRequest(prompt="a", width=128, height=128, num_inference_steps=1, seed=1,
                                           tiling=True), progress_bar=False)
