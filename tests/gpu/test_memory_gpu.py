@@ -73,3 +73,38 @@ def test_auto_budget_follows_free_memory(bundle):
     assert abs(engine.budget - before) < 64 * 2**20
     for name in ("text", "unet", "vae"):
         engine._evict(name)
+
+
+def test_tiled_vae_on_cuda_matches_whole_and_stays_within_its_estimate(bundle):
+    """Exact tiles on the GPU (maps in host RAM): same image as the whole decode, and the measured
+    peak above the weights within the planner's estimate for that tile."""
+    from leansd.engine.memory import model_sizes
+    from leansd.engine.planner import PlanRequest, vae_activation
+    from leansd.engine.tiled_vae import tiled_decode
+    from leansd.engine.vae import store_for
+
+    vae = bundle.vae.to(device="cuda", dtype=torch.float16)
+    try:
+        g = torch.Generator().manual_seed(0)
+        z = torch.nn.functional.interpolate(torch.randn((1, 4, 8, 8), generator=g), size=(128, 128), mode="bicubic")
+        z = z.to(device="cuda", dtype=torch.float16)  # a 1024x1024 image
+        weights = torch.cuda.memory_allocated()
+        with torch.inference_mode():
+            torch.cuda.reset_peak_memory_stats()
+            whole = vae.decode(z, return_dict=False)[0]
+            whole_peak = torch.cuda.max_memory_allocated() - weights
+            del whole
+            whole = vae.decode(z, return_dict=False)[0].float().cpu()
+            torch.cuda.empty_cache()
+            base = torch.cuda.memory_allocated()
+            torch.cuda.reset_peak_memory_stats()
+            tiled = tiled_decode(vae, z, 256, store=store_for(z.device)).to("cuda")
+            tiled_peak = torch.cuda.max_memory_allocated() - base
+        sizes = model_sizes(bundle, dtype_bytes=2)
+        estimate = vae_activation(sizes, PlanRequest(width=1024, height=1024, efficient_attention=True), tile=256)
+        assert tiled_peak <= estimate, (tiled_peak, estimate)
+        assert tiled_peak < whole_peak / 3, (tiled_peak, whole_peak)
+        assert float((tiled.float().cpu() - whole).abs().max()) < 2e-2  # fp16 summation order
+    finally:
+        vae.to(device="cpu", dtype=torch.float16)
+        torch.cuda.empty_cache()
