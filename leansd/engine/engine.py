@@ -166,7 +166,7 @@ class Engine:
         """--vram auto follows the device's free memory: read again before each plan."""
         if not self._vram_auto:
             return
-        budget = auto_budget(self.device)
+        budget = auto_budget(self.device, own=sum(self.memory.placed.values()))
         if budget != self.budget:
             logger.debug("--vram auto: budget now %d MiB", budget >> 20)
             self.budget = budget
@@ -290,14 +290,23 @@ class Engine:
         """The memory plan for a UNet/VAE run at this size; logged when it changes."""
         import torch
 
-        from leansd.engine.planner import PlanRequest, plan_memory
-        from leansd.engine.tiled_vae import efficient_sdpa
+        from leansd.engine.planner import PlanRequest, candidate_plans, plan_memory
+        from leansd.errors import InvalidRequestError
 
         self._refresh_budget()
-        efficient = efficient_sdpa(self.device) if self.efficient_attention is None else self.efficient_attention
         request = PlanRequest(width=width, height=height, batch=batch, passes=passes,
-                              efficient_attention=efficient, vae_on_cpu=self.vae_on_cpu)
-        plan = plan_memory(self.sizes, request, self.budget, prefer_speed=self.turbo, policy=self.memory_policy)
+                              efficient_attention=self._efficient_attention(self.device), vae_on_cpu=self.vae_on_cpu)
+        try:
+            plan = plan_memory(self.sizes, request, self.budget, prefer_speed=self.turbo, policy=self.memory_policy)
+        except InvalidRequestError:
+            if not self._vram_auto:
+                raise
+            # --vram auto: the user set no limit; less is free than this request needs at the
+            # least (another program holds the rest). Try the smallest plan rather than refuse.
+            minimum = min(p.peak for _, p in candidate_plans(self.sizes, request, None, policy=self.memory_policy))
+            logger.warning("--vram auto: %d MiB usable on %s, below this request's minimum of %d MiB; trying that",
+                           (self.budget or 0) >> 20, self.device, minimum >> 20)
+            plan = plan_memory(self.sizes, request, minimum, prefer_speed=True, policy=self.memory_policy)
         if plan != self.plan:
             logger.info("%s", plan.describe())
         self.plan = plan
@@ -376,7 +385,7 @@ class Engine:
             z = latents.to(device=device, dtype=dtype) / vae.config.scaling_factor
             tile = None if self.plan is None else self.plan.vae_tile
             with self._vae_compute(device):
-                image = decode(vae, z, tile, scale=factor)
+                image = decode(vae, z, tile, scale=factor, efficient_attention=self._efficient_attention(device))
             half = dtype != torch.float32 or (self.precision.autocast_dtype is not None and device == self.device)
             if half and not is_finite(image):
                 logger.warning(
@@ -385,14 +394,23 @@ class Engine:
                 )
                 self._vae_full_precision = True
                 self._sizes = None
-                self._cast(vae, torch.float32, device)
-                if device == self.device and "vae" in self._on_device:
-                    from leansd.engine.memory import module_bytes
-
-                    self.memory.place("vae", module_bytes(vae))
+                # fp32 doubles the VAE's weights and activations: plan again (a smaller tile, or the
+                # CPU) and place it per that plan before the retry.
+                retry = self.plan_for(width=w * factor, height=h * factor, batch=batch, passes=self._passes)
+                self._enter_stage("vae", retry)
+                device = torch.device("cpu") if retry.vae_on_cpu else self.device
                 with torch.inference_mode(), torch.autocast(device.type, enabled=False):
-                    image = decode(vae, z.float(), tile, scale=factor)
+                    image = decode(vae, z.float().to(device), retry.vae_tile, scale=factor,
+                                   efficient_attention=self._efficient_attention(device))
         return image.float()
+
+    def _efficient_attention(self, device: "torch.device") -> bool:
+        """Whether SDPA on `device` needs no score matrix, as the plans assume."""
+        from leansd.engine.tiled_vae import efficient_sdpa
+
+        if self.efficient_attention is not None and device == self.device:
+            return self.efficient_attention
+        return efficient_sdpa(device)
 
     def vae_encode(self, pixels: "torch.Tensor") -> Any:
         """Images (B, 3, H, W) in [-1, 1] -> the VAE's latent distribution (on the VAE's device)."""
@@ -403,7 +421,7 @@ class Engine:
             tile = None if self.plan is None else self.plan.vae_tile
             with self._vae_compute(device):
                 return encode(self.bundle.vae, pixels.to(device=device, dtype=dtype), tile,
-                              scale=self.bundle.vae_scale_factor)
+                              scale=self.bundle.vae_scale_factor, efficient_attention=self._efficient_attention(device))
 
     @contextlib.contextmanager
     def _vae_compute(self, device: "torch.device") -> Iterator[None]:
@@ -511,11 +529,18 @@ def resolve_budget(vram: "str | int | None", device: "torch.device", *, virtual:
     return size  # type: ignore[return-value]
 
 
-def auto_budget(device: "torch.device") -> int:
-    """--vram auto on CUDA, now: what is free on the device plus what this process's allocator
-    already holds (our own weights and cache count as usable), minus `AUTO_RESERVE`. The engine
-    reads it again before every plan, so memory another process takes or frees is seen."""
+def auto_budget(device: "torch.device", *, own: int = 0) -> int:
+    """--vram auto on CUDA, now: free device memory, plus what this process's allocator holds unused,
+    plus `own` (the bytes of the engine's own placements, which it may move), minus `AUTO_RESERVE`;
+    rounded down to 64 MiB so that small fluctuations do not change the plan. Other tensors of this
+    process (another model, an upscaler) stay counted as used. The engine reads it again before
+    every plan, so memory another process takes or frees is seen."""
     import torch
 
     free, _ = torch.cuda.mem_get_info(device)
-    return max(0, free + torch.cuda.memory_reserved(device) - AUTO_RESERVE)
+    unused = torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
+    budget = max(0, free + unused + own - AUTO_RESERVE)
+    return budget // AUTO_GRAIN * AUTO_GRAIN
+
+
+AUTO_GRAIN = 64 * 2**20

@@ -83,6 +83,7 @@ def model_sizes(bundle: "ModelBundle", *, dtype_bytes: int, vae_dtype_bytes: int
     import torch
 
     from leansd.engine.planner import ModelSizes
+    from leansd.engine.tiled_vae import supports
 
     unet = bundle.unet
     blocks = []
@@ -120,6 +121,7 @@ def model_sizes(bundle: "ModelBundle", *, dtype_bytes: int, vae_dtype_bytes: int
         unet_heads=heads,
         vae_channels=int(bundle.vae.config.block_out_channels[0]),
         vae_mid_channels=int(bundle.vae.config.block_out_channels[-1]),
+        vae_exact_tiles=supports(bundle.vae),
         text_hidden=int(bundle.text_encoder.config.hidden_size),
         vae_scale=bundle.vae_scale_factor,
         dtype_bytes=dtype_bytes,

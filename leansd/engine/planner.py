@@ -29,10 +29,11 @@ and the --vram auto reserve cover them until bench/memory.py measures on a GPU.
   2*C_vae full-resolution tensors at the first full-resolution resnet), or with materialised
   attention the mid block's 8.5 * tokens^2 + 128 * C_vae * tokens if larger, plus the decoded image;
 - VAE tiled (leansd.engine.tiled_vae: layer by layer, maps in host memory): one tile's working set,
-  (3 + 4 d) bytes per element of C_vae * tile^2 (measured 6 at fp16, 8 at fp32 on meta, plus the
-  tile's crops copied to the device), plus the mid block's keys and values of every latent token,
-  2 * C_mid * tokens * d (upcast to fp32 and 9 bytes per element of scores on the math path), plus
-  the decoded image brought back to the device;
+  (1 + 6 d) bytes per element of C_vae * tile^2 and its halo (measured with the crops copied to the
+  device: 10.8 at fp16, 21.5 at fp32; tests/engine/test_vae_attention.py holds the SD VAE layout to it), plus the mid block's keys and
+  values of every latent token, 2 * C_mid * tokens * d (on the math path copied to fp32, and 9 bytes
+  per element of scores), plus the decoded image brought back to the device; diffusers' fallback
+  tiles (unknown VAE layouts) as a whole decode of one tile plus the decoded tiles;
 - text encoder: 24 * 77 * hidden * d per prompt pass (measured 16, 22.5 on the math path).
 """
 
@@ -84,6 +85,9 @@ class ModelSizes:
     unet_layer_peak: int = 0
     """UNet bytes on the device while streaming layer by layer: the two largest layers (running and
     prefetched) plus parameters held by non-layer modules; 0: layer streaming not offered."""
+    vae_exact_tiles: bool = True
+    """The VAE runs leansd's exact layer-by-layer tiles; False: diffusers' fallback tiles, each a
+    whole decode of an overlapping tile, all kept for blending."""
     vae_mid_channels: int | None = None
     """Channels of the VAE's mid block (its widest level); None: 4 * vae_channels, as in SD's VAEs."""
 
@@ -215,11 +219,22 @@ def vae_activation(sizes: ModelSizes, request: PlanRequest, *, tile: int | None)
             work = max(work, int(8.5 * tokens * tokens * b) + 128 * sizes.vae_channels * tokens * b)
         return work + image
     side = min(tile, max(width, height))
+    if not sizes.vae_exact_tiles:  # a whole decode per tile, plus every decoded tile kept for blending
+        work = 16 * sizes.vae_channels * d * side * side * b
+        tile_tokens = (side // sizes.vae_scale) ** 2
+        scores = 0 if request.efficient_attention else int(8.5 * tile_tokens * tile_tokens * b)
+        return work + scores + 2 * image
     elements = sizes.vae_channels * side * side * b
     mid = sizes.vae_mid_channels or 4 * sizes.vae_channels
-    keys_values = 2 * mid * tokens * b * (d if request.efficient_attention else d + 4)
-    scores = 0 if request.efficient_attention else 9 * elements
-    return (3 + 4 * d) * elements + keys_values + scores + image
+    if request.efficient_attention:
+        keys_values = 2 * mid * tokens * b * d
+        scores = 0
+    else:  # the math path copies K and V to fp32 (and a scaled K); scores of >= 16 queries per call
+        keys_values = 2 * mid * tokens * b * (d + 6)
+        scores = 9 * max(elements, 16 * tokens * b)
+    # Tiles carry a one-pixel halo each side; the deepest levels' tiles have half the side.
+    halo = ((side / 2 + 2) / (side / 2)) ** 2
+    return int((1 + 6 * d) * elements * halo) + keys_values + scores + image
 
 
 def text_activation(sizes: ModelSizes, request: PlanRequest) -> int:

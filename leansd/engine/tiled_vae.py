@@ -180,7 +180,7 @@ class TiledRunner:
                         crop = source.tensor.index_select(2, rows).index_select(3, cols)
                     else:
                         crop = source.tensor[:, :, ya:yb, xa:xb]
-                    crops.append(crop.to(self.device, non_blocking=True))
+                    crops.append(self.load(crop))
                     if offsets is None:
                         offsets = (oy, ox)
                 assert offsets is not None
@@ -189,20 +189,27 @@ class TiledRunner:
                 if stats is not None:
                     stats.add(tile)
                 if out is None:
-                    out = torch.empty((tile.shape[0], tile.shape[1], height, width), dtype=tile.dtype, device=self.store)
-                out[:, :, y0:y1, x0:x1] = tile.to(self.store)
+                    out = self.new_map((tile.shape[0], tile.shape[1], height, width), tile.dtype)
+                self.save(out, (y0, y1, x0, x1), tile)
                 del crops, tile
         assert out is not None
         return out, stats
 
-    def stats(self, x: "torch.Tensor", groups: int) -> Stats:
-        """Statistics of a stored map (one read pass)."""
-        stats = Stats(groups)
-        side = self.side(x.shape[1])
-        for y0 in range(0, x.shape[-2], side):
-            for x0 in range(0, x.shape[-1], side):
-                stats.add(x[:, :, y0 : y0 + side, x0 : x0 + side].to(self.device, non_blocking=True))
-        return stats
+    # Where data crosses between store and device (a measuring subclass can see each crossing).
+
+    def load(self, crop: "torch.Tensor") -> "torch.Tensor":
+        """A crop of a stored map, on the compute device. Asynchronous only on CUDA, where the copy
+        from pageable memory is staged before the call returns (MPS reads the source later)."""
+        return crop.to(self.device, non_blocking=self.device.type == "cuda")
+
+    def new_map(self, shape: tuple[int, ...], dtype: "torch.dtype") -> "torch.Tensor":
+        import torch
+
+        return torch.empty(shape, dtype=dtype, device=self.store)
+
+    def save(self, out: "torch.Tensor", region: tuple[int, int, int, int], tile: "torch.Tensor") -> None:
+        y0, y1, x0, x1 = region
+        out[:, :, y0:y1, x0:x1] = tile.to(self.store)
 
     def resnet(self, x: "torch.Tensor", block, stats: Stats, next_groups: int | None) -> tuple["torch.Tensor", Stats | None]:
         """diffusers' ResnetBlock2D without time embedding: x + conv2(act(norm2(conv1(act(norm1(x))))))."""
@@ -240,7 +247,7 @@ class TiledRunner:
         start = 0
         for y0 in range(0, height, side):
             for x0 in range(0, width, side):
-                crop = x[:, :, y0 : y0 + side, x0 : x0 + side].to(self.device, non_blocking=True)
+                crop = self.load(x[:, :, y0 : y0 + side, x0 : x0 + side])
                 tokens = _to_conv(stats.normalize(crop, attn.group_norm), attn.to_k).flatten(2).transpose(1, 2)  # (B, n, C)
                 k, v = attn.to_k(tokens), attn.to_v(tokens)
                 if key is None:  # filled in place: no second copy of every key and value
@@ -389,7 +396,9 @@ def _blocks(runner: TiledRunner, x: "torch.Tensor", blocks, stats: Stats, next_g
         if kind == "resnet":
             x, new_stats = runner.resnet(x, module, stats, groups_at(i))
         else:
-            channels = module.conv.out_channels
+            # A downsample tile reads a (2 side + 1)^2 crop and pads a copy of it: 4x the input's
+            # pixels per output pixel, so its tiles are cut as for 4x the channels.
+            channels = module.conv.out_channels * (1 if up else 4)
             # Downsample2D pads with zeros itself (F.pad), whatever its conv's padding mode.
             source = Source(x, UP, _circular(module.conv)) if up else Source(x, DOWN)
             x, new_stats = runner.map(module, [source], max(x.shape[1], channels), groups_at(i))
@@ -409,14 +418,18 @@ def efficient_sdpa(device: "torch.device") -> bool:
     return device.type in ("cuda", "cpu")
 
 
-def tiled_decode(vae: "AutoencoderKL", z: "torch.Tensor", tile: int, *, store: "torch.device | None" = None) -> "torch.Tensor":
+def tiled_decode(vae: "AutoencoderKL", z: "torch.Tensor", tile: int, *, store: "torch.device | None" = None,
+                 efficient_attention: bool | None = None, runner_type: type[TiledRunner] = TiledRunner) -> "torch.Tensor":
     """`vae.decode(z).sample` computed in tiles of about `tile` pixels; same values as untiled.
 
     `z`: unscaled latents (B, C, h, w) on the VAE's device and dtype. `store`: where the layer maps
-    wait between layers (default: z's device).
+    wait between layers (default: z's device). `efficient_attention`: SDPA has a kernel without a
+    score matrix here (None: `efficient_sdpa`); False chunks the mid block's queries.
+    `runner_type`: a TiledRunner subclass (measurement).
     """
     dec = vae.decoder
-    runner = TiledRunner(z.device, store or z.device, tile_elements(vae, tile), efficient_attention=efficient_sdpa(z.device))
+    efficient = efficient_sdpa(z.device) if efficient_attention is None else efficient_attention
+    runner = runner_type(z.device, store or z.device, tile_elements(vae, tile), efficient_attention=efficient)
     z = z.to(runner.store)
     first_groups = dec.mid_block.resnets[0].norm1.num_groups
 
@@ -437,11 +450,13 @@ def tiled_decode(vae: "AutoencoderKL", z: "torch.Tensor", tile: int, *, store: "
     return image
 
 
-def tiled_encode(vae: "AutoencoderKL", pixels: "torch.Tensor", tile: int, *, store: "torch.device | None" = None) -> "torch.Tensor":
-    """The moments `vae.encode` turns into its latent distribution (B, 2*C, h, w), computed in tiles."""
+def tiled_encode(vae: "AutoencoderKL", pixels: "torch.Tensor", tile: int, *, store: "torch.device | None" = None,
+                 efficient_attention: bool | None = None, runner_type: type[TiledRunner] = TiledRunner) -> "torch.Tensor":
+    """The moments `vae.encode` turns into its latent distribution (B, 2*C, h, w), computed in tiles.
+    Options as for `tiled_decode`."""
     enc = vae.encoder
-    runner = TiledRunner(pixels.device, store or pixels.device, tile_elements(vae, tile),
-                         efficient_attention=efficient_sdpa(pixels.device))
+    efficient = efficient_sdpa(pixels.device) if efficient_attention is None else efficient_attention
+    runner = runner_type(pixels.device, store or pixels.device, tile_elements(vae, tile), efficient_attention=efficient)
     pixels = pixels.to(runner.store)
     x, stats = runner.map(enc.conv_in, [Source(pixels, CONV3, _circular(enc.conv_in))], enc.conv_in.out_channels,
                           _first_norm_groups(enc.down_blocks, enc.mid_block.resnets[0].norm1))

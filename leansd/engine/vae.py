@@ -49,24 +49,29 @@ def store_for(device: "torch.device") -> "torch.device":
     return torch.device("cpu") if device.type != "cpu" else device
 
 
-def decode(vae: "AutoencoderKL", z: "torch.Tensor", tile: int | None, *, scale: int) -> "torch.Tensor":
-    """Unscaled latents (B, C, h, w) -> decoded images (B, 3, H, W) at the VAE's dtype, on z's device."""
+def decode(vae: "AutoencoderKL", z: "torch.Tensor", tile: int | None, *, scale: int,
+           efficient_attention: bool | None = None) -> "torch.Tensor":
+    """Unscaled latents (B, C, h, w) -> decoded images (B, 3, H, W) at the VAE's dtype, on z's device.
+
+    `efficient_attention`: as the plan assumed (None: detect from the device)."""
     from leansd.engine.tiled_vae import supports, tiled_decode
 
     if tile is not None and supports(vae):
-        return tiled_decode(vae, z, tile, store=store_for(z.device)).to(z.device)
+        return tiled_decode(vae, z, tile, store=store_for(z.device), efficient_attention=efficient_attention).to(z.device)
     with vae_tiling(vae, tile, scale=scale):
         return vae.decode(z, return_dict=False)[0]
 
 
-def encode(vae: "AutoencoderKL", pixels: "torch.Tensor", tile: int | None, *, scale: int) -> Any:
+def encode(vae: "AutoencoderKL", pixels: "torch.Tensor", tile: int | None, *, scale: int,
+           efficient_attention: bool | None = None) -> Any:
     """Images (B, 3, H, W) in [-1, 1] -> the VAE's latent distribution (on the pixels' device)."""
     from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
 
     from leansd.engine.tiled_vae import supports, tiled_encode
 
     if tile is not None and supports(vae):
-        return DiagonalGaussianDistribution(tiled_encode(vae, pixels, tile, store=store_for(pixels.device)).to(pixels.device))
+        moments = tiled_encode(vae, pixels, tile, store=store_for(pixels.device), efficient_attention=efficient_attention)
+        return DiagonalGaussianDistribution(moments.to(pixels.device))
     with vae_tiling(vae, tile, scale=scale):
         return vae.encode(pixels).latent_dist
 

@@ -19,7 +19,7 @@ from leansd.engine.planner import (
 from leansd.errors import InvalidRequestError
 
 # SD 1.5 in fp16, rounded: CLIP-L 246M, UNet 1.72G in 8 blocks + the rest (its two largest layers,
-# the 1280 -> 10240 GEGLU projections, are 56M each), VAE 167M.
+# the up blocks' 2560 -> 1280 3x3 convolutions, are 56M each), VAE 167M.
 SD15 = ModelSizes(
     text_encoder=246 * MiB,
     unet_blocks=(33 * MiB, 104 * MiB, 390 * MiB, 60 * MiB, 460 * MiB, 330 * MiB, 100 * MiB, 43 * MiB),

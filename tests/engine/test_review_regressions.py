@@ -28,8 +28,8 @@ def test_vae_on_cpu_by_plan_works_in_bf16() -> None:
     assert np.isfinite(result.pixels).all() and result.pixels.std() > 0.01
 
 
-def tiled_vae_budget(size: int) -> int:
-    probe = Engine(tiny_bundle(), device="cpu", precision="full", prompt_cache=False, vram=None)
+def tiled_vae_budget(size: int, bundle=None) -> int:
+    probe = Engine(bundle or tiny_bundle(), device="cpu", precision="full", prompt_cache=False, vram=None)
     plans = candidate_plans(probe.sizes, PlanRequest(width=size, height=size, efficient_attention=True), None)
     return int(min(p.peak for _, p in plans if p.vae_tile and not p.vae_on_cpu) / 0.9) + 1  # tiles the VAE
 
@@ -54,8 +54,9 @@ def test_seamless_tiling_refuses_diffusers_tiles() -> None:
     """A VAE the exact path does not know falls back to diffusers' tiles, which cannot wrap."""
     bundle = tiny_bundle()
     bundle.vae.decoder.conv_out = torch.nn.Sequential(bundle.vae.decoder.conv_out)  # same maths, unknown layout
-    engine = Engine(bundle, device="cpu", precision="full", prompt_cache=False, vram=tiled_vae_budget(128),
+    engine = Engine(bundle, device="cpu", precision="full", prompt_cache=False, vram=tiled_vae_budget(128, bundle),
                     virtual_device=True)
+    assert not engine.sizes.vae_exact_tiles
     request = GenerationRequest(prompt="a", width=128, height=128, num_inference_steps=1, seed=1)
     with pytest.raises(InvalidRequestError, match="seamless tiling needs the whole image in one VAE pass"):
         engine.generate(GenerationRequest(prompt="a", width=128, height=128, num_inference_steps=1, seed=1,

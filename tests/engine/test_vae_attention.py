@@ -171,9 +171,13 @@ def test_fp16_unsafe_gpu_names(name, unsafe):
 
 def test_nan_guard_also_covers_the_tiled_decode(caplog):
     engine = Engine(tiny_bundle(), device="cpu", precision="fp16", prompt_cache=False)
-    engine.bundle.vae.decoder.conv_out.register_forward_hook(
-        lambda module, inputs, output: output * float("nan") if output.dtype == torch.float16 else output
-    )
+    calls = []
+
+    def poison(module, inputs, output):
+        calls.append(output.dtype)
+        return output * float("nan") if output.dtype == torch.float16 else output
+
+    engine.bundle.vae.decoder.conv_out.register_forward_hook(poison)
     z = smooth_latents(16)
     factor = engine.bundle.vae.config.scaling_factor
     with torch.no_grad():
@@ -183,8 +187,10 @@ def test_nan_guard_also_covers_the_tiled_decode(caplog):
     engine.plan_for(width=128, height=128, batch=1)
     engine.plan = type(engine.plan)(**{**engine.plan.__dict__, "vae_tile": 64})  # as a tight budget would plan
     engine.plan_for = lambda **kw: engine.plan  # keep that plan for this decode
+    calls.clear()
     with caplog.at_level("WARNING"):
         image = engine.vae_decode(z * factor)
+    assert calls == [torch.float16] * 4 + [torch.float32] * 4  # 128 px in 64 px tiles, both times
     assert torch.isfinite(image).all() and any("decoding again in fp32" in r.message for r in caplog.records)
     assert close(image, expected) < 2e-5
 
@@ -208,3 +214,72 @@ def test_circular_tiled_decode_and_encode_equal_untiled(tile, height, width):
     with torch.no_grad():
         plain = vae.decode(z, return_dict=False)[0]  # padding restored: differs at the edges
     assert close(plain, whole) > 1e-3
+
+
+@pytest.mark.parametrize("efficient", [True, False])
+def test_mid_block_attention_across_tiles_and_query_chunks(efficient):
+    """Latents spread over several tiles at the mid block, so its keys/values gather every tile;
+    without efficient attention the queries also run in chunks."""
+    vae = tiny_bundle().vae.eval()
+    z = torch.randn((2, 4, 13, 11), generator=torch.Generator().manual_seed(6))
+    runner = TiledRunner(torch.device("cpu"), torch.device("cpu"), elements=32 * 8 * 8)
+    assert runner.side(32) == 8 < 11  # 8-px tiles at every level: the 13x11 latent map spans 4 tiles
+    with torch.no_grad():
+        whole = vae.decode(z, return_dict=False)[0]
+        tiled = tiled_decode(vae, z, 8, efficient_attention=efficient)
+    assert close(tiled, whole) < 2e-5
+
+
+def host_store_runner(tracker):
+    """The tiled runner as on a GPU: crops are copied to the device, maps wait outside it (not counted)."""
+
+    class HostStore(TiledRunner):
+        def load(self, crop):
+            return crop.clone()  # the device copy of the crop
+
+        def new_map(self, shape, dtype):
+            with tracker.paused():
+                return super().new_map(shape, dtype)
+
+        def save(self, out, region, tile):
+            with tracker.paused():
+                super().save(out, region, tile)
+
+    return HostStore
+
+
+@pytest.mark.parametrize(("dtype", "size", "tile", "efficient"), [
+    (torch.float16, 1024, 256, True), (torch.float32, 1024, 256, True), (torch.float16, 1024, 256, False),
+    (torch.float32, 512, 64, True),
+])
+@pytest.mark.parametrize("kind", ["decode", "encode"])
+def test_tiled_vae_memory_stays_within_the_planner_estimate(dtype, size, tile, efficient, kind):
+    """Measured device bytes of the SD VAE layout in tiles (meta device: shapes only), against the
+    planner's tiled estimate without the decoded-image term."""
+    import accelerate
+    from diffusers import AutoencoderKL
+
+    from leansd.engine.measure import ActivationTracker
+    from leansd.engine.planner import ModelSizes, PlanRequest, vae_activation
+    from leansd.engine.tiled_vae import tiled_encode
+    from leansd.models.configs import SD15_VAE_CONFIG
+
+    with accelerate.init_empty_weights(include_buffers=True):
+        vae = AutoencoderKL(**SD15_VAE_CONFIG)
+    vae = vae.to(dtype).eval()
+    d = dtype.itemsize
+    sizes = ModelSizes(text_encoder=0, unet_blocks=(1,), unet_rest=0, vae=0, unet_channels=320, unet_heads=8,
+                       vae_channels=128, vae_mid_channels=512, dtype_bytes=d)
+    tracker = ActivationTracker(attention="efficient" if efficient else "math")
+    runner = host_store_runner(tracker)
+    with torch.no_grad(), tracker:
+        if kind == "decode":
+            tiled_decode(vae, torch.zeros((1, 4, size // 8, size // 8), dtype=dtype, device="meta"), tile,
+                         efficient_attention=efficient, runner_type=runner)
+        else:
+            tiled_encode(vae, torch.zeros((1, 3, size, size), dtype=dtype, device="meta"), tile,
+                         efficient_attention=efficient, runner_type=runner)
+    request = PlanRequest(width=size, height=size, efficient_attention=efficient)
+    estimate = vae_activation(sizes, request, tile=tile) - 3 * size * size * (d + 4)
+    assert tracker.peak <= estimate
+    assert tracker.peak >= (0.75 if efficient else 0.5) * estimate  # an estimate, not a blanket

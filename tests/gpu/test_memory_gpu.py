@@ -54,6 +54,8 @@ def test_auto_budget_follows_free_memory(bundle):
 
     from leansd import Engine
 
+    if torch.cuda.mem_get_info()[0] < 4 * 2**30:
+        pytest.skip("needs 4 GiB free for a second process holding 2 GiB")
     engine = Engine(bundle, device="cuda", precision="fp16", prompt_cache=False, vram="auto")
     engine.plan_for(width=512, height=512)
     before = engine.budget
