@@ -136,6 +136,35 @@ def vae_rows(models, sizes, size: int, dtype) -> list[list]:
     return rows
 
 
+def tiled_vae_rows(models, sizes, size: int, dtype) -> list[list]:
+    """leansd's exact tiles (tile = a quarter of the side) as on a GPU: crops copied to the device,
+    maps in host memory. The planner column leaves out the decoded image brought back to the device."""
+    import torch
+
+    from leansd.engine.measure import ActivationTracker, host_store_runner
+    from leansd.engine.planner import PlanRequest, vae_activation
+    from leansd.engine.tiled_vae import tiled_decode, tiled_encode
+
+    vae, dev = models.vae, models.device
+    tile = max(64, size // 4)
+    latent = size // models.vae_scale_factor
+    z = torch.zeros(1, vae.config.latent_channels, latent, latent, dtype=dtype, device=dev)
+    image = torch.zeros(1, vae.config.in_channels, size, size, dtype=dtype, device=dev)
+    rows = []
+    for attention in ("efficient", "math"):
+        efficient = attention == "efficient"
+        request = PlanRequest(width=size, height=size, efficient_attention=efficient)
+        estimate = vae_activation(sizes, request, tile=tile) - 3 * size * size * (dtype.itemsize + 4)
+        unit = sizes.vae_channels * tile * tile
+        for stage, run in (("vae decode", tiled_decode), ("vae encode", tiled_encode)):
+            tracker = ActivationTracker(attention=attention)
+            with torch.no_grad(), tracker:
+                run(vae, z if run is tiled_decode else image, tile, efficient_attention=efficient,
+                    runner_type=host_store_runner(tracker))
+            rows.append([f"{stage} tiled {tile}px", size, attention, 1, tracker.peak, estimate, tracker.peak / unit])
+    return rows
+
+
 def text_rows(models, sizes, dtype) -> list[list]:
     import torch
 
@@ -183,6 +212,8 @@ def main(argv: list[str] | None = None) -> int:
         rows += unet_rows(models, sizes, size, dtype, chunks)
     for size in sizes_px:
         rows += vae_rows(models, sizes, size, dtype)
+        if not args.tiny and size >= 1024:
+            rows += tiled_vae_rows(models, sizes, size, dtype)
     seconds = time.perf_counter() - t0
 
     table = [[stage, size, mode, b, mib(peak), mib(est), f"{est / peak:.2f}" if peak else "-", f"{factor:.2f}"]
@@ -192,7 +223,9 @@ def main(argv: list[str] | None = None) -> int:
     print(machine_lines())
     print(f"- measured: leansd.engine.measure (live tensor bytes, 512-byte blocks, weights/inputs excluded); "
           f"{seconds:.1f} s in all")
-    print("- chunks: ChunkedAttnProcessor over the math path; planner for the same chunk\n")
+    print("- chunks: ChunkedAttnProcessor over the math path; planner for the same chunk")
+    print("- tiled rows: leansd's exact tiled VAE as on a GPU (crops copied to the device, layer maps in host"
+          " memory); planner without the decoded image; factor = bytes per element of C_vae x tile^2\n")
     headers = ["stage", "size", "mode", "batch", "measured MiB", "planner MiB", "est/meas", "factor"]
     print(markdown_table(headers, table))
     return 0

@@ -217,3 +217,23 @@ def activation_peak(fn: Callable[..., T], *args: Any, attention: str = "native",
     with ActivationTracker(attention=attention) as tracker:
         result = fn(*args, **kwargs)
     return result, tracker.peak
+
+
+def host_store_runner(tracker: ActivationTracker) -> type:
+    """A `TiledRunner` subclass that counts a tiled VAE as it runs on a GPU: each crop is copied to
+    the compute device (counted), the layer maps wait in host memory (not counted)."""
+    from leansd.engine.tiled_vae import TiledRunner
+
+    class HostStoreRunner(TiledRunner):
+        def load(self, crop: torch.Tensor) -> torch.Tensor:
+            return crop.clone()  # the device copy of the crop
+
+        def new_map(self, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+            with tracker.paused():
+                return super().new_map(shape, dtype)
+
+        def save(self, out: torch.Tensor, region: tuple[int, int, int, int], tile: torch.Tensor) -> None:
+            with tracker.paused():
+                super().save(out, region, tile)
+
+    return HostStoreRunner

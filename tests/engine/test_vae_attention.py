@@ -230,24 +230,6 @@ def test_mid_block_attention_across_tiles_and_query_chunks(efficient):
     assert close(tiled, whole) < 2e-5
 
 
-def host_store_runner(tracker):
-    """The tiled runner as on a GPU: crops are copied to the device, maps wait outside it (not counted)."""
-
-    class HostStore(TiledRunner):
-        def load(self, crop):
-            return crop.clone()  # the device copy of the crop
-
-        def new_map(self, shape, dtype):
-            with tracker.paused():
-                return super().new_map(shape, dtype)
-
-        def save(self, out, region, tile):
-            with tracker.paused():
-                super().save(out, region, tile)
-
-    return HostStore
-
-
 @pytest.mark.parametrize(("dtype", "size", "tile", "efficient"), [
     (torch.float16, 1024, 256, True), (torch.float32, 1024, 256, True), (torch.float16, 1024, 256, False),
     (torch.float32, 512, 64, True),
@@ -259,7 +241,7 @@ def test_tiled_vae_memory_stays_within_the_planner_estimate(dtype, size, tile, e
     import accelerate
     from diffusers import AutoencoderKL
 
-    from leansd.engine.measure import ActivationTracker
+    from leansd.engine.measure import ActivationTracker, host_store_runner
     from leansd.engine.planner import ModelSizes, PlanRequest, vae_activation
     from leansd.engine.tiled_vae import tiled_encode
     from leansd.models.configs import SD15_VAE_CONFIG
