@@ -71,7 +71,48 @@ def build_parser() -> argparse.ArgumentParser:
         _add_output_args(command, outdir)
     _add_serve_args(sub)
     _add_serve_args(sub, name="ui")
+    _add_batch_args(sub)
     return parser
+
+
+def _add_batch_args(sub: "argparse._SubParsersAction") -> None:
+    batch = sub.add_parser(
+        "batch", help="run a job file (JSONL, CSV or prompts) here or on a Ray cluster",
+        description="Run every line of a job file: JSON Lines with the HTTP API's txt2img/img2img fields, a CSV "
+        "with those fields as header, or a prompt file (one prompt per line). Images go to OUTDIR/<id>-<k>.png, "
+        "every image is recorded in OUTDIR/manifest.jsonl; see docs/BATCH.md.",
+    )
+    batch.add_argument("jobs", metavar="JOBS", help="the job file (.jsonl, .csv, or a text file of prompts)")
+    batch.add_argument("--jobs-format", "--jobs_format", dest="jobs_format", default="auto",
+                       help="auto (default: by extension: .jsonl/.json JSON Lines, .csv CSV, else prompts), jsonl, csv, txt")
+    _add_model_args(batch)
+    run = batch.add_argument_group("run")
+    run.add_argument("--outdir", default="outputs/batch", help="output folder (default outputs/batch)")
+    run.add_argument("--resume", action="store_true",
+                     help="finish an earlier run in --outdir: skip images the manifest and the files already hold")
+    run.add_argument("--seed", type=_int, default=None,
+                     help="base seed: a line without one gets it plus the number of images before it (default: random, recorded)")
+    run.add_argument("--ray", nargs="?", const="", default=None, metavar="ADDRESS",
+                     help="run on a Ray cluster (pip install 'leansd[ray]'): ADDRESS such as auto or host:6379; "
+                     "without it, connect to the running cluster or start one on this machine")
+    run.add_argument("--workers", type=_int, default=None,
+                     help="Ray workers, each with its own model copy (default: one per GPU, else one per node)")
+    run.add_argument("--no-prompt-cache", "--no_prompt_cache", dest="prompt_cache", action="store_false",
+                     help="do not use the on-disk prompt-embedding cache")
+    run.add_argument("--verbose", "-v", action="store_true", help="log model, device and failures")
+    defaults = batch.add_argument_group("defaults for fields a job line leaves out (else the HTTP API's)")
+    defaults.add_argument("--nprompt", "--negative-prompt", "--negative_prompt", dest="negative_prompt", default=None,
+                          help="negative prompt")
+    defaults.add_argument("--ddim_steps", "--steps", dest="steps", type=_int, default=None, help="sampling steps (API default 50)")
+    defaults.add_argument("--scale", "--cfg-scale", "--cfg_scale", dest="scale", type=_float, default=None,
+                          help="guidance scale (API default 7)")
+    defaults.add_argument("--sampler", default=None, help=f"sampler (API default Euler): {SAMPLER_HELP}")
+    defaults.add_argument("--W", "--width", dest="width", type=_int, default=None, help="width (API default 512)")
+    defaults.add_argument("--H", "--height", dest="height", type=_int, default=None, help="height (API default 512)")
+    defaults.add_argument("--n_samples", "--batch-size", "--batch_size", dest="n_samples", type=_int, default=None,
+                          help="images per batch (default 1)")
+    defaults.add_argument("--n_iter", "--n-iter", dest="n_iter", type=_int, default=None,
+                          help="batches per line (default 1)")
 
 
 def _add_serve_args(sub: "argparse._SubParsersAction", name: str = "serve") -> None:
@@ -255,6 +296,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             return run_generate(args)
         if args.command in ("serve", "ui"):
             return run_serve(args)
+        if args.command == "batch":
+            from leansd.batch.command import run as run_batch
+
+            return run_batch(args, memory=_memory_options(args))
     except LeansdError as exc:
         print(f"leansd: error: {one_line(exc)}", file=sys.stderr)
         return EXIT_USAGE

@@ -1,0 +1,85 @@
+"""`leansd batch JOBS`: the command behind the CLI's subcommand (argparse namespace in, exit code out)."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+from typing import Any
+
+from leansd.errors import InvalidRequestError
+
+logger = logging.getLogger(__name__)
+
+
+def defaults_from(args: argparse.Namespace) -> dict[str, Any]:
+    """The flags that fill fields a job line leaves out, under the HTTP API's field names."""
+    return {
+        "negative_prompt": args.negative_prompt,
+        "steps": args.steps,
+        "cfg_scale": args.scale,
+        "sampler_name": args.sampler,
+        "width": args.width,
+        "height": args.height,
+        "batch_size": args.n_samples,
+        "n_iter": args.n_iter,
+    }
+
+
+def engine_options(args: argparse.Namespace, memory: dict[str, Any]) -> dict[str, Any]:
+    return {"device": args.device, "precision": args.precision, "prompt_cache": args.prompt_cache, **memory}
+
+
+def run(args: argparse.Namespace, *, memory: dict[str, Any]) -> int:
+    from leansd.batch.jobs import JobFileError, read_jobs
+    from leansd.batch.runner import LocalBackend, prepare_outdir, recorded_seed, run_batch
+    from leansd.batch.worker import BatchWorker
+
+    outdir = Path(args.outdir)
+    if args.workers is not None and args.workers < 1:
+        raise InvalidRequestError(f"--workers must be at least 1, got {args.workers}")
+    if args.workers is not None and args.ray is None:
+        raise InvalidRequestError("--workers is for Ray runs: add --ray [ADDRESS] (locally one process works)")
+    if args.ray is not None:
+        from leansd.batch.ray_backend import require_ray
+
+        require_ray()  # a clear install hint before any work
+    # 1. Validate the whole job file (and the output folder) before anything loads.
+    seed = args.seed
+    seed_given = seed is not None and seed != -1
+    if args.resume and not seed_given:
+        seed = recorded_seed(outdir)
+    try:
+        jobs = read_jobs(args.jobs, model=args.model, seed=seed, fmt=args.jobs_format, defaults=defaults_from(args))
+    except JobFileError as exc:
+        # One line per bad job line, so every problem can be fixed in one go.
+        print(f"leansd: error: {str(exc).splitlines()[0]}", file=sys.stderr)
+        for error in exc.errors:
+            print(f"leansd: error: {args.jobs} {error}", file=sys.stderr)
+        return 2
+    _, state = prepare_outdir(outdir, resume=args.resume)
+    if state is not None and state.run is not None and state.run.get("seed") != jobs.seed:
+        raise InvalidRequestError(
+            f"--seed {jobs.seed} differs from the seed {state.run.get('seed')} this manifest was started with; "
+            "drop --seed to resume with the recorded one, or use another --outdir"
+        )
+    if not seed_given and seed is None:
+        print(f"leansd: base seed {jobs.seed} (random; recorded in the manifest)", file=sys.stderr)
+    print(f"leansd: {len(jobs.lines)} job line{'s' if len(jobs.lines) != 1 else ''}, {jobs.num_images} image"
+          f"{'s' if jobs.num_images != 1 else ''} -> {outdir}", file=sys.stderr)
+
+    # 2. Run on this machine or on Ray.
+    options = engine_options(args, memory)
+    if args.ray is None:
+        backend: Any = LocalBackend(BatchWorker(engine_options=options))
+    else:
+        from leansd.batch.ray_backend import RayBackend
+
+        backend = RayBackend.connect(args.ray, workers=args.workers, engine_options=options)
+    summary = run_batch(jobs, outdir=outdir, backend=backend, resume=args.resume, model=args.model,
+                        progress=sys.stderr.isatty())
+    for error in summary.errors:
+        print(f"leansd: failed: {error}", file=sys.stderr)
+    print(f"leansd: {summary.line(outdir / 'manifest.jsonl')}", file=sys.stderr)
+    return summary.exit_code
