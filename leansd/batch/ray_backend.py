@@ -119,7 +119,7 @@ class RayBackend:
                 raise InvalidRequestError(
                     f"--workers {count} needs {count} GPUs (one per worker) but the cluster has {gpus}"
                 )
-            placement = {"gpus_per_worker": 1, "cpus_per_worker": 1}
+            placement = {"gpus_per_worker": 1, "cpus_per_worker": max(1, cpus // count)}
         else:
             nodes = sum(1 for node in ray.nodes() if node.get("Alive"))
             count = workers or max(1, nodes)
@@ -133,7 +133,7 @@ class RayBackend:
 
     def _start_actor(self) -> Any:
         self.started += 1
-        threads = None if self.gpus_per_worker else max(1, int(self.cpus_per_worker))
+        threads = max(1, int(self.cpus_per_worker))
         actor = self._remote.options(num_gpus=self.gpus_per_worker, num_cpus=self.cpus_per_worker,
                                      max_restarts=0, max_task_retries=0).remote(
             self.engine_options, threads, f"ray-{self.started}", self.load)

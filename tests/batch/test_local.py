@@ -154,3 +154,16 @@ def test_workers_without_ray_is_a_usage_error(tmp_path: Path, capsys: pytest.Cap
     prompts.write_text("a fox\n")
     assert main(["batch", str(prompts), "--model", "tiny", "--workers", "2"]) == 2
     assert "--workers is for Ray runs" in capsys.readouterr().err
+
+
+def test_ray_flag_without_ray_says_how_to_install(tmp_path: Path, capsys: pytest.CaptureFixture,
+                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    from leansd.frontends.cli import main
+
+    monkeypatch.setitem(sys.modules, "ray", None)  # as if Ray were not installed
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a fox\n")
+    assert main(["batch", str(prompts), "--model", "tiny", "--ray"]) == 2
+    err = capsys.readouterr().err
+    assert "--ray needs Ray, which is not installed: pip install 'leansd[ray]'" in err
+    assert "Traceback" not in err and not (tmp_path / "outputs").exists()
