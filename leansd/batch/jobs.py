@@ -2,14 +2,13 @@
 
 A job file is JSON Lines (one HTTP API txt2img/img2img body per line), a CSV with a header of the
 same field names, or a plain prompt file (one prompt per line, as `--from-file`). Lines are turned
-into `GenerationRequest`s by the HTTP API's own A1111 translation, so a job line means exactly what
+into `GenerationRequest`s by the A1111 layer the HTTP API uses, so a job line means exactly what
 the same body means to `/sdapi/v1/txt2img` or `/sdapi/v1/img2img`. Image fields hold file paths,
 relative to the job file's folder (they may not leave it unless absolute), read with the CLI's checks.
 """
 
 from __future__ import annotations
 
-import base64
 import csv
 import hashlib
 import io
@@ -238,7 +237,7 @@ def _seeds_used(fields: dict[str, Any]) -> int:
 
 
 def _validate_line(fields: dict[str, Any], *, number: int, folder: Path, model: str | None, seed: int) -> JobLine:
-    from leansd.frontends.http import Img2ImgRequest, Txt2ImgRequest
+    from leansd.frontends.a1111 import Img2ImgRequest, Txt2ImgRequest
 
     known = set(Txt2ImgRequest.model_fields) | set(Img2ImgRequest.model_fields) | set(EXTRA_FIELDS)
     unknown = sorted(set(fields) - known)
@@ -331,18 +330,23 @@ def _image_path(value: Any, folder: Path, label: str) -> str:
 
 
 def build_request(body: dict[str, Any], *, task: str, model: str) -> "Any":
-    """The A1111 body -> GenerationRequest through the HTTP API's translation (image paths read here)."""
+    """The A1111 body -> GenerationRequest through the A1111 layer's translation (image files read here)."""
     from pydantic import ValidationError
 
-    from leansd.frontends.http import Img2ImgRequest, Limits, Txt2ImgRequest, img2img_request, txt2img_request
+    from leansd.frontends.a1111 import Img2ImgRequest, Limits, Txt2ImgRequest, img2img_request, txt2img_request
     from leansd.request import MAX_BATCH, MAX_ITER, MAX_SIZE, MAX_STEPS
 
     limits = Limits(max_size=MAX_SIZE, max_steps=MAX_STEPS, max_images=MAX_BATCH * MAX_ITER)
     fields = dict(body)
+    images: dict[str, Any] = {}
     if task == "img2img":
-        fields["init_images"] = [_encode_file(fields["init_images"][0], "init_images[0]")]
-        if fields.get("mask") is not None:
-            fields["mask"] = _encode_file(fields["mask"], "mask")
+        from leansd.inputs.images import load_image, load_mask
+
+        # The CLI's checks (load_image/load_mask), with the file named in every message.
+        images["init_image"] = load_image(fields.pop("init_images")[0], label="init_images[0]")
+        mask = fields.pop("mask", None)
+        if mask is not None:
+            images["mask"] = load_mask(mask, label="mask")
     try:
         parsed = (Img2ImgRequest if task == "img2img" else Txt2ImgRequest).model_validate(fields)
     except ValidationError as exc:
@@ -351,29 +355,9 @@ def build_request(body: dict[str, Any], *, task: str, model: str) -> "Any":
             where = ".".join(str(p) for p in err.get("loc", ())) or "line"
             parts.append(f"{where}: {err.get('msg', 'invalid')} (got {one_line(repr(err.get('input')), limit=60)})")
         raise InvalidRequestError("; ".join(parts)) from None
-    translate = img2img_request if task == "img2img" else txt2img_request
-    try:
-        return translate(parsed, model_name=model, limits=limits)
-    except InvalidRequestError as exc:
-        message = str(exc)
-        for label in ("init_images[0]", "mask"):
-            if label in fields and message.startswith(label):  # name the file, not the base64 field
-                path = body["init_images"][0] if label == "init_images[0]" else body["mask"]
-                message = f"{label} {path}{message[len(label):]}"
-        raise InvalidRequestError(message) from None
-
-
-def _encode_file(path: str, label: str) -> str:
-    """A file's bytes as base64, so the upload checks of the HTTP API read it unchanged."""
-    try:
-        data = Path(path).read_bytes()
-    except FileNotFoundError:
-        raise InvalidRequestError(f"{label} {path}: no such file") from None
-    except IsADirectoryError:
-        raise InvalidRequestError(f"{label} {path}: is a folder, expected an image file") from None
-    except OSError as exc:
-        raise InvalidRequestError(f"{label} {path}: cannot read it ({one_line(exc, limit=120)})") from None
-    return base64.b64encode(data).decode("ascii")
+    if task == "img2img":
+        return img2img_request(parsed, model_name=model, limits=limits, **images)
+    return txt2img_request(parsed, model_name=model, limits=limits)
 
 
 def group_lines(lines: list[JobLine]) -> list[JobLine]:

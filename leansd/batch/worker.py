@@ -40,7 +40,9 @@ class LineResult:
 
 
 def describe_error(exc: BaseException) -> str:
-    if type(exc).__name__ == "OutOfMemoryError":
+    from leansd.errors import is_out_of_memory
+
+    if is_out_of_memory(exc):
         return f"out of memory: {one_line(exc, limit=200)}"
     from leansd.errors import LeansdError
 
@@ -101,8 +103,7 @@ class BatchWorker:
         except Exception as exc:  # noqa: BLE001 - one line's failure is recorded; the rest go on
             message = describe_error(exc)
             logger.warning("job %s failed: %s", line.id, message)
-            if type(exc).__name__ == "OutOfMemoryError":
-                self._free_device_memory()
+            self._free_device_memory()
             return LineResult(
                 id=line.id, images=[ImageOutcome(k=k, seed=s, png=None, error=message) for k, s in enumerate(seeds)],
                 model=self.model, model_hash=self._model_hash(), error=message, worker=self.name,
