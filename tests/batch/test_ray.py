@@ -1,13 +1,12 @@
 """`leansd batch --ray` on a real single-node Ray cluster started here, with the tiny model.
 
-One cluster serves every Ray test (started on first use, shut down at the end of the session), with
-two logical GPUs so a CPU machine exercises one-actor-per-GPU scheduling.
+The cluster is the session's `ray_cluster` (tests/batch/conftest.py): two CPUs and two logical GPUs,
+so a CPU machine exercises one-actor-per-GPU scheduling.
 """
 
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 import pytest
@@ -23,16 +22,6 @@ from leansd.errors import InvalidRequestError  # noqa: E402
 from .common import SIZE, load_engine, records, tiny_jobs  # noqa: E402
 
 OPTIONS = {"device": "cpu", "prompt_cache": False}
-ROOT = Path(__file__).resolve().parents[2]
-
-
-@pytest.fixture(scope="session")
-def ray_cluster():
-    path = os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH", "")) if p)
-    ray.init(num_cpus=2, num_gpus=2, include_dashboard=False, log_to_driver=False, logging_level="WARNING",
-             runtime_env={"env_vars": {"PYTHONPATH": path, "OMP_NUM_THREADS": "1"}})
-    yield ray
-    ray.shutdown()
 
 
 @pytest.fixture(scope="module")

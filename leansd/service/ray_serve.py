@@ -1,0 +1,309 @@
+"""`leansd serve --ray`: the same `/sdapi/v1` app and web UI in front of N Ray Serve replicas.
+
+The HTTP app (routes, auth, Origin guard, web UI) runs in the `leansd serve` process as always; its
+job queue is a `RayJobQueue`, which runs up to N jobs at once, one per replica. Each replica of the
+`EngineReplica` deployment owns one Engine (one GPU each on a GPU cluster) and takes one request at
+a time, so Ray Serve spreads concurrent requests over the replicas.
+
+Progress and control go through a small `ProgressBoard` actor keyed by job: the replica running a
+job posts every step there and reads back a stop/skip flag, the queue reads the progress for
+`/progress` and the web UI and posts the flags that interrupt, skip or cancel sets. So an interrupt
+reaches the replica that runs the job, whichever it is.
+"""
+
+from __future__ import annotations
+
+import collections
+import logging
+import os
+import threading
+import time
+import uuid
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Callable
+
+from leansd.errors import InvalidRequestError
+from leansd.service.queue import DEFAULT_MAX_QUEUE, JobQueue, JobState
+
+if TYPE_CHECKING:
+    from leansd.request import GenerationRequest, GenerationResult, ProgressEvent
+
+logger = logging.getLogger(__name__)
+
+APP_NAME = "leansd"
+POLL_SECONDS = 0.1
+INSTALL_HINT = "--ray needs Ray Serve, which is not installed: pip install 'leansd[ray]' (or pip install 'ray[serve]')"
+
+
+def require_serve() -> Any:
+    try:
+        import ray  # noqa: F401
+        from ray import serve
+    except ImportError:
+        raise InvalidRequestError(INSTALL_HINT) from None
+    return serve
+
+
+class ProgressBoard:
+    """Per job: the last progress event the replica posted, and the flag the front end set."""
+
+    def __init__(self) -> None:
+        self.events: dict[str, dict[str, int]] = {}
+        self.flags: dict[str, str] = {}
+
+    def step(self, key: str, event: dict[str, int]) -> str | None:
+        """A replica finished a step; returns "stop", "skip" (once) or None."""
+        self.events[key] = event
+        flag = self.flags.get(key)
+        if flag == "skip":
+            del self.flags[key]
+        return flag
+
+    def read(self, key: str) -> dict[str, int] | None:
+        return self.events.get(key)
+
+    def flag(self, key: str, value: str) -> None:
+        if value == "stop" or self.flags.get(key) != "stop":
+            self.flags[key] = value
+
+    def forget(self, key: str) -> None:
+        self.events.pop(key, None)
+        self.flags.pop(key, None)
+
+
+class EngineReplica:
+    """One Ray Serve replica: one Engine, one request at a time."""
+
+    def __init__(self, model: str, engine_options: dict[str, Any], board: Any, threads: int | None = None,
+                 load: "Callable[..., Any] | None" = None) -> None:
+        if threads:
+            import torch
+
+            torch.set_num_threads(threads)
+        if load is None:
+            from leansd.engine.engine import Engine
+
+            load = Engine.load
+        self.engine = load(model, **engine_options)
+        self.board = board
+        self.name = f"{os.uname().nodename}:{os.getpid()}"
+
+    def describe(self) -> dict[str, Any]:
+        bundle = self.engine.bundle
+        return {"name": bundle.name, "hash": bundle.hash, "source": str(bundle.source), "replica": self.name,
+                "device": str(self.engine.device), "precision": self.engine.precision.name,
+                "budget": self.engine.budget, "memory_policy": self.engine.memory_policy}
+
+    def generate(self, key: str, request: "GenerationRequest") -> "GenerationResult":
+        import ray
+
+        from leansd.request import SkipBatch, StopGeneration
+
+        def on_step(event: "ProgressEvent") -> None:
+            # Waits for the board's answer: the flag decides whether this job goes on.
+            flag = ray.get(self.board.step.remote(key, {
+                "step": event.step, "total_steps": event.total_steps,
+                "batch_index": event.batch_index, "n_batches": event.n_batches}))
+            if flag == "stop":
+                raise StopGeneration()
+            if flag == "skip":
+                raise SkipBatch()
+
+        result = self.engine.generate(request, progress=on_step, progress_bar=False)
+        result.info["replica"] = self.name
+        return result
+
+
+@dataclass
+class _Bundle:
+    """What the front ends read of a model (`engine.bundle`), as the replicas report it."""
+
+    name: str
+    hash: str | None
+    source: str
+
+
+class RemoteEngine:
+    """The engine the queue's workers call: forwards each job to a replica, relays its progress."""
+
+    def __init__(self, handle: Any, board: Any, info: dict[str, Any], replicas: int) -> None:
+        self.handle = handle
+        self.board = board
+        self.bundle = _Bundle(name=info["name"], hash=info.get("hash"), source=info.get("source", info["name"]))
+        self.device = f"{info.get('device')} x {replicas} Ray Serve replicas"
+        self.precision = type("Precision", (), {"name": info.get("precision")})()
+        self.budget = info.get("budget")
+        self.memory_policy = info.get("memory_policy")
+        self.plan = None
+        self.replicas = replicas
+        self.ran_on: collections.Counter[str] = collections.Counter()
+        """How many jobs each replica ran (by its host:pid)."""
+        self._lock = threading.Lock()
+
+    def set_budget(self, vram: Any) -> None:
+        raise InvalidRequestError("the VRAM budget of Ray replicas is set when the server starts (--vram)")
+
+    def generate(self, request: "GenerationRequest", *, progress: "Callable[[ProgressEvent], None] | None" = None,
+                 progress_bar: bool = False) -> "GenerationResult":
+        import ray
+
+        from leansd.request import ProgressEvent, SkipBatch, StopGeneration
+
+        key = uuid.uuid4().hex
+        response = self.handle.generate.remote(key, request)
+        last = None
+        try:
+            while True:
+                try:
+                    result = response.result(timeout_s=POLL_SECONDS)
+                    break
+                except TimeoutError:
+                    pass
+                if progress is None:
+                    continue
+                event = ray.get(self.board.read.remote(key))
+                if event is None or event == last:
+                    continue
+                last = event
+                try:
+                    progress(ProgressEvent(**event))
+                except StopGeneration:
+                    self.board.flag.remote(key, "stop")
+                except SkipBatch:
+                    self.board.flag.remote(key, "skip")
+        finally:
+            self.board.forget.remote(key)
+        with self._lock:
+            self.ran_on[result.info.get("replica", "?")] += 1
+        return result
+
+
+class RayJobQueue(JobQueue):
+    """A JobQueue whose `workers` threads each run one job at a time on the Ray Serve replicas.
+
+    `current` is the oldest running job (what A1111's /progress, /interrupt and /skip act on);
+    `cancel(job_id)` reaches any running job.
+    """
+
+    def __init__(self, engine: RemoteEngine, *, workers: int, max_queue: int = DEFAULT_MAX_QUEUE,
+                 on_shutdown: "Callable[[], None] | None" = None) -> None:
+        super().__init__(engine, max_queue=max_queue)
+        self.workers = workers
+        self._running: list[Any] = []
+        self._threads: list[threading.Thread] = []
+        self._on_shutdown = on_shutdown
+
+    def start(self) -> "RayJobQueue":
+        with self._lock:
+            if not self._threads:
+                for i in range(self.workers):
+                    thread = threading.Thread(target=self._run_one, name=f"leansd-ray-{i}", daemon=True)
+                    self._threads.append(thread)
+                    thread.start()
+                self._thread = self._threads[0]
+        return self
+
+    def running(self) -> list[Any]:
+        with self._lock:
+            return list(self._running)
+
+    def _run_one(self) -> None:
+        while True:
+            with self._lock:
+                while not self._waiting and not self._closed:
+                    self._lock.wait()
+                if not self._waiting:
+                    return  # closed and drained
+                job = self._waiting.popleft()
+                job.state = JobState.RUNNING
+                job.started = time.time()
+                self._running.append(job)
+                self._current = self._running[0]
+            try:
+                self._execute(job)
+            finally:
+                with self._lock:
+                    self._running.remove(job)
+                    self._current = self._running[0] if self._running else None
+                    self.completed += 1
+                    if job.started is not None:
+                        self._durations.append(time.time() - job.started)
+
+    def status(self) -> dict[str, Any]:
+        status = super().status()
+        status["running_jobs"] = [job.snapshot() for job in self.running()]
+        status["replicas"] = self.workers
+        return status
+
+    def shutdown(self, timeout: float | None = 30.0, *, reason: str = "the server is shutting down") -> bool:
+        self.close(reason=reason)
+        deadline = None if timeout is None else time.monotonic() + timeout
+        for thread in self._threads:
+            thread.join(None if deadline is None else max(0.0, deadline - time.monotonic()))
+        if any(t.is_alive() for t in self._threads):
+            with self._lock:
+                for job in self._running:
+                    job._cancel = True
+            logger.warning("shutdown: cancelling the running jobs after %.0f s", timeout or 0)
+            for thread in self._threads:
+                thread.join(10.0)
+        stopped = not any(t.is_alive() for t in self._threads)
+        if self._on_shutdown is not None:
+            callback, self._on_shutdown = self._on_shutdown, None
+            callback()
+        return stopped
+
+
+def start_ray_queue(
+    address: str | None,
+    *,
+    model: str,
+    replicas: int,
+    engine_options: dict[str, Any],
+    max_queue: int = DEFAULT_MAX_QUEUE,
+    load: "Callable[..., Any] | None" = None,
+) -> RayJobQueue:
+    """Join the Ray cluster at `address`, deploy `replicas` EngineReplicas of `model`, return the queue.
+
+    On a cluster with GPUs each replica gets one (Ray sets CUDA_VISIBLE_DEVICES), else the CPUs are
+    shared out. The queue's shutdown deletes the Serve application (and leaves the cluster running).
+    """
+    serve = require_serve()
+    import ray
+
+    if replicas < 1:
+        raise InvalidRequestError(f"--replicas must be at least 1, got {replicas}")
+    owns = False
+    if not ray.is_initialized():
+        try:
+            ray.init(address=address or None, logging_level=logging.WARNING, log_to_driver=False)
+        except (ConnectionError, ValueError, RuntimeError) as exc:
+            raise InvalidRequestError(f"cannot connect to the Ray cluster at {address or 'auto'}: {exc}") from None
+        owns = True
+    resources = ray.cluster_resources()
+    gpus, cpus = int(resources.get("GPU", 0)), max(1, int(resources.get("CPU", 1)))
+    if gpus and replicas > gpus:
+        raise InvalidRequestError(f"--replicas {replicas} needs {replicas} GPUs (one per replica) but the cluster has {gpus}")
+    if not gpus and replicas > cpus:
+        raise InvalidRequestError(f"--replicas {replicas} needs a CPU each but the cluster has {cpus}")
+    per_cpu = max(1, cpus // replicas)
+    actor_options = {"num_cpus": per_cpu, "num_gpus": 1 if gpus else 0}
+    board = ray.remote(ProgressBoard).options(num_cpus=0).remote()
+    deployment = serve.deployment(EngineReplica, name="EngineReplica").options(
+        num_replicas=replicas, max_ongoing_requests=1, ray_actor_options=actor_options)
+    serve.start(proxy_location="Disabled")
+    handle = serve.run(deployment.bind(model, engine_options, board, per_cpu, load), name=APP_NAME,
+                       route_prefix=None)
+    info = handle.describe.remote().result()
+    logger.info("Ray Serve: %d replicas of %s (%s)", replicas, info["name"], actor_options)
+
+    def stop() -> None:
+        try:
+            serve.delete(APP_NAME)
+            ray.kill(board)
+        finally:
+            if owns:
+                ray.shutdown()
+
+    return RayJobQueue(RemoteEngine(handle, board, info, replicas), workers=replicas, max_queue=max_queue,
+                       on_shutdown=stop)
