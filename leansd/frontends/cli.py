@@ -146,6 +146,12 @@ def _add_serve_args(sub: "argparse._SubParsersAction", name: str = "serve") -> N
     net.add_argument("--no-prompt-cache", "--no_prompt_cache", dest="prompt_cache", action="store_false",
                      help="do not use the on-disk prompt-embedding cache")
     net.add_argument("--verbose", "-v", action="store_true", help="log requests, model, device and timings")
+    cluster = serve.add_argument_group("Ray Serve")
+    cluster.add_argument("--ray", nargs="?", const="", default=None, metavar="ADDRESS",
+                         help="run the models on Ray Serve replicas (pip install 'leansd[ray]'): ADDRESS such as "
+                         "auto or host:6379; without it, the running cluster or a new one on this machine")
+    cluster.add_argument("--replicas", type=_int, default=None,
+                         help="Ray Serve replicas, each with its own model copy (default 1; one GPU each on GPU clusters)")
 
 
 def _add_model_args(command: argparse.ArgumentParser) -> None:
@@ -495,15 +501,27 @@ def run_serve(args: argparse.Namespace) -> int:
 
         preflight_outdir(Path(args.outdir))
 
-    # 2. Load the model once, then serve.
-    from leansd.engine.engine import Engine
+    if args.replicas is not None and args.ray is None:
+        raise InvalidRequestError("--replicas is for Ray Serve: add --ray [ADDRESS]")
 
-    engine = Engine.load(args.model, device=args.device, precision=args.precision, prompt_cache=args.prompt_cache,
-                         **_memory_options(args))
+    # 2. Load the model once (or once per Ray Serve replica), then serve.
+    options = dict(device=args.device, precision=args.precision, prompt_cache=args.prompt_cache,
+                   **_memory_options(args))
+    if args.ray is not None:
+        from leansd.service.ray_serve import start_ray_queue
+
+        engine: object = start_ray_queue(args.ray, model=args.model, replicas=args.replicas or 1,
+                                         engine_options=options, max_queue=args.max_queue)
+        model_name = engine.engine.bundle.name
+    else:
+        from leansd.engine.engine import Engine
+
+        engine = Engine.load(args.model, **options)
+        model_name = engine.bundle.name
     return serve(
         engine, host=host, port=args.port, auth=credentials, max_queue=args.max_queue, max_size=args.max_size,
         save_dir=Path(args.outdir) if args.save_images else None, log_level="info" if args.verbose else "warning",
-        on_ready=lambda url: _on_ready(url, engine.bundle.name, browser=getattr(args, "browser", False)),
+        on_ready=lambda url: _on_ready(url, model_name, browser=getattr(args, "browser", False)),
     )
 
 

@@ -298,9 +298,12 @@ def start_ray_queue(
     logger.info("Ray Serve: %d replicas of %s (%s)", replicas, info["name"], actor_options)
 
     def stop() -> None:
+        # Ctrl+C in a terminal reaches Ray's own processes too: whatever is already gone needs no stopping.
         try:
             serve.delete(APP_NAME)
             ray.kill(board)
+        except Exception as exc:  # noqa: BLE001 - shutting down; the cluster may be gone already
+            logger.info("Ray Serve cleanup: %s", exc)
         finally:
             if owns:
                 ray.shutdown()

@@ -167,3 +167,13 @@ def test_ray_flag_without_ray_says_how_to_install(tmp_path: Path, capsys: pytest
     err = capsys.readouterr().err
     assert "--ray needs Ray, which is not installed: pip install 'leansd[ray]'" in err
     assert "Traceback" not in err and not (tmp_path / "outputs").exists()
+
+
+def test_serve_ray_flags_without_ray(capsys: pytest.CaptureFixture, monkeypatch: pytest.MonkeyPatch) -> None:
+    from leansd.frontends.cli import main
+
+    assert main(["serve", "--model", "tiny", "--replicas", "2"]) == 2
+    assert "--replicas is for Ray Serve: add --ray" in capsys.readouterr().err
+    monkeypatch.setitem(sys.modules, "ray", None)  # as if Ray were not installed
+    assert main(["serve", "--model", "tiny", "--ray", "--replicas", "2"]) == 2
+    assert "pip install 'leansd[ray]'" in capsys.readouterr().err

@@ -1,0 +1,191 @@
+"""`leansd batch` throughput: this process vs Ray with 1 and 2 workers on the same machine.
+
+    python bench/batch.py                        # tiny model and full-size SD 1.5 (random weights)
+    python bench/batch.py --models tiny --jobs 24 --rounds 3
+    python bench/batch.py --models sd15 --size 128 --steps 4 --jobs 4
+
+Every configuration runs the same job lines (one image each, 1 thread per core in total) through
+`leansd.batch.runner.run_batch`, so files, manifest and sha256 are written as in a real run:
+- local: `LocalBackend` in this process, torch threads = all cores;
+- ray-1: `RayBackend` with one worker actor holding all cores;
+- ray-2: two worker actors with half the cores each.
+Backends are started once and kept; rounds interleave the configurations (rotating their order) so
+a busy machine slows them alike. For the full-size model, which costs ~4.3 GB per worker in fp32,
+local and ray-1 are interleaved first, then ray-2 runs alone (RAM). "start-up" is the time to the
+first finished image of a fresh backend: Ray actor start, imports and model load included (Ray's
+own cluster start is listed separately). "overhead/img" is (ray-1 - local) time per image.
+Prints markdown; never asserts.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from bench.common import machine_lines, markdown_table  # noqa: E402
+
+ROOT = Path(__file__).resolve().parent.parent
+SD15 = "sd15-random"
+
+
+def load_engine(model: str, **options: Any) -> Any:
+    """Engine loader for every backend (and inside the Ray actors): "sd15-random" or a real model."""
+    from leansd.engine.engine import Engine
+
+    if model == SD15:
+        from bench.common import build_sd15_components, sd15_bundle
+
+        return Engine(sd15_bundle(build_sd15_components(seed=0), name=SD15), **options)
+    return Engine.load(model, **options)
+
+
+class _Kept:
+    """Keeps a backend's workers between rounds; `really_close()` at the end."""
+
+    def __init__(self, backend: Any) -> None:
+        self.backend = backend
+
+    def run(self, lines: list) -> Any:
+        return self.backend.run(lines)
+
+    def close(self) -> None:
+        pass
+
+    def really_close(self) -> None:
+        self.backend.close()
+
+
+def write_jobs(folder: Path, *, count: int, size: int, steps: int, first: int) -> Path:
+    path = folder / f"jobs-{first}.jsonl"
+    with open(path, "w") as f:
+        for i in range(count):
+            f.write(json.dumps({"id": f"j{first + i}", "prompt": f"a photograph of an astronaut riding a horse {i}",
+                                "seed": first + i, "width": size, "height": size, "steps": steps,
+                                "sampler_name": "Euler a"}) + "\n")
+    return path
+
+
+def timed_run(backend: Any, jobs_path: Path, model: str, workdir: Path) -> tuple[float, int]:
+    from leansd.batch.jobs import read_jobs
+    from leansd.batch.runner import run_batch
+
+    jobs = read_jobs(jobs_path, model=model, seed=0)
+    outdir = Path(tempfile.mkdtemp(dir=workdir))
+    start = time.perf_counter()
+    summary = run_batch(jobs, outdir=outdir, backend=backend)
+    seconds = time.perf_counter() - start
+    shutil.rmtree(outdir)
+    if summary.failed:
+        raise SystemExit(f"bench run failed: {summary.errors[:3]}")
+    return seconds, summary.written
+
+
+def make_backend(name: str, *, cores: int, options: dict[str, Any]) -> Any:
+    import torch
+
+    from leansd.batch.ray_backend import RayBackend
+    from leansd.batch.runner import LocalBackend
+    from leansd.batch.worker import BatchWorker
+
+    if name == "local":
+        torch.set_num_threads(cores)
+        return _Kept(LocalBackend(BatchWorker(engine_options=options, load=load_engine)))
+    workers = int(name.split("-")[1])
+    return _Kept(RayBackend(workers=workers, engine_options=options, gpus_per_worker=0,
+                            cpus_per_worker=max(1, cores // workers), load=load_engine))
+
+
+def bench_model(model: str, *, label: str, groups: list[list[str]], jobs: int, rounds: int, size: int, steps: int,
+                cores: int, workdir: Path) -> list[list[Any]]:
+    options = {"device": "cpu", "precision": "full", "prompt_cache": False}
+    startup: dict[str, float] = {}
+    times: dict[str, list[float]] = {}
+    counter = 1000
+    for group in groups:
+        backends = {}
+        for name in group:
+            print(f"[{label}] starting {name} ...", file=sys.stderr, flush=True)
+            backend = make_backend(name, cores=cores, options=options)
+            warm = write_jobs(workdir, count=1, size=size, steps=steps, first=counter)
+            counter += 1
+            t0 = time.perf_counter()
+            if name != "local":
+                backend.backend.start()
+            timed_run(backend, warm, model, workdir)
+            startup[name] = time.perf_counter() - t0
+            backends[name] = backend
+        for r in range(rounds):
+            order = group[r % len(group):] + group[:r % len(group)]
+            for name in order:
+                path = write_jobs(workdir, count=jobs, size=size, steps=steps, first=counter)
+                counter += jobs
+                seconds, written = timed_run(backends[name], path, model, workdir)
+                times.setdefault(name, []).append(seconds / written)
+                print(f"[{label}] round {r + 1} {name}: {written} images in {seconds:.1f} s", file=sys.stderr,
+                      flush=True)
+        for backend in backends.values():
+            backend.really_close()
+    local = statistics.median(times["local"])
+    rows = []
+    for name in ("local", "ray-1", "ray-2"):
+        if name not in times:
+            continue
+        per = statistics.median(times[name])
+        overhead = "" if name != "ray-1" else f"{per - local:+.3f} s ({(per / local - 1) * 100:+.1f} %)"
+        rows.append([label, name, f"{1 / per:.2f}", f"{per:.2f}", f"{local / per:.2f}x", overhead,
+                     f"{startup[name]:.1f}"])
+    return rows
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--models", default="tiny,sd15", help="comma list of tiny, sd15 (default both)")
+    parser.add_argument("--jobs", type=int, default=0, help="images per round (default: tiny 16, sd15 4)")
+    parser.add_argument("--rounds", type=int, default=0, help="interleaved rounds (default: tiny 3, sd15 2)")
+    parser.add_argument("--size", type=int, default=128, help="width and height (default 128)")
+    parser.add_argument("--steps", type=int, default=0, help="steps (default: tiny 8, sd15 4)")
+    args = parser.parse_args()
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    import ray
+
+    cores = os.cpu_count() or 1
+    pythonpath = os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH", "")) if p)
+    t0 = time.perf_counter()
+    # Twice the cores as logical CPUs: the ray-1 and ray-2 actors may be alive at once (they never run at once).
+    ray.init(num_cpus=2 * cores, include_dashboard=False, log_to_driver=False, logging_level="WARNING",
+             runtime_env={"env_vars": {"PYTHONPATH": pythonpath}})
+    ray_start = time.perf_counter() - t0
+    rows = []
+    with tempfile.TemporaryDirectory(prefix="leansd-bench-batch-") as folder:
+        workdir = Path(folder)
+        for model in args.models.split(","):
+            if model == "tiny":
+                rows += bench_model("tiny", label="tiny", groups=[["local", "ray-1", "ray-2"]],
+                                    jobs=args.jobs or 16, rounds=args.rounds or 3, size=args.size,
+                                    steps=args.steps or 8, cores=cores, workdir=workdir)
+            elif model == "sd15":
+                rows += bench_model(SD15, label="SD 1.5 (random weights)", groups=[["local", "ray-1"], ["ray-2"]],
+                                    jobs=args.jobs or 4, rounds=args.rounds or 2, size=args.size,
+                                    steps=args.steps or 4, cores=cores, workdir=workdir)
+            else:
+                raise SystemExit(f"unknown model {model!r}; valid: tiny, sd15")
+    ray.shutdown()
+    print(f"## leansd batch: local vs Ray (bench/batch.py), {args.size}x{args.size}, fp32, CPU\n")
+    print(machine_lines())
+    print(f"- Ray {ray.__version__}: single-node cluster started in {ray_start:.1f} s (not in the table)\n")
+    print(markdown_table(["model", "backend", "images/s", "s/image", "vs local", "Ray overhead/img (ray-1)",
+                          "start-up s"], rows))
+
+
+if __name__ == "__main__":
+    main()
