@@ -4,11 +4,13 @@
     python bench/batch.py --models tiny --jobs 24 --rounds 3
     python bench/batch.py --models sd15 --size 128 --steps 4 --jobs 4
 
-Every configuration runs the same job lines (one image each, 1 thread per core in total) through
-`leansd.batch.runner.run_batch`, so files, manifest and sha256 are written as in a real run:
-- local: `LocalBackend` in this process, torch threads = all cores;
-- ray-1: `RayBackend` with one worker actor holding all cores;
-- ray-2: two worker actors with half the cores each.
+Every configuration runs the same job lines (one image each) through `leansd.batch.runner.run_batch`,
+so files, manifest and sha256 are written as in a real run:
+- local: `LocalBackend` in this process, `--threads` torch threads (default 1);
+- ray-1: `RayBackend` with one worker actor, `--threads` torch threads: local's competitor;
+- ray-2: two worker actors, `--threads` torch threads each.
+One thread per process is the default because on a small shared CPU two threads per process are
+slower than one (threads wait on each other whenever another process takes a core).
 Backends are started once and kept; rounds interleave the configurations (rotating their order) so
 a busy machine slows them alike. For the full-size model, which costs ~4.3 GB per worker in fp32,
 local and ray-1 are interleaved first, then ray-2 runs alone (RAM). "start-up" is the time to the
@@ -90,7 +92,7 @@ def timed_run(backend: Any, jobs_path: Path, model: str, workdir: Path) -> tuple
     return seconds, summary.written
 
 
-def make_backend(name: str, *, cores: int, options: dict[str, Any]) -> Any:
+def make_backend(name: str, *, threads: int, options: dict[str, Any]) -> Any:
     import torch
 
     from leansd.batch.ray_backend import RayBackend
@@ -98,15 +100,15 @@ def make_backend(name: str, *, cores: int, options: dict[str, Any]) -> Any:
     from leansd.batch.worker import BatchWorker
 
     if name == "local":
-        torch.set_num_threads(cores)
+        torch.set_num_threads(threads)
         return _Kept(LocalBackend(BatchWorker(engine_options=options, load=load_engine)))
     workers = int(name.split("-")[1])
     return _Kept(RayBackend(workers=workers, engine_options=options, gpus_per_worker=0,
-                            cpus_per_worker=max(1, cores // workers), load=load_engine))
+                            cpus_per_worker=threads, load=load_engine))
 
 
 def bench_model(model: str, *, label: str, groups: list[list[str]], jobs: int, rounds: int, size: int, steps: int,
-                cores: int, workdir: Path) -> list[list[Any]]:
+                threads: int, workdir: Path) -> list[list[Any]]:
     options = {"device": "cpu", "precision": "full", "prompt_cache": False}
     startup: dict[str, float] = {}
     times: dict[str, list[float]] = {}
@@ -115,7 +117,7 @@ def bench_model(model: str, *, label: str, groups: list[list[str]], jobs: int, r
         backends = {}
         for name in group:
             print(f"[{label}] starting {name} ...", file=sys.stderr, flush=True)
-            backend = make_backend(name, cores=cores, options=options)
+            backend = make_backend(name, threads=threads, options=options)
             warm = write_jobs(workdir, count=1, size=size, steps=steps, first=counter)
             counter += 1
             t0 = time.perf_counter()
@@ -154,6 +156,7 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=0, help="interleaved rounds (default: tiny 3, sd15 2)")
     parser.add_argument("--size", type=int, default=128, help="width and height (default 128)")
     parser.add_argument("--steps", type=int, default=0, help="steps (default: tiny 8, sd15 4)")
+    parser.add_argument("--threads", type=int, default=1, help="torch threads per worker process (default 1)")
     args = parser.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     import ray
@@ -161,8 +164,8 @@ def main() -> None:
     cores = os.cpu_count() or 1
     pythonpath = os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH", "")) if p)
     t0 = time.perf_counter()
-    # Twice the cores as logical CPUs: the ray-1 and ray-2 actors may be alive at once (they never run at once).
-    ray.init(num_cpus=2 * cores, include_dashboard=False, log_to_driver=False, logging_level="WARNING",
+    # Logical CPUs for the ray-1 and ray-2 actors alive at once (they never run at once).
+    ray.init(num_cpus=max(cores, 3 * args.threads), include_dashboard=False, log_to_driver=False, logging_level="WARNING",
              runtime_env={"env_vars": {"PYTHONPATH": pythonpath}})
     ray_start = time.perf_counter() - t0
     rows = []
@@ -172,15 +175,16 @@ def main() -> None:
             if model == "tiny":
                 rows += bench_model("tiny", label="tiny", groups=[["local", "ray-1", "ray-2"]],
                                     jobs=args.jobs or 16, rounds=args.rounds or 3, size=args.size,
-                                    steps=args.steps or 8, cores=cores, workdir=workdir)
+                                    steps=args.steps or 8, threads=args.threads, workdir=workdir)
             elif model == "sd15":
                 rows += bench_model(SD15, label="SD 1.5 (random weights)", groups=[["local", "ray-1"], ["ray-2"]],
                                     jobs=args.jobs or 4, rounds=args.rounds or 2, size=args.size,
-                                    steps=args.steps or 4, cores=cores, workdir=workdir)
+                                    steps=args.steps or 4, threads=args.threads, workdir=workdir)
             else:
                 raise SystemExit(f"unknown model {model!r}; valid: tiny, sd15")
     ray.shutdown()
-    print(f"## leansd batch: local vs Ray (bench/batch.py), {args.size}x{args.size}, fp32, CPU\n")
+    print(f"## leansd batch: local vs Ray (bench/batch.py), {args.size}x{args.size}, fp32, CPU, "
+          f"{args.threads} torch thread(s) per worker\n")
     print(machine_lines())
     print(f"- Ray {ray.__version__}: single-node cluster started in {ray_start:.1f} s (not in the table)\n")
     print(markdown_table(["model", "backend", "images/s", "s/image", "vs local", "Ray overhead/img (ray-1)",

@@ -62,6 +62,8 @@ class JobLine:
     height: int
     fingerprint: str = ""
     """sha256 of everything that decides the pixels (body, seed, model): resume refuses a changed line."""
+    prepared: Any = None
+    """The request built ahead (by a Ray driver, which reads the images), else None."""
 
     @property
     def reload_key(self) -> tuple[str, int, int]:
@@ -69,8 +71,16 @@ class JobLine:
         return (self.model, self.width, self.height)
 
     def request(self) -> "Any":
-        """The GenerationRequest of this line (reads its images again)."""
+        """The GenerationRequest of this line (reads its images again, unless `prepared`)."""
+        if self.prepared is not None:
+            return self.prepared
         return build_request(self.body, task=self.task, model=self.model)
+
+    def with_request(self) -> "JobLine":
+        """A copy carrying its built request, images included: workers then need no access to the files."""
+        from dataclasses import replace
+
+        return replace(self, prepared=self.request())
 
 
 @dataclass

@@ -19,7 +19,7 @@ import os
 from typing import Any, Callable, Iterator
 
 from leansd.batch.jobs import JobLine
-from leansd.batch.worker import BatchWorker, ImageOutcome, LineResult
+from leansd.batch.worker import BatchWorker, ImageOutcome, LineResult, describe_error
 from leansd.errors import InvalidRequestError
 
 logger = logging.getLogger(__name__)
@@ -119,7 +119,9 @@ class RayBackend:
                 raise InvalidRequestError(
                     f"--workers {count} needs {count} GPUs (one per worker) but the cluster has {gpus}"
                 )
-            placement = {"gpus_per_worker": 1, "cpus_per_worker": max(1, cpus // count)}
+            # More GPUs than CPUs: fractions of a CPU, so every GPU still gets its actor.
+            share = cpus // count if count <= cpus else cpus / count
+            placement = {"gpus_per_worker": 1, "cpus_per_worker": share}
         else:
             nodes = sum(1 for node in ray.nodes() if node.get("Alive"))
             count = workers or max(1, nodes)
@@ -179,7 +181,13 @@ class RayBackend:
                     if line is None:
                         break
                     holds[id(actor)] = line.model
-                    ref = actor.run.remote(line)
+                    try:
+                        # Images are read here, on the driver: workers need not see the job file's folder.
+                        payload = line.with_request() if line.task == "img2img" else line
+                    except Exception as exc:  # noqa: BLE001 - e.g. an image deleted since validation
+                        yield _failed(line, describe_error(exc))
+                        continue
+                    ref = actor.run.remote(payload)
                     inflight[ref] = (actor, line)
                     order[id(actor)].append(ref)
             if not inflight:
@@ -231,7 +239,11 @@ class RayBackend:
 def _died(line: JobLine, attempts: int, exc: BaseException) -> LineResult:
     from leansd.errors import one_line
 
-    message = f"the worker running this line died {attempts} times ({one_line(exc, limit=160)}); not retried again"
+    return _failed(line, f"the worker running this line died {attempts} times ({one_line(exc, limit=160)}); "
+                   "not retried again")
+
+
+def _failed(line: JobLine, message: str) -> LineResult:
     seeds = [line.seed + k for k in range(line.num_images)]
     return LineResult(id=line.id, images=[ImageOutcome(k=k, seed=s, png=None, error=message) for k, s in enumerate(seeds)],
                       model=None, model_hash=None, error=message, worker="ray")

@@ -286,13 +286,13 @@ def start_ray_queue(
         raise InvalidRequestError(f"--replicas {replicas} needs {replicas} GPUs (one per replica) but the cluster has {gpus}")
     if not gpus and replicas > cpus:
         raise InvalidRequestError(f"--replicas {replicas} needs a CPU each but the cluster has {cpus}")
-    per_cpu = max(1, cpus // replicas)
+    per_cpu = cpus // replicas if replicas <= cpus else cpus / replicas
     actor_options = {"num_cpus": per_cpu, "num_gpus": 1 if gpus else 0}
     board = ray.remote(ProgressBoard).options(num_cpus=0).remote()
     deployment = serve.deployment(EngineReplica, name="EngineReplica").options(
         num_replicas=replicas, max_ongoing_requests=1, ray_actor_options=actor_options)
     serve.start(proxy_location="Disabled")
-    handle = serve.run(deployment.bind(model, engine_options, board, per_cpu, load), name=APP_NAME,
+    handle = serve.run(deployment.bind(model, engine_options, board, max(1, int(per_cpu)), load), name=APP_NAME,
                        route_prefix=None)
     info = handle.describe.remote().result()
     logger.info("Ray Serve: %d replicas of %s (%s)", replicas, info["name"], actor_options)

@@ -19,12 +19,16 @@ def write_jsonl(path: Path, lines: list[dict[str, Any]]) -> Path:
 
 
 def tiny_jobs(folder: Path) -> Path:
-    """Four lines, six images, two sizes: ids given and by line number, seeds given and derived."""
+    """Five lines, seven images, two sizes, one img2img: ids given and by line number, seeds given and derived."""
+    ramp = np.linspace(0, 255, 64, dtype=np.uint8)
+    Image.fromarray(np.stack([np.tile(ramp, (64, 1)), np.tile(ramp[:, None], (1, 64)),
+                              np.full((64, 64), 128, np.uint8)], axis=-1)).save(folder / "init.png")
     return write_jsonl(folder / "jobs.jsonl", [
         {"id": "fox", "prompt": "a red fox", "batch_size": 2, **SIZE},
         {"prompt": "a cat", "seed": 77, **SIZE},
         {"id": "wide", "prompt": "a wide field", **{**SIZE, "width": 72}},
         {"id": "owl", "prompt": "an owl", "n_iter": 2, **SIZE},
+        {"id": "paint", "prompt": "a painting", "init_image": "init.png", "denoising_strength": 0.6, **SIZE},
     ])
 
 

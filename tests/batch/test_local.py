@@ -40,14 +40,14 @@ def test_files_manifest_and_pixels(tmp_path: Path, worker: BatchWorker) -> None:
     jobs = read_jobs(tiny_jobs(tmp_path), model="tiny", seed=40)
     outdir = tmp_path / "out"
     summary = run_batch(jobs, outdir=outdir, backend=_Keep(worker), model="tiny")
-    assert (summary.written, summary.failed, summary.exit_code) == (6, 0, 0)
+    assert (summary.written, summary.failed, summary.exit_code) == (7, 0, 0)
     assert sorted(p.name for p in outdir.iterdir()) == [
-        "2-0.png", "fox-0.png", "fox-1.png", "manifest.jsonl", "owl-0.png", "owl-1.png", "wide-0.png"]
+        "2-0.png", "fox-0.png", "fox-1.png", "manifest.jsonl", "owl-0.png", "owl-1.png", "paint-0.png", "wide-0.png"]
     found = records(outdir)
     assert sorted((r["id"], r["k"], r["seed"]) for r in found) == [
-        ("2", 0, 77), ("fox", 0, 40), ("fox", 1, 41), ("owl", 0, 44), ("owl", 1, 45), ("wide", 0, 43)]
+        ("2", 0, 77), ("fox", 0, 40), ("fox", 1, 41), ("owl", 0, 44), ("owl", 1, 45), ("paint", 0, 46), ("wide", 0, 43)]
     run = json.loads((outdir / "manifest.jsonl").read_text().splitlines()[0])
-    assert run["type"] == "run" and run["seed"] == 40 and run["images"] == 6
+    assert run["type"] == "run" and run["seed"] == 40 and run["images"] == 7
     for record in found:
         path = outdir / record["file"]
         assert record["sha256"] == sha256_file(path) and record["error"] is None and record["model"] == "tiny"
@@ -102,13 +102,13 @@ def test_interrupt_then_resume_gives_the_same_pixels(tmp_path: Path, worker: Bat
     with pytest.raises(InvalidRequestError, match="already exists: pass --resume"):
         run_batch(jobs, outdir=outdir, backend=_Keep(worker))
     resumed = run_batch(jobs, outdir=outdir, backend=_Keep(worker), resume=True)
-    assert (resumed.skipped, resumed.written, resumed.failed, resumed.exit_code) == (2, 4, 0, 0)
+    assert (resumed.skipped, resumed.written, resumed.failed, resumed.exit_code) == (2, 5, 0, 0)
     found = records(outdir)
     assert sorted((r["id"], r["k"]) for r in found) == sorted((r["id"], r["k"]) for r in records(reference))
     for record in found:
         assert np.array_equal(pixels(outdir / record["file"]), pixels(reference / record["file"]))
     again = run_batch(jobs, outdir=outdir, backend=_Keep(worker), resume=True)
-    assert (again.skipped, again.written) == (6, 0)
+    assert (again.skipped, again.written) == (7, 0)
 
     # A changed line cannot be resumed into the same folder.
     changed = write_jsonl(tmp_path / "jobs.jsonl", [{"id": "fox", "prompt": "a blue fox", "batch_size": 2, **SIZE}])

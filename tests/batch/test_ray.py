@@ -7,6 +7,7 @@ so a CPU machine exercises one-actor-per-GPU scheduling.
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -50,6 +51,7 @@ def test_one_actor_per_gpu_a_killed_actor_and_a_line_that_kills_every_worker(
         RayBackend.connect(None, workers=3, engine_options=OPTIONS)
     path = tmp_path / "jobs.jsonl"
     path.write_text(jobs.path.read_text())
+    shutil.copy(jobs.path.parent / "init.png", tmp_path / "init.png")
     with open(path, "a") as f:
         f.write(json.dumps({"id": "poison", "prompt": "x", "model": "crash", **SIZE}) + "\n")
     poisoned = read_jobs(path, model="tiny", seed=40)
@@ -68,7 +70,7 @@ def test_one_actor_per_gpu_a_killed_actor_and_a_line_that_kills_every_worker(
 
     summary = run_batch(poisoned, outdir=tmp_path / "out", backend=backend, on_image=kill_one)
     assert killed and backend.deaths >= 3  # two for the poison line, one killed here
-    assert (summary.written, summary.failed, summary.exit_code) == (6, 1, 1)
+    assert (summary.written, summary.failed, summary.exit_code) == (7, 1, 1)
     assert _hashes(tmp_path / "out") == expected
     failed = [r for r in records(tmp_path / "out") if r["error"] is not None]
     assert [(r["id"], r["k"]) for r in failed] == [("poison", 0)]
@@ -94,5 +96,5 @@ def test_interrupted_ray_run_resumes_to_the_same_pixels(ray_cluster, reference, 
     assert len(records(outdir)) == 2
     backend = RayBackend(workers=1, engine_options=OPTIONS, gpus_per_worker=0, cpus_per_worker=1, load=load_engine)
     resumed = run_batch(jobs, outdir=outdir, backend=backend, resume=True)
-    assert (resumed.skipped, resumed.written, resumed.exit_code) == (2, 4, 0)
+    assert (resumed.skipped, resumed.written, resumed.exit_code) == (2, 5, 0)
     assert _hashes(outdir) == expected
