@@ -159,6 +159,9 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1, help="torch threads per worker process (default 1)")
     args = parser.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    # Ray runs its workers at nice 15, so on a shared machine every other process goes first; the
+    # local run has nice 0. Same priority for both, or the table measures the neighbours.
+    os.environ.setdefault("RAY_worker_niceness", "0")
     import ray
 
     cores = os.cpu_count() or 1
@@ -186,7 +189,8 @@ def main() -> None:
     print(f"## leansd batch: local vs Ray (bench/batch.py), {args.size}x{args.size}, fp32, CPU, "
           f"{args.threads} torch thread(s) per worker\n")
     print(machine_lines())
-    print(f"- Ray {ray.__version__}: single-node cluster started in {ray_start:.1f} s (not in the table)\n")
+    print(f"- Ray {ray.__version__}: single-node cluster started in {ray_start:.1f} s (not in the table); "
+          f"worker niceness {os.environ['RAY_worker_niceness']}\n")
     print(markdown_table(["model", "backend", "images/s", "s/image", "vs local", "Ray overhead/img (ray-1)",
                           "start-up s"], rows))
 

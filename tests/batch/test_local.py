@@ -62,15 +62,19 @@ def test_files_manifest_and_pixels(tmp_path: Path, worker: BatchWorker) -> None:
     assert (pixels(outdir / "wide-0.png")).shape == (64, 72, 3)
 
 
-def test_a_failed_line_is_recorded_and_the_rest_go_on(tmp_path: Path, worker: BatchWorker) -> None:
+def test_a_failed_line_is_recorded_and_the_rest_go_on(tmp_path: Path, worker: BatchWorker,
+                                                       capsys: pytest.CaptureFixture) -> None:
     path = write_jsonl(tmp_path / "jobs.jsonl", [
         {"id": "ok", "prompt": "fine", **SIZE},
         {"id": "bad", "prompt": "missing model", "model": "no-such-folder/model.safetensors", "batch_size": 2, **SIZE},
         {"id": "ok2", "prompt": "fine too", **SIZE},
     ])
     outdir = tmp_path / "out"
-    summary = run_batch(read_jobs(path, model="tiny", seed=1), outdir=outdir, backend=_Keep(worker))
+    summary = run_batch(read_jobs(path, model="tiny", seed=1), outdir=outdir, backend=_Keep(worker), progress=True)
     assert (summary.written, summary.failed, summary.exit_code) == (2, 2, 1)
+    bar = capsys.readouterr().err  # the progress bar counts images, with a rate
+    assert "batch: 100%" in bar and "4/4" in bar and "img/s" in bar
+    assert summary.line(outdir / "manifest.jsonl").startswith("2 images written, 2 failed of 4 in ")
     found = {(r["id"], r["k"]): r for r in records(outdir)}
     assert set(found) == {("ok", 0), ("ok2", 0), ("bad", 0), ("bad", 1)}
     assert found[("bad", 1)]["file"] is None and "no-such-folder" in found[("bad", 1)]["error"]
