@@ -301,7 +301,9 @@ def txt2img_request(body: Txt2ImgRequest, *, model_name: str, limits: "Limits") 
     if request.hires:
         from leansd.pipelines.txt2img import hires_target
 
-        width, height = hires_target(request, width=request.width or 512, height=request.height or 512)
+        target = hires_target(request, width=request.width or 512, height=request.height or 512)
+        assert target is not None  # request.hires is set
+        width, height = target
         if max(width, height) > limits.max_size:
             raise _bad(
                 f"the hires pass would be {width}x{height}; the largest side allowed on this server "
@@ -597,7 +599,7 @@ def create_app(
             await asyncio.to_thread(_save, outputs / f"{task}-images", result)
         if body.send_images is not False:
             images = await asyncio.to_thread(
-                lambda: [encode_png(im, info) for im, info in zip(result.images, result.infotexts)]
+                lambda: [encode_png(im, info) for im, info in zip(result.images, result.infotexts, strict=True)]
             )
         parameters = body.model_dump()
         if isinstance(body, Img2ImgRequest):
@@ -647,7 +649,7 @@ def create_app(
             "eta_relative": 0.0 if p is None or p.eta_seconds is None else p.eta_seconds,
             "state": state,
             "current_image": None,
-            "textinfo": None if job is None else f"step {p.step}/{p.total_steps}, batch {p.batch_index + 1}/{p.n_batches}",
+            "textinfo": None if p is None else f"step {p.step}/{p.total_steps}, batch {p.batch_index + 1}/{p.n_batches}",
         }
 
     @app.post(f"{API}/interrupt")
@@ -795,7 +797,7 @@ def _save(folder: Path, result: "GenerationResult") -> None:
     from leansd.outputs.writer import ImageWriter
 
     writer = ImageWriter(folder)
-    for image, seed, info in zip(result.images, result.seeds, result.infotexts):
+    for image, seed, info in zip(result.images, result.seeds, result.infotexts, strict=True):
         writer.save(image, seed=seed, infotext=info)
 
 
