@@ -493,9 +493,16 @@ class Engine:
         progress_bar: bool = True,
     ) -> "GenerationResult":
         """Run the request's task (txt2img, img2img, inpaint); returns PIL images, seeds and infotexts."""
+        from leansd.engine.device import translate_cuda_error
         from leansd.pipelines import generate
 
-        return generate(self, request, progress=progress, progress_bar=progress_bar)
+        try:
+            return generate(self, request, progress=progress, progress_bar=progress_bar)
+        except RuntimeError as exc:  # "no kernel image is available": say which torch build to install
+            translated = translate_cuda_error(exc, self.device)
+            if translated is exc:
+                raise
+            raise translated from exc
 
 
 AUTO_RESERVE = 512 * 2**20
