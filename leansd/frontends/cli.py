@@ -271,6 +271,14 @@ def main(argv: Sequence[str] | None = None) -> int:
                 file=sys.stderr,
             )
             return 1
+        from leansd.engine.device import is_missing_kernel, translate_cuda_error
+
+        if is_missing_kernel(exc):  # outside Engine.generate (loading, placing): the same advice
+            import torch
+
+            advice = translate_cuda_error(exc, torch.device("cuda", torch.cuda.current_device()))
+            print(f"leansd: error: {one_line(advice)}", file=sys.stderr)
+            return EXIT_USAGE
         raise
     return EXIT_USAGE
 
