@@ -280,6 +280,14 @@ def main(argv: Sequence[str] | None = None) -> int:
                 file=sys.stderr,
             )
             return 1
+        from leansd.engine.device import is_missing_kernel, translate_cuda_error
+
+        if is_missing_kernel(exc):  # outside Engine.generate (loading, placing): the same advice
+            import torch
+
+            advice = translate_cuda_error(exc, torch.device("cuda", torch.cuda.current_device()))
+            print(f"leansd: error: {one_line(advice)}", file=sys.stderr)
+            return EXIT_USAGE
         raise
     return EXIT_USAGE
 
@@ -407,7 +415,7 @@ def run_generate(args: argparse.Namespace) -> int:
             file=sys.stderr,
         )
         if writer is not None and not args.skip_save:
-            for image, seed, info in zip(result.images, result.seeds, result.infotexts):
+            for image, seed, info in zip(result.images, result.seeds, result.infotexts, strict=True):
                 path = writer.save(image, seed=seed, infotext=info)
                 print(path)
         if writer is not None and not args.skip_grid and len(result.images) > 1:
@@ -483,7 +491,7 @@ def _open_browser(url: str, timeout: float = 120.0) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         try:
-            with socket.create_connection((host, parts.port), timeout=1):
+            with socket.create_connection((host, parts.port or 80), timeout=1):
                 break
         except OSError:
             time.sleep(0.2)
