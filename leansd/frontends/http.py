@@ -94,6 +94,7 @@ class _Server:
     model_name: str
     model_hash: str | None
     model_source: str
+    native_size: tuple[int, int] | None = None
     options: dict[str, Any] = field(default_factory=dict)
 
 
@@ -136,7 +137,7 @@ def create_app(
     server = _Server(
         queue=queue, limits=Limits(max_size=max_size, max_steps=max_steps, max_images=max_images),
         outputs=outputs, model_name=model_name, model_hash=model_hash,
-        model_source=str(getattr(bundle, "source", model_name)),
+        model_source=str(getattr(bundle, "source", model_name)), native_size=a1111.native_size(queue.engine),
         options=a1111.initial_options(model_name=model_name, model_hash=model_hash, outdir=outputs),
     )
 
@@ -253,7 +254,7 @@ async def _generate(http_request: Request, gen: "GenerationRequest", body: A1111
 @_route("POST", f"{API}/txt2img")
 async def txt2img(body: Txt2ImgRequest, request: Request) -> dict:
     server = _server(request)
-    gen = txt2img_request(body, model_name=server.model_name, limits=server.limits)
+    gen = txt2img_request(body, model_name=server.model_name, limits=server.limits, native_size=server.native_size)
     return await _generate(request, gen, body, "txt2img")
 
 
