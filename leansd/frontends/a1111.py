@@ -329,14 +329,15 @@ def txt2img_request(body: Txt2ImgRequest, *, model_name: str, limits: Limits,
         fields["hires_strength"] = (defaults.DEFAULT_HIRES_STRENGTH if body.denoising_strength is None
                                     else body.denoising_strength)
     request = GenerationRequest(**fields).validated()  # checks hires_scale is finite and in range first
-    first_pass = (request.width or (native_size or (0, 0))[0], request.height or (native_size or (0, 0))[1])
+    native = native_size or (0, 0)
+    first_pass = (request.width or native[0], request.height or native[1])
     if request.hires and all(first_pass):
         from leansd.pipelines.txt2img import hires_target
 
-        width, height = hires_target(request, width=first_pass[0], height=first_pass[1])
-        if max(width, height) > limits.max_size:
+        target = hires_target(request, width=first_pass[0], height=first_pass[1])
+        if target is not None and max(target) > limits.max_size:
             raise InvalidRequestError(
-                f"the hires pass would be {width}x{height}; the largest side allowed on this server "
+                f"the hires pass would be {target[0]}x{target[1]}; the largest side allowed on this server "
                 f"is {limits.max_size}"
             )
     return request

@@ -116,9 +116,7 @@ class _Runner:
         from leansd.outputs.writer import ImageWriter
 
         folder = (self.save_dir or self._scratch) / f"{task}-images"
-        writer = ImageWriter(folder)
-        return [writer.save(image, seed=seed, infotext=info)
-                for image, seed, info in zip(result.images, result.seeds, result.infotexts)]
+        return ImageWriter(folder).save_all(result.images, seeds=result.seeds, infotexts=result.infotexts)
 
 
 def _wait(future: Any, timeout: float) -> None:
