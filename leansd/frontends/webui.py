@@ -321,7 +321,7 @@ def build_ui(
             denoising_strength=float(strength),
             resize_mode=RESIZE_MODES.index(resize_mode) if resize_mode in RESIZE_MODES else DEFAULT_RESIZE_MODE,
         )
-        gen = runner.build(img2img_request, body, init_image=upload(init_image, label="init_images[0]"))
+        gen = runner.build(img2img_request, body, init_image=upload(init_image, label="image"))
         yield from runner.run(gen, task="img2img", session=getattr(request, "session_hash", None))
 
     def inpaint(editor, mask_upload, prompt, negative, sampler, steps, cfg, width, height, n_iter, batch_size,
@@ -336,7 +336,7 @@ def build_ui(
             if mask is None:
                 raise gr.Error("paint the area to regenerate on the image with the brush, or upload a mask",
                                print_exception=False)
-        init = (upload(background, label="init_images[0]") if isinstance(background, (str, Path))
+        init = (upload(background, label="image") if isinstance(background, (str, Path))
                 else background.convert("RGB"))
         body = Img2ImgRequest(
             **common_body(prompt, negative, sampler, steps, cfg, width, height, n_iter, batch_size, seed,
