@@ -17,15 +17,19 @@ import io
 import json
 import os
 import tempfile
-from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Optional
 
 from pydantic import BaseModel, ConfigDict
 
+# leansd.request holds the library's defaults: one per knob, for every front end.
 from leansd import __version__
-from leansd import request as defaults  # the library's defaults: one per knob, for every front end
+from leansd import request as defaults
 from leansd.errors import InvalidRequestError, is_out_of_memory, one_line
+from leansd.frontends.limits import DEFAULT_MAX_IMAGES as DEFAULT_MAX_IMAGES
+from leansd.frontends.limits import DEFAULT_MAX_SIZE as DEFAULT_MAX_SIZE
+from leansd.frontends.limits import DEFAULT_MAX_STEPS as DEFAULT_MAX_STEPS
+from leansd.frontends.limits import Limits
 
 if TYPE_CHECKING:
     from PIL import Image
@@ -34,9 +38,6 @@ if TYPE_CHECKING:
     from leansd.service.queue import JobQueue
 
 API = "/sdapi/v1"
-DEFAULT_MAX_SIZE = 2048
-DEFAULT_MAX_STEPS = 150
-DEFAULT_MAX_IMAGES = 16
 MAX_BODY_IMAGE_BYTES = 64 * 2**20
 
 # A1111 `inpainting_fill` numbers -> ours.
@@ -48,15 +49,6 @@ DEFAULT_HIRES_SCALE = 2.0
 SCHEDULERS = (("automatic", "Automatic"), ("karras", "Karras"))
 UPSCALERS = ("None", "Lanczos")
 LATENT_UPSCALERS = ("Latent",)
-
-
-@dataclass(frozen=True, kw_only=True)
-class Limits:
-    """What one server allows a request to ask for (on top of the library's own ranges)."""
-
-    max_size: int = DEFAULT_MAX_SIZE
-    max_steps: int = DEFAULT_MAX_STEPS
-    max_images: int = DEFAULT_MAX_IMAGES
 
 
 # ---------------------------------------------------------------------------------------------
@@ -357,10 +349,8 @@ def img2img_request(
     them already (the web UI), as PIL images in `init_image` and `mask`. Without width/height the
     output keeps the init image's size (rounded down to 8), as in the library.
     """
-    from leansd.inputs.images import resize_mode_name
+    from leansd.inputs.images import resize_mode_name, target_size
     from leansd.request import GenerationRequest
-
-    from leansd.inputs.images import target_size
 
     fields = _common_fields(body, model_name=model_name, limits=limits)
     images = body.init_images or []

@@ -50,6 +50,7 @@ from leansd.frontends.a1111 import (
     txt2img_request,
 )
 from leansd.frontends.guard import GuardMiddleware, error_response, parse_credentials
+from leansd.frontends.limits import DEFAULT_HOST, DEFAULT_PORT, DEFAULT_SHUTDOWN_SECONDS
 from leansd.service.queue import (
     DEFAULT_MAX_QUEUE,
     Job,
@@ -97,7 +98,7 @@ class _Server:
     native_size: tuple[int, int] | None = None
     options: dict[str, Any] = field(default_factory=dict)
     owns_queue: bool = False
-    shutdown_timeout: float = 30.0
+    shutdown_timeout: float = DEFAULT_SHUTDOWN_SECONDS
 
     @classmethod
     def over(cls, queue: JobQueue, *, limits: Limits, outputs: Path | None, owns_queue: bool,
@@ -145,7 +146,7 @@ def create_app(
     max_steps: int = DEFAULT_MAX_STEPS,
     max_images: int = DEFAULT_MAX_IMAGES,
     allowed_origins: Sequence[str] = (),
-    shutdown_timeout: float = 30.0,
+    shutdown_timeout: float = DEFAULT_SHUTDOWN_SECONDS,
     ui: bool = True,
 ) -> FastAPI:
     """A FastAPI app speaking A1111's `/sdapi/v1` for one engine.
@@ -422,10 +423,10 @@ def _save(folder: Path, result: "GenerationResult") -> None:
 def serve(
     engine_or_queue: Any,
     *,
-    host: str = "127.0.0.1",
-    port: int = 7860,
+    host: str = DEFAULT_HOST,
+    port: int = DEFAULT_PORT,
     max_queue: int = DEFAULT_MAX_QUEUE,
-    shutdown_timeout: float = 30.0,
+    shutdown_timeout: float = DEFAULT_SHUTDOWN_SECONDS,
     log_level: str = "warning",
     on_ready: "Any | None" = None,
     **app_options: Any,

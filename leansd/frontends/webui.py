@@ -18,8 +18,8 @@ import threading
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Iterator
 
-from leansd.errors import InvalidRequestError, LeansdError, one_line
 from leansd import request as defaults
+from leansd.errors import InvalidRequestError, LeansdError, one_line
 from leansd.frontends.a1111 import INPAINTING_FILL, Limits, failure
 from leansd.service.queue import Job, JobCancelledError, JobQueue, JobState
 
