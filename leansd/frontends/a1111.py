@@ -23,13 +23,14 @@ from typing import TYPE_CHECKING, Any, Optional
 from pydantic import BaseModel, ConfigDict
 
 # leansd.request holds the library's defaults: one per knob, for every front end.
-from leansd import __version__
-from leansd import request as defaults
+from leansd import __version__, request as defaults
 from leansd.errors import InvalidRequestError, is_out_of_memory, one_line
-from leansd.frontends.limits import DEFAULT_MAX_IMAGES as DEFAULT_MAX_IMAGES
-from leansd.frontends.limits import DEFAULT_MAX_SIZE as DEFAULT_MAX_SIZE
-from leansd.frontends.limits import DEFAULT_MAX_STEPS as DEFAULT_MAX_STEPS
-from leansd.frontends.limits import Limits
+from leansd.frontends.limits import (
+    DEFAULT_MAX_IMAGES as DEFAULT_MAX_IMAGES,
+    DEFAULT_MAX_SIZE as DEFAULT_MAX_SIZE,
+    DEFAULT_MAX_STEPS as DEFAULT_MAX_STEPS,
+    Limits,
+)
 
 if TYPE_CHECKING:
     from PIL import Image

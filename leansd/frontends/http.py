@@ -259,7 +259,7 @@ async def _generate(http_request: Request, gen: "GenerationRequest", body: A1111
         await asyncio.to_thread(_save, server.outputs / f"{task}-images", result)
     if body.send_images is not False:
         images = await asyncio.to_thread(
-            lambda: [encode_png(im, info) for im, info in zip(result.images, result.infotexts)]
+            lambda: [encode_png(im, info) for im, info in zip(result.images, result.infotexts, strict=True)]
         )
     return a1111.response(body, gen, result, images=images, model_name=server.model_name,
                           model_hash=server.model_hash, job_timestamp=job_timestamp, interrupted=job.interrupted)

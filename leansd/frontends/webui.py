@@ -97,7 +97,7 @@ class _Runner:
                     if self._sessions.get(session) == job.id:
                         del self._sessions[session]
         paths = self.save(result, task=task)
-        gallery = [(str(path), info) for path, info in zip(paths, result.infotexts)]
+        gallery = [(str(path), info) for path, info in zip(paths, result.infotexts, strict=True)]
         seconds = result.timings.get("total")
         done = f"{len(paths)} image{'s' * (len(paths) != 1)}" + (f" in {seconds:.1f} s" if seconds else "")
         if job.interrupted:
