@@ -213,6 +213,11 @@ async def _http(request: Request, exc: Exception) -> JSONResponse:
     return error_response(exc.status, exc.name or type(exc).__name__, str(exc), headers=exc.headers)
 
 
+async def _failed(request: Request, exc: Exception) -> JSONResponse:
+    """Any other of leansd's errors raised by a job (a GPU without kernels, an unwritable output): 500, one line."""
+    return error_response(500, type(exc).__name__, str(exc))
+
+
 _EXCEPTION_HANDLERS: dict[type[Exception], Any] = {
     RequestValidationError: _validation,
     InvalidRequestError: _invalid,
@@ -220,6 +225,7 @@ _EXCEPTION_HANDLERS: dict[type[Exception], Any] = {
     QueueClosedError: _unavailable,
     JobCancelledError: _unavailable,
     HTTPError: _http,
+    LeansdError: _failed,  # handlers match the most specific class first: the ones above keep theirs
 }
 
 
