@@ -319,3 +319,15 @@ def test_script_cpu_keeps_a_local_cpu_wheel_exact(fake_path, tmp_path):
     assert done.returncode == 0
     assert done.stdout.split() == [f"torch=={V}+cpu"]
     assert "installing from the default indexes" in done.stderr
+
+
+def test_the_installer_and_the_runtime_check_share_one_table():
+    # leansd's arch check (leansd.engine.device) names the build that tools/select_torch.py installs:
+    # the same GPUs per build, the same index, and the torch pin of constraints.txt.
+    from leansd.engine import device
+
+    assert device.CUDA_BUILDS == tuple((b.name, b.min_capability, b.max_major) for b in st.BUILDS)
+    assert device.TORCH_INDEX == st.INDEX_BASE
+    pins = [line.split("==", 1)[1].strip() for line in (ROOT / "constraints.txt").read_text().splitlines()
+            if line.startswith("torch==")]
+    assert pins == [st.TORCH_VERSION]
