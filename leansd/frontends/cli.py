@@ -424,7 +424,7 @@ def run_serve(args: argparse.Namespace) -> int:
     if not args.model:
         raise InvalidRequestError("no model given: pass --model PATH|owner/name|tiny (or set LEANSD_MODEL)")
     host = "0.0.0.0" if args.listen else args.host
-    loopback = host in ("127.0.0.1", "localhost", "::1") or host.startswith("127.")
+    loopback = is_loopback_host(host)
     if not loopback and not args.api_auth:
         raise InvalidRequestError(
             f"refusing to serve on {host} without authentication: add --api-auth USER:PASS (or bind 127.0.0.1)"
@@ -451,6 +451,30 @@ def run_serve(args: argparse.Namespace) -> int:
         save_dir=Path(args.outdir) if args.save_images else None, log_level="info" if args.verbose else "warning",
         on_ready=lambda url: _on_ready(url, engine.bundle.name, browser=getattr(args, "browser", False)),
     )
+
+
+def is_loopback_host(host: str) -> bool:
+    """True when every address `host` resolves to is a loopback address (127.0.0.0/8, ::1).
+
+    The name is resolved, not matched as text: "127.0.0.1.invalid" or "127.evil.example" are names
+    that could point anywhere. A name that does not resolve raises InvalidRequestError.
+    """
+    import ipaddress
+    import socket
+
+    from leansd.errors import InvalidRequestError
+
+    text = host.strip("[]")
+    try:
+        return ipaddress.ip_address(text).is_loopback
+    except ValueError:
+        pass
+    try:
+        infos = socket.getaddrinfo(text, None, proto=socket.IPPROTO_TCP)
+    except (OSError, UnicodeError) as exc:
+        raise InvalidRequestError(f"--host {host}: cannot resolve this name ({exc.strerror if isinstance(exc, OSError) and exc.strerror else exc})") from None
+    addresses = {info[4][0].split("%")[0] for info in infos}
+    return bool(addresses) and all(ipaddress.ip_address(a).is_loopback for a in addresses)
 
 
 def _on_ready(url: str, model_name: str, *, browser: bool) -> None:
