@@ -7,13 +7,15 @@ diffusers load when a command runs.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import os
 import sys
 from pathlib import Path
-from typing import NoReturn, Sequence
+from typing import Iterator, NoReturn, Sequence
 
 EXIT_USAGE = 2
+EXIT_TERMINATED = 143  # 128 + SIGTERM, as a shell reports a process the signal ended
 
 SAMPLER_HELP = (
     "DDIM, PLMS, Euler, Euler a, Heun, DPM2, DPM2 a, LMS, DPM++ 2M, DPM++ 2M Karras, "
@@ -252,9 +254,13 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     try:
         if args.command in TASKS:
-            return run_generate(args)
+            with _terminate_as_exception():
+                return run_generate(args)
         if args.command in ("serve", "ui"):
             return run_serve(args)
+    except Terminated:
+        print("leansd: terminated (SIGTERM); images already saved are complete", file=sys.stderr)
+        return EXIT_TERMINATED
     except LeansdError as exc:
         print(f"leansd: error: {one_line(exc)}", file=sys.stderr)
         return EXIT_USAGE
@@ -273,6 +279,30 @@ def main(argv: Sequence[str] | None = None) -> int:
             return 1
         raise
     return EXIT_USAGE
+
+
+class Terminated(BaseException):
+    """SIGTERM arrived: unwinds like KeyboardInterrupt, so a file being written removes its temp file."""
+
+
+@contextlib.contextmanager
+def _terminate_as_exception() -> Iterator[None]:
+    """While generating, turn SIGTERM into `Terminated` (the default action would kill the process
+    at once and leave a half-written hidden temp file behind); the old handler comes back after."""
+    import signal
+
+    def raise_terminated(signum: int, frame: object) -> None:
+        raise Terminated()
+
+    try:
+        previous = signal.signal(signal.SIGTERM, raise_terminated)
+    except ValueError:  # not the main thread: signals cannot be handled here
+        yield
+        return
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def _read_prompts(args: argparse.Namespace) -> list[str]:

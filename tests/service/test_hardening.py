@@ -32,3 +32,59 @@ def test_loopback_check_resolves_addresses() -> None:
     assert is_loopback_host("127.0.0.1") and is_loopback_host("127.3.4.5") and is_loopback_host("::1")
     assert is_loopback_host("[::1]") and is_loopback_host("localhost")
     assert not is_loopback_host("0.0.0.0") and not is_loopback_host("::") and not is_loopback_host("192.168.1.2")
+
+
+# ---- 10. SIGTERM during a --from-file run leaves no hidden temp file -----------------------------
+
+
+def test_sigterm_while_an_image_is_written_leaves_no_temp_file(tmp_path) -> None:
+    import signal
+    import time
+
+    from PIL import Image
+
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("".join(f"prompt {k}\n" for k in range(40)))
+    outdir = tmp_path / "out"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "leansd.frontends.cli", "txt2img", "--model", "tiny", "--from-file", str(prompts),
+         "--W", "256", "--H", "256", "--steps", "1", "--seed", "1", "--skip_grid", "--outdir", str(outdir)],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
+    )
+    try:
+        deadline = time.monotonic() + 120
+        caught = False
+        while time.monotonic() < deadline and proc.poll() is None:
+            names = os.listdir(outdir) if outdir.is_dir() else []
+            if any(name.startswith(".seed_") and name.endswith(".tmp") for name in names):
+                proc.send_signal(signal.SIGTERM)  # while the image is being encoded and written
+                caught = True
+                break
+            time.sleep(0.001)
+        assert caught, "never saw an image being written"
+        _, stderr = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 143
+    assert stderr.strip().splitlines()[-1].startswith("leansd: terminated (SIGTERM)")
+    assert "Traceback" not in stderr
+    left = os.listdir(outdir)
+    assert not [name for name in left if name.startswith(".")], left
+    for name in left:  # whatever was published is a whole PNG
+        with Image.open(outdir / name) as image:
+            image.load()
+
+
+# ---- 9. the CLI proves its output folder writable before the model loads -------------------------
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc/self"), reason="needs Linux's read-only /proc")
+def test_cli_refuses_an_unwritable_outdir_before_loading(tmp_path) -> None:
+    # /proc passes os.access(W_OK) for root, yet no file can be created there.
+    out = run_cli("txt2img", "--model", str(tmp_path / "missing.safetensors"), "--prompt", "x",
+                  "--outdir", "/proc/leansd-hardening-out")
+    assert out.returncode == 2
+    assert out.stderr.strip().startswith("leansd: error: cannot create output folder /proc/leansd-hardening-out")
+    assert len(out.stderr.strip().splitlines()) == 1  # the missing model was never looked at
