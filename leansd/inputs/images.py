@@ -27,7 +27,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 from PIL import Image, ImageFilter, ImageOps, UnidentifiedImageError
 
-from leansd.errors import InvalidRequestError, one_line
+from leansd.errors import InvalidRequestError, brief, one_line
 from leansd.request import MAX_SIZE, MIN_SIZE
 
 if TYPE_CHECKING:
@@ -219,11 +219,11 @@ def _to_mask(image: Image.Image) -> Image.Image:
 
 def _size_value(name: str, value: object, multiple: int) -> int:
     if isinstance(value, bool):
-        raise InvalidRequestError(f"{name} must be an integer, got {value!r}")
+        raise InvalidRequestError(f"{name} must be an integer, got {brief(value)}")
     try:
         number = operator.index(value)
     except TypeError:
-        raise InvalidRequestError(f"{name} must be an integer, got {value!r}") from None
+        raise InvalidRequestError(f"{name} must be an integer, got {brief(value)}") from None
     if number % multiple:
         raise InvalidRequestError(f"{name} must be a multiple of {multiple}, got {number}")
     if not MIN_SIZE <= number <= MAX_SIZE:
@@ -292,7 +292,7 @@ def resize_mode_name(mode: str | int) -> str:
         if key in _RESIZE_ALIASES:
             return _RESIZE_ALIASES[key]
     raise InvalidRequestError(
-        f"unknown resize mode {mode!r}; valid: {', '.join(RESIZE_MODES)} "
+        f"unknown resize mode {brief(mode)}; valid: {', '.join(RESIZE_MODES)} "
         f"(or A1111's 'Just resize', 'Crop and resize', 'Resize and fill')"
     )
 
@@ -388,7 +388,7 @@ def prepare_mask(
     """
     label = f"mask {name}" if name else "mask"
     if isinstance(blur, bool) or not isinstance(blur, numbers.Integral) or not 0 <= blur <= MAX_MASK_BLUR:
-        raise InvalidRequestError(f"mask blur must be an integer from 0 to {MAX_MASK_BLUR} pixels, got {blur!r}")
+        raise InvalidRequestError(f"mask blur must be an integer from 0 to {MAX_MASK_BLUR} pixels, got {brief(blur)}")
     out_w, out_h = size
     pixels = mask if mask.mode == "L" else _to_mask(mask)
     bilinear = Image.Resampling.BILINEAR
@@ -443,7 +443,7 @@ def mask_to_tensor(mask: Image.Image) -> "torch.Tensor":
 def validate_strength(strength: float) -> float:
     """Denoising strength as a float in 0..1 (inclusive); anything else raises."""
     if isinstance(strength, bool) or not isinstance(strength, numbers.Real):
-        raise InvalidRequestError(f"strength must be a number between 0 and 1, got {strength!r}")
+        raise InvalidRequestError(f"strength must be a number between 0 and 1, got {brief(strength)}")
     value = float(strength)
     if not math.isfinite(value) or not 0.0 <= value <= 1.0:
         raise InvalidRequestError(f"strength must be between 0 and 1, got {strength}")

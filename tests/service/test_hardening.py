@@ -88,3 +88,91 @@ def test_cli_refuses_an_unwritable_outdir_before_loading(tmp_path) -> None:
     assert out.returncode == 2
     assert out.stderr.strip().startswith("leansd: error: cannot create output folder /proc/leansd-hardening-out")
     assert len(out.stderr.strip().splitlines()) == 1  # the missing model was never looked at
+
+
+# ---- 5. a job stops within a step; jobs too long for the device are refused up front -------------
+
+BIG = dict(prompt="a slow fox", width=1024, height=1024, num_inference_steps=2, seed=3)
+"""On the tiny model, one 1024x1024 step takes tens of seconds on a CPU (attention over 16384 tokens)."""
+
+
+def _start_big_job(queue):
+    import time
+
+    from leansd.request import GenerationRequest
+
+    job = queue.submit(GenerationRequest(**BIG).validated())
+    deadline = time.monotonic() + 60
+    while job.state.value != "running" and time.monotonic() < deadline:
+        time.sleep(0.05)
+    time.sleep(2.0)  # well inside the first step
+    assert job.state.value == "running" and job.progress.step == 0
+    return job
+
+
+@pytest.mark.parametrize("action", ["cancel", "interrupt", "skip", "shutdown"])
+def test_running_job_stops_within_a_step(engine, action: str) -> None:
+    import time
+
+    from leansd.service import JobCancelledError, JobQueue
+
+    queue = JobQueue(engine).start()
+    try:
+        job = _start_big_job(queue)
+        t0 = time.monotonic()
+        if action == "cancel":
+            assert queue.cancel(job.id)
+        elif action == "interrupt":
+            assert queue.interrupt()
+        elif action == "skip":
+            assert queue.skip()
+        else:
+            assert queue.shutdown(timeout=0.0)
+        if action in ("cancel", "shutdown"):
+            with pytest.raises(JobCancelledError):
+                job.wait(30)
+            assert job.state.value == "cancelled"
+        else:  # interrupt and skip (of the only batch) end the job with no image
+            result = job.wait(30)
+            assert job.state.value == "done" and result.images == [] and result.info["interrupted"]
+        elapsed = time.monotonic() - t0
+        assert elapsed < 8, f"{action} took {elapsed:.1f} s"
+        assert job.progress.step == 0  # it never finished the step it was in
+    finally:
+        queue.shutdown(timeout=0.0)
+
+
+def test_interruptible_engine_leaves_results_unchanged(engine) -> None:
+    from leansd.request import GenerationRequest
+
+    request = GenerationRequest(prompt="a fox", width=64, height=64, num_inference_steps=3, seed=4)
+    plain = engine.generate(request, progress_bar=False)
+    with engine.interruptible(lambda: None):
+        checked = engine.generate(request, progress_bar=False)
+    assert (plain.pixels == checked.pixels).all()
+
+
+def test_job_estimated_beyond_max_job_seconds_is_refused_up_front(engine) -> None:
+    import time
+
+    from leansd.request import GenerationRequest
+    from leansd.service import JobQueue, JobTooLongError
+
+    queue = JobQueue(engine, max_job_seconds=20).start()
+    try:
+        deadline = time.monotonic() + 60
+        while engine.speed.flops_per_second is None and time.monotonic() < deadline:
+            time.sleep(0.05)  # the worker measures the speed first
+        huge = GenerationRequest(prompt="x", width=2048, height=2048, num_inference_steps=50, seed=1).validated()
+        t0 = time.monotonic()
+        with pytest.raises(JobTooLongError) as info:
+            queue.submit(huge)
+        assert time.monotonic() - t0 < 30
+        message = str(info.value)
+        assert message.startswith("this job would take about ") and "--max-job-seconds" in message
+        assert "more than this server's limit of 20 s" in message
+        assert queue.status()["waiting"] == [] and queue.current is None
+        small = queue.submit(GenerationRequest(prompt="x", width=64, height=64, num_inference_steps=2, seed=1).validated())
+        assert len(small.wait(60).images) == 1
+    finally:
+        queue.shutdown(timeout=0.0)
