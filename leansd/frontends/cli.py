@@ -101,6 +101,16 @@ def _add_serve_args(sub: "argparse._SubParsersAction", name: str = "serve") -> N
                      help="jobs allowed to wait; beyond it requests get 503 with Retry-After (default 32)")
     net.add_argument("--max-size", "--max_size", dest="max_size", type=_int, default=2048,
                      help="largest width/height a request may ask for, hires pass included (default 2048)")
+    net.add_argument("--allowed-hosts", "--allowed_hosts", dest="allowed_hosts", metavar="NAME[,NAME]",
+                     help="Host names the server answers to besides IP addresses, localhost and --host "
+                          "(DNS-rebinding defence; '.example.org' allows its subdomains, '*' any name)")
+    net.add_argument("--max-body", "--max_body", dest="max_body", metavar="SIZE", default="100M",
+                     help="largest request body, e.g. 100M (default 100M: a few 4K PNGs); larger ones get 413")
+    net.add_argument("--max-job-seconds", "--max_job_seconds", dest="max_job_seconds", type=_float, default=3600.0,
+                     help="refuse jobs estimated (from the measured speed of this device) to run longer "
+                          "(default 3600; 0 = no limit)")
+    net.add_argument("--shutdown-timeout", "--shutdown_timeout", dest="shutdown_timeout", type=_float, default=30.0,
+                     help="on SIGTERM/Ctrl+C, seconds the running job may finish before it is cancelled (default 30)")
     net.add_argument("--save-images", "--save_images", dest="save_images", action="store_true",
                      help="also save every generated image under --outdir")
     net.add_argument("--outdir", default="outputs", help="output folder for --save-images (default outputs)")
@@ -472,6 +482,7 @@ def run_serve(args: argparse.Namespace) -> int:
         raise InvalidRequestError(f"--port must be between 1 and 65535, got {args.port}")
     if args.max_queue < 1:
         raise InvalidRequestError(f"--max-queue must be at least 1, got {args.max_queue}")
+    server_options = _server_options(args, host)
     from leansd.frontends.http import parse_credentials, serve
 
     credentials = parse_credentials(args.api_auth) if args.api_auth else None
@@ -489,7 +500,33 @@ def run_serve(args: argparse.Namespace) -> int:
         engine, host=host, port=args.port, auth=credentials, max_queue=args.max_queue, max_size=args.max_size,
         save_dir=Path(args.outdir) if args.save_images else None, log_level="info" if args.verbose else "warning",
         on_ready=lambda url: _on_ready(url, engine.bundle.name, browser=getattr(args, "browser", False)),
+        **server_options,
     )
+
+
+def _server_options(args: argparse.Namespace, host: str) -> dict:
+    """--allowed-hosts, --max-body, --max-job-seconds, --shutdown-timeout, checked before the model loads."""
+    import math
+
+    from leansd.engine.planner import parse_size
+    from leansd.errors import InvalidRequestError
+
+    allowed = [name.strip() for name in (args.allowed_hosts or "").split(",") if name.strip()]
+    if host not in ("0.0.0.0", "::"):
+        allowed.append(host)  # the name it was asked to bind answers too
+    try:
+        max_body = parse_size(args.max_body)
+    except InvalidRequestError:
+        raise InvalidRequestError(f"--max-body expects a size such as 100M or 1G, got {args.max_body!r}") from None
+    if not isinstance(max_body, int) or max_body < 2**20:
+        raise InvalidRequestError(f"--max-body must be at least 1M, got {args.max_body!r}")
+    seconds = args.max_job_seconds
+    if not math.isfinite(seconds) or seconds < 0:
+        raise InvalidRequestError(f"--max-job-seconds must be 0 (no limit) or a positive number, got {seconds:g}")
+    if not math.isfinite(args.shutdown_timeout) or args.shutdown_timeout < 0:
+        raise InvalidRequestError(f"--shutdown-timeout must be a number of seconds >= 0, got {args.shutdown_timeout:g}")
+    return {"allowed_hosts": allowed, "max_body": max_body, "max_job_seconds": seconds or None,
+            "shutdown_timeout": args.shutdown_timeout}
 
 
 def is_loopback_host(host: str) -> bool:
