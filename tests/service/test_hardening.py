@@ -458,3 +458,60 @@ def test_failed_logins_back_off(engine, live_server) -> None:
         time.sleep(1.1)
         assert http.get("/sdapi/v1/options", auth=("alice", "s3cret")).status_code == 200
         assert http.get("/sdapi/v1/options", auth=("alice", "again")).status_code == 401  # counter reset
+
+
+# ---- 8. SIGTERM during a long step: waiting 503, running cancelled with JSON, exit 0 ----------------
+
+
+def test_sigterm_during_a_long_step_exits_cleanly(tmp_path) -> None:
+    import signal
+    import socket
+    import time
+    from concurrent.futures import ThreadPoolExecutor
+
+    import httpx
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "GRADIO_ANALYTICS_ENABLED": "False"}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "leansd.frontends.cli", "serve", "--model", "tiny", "--device", "cpu",
+         "--port", str(port), "--shutdown-timeout", "1"],
+        stderr=subprocess.PIPE, text=True, env=env,
+    )
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 90
+        while True:
+            try:
+                if httpx.get(f"{url}/sdapi/v1/options", timeout=1).status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            assert proc.poll() is None and time.monotonic() < deadline, "server did not start"
+            time.sleep(0.2)
+        long = {"prompt": "long", "steps": 2, "width": 1024, "height": 1024, "seed": 1}
+        with ThreadPoolExecutor(2) as pool:
+            running = pool.submit(httpx.post, f"{url}/sdapi/v1/txt2img", json=long, timeout=120)
+            while httpx.get(f"{url}/sdapi/v1/progress").json()["state"]["job_count"] < 1:
+                time.sleep(0.05)
+            waiting = pool.submit(httpx.post, f"{url}/sdapi/v1/txt2img", json=long, timeout=120)
+            while httpx.get(f"{url}/sdapi/v1/progress").json()["state"]["job_count"] < 2:
+                time.sleep(0.05)
+            time.sleep(1.0)  # inside the first long step
+            t0 = time.monotonic()
+            proc.send_signal(signal.SIGTERM)
+            assert waiting.result().status_code == 503
+            assert "shutting down" in waiting.result().json()["detail"]
+            answer = running.result()
+            assert answer.status_code == 503 and answer.json()["error"] == "JobCancelledError"
+            assert "cancelled while running" in answer.json()["detail"]
+        assert proc.wait(60) == 0
+        assert time.monotonic() - t0 < 20
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    stderr = proc.stderr.read()
+    assert "Traceback" not in stderr and "terminate called" not in stderr
