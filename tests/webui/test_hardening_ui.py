@@ -64,3 +64,27 @@ def test_large_upload_is_refused(engine, live_server) -> None:
     small = httpx.post(f"{server.url}/gradio_api/upload", files={"files": ("s.png", b"\x89PNG" + b"\0" * 1000)},
                        timeout=30)
     assert small.status_code == 200
+
+
+def test_client_that_leaves_through_gradio_cancels_the_job(engine) -> None:
+    from gradio_client import Client
+
+    from leansd.frontends.http import create_app
+
+    with JobQueue(SlowEngine(engine, delay=0.1)) as queue:
+        server = LiveServer(create_app(queue, max_size=512)).__enter__()
+        try:
+            client = Client(server.url + "/", verbose=False, download_files=False)
+            job = client.submit("a fox", "", "Euler a", 100, 7.0, 64, 64, 1, 1, 7, api_name="/txt2img")
+            deadline = time.monotonic() + 30
+            while (queue.current is None or queue.current.progress.step < 2) and time.monotonic() < deadline:
+                time.sleep(0.05)
+            running = queue.current
+            assert running is not None
+            job.cancel()  # Gradio stops the event, which closes the UI's generator
+            deadline = time.monotonic() + 10
+            while not running.state.finished and time.monotonic() < deadline:
+                time.sleep(0.05)
+            assert running.state.value == "cancelled" and running.progress.step < 50
+        finally:
+            server.__exit__()
