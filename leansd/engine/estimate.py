@@ -30,7 +30,7 @@ TEXT_TOKENS = 77
 class FlopCounter:
     """FLOPs of one UNet forward or one VAE decode at a given latent shape, cached per shape."""
 
-    def __init__(self, unet: "torch.nn.Module", vae: "torch.nn.Module") -> None:
+    def __init__(self, unet: Any, vae: Any) -> None:
         self._unet_class, self._unet_config = type(unet), dict(unet.config)
         self._vae_class, self._vae_config = type(vae), dict(vae.config)
         self._models: dict[str, Any] = {}
@@ -153,7 +153,7 @@ class JobEstimate:
     flops_per_second: float | None
 
     def describe(self) -> str:
-        if self.seconds is None:
+        if self.seconds is None or self.flops_per_second is None:
             return f"{_flops(self.flops)} (speed not measured yet)"
         return (f"about {_duration(self.seconds)} ({_flops(self.flops)} at the measured "
                 f"{self.flops_per_second / 1e9:.1f} GFLOP/s)")

@@ -19,12 +19,10 @@ from starlette.responses import JSONResponse
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from leansd.errors import InvalidRequestError, one_line
-
+from leansd.frontends.limits import DEFAULT_MAX_BODY
 
 MAX_DETAIL = 1000
 """Characters of an error's detail sent back (a message never echoes a huge value whole)."""
-DEFAULT_MAX_BODY = 100 * 2**20
-"""Request bodies above this get 413 before they are read: room for a few 4K PNGs in base64."""
 LOCAL_HOSTS = ("localhost", "127.0.0.1", "::1")
 FREE_LOGIN_FAILURES = 5
 """Failed logins from one client before the back-off starts."""
@@ -162,6 +160,7 @@ class GuardMiddleware:
     async def _limited(self, scope: Scope, receive: Receive, send: Send, headers: dict[str, str]) -> None:
         """Pass the request on with its body capped at `max_body`: 413 before reading a larger one."""
         limit = self.max_body
+        assert limit is not None  # only called with a limit
         too_large = error_response(
             413, "PayloadTooLarge",
             f"the request body is larger than this server's limit of {limit // 2**20} MiB (--max-body)")

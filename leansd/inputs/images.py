@@ -156,8 +156,9 @@ def _open(source: "str | io.BytesIO", *, label: str) -> Image.Image:
             raise InvalidRequestError(
                 f"{label}: the image is {width}x{height} pixels, too small (at least {MIN_SIDE}x{MIN_SIDE})"
             )
-        if getattr(image, "n_frames", 1) > 1:
-            logger.info("%s has %d frames; using the first", label, image.n_frames)
+        frames = getattr(image, "n_frames", 1)
+        if frames > 1:
+            logger.info("%s has %d frames; using the first", label, frames)
         image.load()  # decode every pixel now, so a truncated or corrupt file fails here
     except InvalidRequestError:
         image.close()
@@ -221,7 +222,7 @@ def _size_value(name: str, value: object, multiple: int) -> int:
     if isinstance(value, bool):
         raise InvalidRequestError(f"{name} must be an integer, got {brief(value)}")
     try:
-        number = operator.index(value)
+        number = operator.index(value)  # type: ignore[arg-type]  # a non-integer raises TypeError, handled below
     except TypeError:
         raise InvalidRequestError(f"{name} must be an integer, got {brief(value)}") from None
     if number % multiple:

@@ -1,7 +1,6 @@
 """The job queue: one worker owns the engine (and the GPU); ids, progress, cancel, graceful shutdown."""
 
 from leansd.service.queue import (
-    DEFAULT_MAX_JOB_SECONDS,
     DEFAULT_MAX_QUEUE,
     Job,
     JobCancelledError,
@@ -14,7 +13,6 @@ from leansd.service.queue import (
 )
 
 __all__ = [
-    "DEFAULT_MAX_JOB_SECONDS",
     "DEFAULT_MAX_QUEUE",
     "Job",
     "JobCancelledError",

@@ -29,8 +29,6 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 DEFAULT_MAX_QUEUE = 32
-DEFAULT_MAX_JOB_SECONDS = 3600.0
-"""Jobs estimated to take longer on this device are refused up front (`--max-job-seconds`)."""
 
 
 class QueueFullError(LeansdError):
@@ -75,6 +73,8 @@ class GeneratingEngine(Protocol):
         progress: "Callable[[ProgressEvent], None] | None" = None,
         progress_bar: bool = True,
     ) -> "GenerationResult": ...
+
+    def set_budget(self, vram: "str | int | None") -> int | None: ...
 
 
 @dataclass(frozen=True)
@@ -368,10 +368,11 @@ class JobQueue:
 
     def _check_time(self, request: "GenerationRequest") -> None:
         """JobTooLongError if the request's estimated time exceeds `max_job_seconds`."""
-        if self.max_job_seconds is None:
+        estimate_of = getattr(self.engine, "estimate", None)
+        if self.max_job_seconds is None or estimate_of is None:
             return
         try:
-            estimate = self.engine.estimate(request)
+            estimate = estimate_of(request)
         except InvalidRequestError:
             raise
         except Exception as exc:  # noqa: BLE001 - an estimator problem must not stop the service

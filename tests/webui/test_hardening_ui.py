@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import time
 
-import pytest
-
 from leansd.request import GenerationRequest
 from leansd.service.queue import JobQueue
 from tests.service.conftest import LiveServer, SlowEngine
