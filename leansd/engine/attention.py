@@ -122,7 +122,7 @@ class InterruptibleAttnProcessor:
         queries = hidden_states.shape[2] * hidden_states.shape[3] if hidden_states.ndim == 4 else hidden_states.shape[1]
         keys = queries if encoder_hidden_states is None else encoder_hidden_states.shape[1]
         if queries * keys <= 4 * self.max_scores or args or kwargs:
-            return self.inner(attn, hidden_states, encoder_hidden_states, attention_mask, temb)
+            return self.inner(attn, hidden_states, encoder_hidden_states, attention_mask, temb, *args, **kwargs)
         chunk = max(1, self.max_scores // keys)
         if isinstance(self.inner, ChunkedAttnProcessor):
             chunk = min(chunk, self.inner.chunk)
