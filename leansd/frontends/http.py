@@ -277,7 +277,7 @@ async def _generate(http_request: Request, gen: "GenerationRequest", body: A1111
     server = _server(http_request)
     if body.save_images and server.outputs is None:
         raise InvalidRequestError("save_images needs the server started with --save-images")
-    job = server.queue.submit(gen)
+    job = await asyncio.to_thread(server.queue.submit, gen)  # the job-time estimate counts FLOPs: off the loop
     job_timestamp = a1111.job_timestamp()
     try:
         result = await _await_job(http_request, server.queue, job)
@@ -295,7 +295,7 @@ async def _generate(http_request: Request, gen: "GenerationRequest", body: A1111
             logger.warning("%s", save_error)
     if body.send_images is not False or save_error is not None:  # never lose a computed image
         images = await asyncio.to_thread(
-            lambda: [encode_png(im, info) for im, info in zip(result.images, result.infotexts)]
+            lambda: [encode_png(im, info) for im, info in zip(result.images, result.infotexts, strict=True)]
         )
     answer = a1111.response(body, gen, result, images=images, model_name=server.model_name,
                             model_hash=server.model_hash, job_timestamp=job_timestamp, interrupted=job.interrupted)
