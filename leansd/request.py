@@ -13,7 +13,7 @@ import secrets
 from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any
 
-from leansd.errors import InvalidRequestError
+from leansd.errors import InvalidRequestError, brief
 
 if TYPE_CHECKING:
     import numpy as np
@@ -45,6 +45,11 @@ HIRES_UPSCALERS = ("lanczos", "latent")
 DEFAULT_HIRES_UPSCALER = HIRES_UPSCALERS[0]
 MAX_MASK_BLUR = 64
 MAX_HIRES_SCALE = 4.0
+MAX_GUIDANCE = 30.0
+"""CFG scale bound: the top of AUTOMATIC1111's slider. Far above it the guided prediction overflows
+(1e38 in fp32) and the image comes out black."""
+MAX_ETA = 1.0
+"""DDIM eta bound: AUTOMATIC1111's slider (0 = deterministic DDIM, 1 = DDPM-like noise)."""
 PROMPT_SYNTAXES = ("auto", "a1111", "blocks", "plain")
 DEFAULT_PROMPT_SYNTAX = PROMPT_SYNTAXES[0]
 
@@ -203,10 +208,12 @@ class GenerationRequest:
             raise InvalidRequestError(f"n_samples (batch size) must be between 1 and {MAX_BATCH}, got {self.batch_size}")
         if not 1 <= self.n_iter <= MAX_ITER:
             raise InvalidRequestError(f"n_iter must be between 1 and {MAX_ITER}, got {self.n_iter}")
-        if self.guidance_scale < 0:
-            raise InvalidRequestError(f"scale (CFG) must be >= 0, got {self.guidance_scale}")
-        if self.eta < 0:
-            raise InvalidRequestError(f"ddim_eta must be >= 0, got {self.eta}")
+        if not 0 <= self.guidance_scale <= MAX_GUIDANCE:
+            raise InvalidRequestError(
+                f"scale (CFG) must be between 0 and {MAX_GUIDANCE:g} (AUTOMATIC1111's range), got {self.guidance_scale:g}"
+            )
+        if not 0 <= self.eta <= MAX_ETA:
+            raise InvalidRequestError(f"ddim_eta must be between 0 and {MAX_ETA:g} (AUTOMATIC1111's range), got {self.eta:g}")
         seed = self.seed
         if seed is None or seed == -1:
             seed = random_seed(self.seeds_used)
@@ -282,18 +289,18 @@ def _choice(name: str, value: object, options: tuple[str, ...]) -> str:
     key = str(value).strip().lower().replace("_", "-").replace(" ", "-")
     key = {"crop-and-resize": "crop", "resize-and-fill": "fill"}.get(key, key)
     if key not in options:
-        raise InvalidRequestError(f"unknown {name} {value!r}; valid: {', '.join(options)}")
+        raise InvalidRequestError(f"unknown {name} {brief(value)}; valid: {', '.join(options)}")
     return key
 
 
 def _as_int(name: str, value: object) -> int:
     """Python or numpy integers -> int; anything else (floats, bools, strings) is an error."""
     if isinstance(value, bool) or not isinstance(value, numbers.Integral):
-        raise InvalidRequestError(f"{name} must be an integer, got {value!r}")
+        raise InvalidRequestError(f"{name} must be an integer, got {brief(value)}")
     return operator.index(value)
 
 
 def _as_float(name: str, value: object) -> float:
     if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(float(value)):
-        raise InvalidRequestError(f"{name} must be a finite number, got {value!r}")
+        raise InvalidRequestError(f"{name} must be a finite number, got {brief(value)}")
     return float(value)

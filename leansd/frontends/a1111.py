@@ -15,8 +15,8 @@ import binascii
 import datetime
 import io
 import json
+import logging
 import os
-import tempfile
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Optional
 
@@ -24,7 +24,7 @@ from pydantic import BaseModel, ConfigDict
 
 # leansd.request holds the library's defaults: one per knob, for every front end.
 from leansd import __version__, request as defaults
-from leansd.errors import InvalidRequestError, is_out_of_memory, one_line
+from leansd.errors import InvalidRequestError, brief, is_out_of_memory, one_line
 from leansd.frontends.limits import (
     DEFAULT_MAX_IMAGES as DEFAULT_MAX_IMAGES,
     DEFAULT_MAX_SIZE as DEFAULT_MAX_SIZE,
@@ -37,6 +37,8 @@ if TYPE_CHECKING:
 
     from leansd.request import GenerationRequest, GenerationResult
     from leansd.service.queue import JobQueue
+
+logger = logging.getLogger(__name__)
 
 API = "/sdapi/v1"
 MAX_BODY_IMAGE_BYTES = 64 * 2**20
@@ -162,12 +164,14 @@ def load_upload(path: "str | os.PathLike[str]", *, label: str, mask: bool = Fals
 
 
 def decode_base64_image(data: object, *, label: str, mask: bool = False) -> "Image.Image":
-    """A base64 image (with or without a `data:image/...;base64,` prefix) -> RGB (or "L" mask)."""
-    raw = decode_base64(data, label=label)
-    with tempfile.TemporaryDirectory(prefix="leansd-upload-") as folder:
-        path = Path(folder) / "upload"
-        path.write_bytes(raw)
-        return load_upload(path, label=label, mask=mask)
+    """A base64 image (with or without a `data:image/...;base64,` prefix) -> RGB (or "L" mask).
+
+    Decoded in memory with the CLI's checks and formats (`leansd.inputs.images.load_image_bytes`):
+    nothing is written to disk, and messages name the field, never a path.
+    """
+    from leansd.inputs.images import load_image_bytes
+
+    return load_image_bytes(decode_base64(data, label=label), label=label, mask=mask)
 
 
 def encode_png(image: "Image.Image", infotext: str | None) -> str:
@@ -181,19 +185,23 @@ def encode_png(image: "Image.Image", infotext: str | None) -> str:
 
 def png_info(data: str) -> dict[str, Any]:
     """`/png-info`: the infotext of a base64 PNG, its other text chunks, and the parsed parameters."""
-    from PIL import Image
+    from PIL import Image, UnidentifiedImageError
 
     from leansd.outputs.infotext import parse_infotext
     from leansd.outputs.writer import INFOTEXT_KEY
 
     if not data:
         raise InvalidRequestError("image is empty: send a base64-encoded PNG")
+    from leansd.inputs.images import ACCEPTED_FORMATS, ACCEPTED_NAMES
+
     raw = decode_base64(data, label="image")
     try:
-        with Image.open(io.BytesIO(raw)) as image:
+        with Image.open(io.BytesIO(raw), formats=list(ACCEPTED_FORMATS)) as image:
             items = {k: v for k, v in image.info.items() if isinstance(v, (str, int, float))}
+    except UnidentifiedImageError:
+        raise InvalidRequestError(f"image is not an image in an accepted format ({ACCEPTED_NAMES})") from None
     except Exception as exc:  # noqa: BLE001 - any decoder failure is the client's bad image
-        raise InvalidRequestError(f"image is not an image Pillow can read ({one_line(exc, limit=120)})") from None
+        raise InvalidRequestError(f"image cannot be read ({one_line(exc, limit=120)})") from None
     info = items.pop(INFOTEXT_KEY, None)
     if not isinstance(info, str):
         return {"info": "", "items": items, "parameters": {}}
@@ -487,20 +495,46 @@ def initial_options(*, model_name: str, model_hash: str | None, outdir: "Path | 
 
 
 READ_ONLY_OPTIONS = ("sd_model_checkpoint", "sd_checkpoint_hash", "outdir_samples", "save_images")
+SETTABLE_OPTIONS = (
+    "sd_vae", "samples_format", "jpeg_quality", "CLIP_stop_at_last_layers", "eta_ddim", "eta_ancestral",
+    "live_previews_enable", "show_progress_every_n_steps", "samples_save", "grid_save", "return_grid",
+    "enable_pnginfo", "add_model_hash_to_info", "add_model_name_to_info", "img2img_fix_steps",
+    "do_not_show_images", "sd_vae_as_default",
+)
+"""A1111 options a client may set; they are kept and returned by GET /options. Other keys are ignored
+(never stored, so a client cannot grow the server's memory), as are the read-only ones."""
+MAX_OPTION_TEXT = 1000
 
 
-def update_options(options: dict[str, Any], body: object, *, model_name: str) -> None:
-    """`POST /options`: store what a client sets; the model, its hash and the output folder stay as served."""
+def update_options(options: dict[str, Any], body: object, *, model_name: str) -> list[str]:
+    """`POST /options`: keep the known settable options; the model, its hash and the output folder stay
+    as served. Returns the keys that were ignored (unknown to this server)."""
     if not isinstance(body, dict):
         raise InvalidRequestError("the options body must be a JSON object")
     checkpoint = body.get("sd_model_checkpoint")
     if checkpoint is not None and not same_model(str(checkpoint), model_name):
         raise InvalidRequestError(
-            f"sd_model_checkpoint {checkpoint!r} is not available; this server serves {model_name!r}"
+            f"sd_model_checkpoint {brief(checkpoint)} is not available; this server serves {model_name!r}"
         )
+    accepted: dict[str, Any] = {}
+    ignored = []
     for key, value in body.items():
-        if key not in READ_ONLY_OPTIONS:
-            options[key] = value
+        if key in READ_ONLY_OPTIONS:
+            continue
+        if key not in SETTABLE_OPTIONS:
+            ignored.append(key)
+            continue
+        if not (value is None or isinstance(value, (bool, int, float)) or
+                (isinstance(value, str) and len(value) <= MAX_OPTION_TEXT)):
+            raise InvalidRequestError(
+                f"option {key} must be a number, true/false or a text of at most {MAX_OPTION_TEXT} characters, "
+                f"got {brief(value)}"
+            )
+        accepted[key] = value
+    options.update(accepted)
+    if ignored:
+        logger.info("options ignored (unknown to this server): %s", brief(ignored, limit=200))
+    return ignored
 
 
 def sd_models(*, model_name: str, model_hash: str | None, source: str) -> list[dict[str, Any]]:

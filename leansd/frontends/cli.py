@@ -7,11 +7,12 @@ diffusers load when a command runs.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import os
 import sys
 from pathlib import Path
-from typing import NoReturn, Sequence
+from typing import Iterator, NoReturn, Sequence
 
 # leansd.request: constants only (no torch, no PIL)
 from leansd import __version__, request as defaults
@@ -19,6 +20,7 @@ from leansd.frontends import limits  # the server's defaults, standard library o
 from leansd.service.queue import DEFAULT_MAX_QUEUE  # standard library only
 
 EXIT_USAGE = 2
+EXIT_TERMINATED = 143  # 128 + SIGTERM, as a shell reports a process the signal ended
 
 SAMPLER_HELP = (
     "DDIM, PLMS, Euler, Euler a, Heun, DPM2, DPM2 a, LMS, DPM++ 2M, DPM++ 2M Karras, "
@@ -103,6 +105,21 @@ def _add_serve_args(sub: "argparse._SubParsersAction", name: str = "serve") -> N
     net.add_argument("--max-size", "--max_size", dest="max_size", type=_int, default=limits.DEFAULT_MAX_SIZE,
                      help="largest width/height a request may ask for, hires pass included "
                      f"(default {limits.DEFAULT_MAX_SIZE})")
+    net.add_argument("--allowed-hosts", "--allowed_hosts", dest="allowed_hosts", metavar="NAME[,NAME]",
+                     help="Host names the server answers to besides IP addresses, localhost and --host "
+                          "(DNS-rebinding defence; '.example.org' allows its subdomains, '*' any name)")
+    net.add_argument("--max-body", "--max_body", dest="max_body", metavar="SIZE",
+                     default=f"{limits.DEFAULT_MAX_BODY >> 20}M",
+                     help=f"largest request body, e.g. 100M (default {limits.DEFAULT_MAX_BODY >> 20}M: a few 4K PNGs); "
+                          "larger ones get 413")
+    net.add_argument("--max-job-seconds", "--max_job_seconds", dest="max_job_seconds", type=_float,
+                     default=limits.DEFAULT_MAX_JOB_SECONDS,
+                     help="refuse jobs estimated (from the measured speed of this device) to run longer "
+                          f"(default {limits.DEFAULT_MAX_JOB_SECONDS:g}; 0 = no limit)")
+    net.add_argument("--shutdown-timeout", "--shutdown_timeout", dest="shutdown_timeout", type=_float,
+                     default=limits.DEFAULT_SHUTDOWN_SECONDS,
+                     help="on SIGTERM/Ctrl+C, seconds the running job may finish before it is cancelled "
+                          f"(default {limits.DEFAULT_SHUTDOWN_SECONDS:g})")
     net.add_argument("--save-images", "--save_images", dest="save_images", action="store_true",
                      help="also save every generated image under --outdir")
     net.add_argument("--outdir", default="outputs", help="output folder for --save-images (default outputs)")
@@ -209,9 +226,9 @@ def _add_sampling_args(command: argparse.ArgumentParser) -> None:
     gen.add_argument("--H", "--height", dest="height", type=_int, help="image height in pixels, multiple of 8 (default: the model's native size, 512 for SD 1.x; img2img: the init image's)")
     gen.add_argument("--W", "--width", dest="width", type=_int, help="image width in pixels, multiple of 8 (default: the model's native size; img2img: the init image's)")
     gen.add_argument("--ddim_steps", "--steps", dest="steps", type=_int, default=defaults.DEFAULT_STEPS, help=f"sampling steps (default {defaults.DEFAULT_STEPS}; img2img runs steps x strength of them)")
-    gen.add_argument("--scale", "--cfg-scale", "--cfg_scale", dest="scale", type=_float, default=defaults.DEFAULT_GUIDANCE, help=f"classifier-free guidance scale (default {defaults.DEFAULT_GUIDANCE}; <= 1 disables guidance)")
+    gen.add_argument("--scale", "--cfg-scale", "--cfg_scale", dest="scale", type=_float, default=defaults.DEFAULT_GUIDANCE, help=f"classifier-free guidance scale, 0..{defaults.MAX_GUIDANCE:g} (default {defaults.DEFAULT_GUIDANCE}; <= 1 disables guidance)")
     gen.add_argument("--sampler", default=defaults.DEFAULT_SAMPLER, help=f"sampler (default {defaults.DEFAULT_SAMPLER}): {SAMPLER_HELP}")
-    gen.add_argument("--ddim_eta", "--eta", dest="eta", type=_float, default=defaults.DEFAULT_ETA, help=f"DDIM eta, 0 = deterministic (default {defaults.DEFAULT_ETA:g})")
+    gen.add_argument("--ddim_eta", "--eta", dest="eta", type=_float, default=defaults.DEFAULT_ETA, help=f"DDIM eta, 0..{defaults.MAX_ETA:g}, 0 = deterministic (default {defaults.DEFAULT_ETA:g})")
     gen.add_argument("--seed", type=_int, default=None, help="seed of the first image; image k uses seed+k (default: random, printed)")
     gen.add_argument("--n_samples", "--batch-size", "--batch_size", dest="n_samples", type=_int, default=defaults.DEFAULT_BATCH_SIZE, help=f"images per batch (default {defaults.DEFAULT_BATCH_SIZE})")
     gen.add_argument("--n_iter", "--n-iter", dest="n_iter", type=_int, default=defaults.DEFAULT_N_ITER, help=f"number of batches; the model is loaded once (default {defaults.DEFAULT_N_ITER})")
@@ -265,9 +282,13 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     try:
         if args.command in TASKS:
-            return run_generate(args)
+            with _terminate_as_exception():
+                return run_generate(args)
         if args.command in ("serve", "ui"):
             return run_serve(args)
+    except Terminated:
+        print("leansd: terminated (SIGTERM); images already saved are complete", file=sys.stderr)
+        return EXIT_TERMINATED
     except LeansdError as exc:
         print(f"leansd: error: {one_line(exc)}", file=sys.stderr)
         return EXIT_USAGE
@@ -294,6 +315,30 @@ def main(argv: Sequence[str] | None = None) -> int:
             return EXIT_USAGE
         raise
     return EXIT_USAGE
+
+
+class Terminated(BaseException):
+    """SIGTERM arrived: unwinds like KeyboardInterrupt, so a file being written removes its temp file."""
+
+
+@contextlib.contextmanager
+def _terminate_as_exception() -> Iterator[None]:
+    """While generating, turn SIGTERM into `Terminated` (the default action would kill the process
+    at once and leave a half-written hidden temp file behind); the old handler comes back after."""
+    import signal
+
+    def raise_terminated(signum: int, frame: object) -> None:
+        raise Terminated()
+
+    try:
+        previous = signal.signal(signal.SIGTERM, raise_terminated)
+    except ValueError:  # not the main thread: signals cannot be handled here
+        yield
+        return
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def _read_prompts(args: argparse.Namespace) -> list[str]:
@@ -445,7 +490,7 @@ def run_serve(args: argparse.Namespace) -> int:
     if not args.model:
         raise InvalidRequestError("no model given: pass --model PATH|owner/name|tiny (or set LEANSD_MODEL)")
     host = "0.0.0.0" if args.listen else args.host
-    loopback = host in ("127.0.0.1", "localhost", "::1") or host.startswith("127.")
+    loopback = is_loopback_host(host)
     if not loopback and not args.api_auth:
         raise InvalidRequestError(
             f"refusing to serve on {host} without authentication: add --api-auth USER:PASS (or bind 127.0.0.1)"
@@ -454,6 +499,7 @@ def run_serve(args: argparse.Namespace) -> int:
         raise InvalidRequestError(f"--port must be between 1 and 65535, got {args.port}")
     if args.max_queue < 1:
         raise InvalidRequestError(f"--max-queue must be at least 1, got {args.max_queue}")
+    server_options = _server_options(args, host)
     from leansd.frontends.http import parse_credentials, serve
 
     credentials = parse_credentials(args.api_auth) if args.api_auth else None
@@ -471,7 +517,57 @@ def run_serve(args: argparse.Namespace) -> int:
         engine, host=host, port=args.port, auth=credentials, max_queue=args.max_queue, max_size=args.max_size,
         save_dir=Path(args.outdir) if args.save_images else None, log_level="info" if args.verbose else "warning",
         on_ready=lambda url: _on_ready(url, engine.bundle.name, browser=getattr(args, "browser", False)),
+        **server_options,
     )
+
+
+def _server_options(args: argparse.Namespace, host: str) -> dict:
+    """--allowed-hosts, --max-body, --max-job-seconds, --shutdown-timeout, checked before the model loads."""
+    import math
+
+    from leansd.engine.planner import parse_size
+    from leansd.errors import InvalidRequestError
+
+    allowed = [name.strip() for name in (args.allowed_hosts or "").split(",") if name.strip()]
+    if host not in ("0.0.0.0", "::"):
+        allowed.append(host)  # the name it was asked to bind answers too
+    try:
+        max_body = parse_size(args.max_body)
+    except InvalidRequestError:
+        raise InvalidRequestError(f"--max-body expects a size such as 100M or 1G, got {args.max_body!r}") from None
+    if not isinstance(max_body, int) or max_body < 2**20:
+        raise InvalidRequestError(f"--max-body must be at least 1M, got {args.max_body!r}")
+    seconds = args.max_job_seconds
+    if not math.isfinite(seconds) or seconds < 0:
+        raise InvalidRequestError(f"--max-job-seconds must be 0 (no limit) or a positive number, got {seconds:g}")
+    if not math.isfinite(args.shutdown_timeout) or args.shutdown_timeout < 0:
+        raise InvalidRequestError(f"--shutdown-timeout must be a number of seconds >= 0, got {args.shutdown_timeout:g}")
+    return {"allowed_hosts": allowed, "max_body": max_body, "max_job_seconds": seconds or None,
+            "shutdown_timeout": args.shutdown_timeout}
+
+
+def is_loopback_host(host: str) -> bool:
+    """True when every address `host` resolves to is a loopback address (127.0.0.0/8, ::1).
+
+    The name is resolved, not matched as text: "127.0.0.1.invalid" or "127.evil.example" are names
+    that could point anywhere. A name that does not resolve raises InvalidRequestError.
+    """
+    import ipaddress
+    import socket
+
+    from leansd.errors import InvalidRequestError
+
+    text = host.strip("[]")
+    try:
+        return ipaddress.ip_address(text).is_loopback
+    except ValueError:
+        pass
+    try:
+        infos = socket.getaddrinfo(text, None, proto=socket.IPPROTO_TCP)
+    except (OSError, UnicodeError) as exc:
+        raise InvalidRequestError(f"--host {host}: cannot resolve this name ({exc.strerror if isinstance(exc, OSError) and exc.strerror else exc})") from None
+    addresses = {str(info[4][0]).split("%")[0] for info in infos}
+    return bool(addresses) and all(ipaddress.ip_address(a).is_loopback for a in addresses)
 
 
 def _on_ready(url: str, model_name: str, *, browser: bool) -> None:

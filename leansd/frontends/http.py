@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import sys
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -50,7 +51,13 @@ from leansd.frontends.a1111 import (
     txt2img_request,
 )
 from leansd.frontends.guard import GuardMiddleware, error_response, parse_credentials
-from leansd.frontends.limits import DEFAULT_HOST, DEFAULT_PORT, DEFAULT_SHUTDOWN_SECONDS
+from leansd.frontends.limits import (
+    DEFAULT_HOST,
+    DEFAULT_MAX_BODY,
+    DEFAULT_MAX_JOB_SECONDS,
+    DEFAULT_PORT,
+    DEFAULT_SHUTDOWN_SECONDS,
+)
 from leansd.service.queue import (
     DEFAULT_MAX_QUEUE,
     Job,
@@ -130,6 +137,8 @@ async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
     finally:
         if server.owns_queue:
             await asyncio.to_thread(server.queue.shutdown, server.shutdown_timeout)
+        for cleanup in app.state.cleanups:  # e.g. the web UI's scratch folder
+            cleanup()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -146,6 +155,9 @@ def create_app(
     max_steps: int = DEFAULT_MAX_STEPS,
     max_images: int = DEFAULT_MAX_IMAGES,
     allowed_origins: Sequence[str] = (),
+    allowed_hosts: "Sequence[str] | None" = (),
+    max_body: int | None = DEFAULT_MAX_BODY,
+    max_job_seconds: float | None = DEFAULT_MAX_JOB_SECONDS,
     shutdown_timeout: float = DEFAULT_SHUTDOWN_SECONDS,
     ui: bool = True,
 ) -> FastAPI:
@@ -157,9 +169,14 @@ def create_app(
     also written there (`txt2img-images/`, `img2img-images/`) with the usual names; no request
     field can change where. `ui`: also serve the Gradio web UI at `/` (leansd.frontends.webui),
     over the same queue and behind the same auth and Origin checks.
+    `allowed_hosts`: Host names accepted besides IP addresses and localhost (None: any Host);
+    `max_body`: request body limit in bytes (413 beyond it); `max_job_seconds`: jobs estimated to
+    run longer on this device are refused (None: no limit; only for a queue the app builds).
+    See `leansd.frontends.guard`.
     """
     owns_queue = not isinstance(engine_or_queue, JobQueue)
-    queue = JobQueue(engine_or_queue, max_queue=max_queue) if owns_queue else engine_or_queue
+    queue = (JobQueue(engine_or_queue, max_queue=max_queue, max_job_seconds=max_job_seconds) if owns_queue
+             else engine_or_queue)
     server = _Server.over(
         queue, limits=Limits(max_size=max_size, max_steps=max_steps, max_images=max_images),
         outputs=None if save_dir is None else Path(save_dir).resolve(), owns_queue=owns_queue,
@@ -169,9 +186,11 @@ def create_app(
                   description="AUTOMATIC1111-compatible /sdapi/v1 API served by leansd")
     app.state.server = server
     app.state.queue = queue
+    app.state.cleanups = []
     app.state.limits = server.limits
     credentials = parse_credentials(auth) if isinstance(auth, str) else auth
-    app.add_middleware(GuardMiddleware, credentials=credentials, allowed_origins=allowed_origins)
+    app.add_middleware(GuardMiddleware, credentials=credentials, allowed_origins=allowed_origins,
+                       allowed_hosts=None if allowed_hosts is None else list(allowed_hosts), max_body=max_body)
     for exc_class, handler in _EXCEPTION_HANDLERS.items():
         app.add_exception_handler(exc_class, handler)
     for method, path, endpoint, name in _ROUTES:
@@ -179,7 +198,8 @@ def create_app(
     if ui:  # last: the UI is mounted at "/", so every route above keeps precedence
         from leansd.frontends.webui import mount_ui
 
-        mount_ui(app, queue, limits=server.limits, model_name=server.model_name, save_dir=server.outputs)
+        mount_ui(app, queue, limits=server.limits, model_name=server.model_name, save_dir=server.outputs,
+                 max_file_size=max_body)
     return app
 
 
@@ -214,8 +234,12 @@ async def _http(request: Request, exc: Exception) -> JSONResponse:
 
 
 async def _failed(request: Request, exc: Exception) -> JSONResponse:
-    """Any other of leansd's errors raised by a job (a GPU without kernels, an unwritable output): 500, one line."""
-    return error_response(500, type(exc).__name__, str(exc))
+    """Anything else (a job that failed, a bug): 500 with the JSON error shape, never plain text."""
+    if isinstance(exc, LeansdError):
+        return error_response(500, type(exc).__name__, str(exc))
+    logger.error("unexpected error on %s %s: %s: %s", request.method, request.url.path, type(exc).__name__, exc)
+    name, message = a1111.failure(exc)
+    return error_response(500, name, message)
 
 
 _EXCEPTION_HANDLERS: dict[type[Exception], Any] = {
@@ -225,7 +249,8 @@ _EXCEPTION_HANDLERS: dict[type[Exception], Any] = {
     QueueClosedError: _unavailable,
     JobCancelledError: _unavailable,
     HTTPError: _http,
-    LeansdError: _failed,  # handlers match the most specific class first: the ones above keep theirs
+    LeansdError: _failed,
+    Exception: _failed,
 }
 
 
@@ -252,7 +277,7 @@ async def _generate(http_request: Request, gen: "GenerationRequest", body: A1111
     server = _server(http_request)
     if body.save_images and server.outputs is None:
         raise InvalidRequestError("save_images needs the server started with --save-images")
-    job = server.queue.submit(gen)
+    job = await asyncio.to_thread(server.queue.submit, gen)  # the job-time estimate counts FLOPs: off the loop
     job_timestamp = a1111.job_timestamp()
     try:
         result = await _await_job(http_request, server.queue, job)
@@ -261,14 +286,22 @@ async def _generate(http_request: Request, gen: "GenerationRequest", body: A1111
     except Exception as exc:  # noqa: BLE001 - a failed job answers 500 with one line, the server lives on
         raise _job_failed(exc) from exc
     images: list[str] = []
+    save_error = None
     if server.outputs is not None and result.images:
-        await asyncio.to_thread(_save, server.outputs / f"{task}-images", result)
-    if body.send_images is not False:
+        try:
+            await asyncio.to_thread(_save, server.outputs / f"{task}-images", result)
+        except (LeansdError, OSError) as exc:  # a full disk, a folder replaced by a file: keep the images
+            save_error = f"saving the images failed: {one_line(exc, limit=300)}"
+            logger.warning("%s", save_error)
+    if body.send_images is not False or save_error is not None:  # never lose a computed image
         images = await asyncio.to_thread(
             lambda: [encode_png(im, info) for im, info in zip(result.images, result.infotexts, strict=True)]
         )
-    return a1111.response(body, gen, result, images=images, model_name=server.model_name,
-                          model_hash=server.model_hash, job_timestamp=job_timestamp, interrupted=job.interrupted)
+    answer = a1111.response(body, gen, result, images=images, model_name=server.model_name,
+                            model_hash=server.model_hash, job_timestamp=job_timestamp, interrupted=job.interrupted)
+    if save_error is not None:
+        answer["warning"] = save_error
+    return answer
 
 
 @_route("POST", f"{API}/txt2img")
@@ -447,7 +480,9 @@ def serve(
 
     import uvicorn
 
-    queue = engine_or_queue if isinstance(engine_or_queue, JobQueue) else JobQueue(engine_or_queue, max_queue=max_queue)
+    max_job_seconds = app_options.pop("max_job_seconds", DEFAULT_MAX_JOB_SECONDS)
+    queue = (engine_or_queue if isinstance(engine_or_queue, JobQueue)
+             else JobQueue(engine_or_queue, max_queue=max_queue, max_job_seconds=max_job_seconds))
     app = create_app(queue, **app_options)
     queue.start()
 
@@ -481,8 +516,16 @@ def serve(
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
-        queue.shutdown(shutdown_timeout)
-    return 0 if server.started else 1
+        stopped = queue.shutdown(shutdown_timeout)
+    code = 0 if server.started else 1
+    if not stopped:
+        # The worker is still inside one long model call. Letting the interpreter finalise under a
+        # thread that runs a torch kernel aborts the process (exit 134); everything else is done.
+        logger.warning("the worker is still inside a model call; exiting without waiting for it")
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+    return code
 
 
 class _Stopped(Exception):

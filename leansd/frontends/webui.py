@@ -13,6 +13,7 @@ Gradio is imported only here, lazily (importing it costs seconds); the page load
 
 import logging
 import os
+import shutil
 import tempfile
 import threading
 from pathlib import Path
@@ -59,7 +60,8 @@ class _Runner:
         self.model_name = model_name
         self.limits = limits
         self.save_dir = save_dir
-        self._scratch = Path(tempfile.mkdtemp(prefix="leansd-webui-"))
+        self._scratch: Path | None = None
+        """Where downloads go when the server does not save (made at the first image, removed by cleanup)."""
         self._sessions: dict[str, str] = {}
         self._lock = threading.Lock()
 
@@ -92,6 +94,11 @@ class _Runner:
             except Exception as exc:  # noqa: BLE001 - the job failed; say why in one line
                 raise gr.Error(failure(exc)[1], print_exception=False) from None
         finally:
+            if not job.future.done():
+                # The browser closed its stream (the generator was closed): stop the job, as the
+                # HTTP API does when its client goes away.
+                self.queue.cancel(job.id)
+                logger.info("web UI client went away: cancelled job %s", job.id)
             if session:
                 with self._lock:
                     if self._sessions.get(session) == job.id:
@@ -104,6 +111,13 @@ class _Runner:
             done += " (interrupted)"
         yield gallery, "\n\n".join(result.infotexts), [str(p) for p in paths], done
 
+    def cleanup(self) -> None:
+        """Remove the scratch folder of this UI's downloads (at server shutdown)."""
+        with self._lock:
+            scratch, self._scratch = self._scratch, None
+        if scratch is not None:
+            shutil.rmtree(scratch, ignore_errors=True)
+
     def cancel(self, session: str | None) -> str:
         with self._lock:
             job_id = self._sessions.get(session or "")
@@ -115,7 +129,13 @@ class _Runner:
         """PNGs with their infotext (downloads keep the parameters); into save_dir when the server saves."""
         from leansd.outputs.writer import ImageWriter
 
-        folder = (self.save_dir or self._scratch) / f"{task}-images"
+        base = self.save_dir
+        if base is None:
+            with self._lock:
+                if self._scratch is None:
+                    self._scratch = Path(tempfile.mkdtemp(prefix="leansd-webui-"))
+                base = self._scratch
+        folder = base / f"{task}-images"
         return ImageWriter(folder).save_all(result.images, seeds=result.seeds, infotexts=result.infotexts)
 
 
@@ -187,8 +207,12 @@ def build_ui(
     limits: Limits | None = None,
     model_name: str | None = None,
     save_dir: "str | os.PathLike[str] | None" = None,
+    cleanups: "list[Callable[[], None]] | None" = None,
 ) -> "gr.Blocks":
-    """The web UI's Blocks over `queue` (its worker owns the engine); mount it with `mount_ui`."""
+    """The web UI's Blocks over `queue` (its worker owns the engine); mount it with `mount_ui`.
+
+    `cleanups`: a list to which the UI adds what must run at server shutdown (removing its
+    scratch folder of downloads)."""
     _gradio()
     import gradio as gr  # the module itself: handlers' `gr.Request` annotations are read by gradio
 
@@ -367,7 +391,8 @@ def build_ui(
 
     outputs_of = lambda r: [r["gallery"], r["infotext"], r["files"], r["progress"]]  # noqa: E731
 
-    with gr.Blocks(title="leansd", analytics_enabled=False) as ui:
+    # delete_cache: Gradio's copies of uploads are removed after an hour and when the server stops.
+    with gr.Blocks(title="leansd", analytics_enabled=False, delete_cache=(3600, 3600)) as ui:
         gr.Markdown(f"## leansd · `{model_name}`")
         with gr.Tabs() as tabs:
             with gr.Tab("txt2img", id="txt2img"):
@@ -483,16 +508,24 @@ def build_ui(
         to_txt2img.click(lambda parsed: send_values(parsed, "txt2img"), n_json, send(t) + [tabs], api_visibility="private")
         to_img2img.click(lambda parsed, path: send_values(parsed, "img2img") + [path], [n_json, n_image],
                          send(i) + [tabs, i_image], api_visibility="private")
+    if cleanups is not None:
+        cleanups.append(runner.cleanup)  # removes the scratch folder of downloads
     return ui
 
 
 def mount_ui(app: "FastAPI", queue: JobQueue, *, limits: Limits | None = None, model_name: str | None = None,
-             save_dir: "str | os.PathLike[str] | None" = None, path: str = "/") -> "FastAPI":
-    """Mount the web UI at `path` of `app` (routes added before it, such as /sdapi/v1, keep precedence)."""
+             save_dir: "str | os.PathLike[str] | None" = None, path: str = "/",
+             max_file_size: int | None = None) -> "FastAPI":
+    """Mount the web UI at `path` of `app` (routes added before it, such as /sdapi/v1, keep precedence).
+
+    `max_file_size`: uploads above it (bytes) are refused. The UI's temporary files are removed at
+    shutdown when `app.state.cleanups` exists (apps from `create_app` run that list).
+    """
     gr = _gradio()
-    ui = build_ui(queue, limits=limits, model_name=model_name, save_dir=save_dir)
+    ui = build_ui(queue, limits=limits, model_name=model_name, save_dir=save_dir,
+                  cleanups=getattr(app.state, "cleanups", None))
     ui.queue(default_concurrency_limit=None, max_size=None)
     return gr.mount_gradio_app(
         app, ui, path=path, theme=theme(), css=CSS, ssr_mode=False, mcp_server=False, pwa=False,
-        footer_links=["api"], show_error=True,
+        footer_links=["api"], show_error=True, max_file_size=max_file_size,
     )

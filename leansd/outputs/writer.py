@@ -81,7 +81,11 @@ def check_outdir(outdir: Path) -> Path:
 
 
 def preflight_outdir(outdir: Path) -> Path:
-    """Check, creating nothing, that `outdir` is a writable folder or can be created as one."""
+    """Check, leaving nothing behind, that `outdir` is a writable folder or can be created as one.
+
+    A file is really created (and removed) in the folder, or in its nearest existing parent, so
+    permissions are proven rather than guessed (`os.access` says yes to root on a read-only mount).
+    """
     outdir = Path(outdir)
     if outdir.exists() and not outdir.is_dir():
         raise OutputError(f"output folder {outdir} exists and is not a folder")
@@ -90,8 +94,15 @@ def preflight_outdir(outdir: Path) -> Path:
         existing = existing.parent
     if not existing.is_dir():
         raise OutputError(f"cannot create output folder {outdir}: {existing} is not a folder")
-    if not os.access(existing, os.W_OK | os.X_OK):
-        raise OutputError(f"cannot write to output folder {outdir}: {existing} is not writable")
+    try:
+        fd, probe = tempfile.mkstemp(prefix=".leansd-probe-", suffix=".tmp", dir=existing)
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as exc:
+        what = "write to" if existing == outdir else "create"
+        raise OutputError(
+            one_line(f"cannot {what} output folder {outdir}: {existing} is not writable ({_reason(exc)})")
+        ) from exc
     return outdir
 
 

@@ -15,6 +15,7 @@ if TYPE_CHECKING:
     from PIL import Image
 
     from leansd.engine.engine import Engine
+    from leansd.errors import NonFiniteError
     from leansd.prompts.conditioning import ConditioningPlan
     from leansd.request import GenerationRequest, GenerationResult, ProgressEvent
 
@@ -80,6 +81,10 @@ class PromptConditioning:
                 plan.syntax, plan.chunks, plan.cache_stats if engine.prompt_cache else "off",
             )
         return self._plans[steps]
+
+    def clear(self) -> None:
+        """Forget the encoded plans (the engine's dtype changed): the next `plan` encodes again."""
+        self._plans.clear()
 
     def summary(self) -> dict[str, object]:
         """What the CLI reports: syntax, 77-token chunks used, prompt-cache hits/misses."""
@@ -278,9 +283,47 @@ def refine_latents(
                        text=text, timesteps=timesteps, on_step=on_step)
 
 
+def non_finite_error(what: str, precision: str) -> "NonFiniteError":
+    """The error for NaN/inf that fp32 cannot avoid (or that appeared in fp32 already)."""
+    from leansd.errors import NonFiniteError
+
+    return NonFiniteError(
+        f"the model produced NaN or infinite values in the {what} ({precision}); "
+        "no image was made. The weights may be damaged, or the settings too extreme for this model"
+    )
+
+
+def sample_finite(
+    engine: "Engine",
+    sample_batch: Callable[[list[int], Callable[[int, int], None]], "torch.Tensor"],
+    seeds: list[int],
+    on_step: Callable[[int, int], None],
+    text: PromptConditioning,
+) -> "torch.Tensor":
+    """`sample_batch(seeds, on_step)`, checked for NaN/inf: redone once in fp32 if the engine ran in a
+    reduced precision (fp16 overflow), else NonFiniteError. A black image is never returned."""
+    from leansd.engine.vae import is_finite
+
+    latents = sample_batch(seeds, on_step)
+    if is_finite(latents):
+        return latents
+    if not engine.reduced_precision:
+        raise non_finite_error("latents", "fp32")
+    engine.use_full_precision("the sampler produced NaN/inf latents")
+    text.clear()  # the conditioning was kept at the reduced dtype
+    latents = sample_batch(seeds, on_step)
+    if not is_finite(latents):
+        raise non_finite_error("latents", "fp32")
+    return latents
+
+
 def decode_latents(engine: "Engine", latents: "torch.Tensor") -> "np.ndarray":
-    """VAE decode to float32 RGB in [0, 1], (B, H, W, 3) on the CPU."""
-    image = engine.vae_decode(latents)  # placed, tiled or on the CPU per plan; fp16 NaN guard
+    """VAE decode to float32 RGB in [0, 1], (B, H, W, 3) on the CPU; NonFiniteError for NaN/inf pixels."""
+    from leansd.engine.vae import is_finite
+
+    image = engine.vae_decode(latents)  # placed, tiled or on the CPU per plan; redone in fp32 on NaN/inf
+    if not is_finite(image):  # vae_decode redoes a reduced-precision decode in fp32 before it returns
+        raise non_finite_error("decoded pixels", "fp32")
     image = (image.float() / 2 + 0.5).clamp(0, 1)  # (B, 3, H, W) from [-1, 1] to [0, 1]
     return image.permute(0, 2, 3, 1).cpu().numpy()  # (B, H, W, 3)
 
@@ -371,7 +414,7 @@ def run_batches(
 
             t0 = time.perf_counter()
             try:
-                latents = sample_batch(batch_seeds, on_step)
+                latents = sample_finite(engine, sample_batch, batch_seeds, on_step, text)
             except SkipBatch:
                 continue
             except StopGeneration:
@@ -379,7 +422,13 @@ def run_batches(
                 break
             engine.synchronize()  # CUDA runs asynchronously: wait before reading the clock
             t1 = time.perf_counter()
-        decoded = decode_latents(engine, latents)
+        try:
+            decoded = decode_latents(engine, latents)
+        except SkipBatch:  # raised within the decode by an interruptible engine's check
+            continue
+        except StopGeneration:
+            interrupted = True
+            break
         pixels.append(decoded if finish is None else finish(decoded))
         done_seeds += batch_seeds
         sample_seconds += t1 - t0

@@ -49,7 +49,7 @@ def test_upload_errors_do_not_show_the_server_side_file_name(tmp_path) -> None:
     path.write_bytes(b"not a picture")
     with pytest.raises(InvalidRequestError) as caught:
         a1111.load_upload(path, label="image")
-    assert str(caught.value) == "image: is not an image Pillow can read"
+    assert str(caught.value) == "image: is not an image in an accepted format (PNG, JPEG, WebP, BMP, TIFF, GIF (first frame))"
     with pytest.raises(InvalidRequestError, match=r"^init_images\[0\] is not valid base64$"):
         a1111.decode_base64_image("@@@", label="init_images[0]")
 
