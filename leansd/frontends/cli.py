@@ -68,6 +68,7 @@ def build_parser() -> argparse.ArgumentParser:
         _add_sampling_args(command)
         if task == "txt2img":
             _add_hires_args(command)
+        _add_preview_args(command)
         _add_output_args(command, outdir)
     _add_serve_args(sub)
     _add_serve_args(sub, name="ui")
@@ -131,6 +132,9 @@ def _add_model_args(command: argparse.ArgumentParser) -> None:
                         help="prefer speed within the budget: plan against all of it (no 10%% safety margin)")
     memory.add_argument("--vae-on-cpu", "--vae_on_cpu", dest="vae_on_cpu", action="store_true",
                         help="decode/encode with the VAE on the CPU in fp32 (slow; frees its GPU memory)")
+    model.add_argument("--taesd", metavar="PATH|ID",
+                       help="TAESD weights (a diffusers AutoencoderTiny folder, or a hub id such as madebyollin/taesd "
+                       "for SD 1.x/2.x, needs network) for TAESD previews and --vae-decoder taesd")
 
 
 def _vram(text: str) -> str:
@@ -220,6 +224,58 @@ def _add_hires_args(command: argparse.ArgumentParser) -> None:
                        help="steps of the second pass (default: --steps)")
     hires.add_argument("--hires-upscaler", "--hires_upscaler", dest="hires_upscaler", default="lanczos",
                        help="lanczos (default: resize the pixels) or latent (resize the latents)")
+
+
+def _add_preview_args(command: argparse.ArgumentParser) -> None:
+    from leansd.request import DEFAULT_PREVIEW_EVERY
+
+    preview = command.add_argument_group("live previews and decoder")
+    preview.add_argument("--preview-dir", "--preview_dir", dest="preview_dir", metavar="DIR",
+                         help="write live preview PNGs of the sampling to DIR (off by default)")
+    preview.add_argument("--preview-every", "--preview_every", dest="preview_every", type=_int, metavar="N",
+                         help=f"a preview every N sampling steps (default {DEFAULT_PREVIEW_EVERY}; needs --preview-dir)")
+    preview.add_argument("--preview-method", "--preview_method", dest="preview_method", default="approx-cheap",
+                         help="approx-cheap (default: linear latent->RGB map, 1/8 size, no weights), "
+                         "taesd (needs --taesd), full (the model's VAE)")
+    preview.add_argument("--vae-decoder", "--vae_decoder", dest="vae_decoder", default="full",
+                         help="final decoder: full (default, the model's VAE) or taesd (needs --taesd: far faster on a "
+                         "CPU, the picture changes slightly; the infotext says so)")
+
+
+def _preview_fields(args: argparse.Namespace) -> dict:
+    from leansd.errors import InvalidRequestError
+    from leansd.request import DEFAULT_PREVIEW_EVERY
+
+    fields: dict = {"preview_method": args.preview_method, "vae_decoder": args.vae_decoder}
+    if args.preview_dir is None:
+        if args.preview_every is not None:
+            raise InvalidRequestError("--preview-every needs --preview-dir DIR (where the previews go)")
+        return fields
+    every = DEFAULT_PREVIEW_EVERY if args.preview_every is None else args.preview_every
+    if every < 1:
+        raise InvalidRequestError(f"--preview-every must be at least 1 step, got {every}")
+    return {**fields, "preview_every": every}
+
+
+class _PreviewFiles:
+    """Progress callback of the CLI: writes each preview as DIR/preview-NNNNN-seed<S>-step<K>.png."""
+
+    def __init__(self, folder: Path) -> None:
+        self.folder = folder
+        self.count = len(list(folder.glob("preview-*.png"))) if folder.is_dir() else 0
+        self.request = None
+
+    def __call__(self, event) -> None:  # ProgressEvent
+        if event.preview is None:
+            return
+        from leansd.outputs.writer import save_image
+
+        request = self.request
+        seed = request.image_seeds()[event.batch_index * request.batch_size]
+        self.folder.mkdir(parents=True, exist_ok=True)
+        save_image(event.preview, self.folder / f"preview-{self.count:05d}-seed{seed}-step{event.step:04d}.png",
+                   infotext=None)
+        self.count += 1
 
 
 def _add_output_args(command: argparse.ArgumentParser, outdir: str) -> None:
@@ -340,6 +396,15 @@ def run_generate(args: argparse.Namespace) -> int:
         raise InvalidRequestError("no model given: pass --model PATH|owner/name|tiny (or set LEANSD_MODEL)")
     prompts = _read_prompts(args)
     images = _read_images(args)
+    previews = _preview_fields(args)
+    if (previews["vae_decoder"] == "taesd" or (previews.get("preview_every") and previews["preview_method"] == "taesd")) \
+            and not args.taesd:
+        raise InvalidRequestError("TAESD previews and --vae-decoder taesd need --taesd PATH|ID")
+    preview_files = None
+    if args.preview_dir is not None:
+        from leansd.outputs.writer import preflight_outdir
+
+        preview_files = _PreviewFiles(preflight_outdir(Path(args.preview_dir)))
     per_prompt = args.n_samples if args.fixed_code else args.n_samples * args.n_iter
     seed = args.seed
     random_seed_chosen = seed is None or seed == -1
@@ -370,6 +435,7 @@ def run_generate(args: argparse.Namespace) -> int:
                 prompt_syntax=args.prompt_syntax,
                 **images,
                 **_hires_fields(args),
+                **previews,
             ).validated()
         )
     writer = None
@@ -383,14 +449,16 @@ def run_generate(args: argparse.Namespace) -> int:
     from leansd.engine.engine import Engine
 
     engine = Engine.load(args.model, device=args.device, precision=args.precision, prompt_cache=args.prompt_cache,
-                         **_memory_options(args))
+                         taesd=args.taesd, **_memory_options(args))
     if random_seed_chosen:
         print(f"leansd: seed {seed} (random)", file=sys.stderr)
 
     # 3. Generate and save, prompt by prompt.
     show_bar = sys.stderr.isatty()
     for request in requests:
-        result = engine.generate(request, progress_bar=show_bar)
+        if preview_files is not None:
+            preview_files.request = request
+        result = engine.generate(request, progress=preview_files, progress_bar=show_bar)
         chunks = result.info.get("prompt_chunks", 1)
         print(
             f"prompt: {request.prompt!r} ({result.info.get('prompt_syntax', 'plain')} syntax, "
@@ -445,7 +513,7 @@ def run_serve(args: argparse.Namespace) -> int:
     from leansd.engine.engine import Engine
 
     engine = Engine.load(args.model, device=args.device, precision=args.precision, prompt_cache=args.prompt_cache,
-                         **_memory_options(args))
+                         taesd=args.taesd, **_memory_options(args))
     return serve(
         engine, host=host, port=args.port, auth=credentials, max_queue=args.max_queue, max_size=args.max_size,
         save_dir=Path(args.outdir) if args.save_images else None, log_level="info" if args.verbose else "warning",

@@ -8,6 +8,7 @@ from typing import TYPE_CHECKING, Callable
 from leansd.pipelines.steps import encode_conditioning, fit_init_image, img2img_latents, loop_length, run_batches
 
 if TYPE_CHECKING:
+    from leansd.sampling.loop import StepState
     import torch
 
     from leansd.engine.engine import Engine
@@ -38,7 +39,7 @@ def img2img(
     encoded = time.perf_counter()
 
     # 3. Per batch: encode, noise to the strength's start step, denoise the remaining steps.
-    def sample_batch(seeds: list[int], on_step: Callable[[int, int], None]) -> "torch.Tensor":
+    def sample_batch(seeds: list[int], on_step: Callable[["StepState"], None]) -> "torch.Tensor":
         return img2img_latents(engine, request, seeds=seeds, pixels=pixels, strength=request.strength,
                                steps=request.num_inference_steps, text=text, on_step=on_step)
 

@@ -28,6 +28,7 @@ from leansd.pipelines.steps import (
 )
 
 if TYPE_CHECKING:
+    from leansd.sampling.loop import StepState
     import numpy as np
     import torch
 
@@ -74,7 +75,7 @@ def inpaint(
     encoded = time.perf_counter()
 
     # 3. Per batch: the same draw order as diffusers (image latents, noise, masked-image latents).
-    def sample_batch(seeds: list[int], on_step: Callable[[int, int], None]) -> "torch.Tensor":
+    def sample_batch(seeds: list[int], on_step: Callable[["StepState"], None]) -> "torch.Tensor":
         batch = len(seeds)
         steps = request.num_inference_steps
         generators = image_generators(seeds)

@@ -9,6 +9,7 @@ import leansd
 from leansd.errors import InvalidRequestError
 
 if TYPE_CHECKING:
+    from leansd.sampling.loop import StepState
     import numpy as np
     import torch
     from diffusers import SchedulerMixin
@@ -177,7 +178,7 @@ def run_denoise(
     timesteps: "torch.Tensor | None" = None,
     extra_channels: "torch.Tensor | None" = None,
     after_step: Callable[[int, "torch.Tensor"], "torch.Tensor"] | None = None,
-    on_step: Callable[[int, int], None] | None = None,
+    on_step: Callable[["StepState"], None] | None = None,
 ) -> "torch.Tensor":
     """The sampling loop for one batch (its size is len(generators)); returns clean latents."""
     from leansd.sampling.loop import denoise, uses_guidance
@@ -232,7 +233,7 @@ def img2img_latents(
     strength: float,
     steps: int,
     text: PromptConditioning,
-    on_step: Callable[[int, int], None] | None = None,
+    on_step: Callable[["StepState"], None] | None = None,
 ) -> "torch.Tensor":
     """img2img for one batch, as diffusers' img2img: encode (posterior sample), noise to the start step, denoise.
 
@@ -263,7 +264,7 @@ def refine_latents(
     steps: int,
     strength: float,
     text: PromptConditioning,
-    on_step: Callable[[int, int], None] | None = None,
+    on_step: Callable[["StepState"], None] | None = None,
 ) -> "torch.Tensor":
     """Noise clean latents (B, 4, h, w) to the start step `strength` implies and denoise the rest."""
     timesteps = strength_timesteps(scheduler, steps=steps, strength=strength)
@@ -276,9 +277,14 @@ def refine_latents(
                        text=text, timesteps=timesteps, on_step=on_step)
 
 
-def decode_latents(engine: "Engine", latents: "torch.Tensor") -> "np.ndarray":
-    """VAE decode to float32 RGB in [0, 1], (B, H, W, 3) on the CPU."""
-    image = engine.vae_decode(latents)  # placed, tiled or on the CPU per plan; fp16 NaN guard
+def decode_latents(engine: "Engine", latents: "torch.Tensor", *, decoder: str = "full") -> "np.ndarray":
+    """Decode to float32 RGB in [0, 1], (B, H, W, 3) on the CPU, with the VAE or ("taesd") TAESD."""
+    if decoder == "taesd":
+        from leansd.engine.previews import taesd_decode
+
+        image = taesd_decode(engine, latents)  # on the device if it fits the budget, else the CPU
+    else:
+        image = engine.vae_decode(latents)  # placed, tiled or on the CPU per plan; fp16 NaN guard
     image = (image.float() / 2 + 0.5).clamp(0, 1)  # (B, 3, H, W) from [-1, 1] to [0, 1]
     return image.permute(0, 2, 3, 1).cpu().numpy()  # (B, H, W, 3)
 
@@ -308,6 +314,8 @@ def infotext_for(
     entries.update(extra or {})
     if request.tiling:
         entries["Tiling"] = "True"
+    if request.vae_decoder == "taesd":
+        entries["VAE decoder"] = "TAESD (approximate)"
     if engine.bundle.is_random:
         entries["Note"] = "random test model, noise image"
     entries["Version"] = f"leansd {leansd.__version__}"
@@ -332,7 +340,7 @@ def run_batches(
     *,
     width: int,
     height: int,
-    sample_batch: Callable[[list[int], Callable[[int, int], None]], "torch.Tensor"],
+    sample_batch: Callable[[list[int], Callable[["StepState"], None]], "torch.Tensor"],
     text: PromptConditioning,
     finish: Callable[["np.ndarray"], "np.ndarray"] | None = None,
     extra_info: dict[str, object] | None = None,
@@ -343,16 +351,18 @@ def run_batches(
 ) -> "GenerationResult":
     """Run `sample_batch(seeds, on_step) -> latents` for each of the n_iter batches, decode, package.
 
-    `finish(pixels)` post-processes decoded float pixels (the inpainting composite).
+    `finish(pixels)` post-processes decoded float pixels (the inpainting composite). Every
+    `request.preview_every` loop steps a live preview rides along with the progress event.
     """
     import time
 
     import numpy as np
     from tqdm.auto import tqdm
 
-    from leansd.request import GenerationResult, ProgressEvent
+    from leansd.engine.previews import Previewer
+    from leansd.request import GenerationResult, ProgressEvent, SkipBatch, StopGeneration
 
-    from leansd.request import SkipBatch, StopGeneration
+    previewer = Previewer(engine, request) if request.preview_every and progress is not None else None
 
     seeds = request.image_seeds()
     pixels = []
@@ -363,11 +373,13 @@ def run_batches(
         batch_seeds = seeds[b * request.batch_size : (b + 1) * request.batch_size]
         with tqdm(total=None, desc=f"batch {b + 1}/{request.n_iter}", disable=not progress_bar, leave=False) as bar:
 
-            def on_step(step: int, total: int) -> None:
-                bar.total = total
+            def on_step(state: "StepState") -> None:
+                bar.total = state.total
                 bar.update(1)
                 if progress is not None:  # may raise SkipBatch / StopGeneration
-                    progress(ProgressEvent(step=step, total_steps=total, batch_index=b, n_batches=request.n_iter))
+                    preview = previewer(state) if previewer is not None and previewer.due(state.step) else None
+                    progress(ProgressEvent(step=state.step, total_steps=state.total, batch_index=b,
+                                           n_batches=request.n_iter, preview=preview))
 
             t0 = time.perf_counter()
             try:
@@ -379,7 +391,7 @@ def run_batches(
                 break
             engine.synchronize()  # CUDA runs asynchronously: wait before reading the clock
             t1 = time.perf_counter()
-        decoded = decode_latents(engine, latents)
+        decoded = decode_latents(engine, latents, decoder=request.vae_decoder)
         pixels.append(decoded if finish is None else finish(decoded))
         done_seeds += batch_seeds
         sample_seconds += t1 - t0
