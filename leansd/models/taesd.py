@@ -42,27 +42,35 @@ def load_taesd(spec: "str | os.PathLike[str]", *, latent_channels: int | None = 
         module = _from_hub(text)
     else:
         raise ModelLoadError(f"--taesd {text}: no such folder (expected a diffusers AutoencoderTiny folder or a hub id)")
-    if type(module).__name__ != "AutoencoderTiny":
-        raise ModelLoadError(f"--taesd {text}: holds a {type(module).__name__}, not a TAESD (AutoencoderTiny)")
     channels = int(module.config.latent_channels)
     if latent_channels is not None and channels != latent_channels:
         raise ModelLoadError(
             f"--taesd {text}: it decodes {channels}-channel latents but the model makes {latent_channels}"
         )
-    import torch
-
     module.requires_grad_(False)
-    return module.eval().to(dtype=torch.float32)
+    return module.eval()
 
 
 def _from_pretrained(source: str, *, label: str, **options: object) -> "AutoencoderTiny":
+    """AutoencoderTiny.from_pretrained, refusing another model's folder and missing weights (which
+    diffusers would fill with random values, with only a warning)."""
+    import torch
     from diffusers import AutoencoderTiny
 
     try:
-        return AutoencoderTiny.from_pretrained(source, **options)
+        config = AutoencoderTiny.load_config(source, **options)
+        kind = config.get("_class_name")
+        if kind != "AutoencoderTiny":
+            raise ModelLoadError(f"--taesd {label}: holds a {kind or 'model of unknown class'}, not a TAESD (AutoencoderTiny)")
+        module, info = AutoencoderTiny.from_pretrained(source, torch_dtype=torch.float32, output_loading_info=True,
+                                                       **options)
     except (OSError, ValueError, KeyError, RuntimeError) as exc:
         first = " ".join(str(exc).split())[:200] or type(exc).__name__
         raise ModelLoadError(f"--taesd {label}: cannot load it as a TAESD (AutoencoderTiny): {first}") from exc
+    missing = list(info.get("missing_keys") or [])
+    if missing:
+        raise ModelLoadError(f"--taesd {label}: its weights lack {len(missing)} tensors (e.g. {missing[0]})")
+    return module
 
 
 def _from_hub(repo_id: str) -> "AutoencoderTiny":
