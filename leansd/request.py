@@ -27,24 +27,36 @@ MAX_ITER = 10_000
 MAX_SEED = 2**32 - 1
 """Seeds are 32-bit unsigned as in AUTOMATIC1111; -1 or None means "pick one at random"."""
 
+# One default per knob, shared by every front end (CLI, HTTP API, web UI) and the Python API.
 DEFAULT_SAMPLER = "PLMS"
 DEFAULT_STEPS = 50
 DEFAULT_GUIDANCE = 7.5
+DEFAULT_ETA = 0.0
+DEFAULT_BATCH_SIZE = 1
+DEFAULT_N_ITER = 1
 DEFAULT_STRENGTH = 0.75
+DEFAULT_MASK_BLUR = 4
 DEFAULT_HIRES_STRENGTH = 0.5
 RESIZE_MODES = ("just-resize", "crop", "fill")
+DEFAULT_RESIZE_MODE = RESIZE_MODES[0]
 INPAINTING_FILLS = ("original", "fill", "latent-noise", "latent-nothing")
+DEFAULT_INPAINTING_FILL = INPAINTING_FILLS[0]
 HIRES_UPSCALERS = ("lanczos", "latent")
+DEFAULT_HIRES_UPSCALER = HIRES_UPSCALERS[0]
 MAX_MASK_BLUR = 64
 MAX_HIRES_SCALE = 4.0
 PROMPT_SYNTAXES = ("auto", "a1111", "blocks", "plain")
+DEFAULT_PROMPT_SYNTAX = PROMPT_SYNTAXES[0]
 DEFAULT_PREVIEW_EVERY = 10
 """Loop steps between live previews when a front end shows them (AUTOMATIC1111's show_progress_every_n_steps)."""
 PREVIEW_METHODS = ("approx-cheap", "taesd", "full")
 """AUTOMATIC1111's show_progress_type: a linear latent->RGB map, the tiny autoencoder, the full VAE."""
 PREVIEW_CONTENTS = ("combined", "prompt", "negative-prompt")
 """AUTOMATIC1111's live_preview_content: x0 of the guided prediction, of the prompt's, of the negative's."""
+DEFAULT_PREVIEW_METHOD = PREVIEW_METHODS[0]
+DEFAULT_PREVIEW_CONTENT = PREVIEW_CONTENTS[0]
 VAE_DECODERS = ("full", "taesd")
+DEFAULT_VAE_DECODER = VAE_DECODERS[0]
 
 
 @dataclass
@@ -67,23 +79,23 @@ class GenerationRequest:
     num_inference_steps: int = DEFAULT_STEPS
     guidance_scale: float = DEFAULT_GUIDANCE
     sampler: str = DEFAULT_SAMPLER
-    eta: float = 0.0
+    eta: float = DEFAULT_ETA
     """DDIM eta (0 = deterministic DDIM); ignored by other samplers."""
     seed: int | None = None
-    batch_size: int = 1
-    n_iter: int = 1
+    batch_size: int = DEFAULT_BATCH_SIZE
+    n_iter: int = DEFAULT_N_ITER
     fixed_code: bool = False
     init_image: "Image.Image | None" = None
     """img2img / inpaint source image (RGB)."""
     strength: float = DEFAULT_STRENGTH
     """img2img denoising strength: 0 returns the image (one VAE round trip), 1 ignores it."""
-    resize_mode: str = "just-resize"
+    resize_mode: str = DEFAULT_RESIZE_MODE
     """How the init image fits width x height: just-resize, crop, fill (AUTOMATIC1111's modes)."""
     mask: "Image.Image | None" = None
     """Inpainting mask ("L"): white = regenerate, black = keep; grey values are soft."""
     invert_mask: bool = False
-    mask_blur: int = 4
-    inpainting_fill: str = "original"
+    mask_blur: int = DEFAULT_MASK_BLUR
+    inpainting_fill: str = DEFAULT_INPAINTING_FILL
     """What the masked area starts from: original, fill, latent-noise, latent-nothing."""
     hires_scale: float | None = None
     hires_width: int | None = None
@@ -91,19 +103,19 @@ class GenerationRequest:
     hires_strength: float = DEFAULT_HIRES_STRENGTH
     hires_steps: int | None = None
     """Steps of the second pass (default: num_inference_steps)."""
-    hires_upscaler: str = "lanczos"
+    hires_upscaler: str = DEFAULT_HIRES_UPSCALER
     tiling: bool = False
     """Seamless tiling: convolutions pad circularly so the image tiles without seams."""
-    prompt_syntax: str = "auto"
+    prompt_syntax: str = DEFAULT_PROMPT_SYNTAX
     """auto, a1111 ((word:1.2), [a:b:0.5], AND, BREAK), blocks (optimizedSD `a:0.3 b:0.7`), plain."""
     preview_every: int = 0
     """Decode a live preview every this many loop steps and pass it with the progress event; 0: none.
     Front ends that show previews use DEFAULT_PREVIEW_EVERY."""
-    preview_method: str = "approx-cheap"
+    preview_method: str = DEFAULT_PREVIEW_METHOD
     """approx-cheap (linear map of the latents, 1/8 size), taesd (tiny autoencoder), full (the VAE)."""
-    preview_content: str = "combined"
+    preview_content: str = DEFAULT_PREVIEW_CONTENT
     """Which prediction a preview shows: combined (guided), prompt, negative-prompt."""
-    vae_decoder: str = "full"
+    vae_decoder: str = DEFAULT_VAE_DECODER
     """The final decoder: full (the model's VAE) or taesd (the tiny autoencoder: fast, slightly different)."""
 
     @property
