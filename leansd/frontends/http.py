@@ -95,6 +95,15 @@ class _Server:
     model_hash: str | None
     model_source: str
     options: dict[str, Any] = field(default_factory=dict)
+    taesd: bool = False
+    """Whether the engine has TAESD weights (TAESD previews)."""
+
+    def with_previews(self, gen: "GenerationRequest", body: A1111Request) -> "GenerationRequest":
+        """The request with the live preview fields the options (and its override_settings) ask for."""
+        import dataclasses
+
+        fields = a1111.preview_fields(self.options, body.override_settings, taesd=self.taesd)
+        return dataclasses.replace(gen, **fields)
 
 
 def _server(request: Request) -> _Server:
@@ -138,6 +147,7 @@ def create_app(
         outputs=outputs, model_name=model_name, model_hash=model_hash,
         model_source=str(getattr(bundle, "source", model_name)),
         options=a1111.initial_options(model_name=model_name, model_hash=model_hash, outdir=outputs),
+        taesd=getattr(queue.engine, "taesd", None) is not None,
     )
 
     @asynccontextmanager
@@ -164,7 +174,7 @@ def create_app(
     if ui:  # last: the UI is mounted at "/", so every route above keeps precedence
         from leansd.frontends.webui import mount_ui
 
-        mount_ui(app, queue, limits=server.limits, model_name=model_name, save_dir=outputs)
+        mount_ui(app, queue, limits=server.limits, model_name=model_name, save_dir=outputs, options=server.options)
     return app
 
 
@@ -253,7 +263,7 @@ async def _generate(http_request: Request, gen: "GenerationRequest", body: A1111
 @_route("POST", f"{API}/txt2img")
 async def txt2img(body: Txt2ImgRequest, request: Request) -> dict:
     server = _server(request)
-    gen = txt2img_request(body, model_name=server.model_name, limits=server.limits)
+    gen = server.with_previews(txt2img_request(body, model_name=server.model_name, limits=server.limits), body)
     return await _generate(request, gen, body, "txt2img")
 
 
@@ -262,12 +272,13 @@ async def img2img(body: Img2ImgRequest, request: Request) -> dict:
     server = _server(request)
     # Decoding the uploads (CPU work) happens off the event loop.
     gen = await asyncio.to_thread(img2img_request, body, model_name=server.model_name, limits=server.limits)
-    return await _generate(request, gen, body, "img2img")
+    return await _generate(request, server.with_previews(gen, body), body, "img2img")
 
 
 @_route("GET", f"{API}/progress")
 async def progress(request: Request, skip_current_image: bool = False) -> dict:
-    return a1111.progress(_server(request).queue, skip_current_image=skip_current_image)
+    # PNG-encoding a full-size preview is CPU work: off the event loop.
+    return await asyncio.to_thread(a1111.progress, _server(request).queue, skip_current_image=skip_current_image)
 
 
 @_route("POST", f"{API}/interrupt")
@@ -294,7 +305,7 @@ async def set_options(request: Request) -> None:
         body = await request.json()
     except ValueError:
         raise InvalidRequestError("the options body must be a JSON object") from None
-    a1111.update_options(server.options, body, model_name=server.model_name)
+    a1111.update_options(server.options, body, model_name=server.model_name, taesd=server.taesd)
     return None
 
 
