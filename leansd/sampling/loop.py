@@ -120,8 +120,6 @@ class X0Estimator:
             self._abar = self.scheduler.scale_model_input(probe, t).float() ** 2
 
     def after_step(self, t: "torch.Tensor") -> None:
-        import torch
-
         if self._abar is not None:
             return
         scheduler = self.scheduler

@@ -5,10 +5,8 @@ from __future__ import annotations
 
 import os
 
-import numpy as np
 import pytest
 
-from leansd.request import GenerationRequest
 from leansd.service.queue import JobQueue
 from tests.service.conftest import SlowEngine
 from tests.webui.test_browser import ARGS, CHROMIUM, browser  # noqa: F401 - fixture reused
