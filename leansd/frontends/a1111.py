@@ -560,9 +560,11 @@ def latent_upscale_modes() -> list[dict[str, Any]]:
     return [{"name": name} for name in LATENT_UPSCALERS]
 
 
-def progress(queue: "JobQueue", *, skip_current_image: bool = False) -> dict[str, Any]:
+def progress(queue: "JobQueue", *, skip_current_image: bool = False,
+             cache: dict[str, Any] | None = None) -> dict[str, Any]:
     """`GET /progress`: the running job's step, fraction and ETA, the queue behind it, and (unless
-    `skip_current_image`) its latest live preview as base64 PNG in `current_image`."""
+    `skip_current_image`) its latest live preview as base64 PNG in `current_image`. `cache` (a dict
+    the caller keeps) holds the last encoding, so clients polling often do not re-encode a preview."""
     job = queue.current
     waiting = queue.waiting()
     p = None if job is None else job.progress
@@ -580,11 +582,20 @@ def progress(queue: "JobQueue", *, skip_current_image: bool = False) -> dict[str
         "queue": [j.id for j in waiting],
     }
     preview = None if job is None or skip_current_image else job.preview
+    current_image = None
+    if preview is not None:
+        key = (job.id, job.preview_id)
+        if cache is not None and cache.get("key") == key:
+            current_image = cache["png"]
+        else:
+            current_image = encode_png(preview, None)
+            if cache is not None:
+                cache.update(key=key, png=current_image)
     return {
         "progress": 0.0 if p is None else p.fraction,
         "eta_relative": 0.0 if p is None or p.eta_seconds is None else p.eta_seconds,
         "state": state,
-        "current_image": None if preview is None else encode_png(preview, None),
+        "current_image": current_image,
         "textinfo": None if p is None else f"step {p.step}/{p.total_steps}, batch {p.batch_index + 1}/{p.n_batches}",
     }
 

@@ -97,6 +97,8 @@ class _Server:
     options: dict[str, Any] = field(default_factory=dict)
     taesd: bool = False
     """Whether the engine has TAESD weights (TAESD previews)."""
+    preview_png: dict[str, Any] = field(default_factory=dict)
+    """The running job's latest preview as base64 PNG, kept for `/progress` (see a1111.progress)."""
 
     def with_previews(self, gen: "GenerationRequest", body: A1111Request) -> "GenerationRequest":
         """The request with the live preview fields the options (and its override_settings) ask for."""
@@ -278,7 +280,9 @@ async def img2img(body: Img2ImgRequest, request: Request) -> dict:
 @_route("GET", f"{API}/progress")
 async def progress(request: Request, skip_current_image: bool = False) -> dict:
     # PNG-encoding a full-size preview is CPU work: off the event loop.
-    return await asyncio.to_thread(a1111.progress, _server(request).queue, skip_current_image=skip_current_image)
+    server = _server(request)
+    return await asyncio.to_thread(a1111.progress, server.queue, skip_current_image=skip_current_image,
+                                   cache=server.preview_png)
 
 
 @_route("POST", f"{API}/interrupt")

@@ -12,6 +12,8 @@ import httpx
 import pytest
 from PIL import Image
 
+from leansd.request import GenerationRequest
+
 from .conftest import SlowEngine
 
 webuiapi = pytest.importorskip("webuiapi")
@@ -125,3 +127,33 @@ def test_override_settings_per_request(server) -> None:
         "override_settings": {"show_progress_type": "TAESD"},
     })
     assert response.status_code == 400 and "TAESD needs TAESD weights" in response.json()["detail"]
+
+
+def test_progress_encodes_each_preview_once(engine) -> None:
+    """Clients poll /progress often: the same preview is PNG-encoded once, a new one again."""
+    from leansd.frontends import a1111
+    from leansd.request import ProgressEvent
+    from leansd.service import JobQueue
+    from leansd.service.queue import Job
+
+    class Queue(JobQueue):
+        running: Job | None = None
+
+        @property
+        def current(self):
+            return self.running
+
+    queue = Queue(engine)
+    job = Job(GenerationRequest(prompt="x"))
+    queue.running = job
+    cache: dict = {}
+    assert a1111.progress(queue, cache=cache)["current_image"] is None
+    red, blue = Image.new("RGB", (8, 8), (255, 0, 0)), Image.new("RGB", (8, 8), (0, 0, 255))
+    job._on_progress(ProgressEvent(1, 4, 0, 1, preview=red))
+    first = a1111.progress(queue, cache=cache)["current_image"]
+    assert _png(first).getpixel((0, 0)) == (255, 0, 0) and cache["key"] == (job.id, 1)
+    cache["png"] = "still cached"
+    assert a1111.progress(queue, cache=cache)["current_image"] == "still cached"
+    assert a1111.progress(queue, cache=cache, skip_current_image=True)["current_image"] is None
+    job._on_progress(ProgressEvent(2, 4, 0, 1, preview=blue))
+    assert _png(a1111.progress(queue, cache=cache)["current_image"]).getpixel((0, 0)) == (0, 0, 255)
