@@ -48,6 +48,8 @@ def taesd_need(engine: "Engine", *, width: int, height: int, batch: int) -> int:
     from leansd.engine.memory import module_bytes
 
     taesd = engine.taesd
+    if taesd is None:
+        return 0
     channels = max(taesd.config.decoder_block_out_channels)
     activations = TAESD_ACTIVATION_MAPS * channels * width * height * batch * 4  # fp32
     return module_bytes(taesd, dtype_bytes=4) + activations

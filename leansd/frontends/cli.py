@@ -11,10 +11,17 @@ import logging
 import os
 import sys
 from pathlib import Path
-from typing import NoReturn, Sequence
+from typing import TYPE_CHECKING, Callable, NoReturn, Sequence
 
-from leansd import __version__
-from leansd import request as defaults  # constants only: no torch, no PIL
+from leansd import (
+    __version__,
+    request as defaults,  # constants only: no torch, no PIL
+)
+from leansd.frontends import limits  # the server's defaults, standard library only
+from leansd.service.queue import DEFAULT_MAX_QUEUE  # standard library only
+
+if TYPE_CHECKING:
+    from leansd.request import GenerationRequest, ProgressEvent
 
 EXIT_USAGE = 2
 
@@ -90,16 +97,18 @@ def _add_serve_args(sub: "argparse._SubParsersAction", name: str = "serve") -> N
                            help="do not open the web UI in the browser")
     _add_model_args(serve)
     net = serve.add_argument_group("server")
-    net.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1, this machine only)")
-    net.add_argument("--port", type=_int, default=7860, help="port (default 7860)")
+    net.add_argument("--host", default=limits.DEFAULT_HOST,
+                     help=f"address to bind (default {limits.DEFAULT_HOST}, this machine only)")
+    net.add_argument("--port", type=_int, default=limits.DEFAULT_PORT, help=f"port (default {limits.DEFAULT_PORT})")
     net.add_argument("--listen", action="store_true",
                      help="bind 0.0.0.0 (all interfaces); refuses to start without --api-auth")
     net.add_argument("--api-auth", "--api_auth", dest="api_auth", metavar="USER:PASS",
                      help="require HTTP Basic credentials on every route (several: u1:p1,u2:p2)")
-    net.add_argument("--max-queue", "--max_queue", dest="max_queue", type=_int, default=32,
-                     help="jobs allowed to wait; beyond it requests get 503 with Retry-After (default 32)")
-    net.add_argument("--max-size", "--max_size", dest="max_size", type=_int, default=2048,
-                     help="largest width/height a request may ask for, hires pass included (default 2048)")
+    net.add_argument("--max-queue", "--max_queue", dest="max_queue", type=_int, default=DEFAULT_MAX_QUEUE,
+                     help=f"jobs allowed to wait; beyond it requests get 503 with Retry-After (default {DEFAULT_MAX_QUEUE})")
+    net.add_argument("--max-size", "--max_size", dest="max_size", type=_int, default=limits.DEFAULT_MAX_SIZE,
+                     help="largest width/height a request may ask for, hires pass included "
+                     f"(default {limits.DEFAULT_MAX_SIZE})")
     net.add_argument("--save-images", "--save_images", dest="save_images", action="store_true",
                      help="also save every generated image under --outdir")
     net.add_argument("--outdir", default="outputs", help="output folder for --save-images (default outputs)")
@@ -272,20 +281,22 @@ def _preview_fields(args: argparse.Namespace) -> dict:
 
 
 class _PreviewFiles:
-    """Progress callback of the CLI: writes each preview as DIR/preview-NNNNN-seed<S>-step<K>.png."""
+    """Writes each live preview as DIR/preview-NNNNN-seed<S>-step<K>.png (NNNNN counts on across runs)."""
 
     def __init__(self, folder: Path) -> None:
         self.folder = folder
         self.count = len(list(folder.glob("preview-*.png"))) if folder.is_dir() else 0
-        self.request = None
 
-    def __call__(self, event) -> None:  # ProgressEvent
+    def progress(self, request: "GenerationRequest") -> "Callable[[ProgressEvent], None]":
+        """The progress callback for one (validated) request."""
+        seeds = request.image_seeds()
+        return lambda event: self.write(event, seed=seeds[event.batch_index * request.batch_size])
+
+    def write(self, event: "ProgressEvent", *, seed: int) -> None:
         if event.preview is None:
             return
         from leansd.outputs.writer import save_image
 
-        request = self.request
-        seed = request.image_seeds()[event.batch_index * request.batch_size]
         self.folder.mkdir(parents=True, exist_ok=True)
         save_image(event.preview, self.folder / f"preview-{self.count:05d}-seed{seed}-step{event.step:04d}.png",
                    infotext=None)
@@ -335,6 +346,14 @@ def main(argv: Sequence[str] | None = None) -> int:
                 file=sys.stderr,
             )
             return 1
+        from leansd.engine.device import is_missing_kernel, translate_cuda_error
+
+        if is_missing_kernel(exc):  # outside Engine.generate (loading, placing): the same advice
+            import torch
+
+            advice = translate_cuda_error(exc, torch.device("cuda", torch.cuda.current_device()))
+            print(f"leansd: error: {one_line(advice)}", file=sys.stderr)
+            return EXIT_USAGE
         raise
     return EXIT_USAGE
 
@@ -464,9 +483,8 @@ def run_generate(args: argparse.Namespace) -> int:
     # 3. Generate and save, prompt by prompt.
     show_bar = sys.stderr.isatty()
     for request in requests:
-        if preview_files is not None:
-            preview_files.request = request
-        result = engine.generate(request, progress=preview_files, progress_bar=show_bar)
+        progress = None if preview_files is None else preview_files.progress(request)
+        result = engine.generate(request, progress=progress, progress_bar=show_bar)
         chunks = result.info.get("prompt_chunks", 1)
         print(
             f"prompt: {request.prompt!r} ({result.info.get('prompt_syntax', 'plain')} syntax, "
@@ -474,7 +492,7 @@ def run_generate(args: argparse.Namespace) -> int:
             file=sys.stderr,
         )
         if writer is not None and not args.skip_save:
-            for image, seed, info in zip(result.images, result.seeds, result.infotexts):
+            for image, seed, info in zip(result.images, result.seeds, result.infotexts, strict=True):
                 path = writer.save(image, seed=seed, infotext=info)
                 print(path)
         if writer is not None and not args.skip_grid and len(result.images) > 1:
@@ -550,7 +568,7 @@ def _open_browser(url: str, timeout: float = 120.0) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         try:
-            with socket.create_connection((host, parts.port), timeout=1):
+            with socket.create_connection((host, parts.port or 80), timeout=1):
                 break
         except OSError:
             time.sleep(0.2)

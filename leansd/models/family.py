@@ -10,10 +10,10 @@ from __future__ import annotations
 
 import enum
 import json
-from dataclasses import dataclass
 import os
 import re
 from collections.abc import Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 

@@ -8,12 +8,11 @@ from typing import TYPE_CHECKING, Callable
 from leansd.pipelines.steps import encode_conditioning, fit_init_image, img2img_latents, loop_length, run_batches
 
 if TYPE_CHECKING:
-    from leansd.sampling.loop import StepState
     import torch
 
     from leansd.engine.engine import Engine
-    from leansd.pipelines.steps import PromptConditioning
     from leansd.request import GenerationRequest, GenerationResult, ProgressEvent
+    from leansd.sampling.loop import StepState
 
 
 def img2img(

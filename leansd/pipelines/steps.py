@@ -9,7 +9,6 @@ import leansd
 from leansd.errors import InvalidRequestError
 
 if TYPE_CHECKING:
-    from leansd.sampling.loop import StepState
     import numpy as np
     import torch
     from diffusers import SchedulerMixin
@@ -18,6 +17,7 @@ if TYPE_CHECKING:
     from leansd.engine.engine import Engine
     from leansd.prompts.conditioning import ConditioningPlan
     from leansd.request import GenerationRequest, GenerationResult, ProgressEvent
+    from leansd.sampling.loop import StepState
 
 logger = logging.getLogger(__name__)
 
@@ -36,6 +36,8 @@ def fit_init_image(engine: "Engine", request: "GenerationRequest") -> tuple["Ima
     """The init image fitted to the output size (the request's, else its own rounded down to 8)."""
     from leansd.inputs.images import resize_image, target_size
 
+    if request.init_image is None:
+        raise InvalidRequestError(f"{request.task} needs an init image")
     width, height = target_size(request.init_image.size, width=request.width, height=request.height)
     factor = engine.bundle.vae_scale_factor
     if width % factor or height % factor:
@@ -378,7 +380,7 @@ def run_batches(
                 bar.update(1)
                 if progress is not None:  # may raise SkipBatch / StopGeneration
                     preview = previewer(state) if previewer is not None and previewer.due(state.step) else None
-                    progress(ProgressEvent(step=state.step, total_steps=state.total, batch_index=b,
+                    progress(ProgressEvent(step=state.step, total_steps=state.total, batch_index=b,  # noqa: B023 - called within this batch
                                            n_batches=request.n_iter, preview=preview))
 
             t0 = time.perf_counter()
