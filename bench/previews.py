@@ -2,6 +2,7 @@
 
     python bench/previews.py                 # CPU: SD 1.5 architecture (random weights), 512x512
     python bench/previews.py --size 256 --repeats 2
+    python bench/previews.py --device cuda --precision fp16 --steps 10
 
 Part 1 runs the real loop (SD 1.5 UNet, CFG batch 2, Euler) and after each step times one preview of
 each kind from that step's state (x0 estimate + decode + 8-bit image, and separately the PNG
@@ -46,10 +47,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--size", type=int, default=512)
     parser.add_argument("--steps", type=int, default=2, help="loop steps timed (one more runs first, not counted)")
     parser.add_argument("--repeats", type=int, default=3, help="timed runs of each final decoder")
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--precision", default="full", help="full, fp16, bf16, autocast (leansd's precisions)")
     args = parser.parse_args(argv)
 
-    engine = Engine(sd15_bundle(build_sd15_components()), device="cpu", precision="full", prompt_cache=False,
-                    taesd=build_taesd())
+    engine = Engine(sd15_bundle(build_sd15_components()), device=args.device, precision=args.precision,
+                    prompt_cache=False, taesd=build_taesd())
     side = args.size
 
     # Part 1: the real loop (SD 1.5 UNet, CFG batch 2, Euler); after each step, one preview of each
@@ -74,6 +77,7 @@ def main(argv: list[str] | None = None) -> int:
     last = [time.perf_counter()]
 
     def on_step(state: StepState) -> None:
+        engine.synchronize()  # why: CUDA runs asynchronously; the step's kernels must be done
         step_s.append(time.perf_counter() - last[0])
         if state.step > 1:  # the first step warms up (allocator, kernels): not counted
             for m in methods:
@@ -84,6 +88,7 @@ def main(argv: list[str] | None = None) -> int:
                 preview_s[m].append(t1 - t0)
                 png_s[m].append(time.perf_counter() - t1)
                 sizes[m] = image.size
+        engine.synchronize()  # why: no preview work may spill into the next step's time
         last[0] = time.perf_counter()
 
     latents = run_denoise(engine, request, scheduler=scheduler, latents=start, generators=generators, text=text,
@@ -107,13 +112,14 @@ def main(argv: list[str] | None = None) -> int:
             decode[name].append(time.perf_counter() - t0)
     full, tiny = statistics.median(decode["full"]), statistics.median(decode["taesd"])
 
-    print(f"## Live preview overhead: SD 1.5 architecture (random weights), {side}x{side}, CPU fp32, CFG batch 2\n")
+    where = f"{engine.device.type} {engine.precision.name}"
+    print(f"## Live preview overhead: SD 1.5 architecture (random weights), {side}x{side}, {where}, CFG batch 2\n")
     print(machine_lines())
     print(f"- loop steps timed: {len(step_s) - 1} (medians; previews timed after each)\n")
     print(markdown_table(
         ["preview", "image", "preview s", "PNG encode s", "loop step s",
          f"overhead per step, every {DEFAULT_PREVIEW_EVERY} (default)", "overhead, every step"], rows))
-    print(f"\n## Final decode: SD VAE vs TAESD, {side}x{side}, CPU fp32, batch 1\n")
+    print(f"\n## Final decode: SD VAE vs TAESD, {side}x{side}, {where}, batch 1\n")
     print(markdown_table(
         ["decoder", "runs (s)", "median s", "vs full VAE"],
         [["full VAE (AutoencoderKL)", ", ".join(f"{s:.2f}" for s in decode["full"]), f"{full:.2f}", "1.00"],
