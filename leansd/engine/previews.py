@@ -7,9 +7,10 @@ Three preview decoders, cheapest first (AUTOMATIC1111's `show_progress_type`):
 - "full": the model's own VAE, full size.
 TAESD runs on the compute device only when its weights and an activation estimate fit in what the
 memory budget leaves beside the running stage (the engine's meter counts them while it runs);
-otherwise on the CPU. "full" previews reuse the VAE where it sits and only when that costs no
-placement: on the CPU, or on a device without a budget; under a budget they fall back to TAESD
-(when loaded) or the cheap map, with one warning.
+otherwise on the CPU. "full" previews use the VAE where the memory plan puts it: on the CPU, on a
+device without a budget, or where the plan keeps the whole-image VAE resident (placed early if need
+be) and its activation estimate fits beside the running stage (counted while it runs); otherwise
+that preview falls back to TAESD (when loaded) or the cheap map, with one warning per request.
 """
 
 from __future__ import annotations
@@ -98,21 +99,43 @@ def taesd_decode(engine: "Engine", latents: "torch.Tensor") -> "torch.Tensor":
             engine.memory.release("taesd")
 
 
-def full_preview_possible(engine: "Engine") -> bool:
-    """The full VAE can decode a preview without moving anything: on the CPU, or with no device budget."""
-    return (engine.device.type == "cpu" and not engine.virtual_device) or engine.budget is None
+def full_preview_bytes(engine: "Engine") -> int | None:
+    """Device bytes to account for a whole-image preview decode with the VAE, or None when the memory
+    plan does not allow one now (it keeps the VAE off the device during sampling, tiles it, or has no
+    room for its activations beside the running stage). A VAE the plan keeps resident but has not
+    placed yet is placed here."""
+    if (engine.device.type == "cpu" and not engine.virtual_device) or engine.budget is None:
+        return 0
+    plan = engine.plan
+    if plan is None or not plan.resident("vae") or plan.vae_tile is not None:
+        return None
+    need = plan.activations.get("vae", 0)  # the plan's whole-image VAE estimate at this size and batch
+    placed = "vae" in engine._on_device
+    if engine.memory.current + need + (0 if placed else engine.sizes.vae) > engine.budget:
+        return None
+    if not placed:  # the plan keeps the VAE on the device from now on anyway: place it now
+        engine._bring("vae", plan)
+    return need
 
 
-def full_decode_in_place(engine: "Engine", latents: "torch.Tensor") -> "torch.Tensor":
-    """The model's VAE where it sits, whole image: (B, 4, h, w) -> (B, 3, H, W) in [-1, 1], CPU float32."""
+def full_decode_in_place(engine: "Engine", latents: "torch.Tensor", *, accounted: int = 0) -> "torch.Tensor":
+    """The model's VAE where it sits, whole image: (B, 4, h, w) -> (B, 3, H, W) in [-1, 1], CPU float32.
+
+    `accounted`: activation bytes the engine's meter counts while it runs (see full_preview_bytes)."""
     import torch
 
     vae = engine.bundle.vae
     weight = next(vae.parameters())
-    with torch.inference_mode(), torch.autocast(weight.device.type, enabled=False):
-        z = latents.detach().to(device=weight.device, dtype=weight.dtype) / vae.config.scaling_factor
-        image = vae.decode(z, return_dict=False)[0]
-    return image.float().cpu()
+    if accounted:
+        engine.memory.place("preview-vae", accounted)
+    try:
+        with torch.inference_mode(), torch.autocast(weight.device.type, enabled=False):
+            z = latents.detach().to(device=weight.device, dtype=weight.dtype) / vae.config.scaling_factor
+            image = vae.decode(z, return_dict=False)[0]
+        return image.float().cpu()
+    finally:
+        if accounted:
+            engine.memory.release("preview-vae")
 
 
 def side_by_side(rgb: "torch.Tensor") -> "Image.Image":
@@ -132,21 +155,24 @@ class Previewer:
         self.every = request.preview_every
         self.content = request.preview_content
         self.method = request.preview_method
-        if self.method == "full" and not full_preview_possible(engine):
-            fallback = "taesd" if engine.taesd is not None else "approx-cheap"
-            logger.warning("full previews need the VAE resident (no --vram budget); showing %s previews instead",
-                           fallback)
-            self.method = fallback
         self.latent_preview = engine.bundle.family.latent_preview
+        self._warned = False
 
     def due(self, step: int) -> bool:
         return self.every > 0 and step % self.every == 0
 
     def __call__(self, state: "StepState") -> "Image.Image":
         x0 = state.denoised_of(self.content)  # (B, 4, h, w)
-        if self.method == "approx-cheap":
-            rgb = cheap_rgb(x0, self.latent_preview)
-        else:
-            image = taesd_decode(self.engine, x0) if self.method == "taesd" else full_decode_in_place(self.engine, x0)
-            rgb = (image / 2 + 0.5).clamp(0, 1)
-        return side_by_side(rgb)
+        method = self.method
+        if method == "full":
+            accounted = full_preview_bytes(self.engine)
+            if accounted is not None:
+                return side_by_side((full_decode_in_place(self.engine, x0, accounted=accounted) / 2 + 0.5).clamp(0, 1))
+            method = "taesd" if self.engine.taesd is not None else "approx-cheap"
+            if not self._warned:
+                logger.warning("a full-VAE preview does not fit the memory plan now; showing %s previews instead",
+                               method)
+                self._warned = True
+        if method == "approx-cheap":
+            return side_by_side(cheap_rgb(x0, self.latent_preview))
+        return side_by_side((taesd_decode(self.engine, x0) / 2 + 0.5).clamp(0, 1))

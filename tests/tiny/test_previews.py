@@ -230,3 +230,32 @@ def test_taesd_previews_stay_within_a_virtual_budget():
     budget = unet_stage + need // 2
     tight, seen = run(budget)
     assert seen and not any(on for on, _ in seen) and tight.memory.peak <= budget
+
+
+def test_full_previews_within_a_virtual_budget():
+    """Full-VAE previews run in place only where the plan keeps the VAE resident and its activations fit."""
+    from leansd.engine.engine import Engine
+    from leansd.engine.previews import full_preview_bytes
+
+    def run(vram):
+        engine = Engine(tiny_bundle(), device="cpu", precision="full", prompt_cache=False, vram=vram,
+                        virtual_device=True)
+        seen = []
+
+        def progress(event):
+            seen.append((full_preview_bytes(engine), event.preview.size))
+
+        result = engine.generate(GenerationRequest(prompt="x", sampler="Euler", seed=1, num_inference_steps=2,
+                                                   preview_every=1, preview_method="full"),
+                                 progress=progress, progress_bar=False)
+        return engine, seen, result
+
+    roomy, seen, result = run(4 << 30)
+    assert all(need == roomy.plan.activations["vae"] > 0 and size == (64, 64) for need, size in seen)
+    assert roomy.memory.peak <= roomy.budget
+    # at the smallest budget the plan keeps only the running stage's model on the device: the VAE is
+    # not there during sampling, so the preview falls back to Approx cheap (1/8 size) instead
+    tight, seen, _ = run(roomy.plan.minimum * 5 // 4)  # the minimum plus the planner's safety margin
+    assert not tight.plan.resident("vae")
+    assert seen and all(need is None and size == (8, 8) for need, size in seen)
+    assert tight.memory.peak <= tight.budget
