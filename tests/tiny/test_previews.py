@@ -259,3 +259,12 @@ def test_full_previews_within_a_virtual_budget():
     assert not tight.plan.resident("vae")
     assert seen and all(need is None and size == (8, 8) for need, size in seen)
     assert tight.memory.peak <= tight.budget
+
+
+def test_taesd_hub_id_offline_is_one_clear_line():
+    from leansd.errors import OfflineError
+    from leansd.models.taesd import load_taesd
+
+    with pytest.raises(OfflineError, match=r"--taesd leansd-test/no-such-taesd: the hub cannot be reached and it is "
+                                           r"not in the local Hugging Face cache"):
+        load_taesd("leansd-test/no-such-taesd")  # HF_HUB_OFFLINE=1 in the test suite
