@@ -150,6 +150,12 @@ def load_upload(path: "str | os.PathLike[str]", *, label: str, mask: bool = Fals
     from leansd.inputs.images import load_image, load_mask
 
     try:
+        size = os.path.getsize(path)
+    except OSError:
+        size = 0  # a missing file: load_image says so
+    if size > MAX_BODY_IMAGE_BYTES:  # the limit a base64 upload has, for the web UI's files too
+        raise InvalidRequestError(f"{label}: the image is larger than {MAX_BODY_IMAGE_BYTES // 2**20} MB")
+    try:
         return (load_mask if mask else load_image)(path, label=label)
     except InvalidRequestError as exc:
         raise InvalidRequestError(str(exc).replace(f"{label} {os.fspath(path)}", label)) from None
@@ -379,7 +385,7 @@ def img2img_request(
     if fields["width"] is None or fields["height"] is None:
         # Without a size the library keeps the init image's (rounded down to 8): it must fit the limits too.
         width, height = target_size(fields["init_image"].size, width=fields["width"], height=fields["height"])
-        _check_size(limits, width, height, why=" (the init image's size)")
+        _check_size(limits, width, height, why=" (the init image's size; give width and height to resize it)")
     if mask is not None:
         fields["mask"] = mask
     elif body.mask:

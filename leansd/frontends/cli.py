@@ -13,10 +13,8 @@ import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable, NoReturn, Sequence
 
-from leansd import (
-    __version__,
-    request as defaults,  # constants only: no torch, no PIL
-)
+# leansd.request: constants only (no torch, no PIL)
+from leansd import __version__, request as defaults
 from leansd.frontends import limits  # the server's defaults, standard library only
 from leansd.service.queue import DEFAULT_MAX_QUEUE  # standard library only
 

@@ -226,6 +226,11 @@ async def _http(request: Request, exc: Exception) -> JSONResponse:
     return error_response(exc.status, exc.name or type(exc).__name__, str(exc), headers=exc.headers)
 
 
+async def _failed(request: Request, exc: Exception) -> JSONResponse:
+    """Any other of leansd's errors raised by a job (a GPU without kernels, an unwritable output): 500, one line."""
+    return error_response(500, type(exc).__name__, str(exc))
+
+
 _EXCEPTION_HANDLERS: dict[type[Exception], Any] = {
     RequestValidationError: _validation,
     InvalidRequestError: _invalid,
@@ -233,6 +238,7 @@ _EXCEPTION_HANDLERS: dict[type[Exception], Any] = {
     QueueClosedError: _unavailable,
     JobCancelledError: _unavailable,
     HTTPError: _http,
+    LeansdError: _failed,  # handlers match the most specific class first: the ones above keep theirs
 }
 
 
@@ -272,7 +278,7 @@ async def _generate(http_request: Request, gen: "GenerationRequest", body: A1111
         await asyncio.to_thread(_save, server.outputs / f"{task}-images", result)
     if body.send_images is not False:
         images = await asyncio.to_thread(
-            lambda: [encode_png(im, info) for im, info in zip(result.images, result.infotexts)]
+            lambda: [encode_png(im, info) for im, info in zip(result.images, result.infotexts, strict=True)]
         )
     return a1111.response(body, gen, result, images=images, model_name=server.model_name,
                           model_hash=server.model_hash, job_timestamp=job_timestamp, interrupted=job.interrupted)

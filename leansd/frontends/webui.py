@@ -112,7 +112,7 @@ class _Runner:
                     if self._sessions.get(session) == job.id:
                         del self._sessions[session]
         paths = self.save(result, task=task)
-        gallery = [(str(path), info) for path, info in zip(paths, result.infotexts)]
+        gallery = [(str(path), info) for path, info in zip(paths, result.infotexts, strict=True)]
         seconds = result.timings.get("total")
         done = f"{len(paths)} image{'s' * (len(paths) != 1)}" + (f" in {seconds:.1f} s" if seconds else "")
         if job.interrupted:
@@ -207,7 +207,9 @@ def build_ui(
     """The web UI's Blocks over `queue` (its worker owns the engine); mount it with `mount_ui`.
 
     Live previews follow `options` (A1111's preview options; default: A1111's defaults)."""
-    gr = _gradio()
+    _gradio()
+    import gradio as gr  # the module itself: handlers' `gr.Request` annotations are read by gradio
+
     from leansd.frontends.a1111 import (
         DEFAULT_RESIZE_MODE,
         Img2ImgRequest,
@@ -285,9 +287,9 @@ def build_ui(
         return c
 
     def wire_common(c: dict[str, Any], r: dict[str, Any], event: Any) -> None:
-        c["random_seed"].click(lambda: -1, None, c["seed"], api_name=False, queue=False)
-        c["reuse_seed"].click(reuse_seed, r["infotext"], c["seed"], api_name=False, queue=False)
-        r["cancel"].click(cancel, None, r["progress"], api_name=False, queue=False)
+        c["random_seed"].click(lambda: -1, None, c["seed"], api_visibility="private", queue=False)
+        c["reuse_seed"].click(reuse_seed, r["infotext"], c["seed"], api_visibility="private", queue=False)
+        r["cancel"].click(cancel, None, r["progress"], api_visibility="private", queue=False)
 
     def reuse_seed(infotext: str) -> int:
         if not infotext:
@@ -462,7 +464,7 @@ def build_ui(
                 vram_box = gr.Textbox(label="VRAM budget", placeholder="e.g. 4G, 1500M, auto, none",
                                       elem_id="vram_budget", scale=3)
                 apply_vram = gr.Button("Apply", size="sm", elem_id="vram_apply", scale=1)
-            gr.Button("Refresh", size="sm").click(lambda: memory_text(queue), None, memory, api_name=False,
+            gr.Button("Refresh", size="sm").click(lambda: memory_text(queue), None, memory, api_visibility="private",
                                                   queue=False)
 
             def set_vram(text):
@@ -496,9 +498,9 @@ def build_ui(
                 updates += [gr.skip(), gr.skip()]
             return updates + [gr.Tabs(selected=tab)]
 
-        to_txt2img.click(lambda parsed: send_values(parsed, "txt2img"), n_json, send(t) + [tabs], api_name=False)
+        to_txt2img.click(lambda parsed: send_values(parsed, "txt2img"), n_json, send(t) + [tabs], api_visibility="private")
         to_img2img.click(lambda parsed, path: send_values(parsed, "img2img") + [path], [n_json, n_image],
-                         send(i) + [tabs, i_image], api_name=False)
+                         send(i) + [tabs, i_image], api_visibility="private")
     return ui
 
 

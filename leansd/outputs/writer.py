@@ -355,7 +355,7 @@ class ImageWriter:
     def save_all(self, images: Sequence[Image.Image], *, seeds: Sequence[int],
                  infotexts: Sequence[str | None]) -> list[Path]:
         """`save` for each image of a result, in order: image k with seeds[k] and infotexts[k]."""
-        return [self.save(image, seed=seed, infotext=info) for image, seed, info in zip(images, seeds, infotexts)]
+        return [self.save(image, seed=seed, infotext=info) for image, seed, info in zip(images, seeds, infotexts, strict=True)]
 
     def save_grid(self, image: Image.Image, *, infotext: str | None) -> Path:
         """Save as `grid-<NNNN>`, NNNN = grids already in the folder."""
