@@ -11,6 +11,7 @@ from leansd.engine.memory import MemoryMeter
 
 if TYPE_CHECKING:
     import torch
+    from diffusers import AutoencoderTiny
     from transformers import CLIPTextModel
 
     from leansd.engine.estimate import FlopCounter, JobEstimate, SpeedMeter
@@ -52,6 +53,7 @@ class Engine:
         vae_on_cpu: bool = False,
         virtual_device: bool = False,
         efficient_attention: bool | None = None,
+        taesd: "AutoencoderTiny | None" = None,
     ) -> None:
         """`prompt_cache`: True for the on-disk embedding cache in the user cache folder, False for
         none, or a `PromptCache` (e.g. another folder or size bound).
@@ -64,6 +66,9 @@ class Engine:
         `efficient_attention`: whether SDPA runs a kernel without a score matrix (None: detect; True
         on CUDA and the CPU). False makes the planner count scores and chunk attention, as on
         backends that only have the math path.
+        `taesd`: the tiny autoencoder (`leansd.models.taesd.load_taesd`) for TAESD previews and the
+        TAESD final decoder; it stays on the CPU and visits the device per decode (see
+        `leansd.engine.previews`).
         """
         import torch
 
@@ -81,6 +86,7 @@ class Engine:
         self.vae_on_cpu = vae_on_cpu
         self.virtual_device = virtual_device
         self.efficient_attention = efficient_attention
+        self.taesd = taesd
         self.budget: int | None = resolve_budget(vram, self.device, virtual=virtual_device)
         self._vram_auto = self._is_auto(vram)
         self.memory = MemoryMeter(self.budget)
@@ -134,19 +140,30 @@ class Engine:
         device: str | None = "auto",
         precision: str = "auto",
         prompt_cache: bool = True,
+        taesd: str | None = None,
         **memory: Any,
     ) -> "Engine":
         """Load a .safetensors/.ckpt file, a diffusers folder, a hub id, or "tiny" (random test model).
 
-        `memory`: vram, memory_policy, turbo, vae_on_cpu, virtual_device (see `Engine`).
+        `taesd`: a diffusers AutoencoderTiny folder or hub id (madebyollin/taesd for SD 1.x/2.x) for
+        TAESD previews and `vae_decoder="taesd"`. `memory`: vram, memory_policy, turbo, vae_on_cpu,
+        virtual_device (see `Engine`).
         """
         from leansd.models.loader import load_model
+        from leansd.models.taesd import load_taesd
 
         # Validate device/precision/budget before the (slow) load so a typo fails at once.
         resolved = resolve_device(device)
         resolve_precision(precision, resolved)
         resolve_budget(memory.get("vram", "auto"), resolved, virtual=memory.get("virtual_device", False), probe=False)
-        return cls(load_model(model), device=device, precision=precision, prompt_cache=prompt_cache, **memory)
+        tiny = None if taesd is None else load_taesd(taesd)  # small: a bad path fails before the model loads
+        bundle = load_model(model)
+        if tiny is not None and int(tiny.config.latent_channels) != bundle.latent_channels:
+            from leansd.errors import ModelLoadError
+
+            raise ModelLoadError(f"--taesd {taesd}: it decodes {tiny.config.latent_channels}-channel latents "
+                                 f"but {bundle.name} makes {bundle.latent_channels}")
+        return cls(bundle, device=device, precision=precision, prompt_cache=prompt_cache, taesd=tiny, **memory)
 
     def set_budget(self, vram: "str | int | None") -> int | None:
         """Change the device budget ("4G", "1500M", "auto", "none"); the next stage plans with it.

@@ -491,7 +491,67 @@ def initial_options(*, model_name: str, model_hash: str | None, outdir: "Path | 
         "samples_format": "png",
         "outdir_samples": str(outdir or ""),
         "save_images": outdir is not None,
+        **preview_options(),
     }
+
+
+# ---------------------------------------------------------------------------------------------
+# Live previews: A1111's options <-> the request's preview fields.
+
+PREVIEW_TYPES = {"Approx cheap": "approx-cheap", "TAESD": "taesd", "Full": "full"}
+"""`show_progress_type` labels -> `GenerationRequest.preview_method` (A1111's "Approx NN" is not offered)."""
+PREVIEW_CONTENTS = {"Combined": "combined", "Prompt": "prompt", "Negative prompt": "negative-prompt"}
+"""`live_preview_content` labels -> `GenerationRequest.preview_content`."""
+PREVIEW_OPTIONS = ("live_previews_enable", "show_progress_every_n_steps", "live_preview_content", "show_progress_type")
+
+
+def preview_options() -> dict[str, Any]:
+    """The preview options of a fresh server: on, every DEFAULT_PREVIEW_EVERY steps, the library's method/content."""
+    from leansd.request import DEFAULT_PREVIEW_CONTENT, DEFAULT_PREVIEW_EVERY, DEFAULT_PREVIEW_METHOD
+
+    return {
+        "live_previews_enable": True,
+        "show_progress_every_n_steps": DEFAULT_PREVIEW_EVERY,
+        "live_preview_content": _label(PREVIEW_CONTENTS, DEFAULT_PREVIEW_CONTENT),
+        "show_progress_type": _label(PREVIEW_TYPES, DEFAULT_PREVIEW_METHOD),
+    }
+
+
+def _label(labels: dict[str, str], value: str) -> str:
+    return next(label for label, ours in labels.items() if ours == value)
+
+
+def _lookup(name: str, value: object, labels: dict[str, str]) -> str:
+    for label, ours in labels.items():
+        if isinstance(value, str) and value.strip().lower() in (label.lower(), ours):
+            return ours
+    raise InvalidRequestError(f"{name} {value!r} is not available; valid: {', '.join(labels)}")
+
+
+def preview_fields(options: dict[str, Any], overrides: dict[str, Any] | None = None, *,
+                   taesd: bool) -> dict[str, Any]:
+    """`GenerationRequest` preview fields from the server's options (and a request's override_settings).
+
+    `show_progress_every_n_steps` <= 0 (A1111's -1: "only at the end") or `live_previews_enable`
+    false turn previews off. `taesd`: whether the engine has TAESD weights.
+    """
+    from leansd.request import MAX_STEPS
+
+    values = {**preview_options(), **{k: options[k] for k in PREVIEW_OPTIONS if k in options},
+              **{k: v for k, v in (overrides or {}).items() if k in PREVIEW_OPTIONS}}
+    enable, every = values["live_previews_enable"], values["show_progress_every_n_steps"]
+    if not isinstance(enable, bool):
+        raise InvalidRequestError(f"live_previews_enable must be true or false, got {enable!r}")
+    if isinstance(every, bool) or not isinstance(every, int) or not -1 <= every <= MAX_STEPS:
+        raise InvalidRequestError(
+            f"show_progress_every_n_steps must be an integer from -1 (previews off) to {MAX_STEPS}, got {every!r}"
+        )
+    method = _lookup("show_progress_type", values["show_progress_type"], PREVIEW_TYPES)
+    content = _lookup("live_preview_content", values["live_preview_content"], PREVIEW_CONTENTS)
+    on = enable and every > 0
+    if on and method == "taesd" and not taesd:
+        raise InvalidRequestError("show_progress_type TAESD needs TAESD weights: start the server with --taesd PATH|ID")
+    return {"preview_every": every if on else 0, "preview_method": method, "preview_content": content}
 
 
 READ_ONLY_OPTIONS = ("sd_model_checkpoint", "sd_checkpoint_hash", "outdir_samples", "save_images")
@@ -499,18 +559,21 @@ SETTABLE_OPTIONS = (
     "sd_vae", "samples_format", "jpeg_quality", "CLIP_stop_at_last_layers", "eta_ddim", "eta_ancestral",
     "live_previews_enable", "show_progress_every_n_steps", "samples_save", "grid_save", "return_grid",
     "enable_pnginfo", "add_model_hash_to_info", "add_model_name_to_info", "img2img_fix_steps",
-    "do_not_show_images", "sd_vae_as_default",
+    "do_not_show_images", "sd_vae_as_default", "live_preview_content", "show_progress_type",
 )
 """A1111 options a client may set; they are kept and returned by GET /options. Other keys are ignored
 (never stored, so a client cannot grow the server's memory), as are the read-only ones."""
 MAX_OPTION_TEXT = 1000
 
 
-def update_options(options: dict[str, Any], body: object, *, model_name: str) -> list[str]:
+def update_options(options: dict[str, Any], body: object, *, model_name: str, taesd: bool = False) -> list[str]:
     """`POST /options`: keep the known settable options; the model, its hash and the output folder stay
-    as served. Returns the keys that were ignored (unknown to this server)."""
+    as served. Returns the keys that were ignored (unknown to this server).
+
+    The live preview options are checked first (`preview_fields`): a bad value changes nothing."""
     if not isinstance(body, dict):
         raise InvalidRequestError("the options body must be a JSON object")
+    preview_fields({**options, **body}, taesd=taesd)
     checkpoint = body.get("sd_model_checkpoint")
     if checkpoint is not None and not same_model(str(checkpoint), model_name):
         raise InvalidRequestError(
@@ -568,8 +631,11 @@ def latent_upscale_modes() -> list[dict[str, Any]]:
     return [{"name": name} for name in LATENT_UPSCALERS]
 
 
-def progress(queue: "JobQueue", *, skip_current_image: bool = False) -> dict[str, Any]:
-    """`GET /progress`: the running job's step, fraction and ETA, and the queue behind it."""
+def progress(queue: "JobQueue", *, skip_current_image: bool = False,
+             cache: dict[str, Any] | None = None) -> dict[str, Any]:
+    """`GET /progress`: the running job's step, fraction and ETA, the queue behind it, and (unless
+    `skip_current_image`) its latest live preview as base64 PNG in `current_image`. `cache` (a dict
+    the caller keeps) holds the last encoding, so clients polling often do not re-encode a preview."""
     job = queue.current
     waiting = queue.waiting()
     p = None if job is None else job.progress
@@ -586,11 +652,21 @@ def progress(queue: "JobQueue", *, skip_current_image: bool = False) -> dict[str
         "job_id": None if job is None else job.id,
         "queue": [j.id for j in waiting],
     }
+    preview = None if job is None or skip_current_image else job.preview
+    current_image = None
+    if job is not None and preview is not None:
+        key = (job.id, job.preview_id)
+        if cache is not None and cache.get("key") == key:
+            current_image = cache["png"]
+        else:
+            current_image = encode_png(preview, None)
+            if cache is not None:
+                cache.update(key=key, png=current_image)
     return {
         "progress": 0.0 if p is None else p.fraction,
         "eta_relative": 0.0 if p is None or p.eta_seconds is None else p.eta_seconds,
         "state": state,
-        "current_image": None,
+        "current_image": current_image,
         "textinfo": None if p is None else f"step {p.step}/{p.total_steps}, batch {p.batch_index + 1}/{p.n_batches}",
     }
 

@@ -12,12 +12,15 @@ import logging
 import os
 import sys
 from pathlib import Path
-from typing import Iterator, NoReturn, Sequence
+from typing import TYPE_CHECKING, Callable, Iterator, NoReturn, Sequence
 
 # leansd.request: constants only (no torch, no PIL)
 from leansd import __version__, request as defaults
 from leansd.frontends import limits  # the server's defaults, standard library only
 from leansd.service.queue import DEFAULT_MAX_QUEUE  # standard library only
+
+if TYPE_CHECKING:
+    from leansd.request import GenerationRequest, ProgressEvent
 
 EXIT_USAGE = 2
 EXIT_TERMINATED = 143  # 128 + SIGTERM, as a shell reports a process the signal ended
@@ -75,6 +78,7 @@ def build_parser() -> argparse.ArgumentParser:
         _add_sampling_args(command)
         if task == "txt2img":
             _add_hires_args(command)
+        _add_preview_args(command)
         _add_output_args(command, outdir)
     _add_serve_args(sub)
     _add_serve_args(sub, name="ui")
@@ -155,6 +159,9 @@ def _add_model_args(command: argparse.ArgumentParser) -> None:
                         help="prefer speed within the budget: plan against all of it (no 10%% safety margin)")
     memory.add_argument("--vae-on-cpu", "--vae_on_cpu", dest="vae_on_cpu", action="store_true",
                         help="decode/encode with the VAE on the CPU in fp32 (slow; frees its GPU memory)")
+    model.add_argument("--taesd", metavar="PATH|ID",
+                       help="TAESD weights (a diffusers AutoencoderTiny folder, or a hub id such as madebyollin/taesd "
+                       "for SD 1.x/2.x, needs network) for TAESD previews and --vae-decoder taesd")
 
 
 def _vram(text: str) -> str:
@@ -256,6 +263,59 @@ def _add_hires_args(command: argparse.ArgumentParser) -> None:
 def _choices(options: Sequence[str], default: str) -> str:
     """`a (default), b, c`: the options for a help text, the default marked."""
     return ", ".join(f"{o} (default)" if o == default else o for o in options)
+
+
+def _add_preview_args(command: argparse.ArgumentParser) -> None:
+    preview = command.add_argument_group("live previews and decoder")
+    preview.add_argument("--preview-dir", "--preview_dir", dest="preview_dir", metavar="DIR",
+                         help="write live preview PNGs of the sampling to DIR (off by default)")
+    preview.add_argument("--preview-every", "--preview_every", dest="preview_every", type=_int, metavar="N",
+                         help=f"a preview every N sampling steps (default {defaults.DEFAULT_PREVIEW_EVERY}; "
+                         "needs --preview-dir)")
+    preview.add_argument("--preview-method", "--preview_method", dest="preview_method",
+                         default=defaults.DEFAULT_PREVIEW_METHOD,
+                         help=f"{_choices(defaults.PREVIEW_METHODS, defaults.DEFAULT_PREVIEW_METHOD)}: approx-cheap is a "
+                         "linear latent->RGB map at 1/8 size (no weights), taesd needs --taesd, full uses the model's VAE")
+    preview.add_argument("--vae-decoder", "--vae_decoder", dest="vae_decoder", default=defaults.DEFAULT_VAE_DECODER,
+                         help=f"final decoder: {_choices(defaults.VAE_DECODERS, defaults.DEFAULT_VAE_DECODER)}; taesd "
+                         "needs --taesd, is far faster on a CPU and changes the picture slightly (the infotext says so)")
+
+
+def _preview_fields(args: argparse.Namespace) -> dict:
+    from leansd.errors import InvalidRequestError
+
+    fields: dict = {"preview_method": args.preview_method, "vae_decoder": args.vae_decoder}
+    if args.preview_dir is None:
+        if args.preview_every is not None:
+            raise InvalidRequestError("--preview-every needs --preview-dir DIR (where the previews go)")
+        return fields
+    every = defaults.DEFAULT_PREVIEW_EVERY if args.preview_every is None else args.preview_every
+    if every < 1:
+        raise InvalidRequestError(f"--preview-every must be at least 1 step, got {every}")
+    return {**fields, "preview_every": every}
+
+
+class _PreviewFiles:
+    """Writes each live preview as DIR/preview-NNNNN-seed<S>-step<K>.png (NNNNN counts on across runs)."""
+
+    def __init__(self, folder: Path) -> None:
+        self.folder = folder
+        self.count = len(list(folder.glob("preview-*.png"))) if folder.is_dir() else 0
+
+    def progress(self, request: "GenerationRequest") -> "Callable[[ProgressEvent], None]":
+        """The progress callback for one (validated) request."""
+        seeds = request.image_seeds()
+        return lambda event: self.write(event, seed=seeds[event.batch_index * request.batch_size])
+
+    def write(self, event: "ProgressEvent", *, seed: int) -> None:
+        if event.preview is None:
+            return
+        from leansd.outputs.writer import save_image
+
+        self.folder.mkdir(parents=True, exist_ok=True)
+        save_image(event.preview, self.folder / f"preview-{self.count:05d}-seed{seed}-step{event.step:04d}.png",
+                   infotext=None)
+        self.count += 1
 
 
 def _add_output_args(command: argparse.ArgumentParser, outdir: str) -> None:
@@ -406,6 +466,15 @@ def run_generate(args: argparse.Namespace) -> int:
         raise InvalidRequestError("no model given: pass --model PATH|owner/name|tiny (or set LEANSD_MODEL)")
     prompts = _read_prompts(args)
     images = _read_images(args)
+    previews = _preview_fields(args)
+    if (previews["vae_decoder"] == "taesd" or (previews.get("preview_every") and previews["preview_method"] == "taesd")) \
+            and not args.taesd:
+        raise InvalidRequestError("TAESD previews and --vae-decoder taesd need --taesd PATH|ID")
+    preview_files = None
+    if args.preview_dir is not None:
+        from leansd.outputs.writer import preflight_outdir
+
+        preview_files = _PreviewFiles(preflight_outdir(Path(args.preview_dir)))
     per_prompt = args.n_samples if args.fixed_code else args.n_samples * args.n_iter
     seed = args.seed
     random_seed_chosen = seed is None or seed == -1
@@ -436,6 +505,7 @@ def run_generate(args: argparse.Namespace) -> int:
                 prompt_syntax=args.prompt_syntax,
                 **images,
                 **_hires_fields(args),
+                **previews,
             ).validated()
         )
     writer = None
@@ -449,14 +519,15 @@ def run_generate(args: argparse.Namespace) -> int:
     from leansd.engine.engine import Engine
 
     engine = Engine.load(args.model, device=args.device, precision=args.precision, prompt_cache=args.prompt_cache,
-                         **_memory_options(args))
+                         taesd=args.taesd, **_memory_options(args))
     if random_seed_chosen:
         print(f"leansd: seed {seed} (random)", file=sys.stderr)
 
     # 3. Generate and save, prompt by prompt.
     show_bar = sys.stderr.isatty()
     for request in requests:
-        result = engine.generate(request, progress_bar=show_bar)
+        progress = None if preview_files is None else preview_files.progress(request)
+        result = engine.generate(request, progress=progress, progress_bar=show_bar)
         chunks = result.info.get("prompt_chunks", 1)
         print(
             f"prompt: {request.prompt!r} ({result.info.get('prompt_syntax', 'plain')} syntax, "
@@ -512,7 +583,7 @@ def run_serve(args: argparse.Namespace) -> int:
     from leansd.engine.engine import Engine
 
     engine = Engine.load(args.model, device=args.device, precision=args.precision, prompt_cache=args.prompt_cache,
-                         **_memory_options(args))
+                         taesd=args.taesd, **_memory_options(args))
     return serve(
         engine, host=host, port=args.port, auth=credentials, max_queue=args.max_queue, max_size=args.max_size,
         save_dir=Path(args.outdir) if args.save_images else None, log_level="info" if args.verbose else "warning",

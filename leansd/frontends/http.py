@@ -106,6 +106,17 @@ class _Server:
     options: dict[str, Any] = field(default_factory=dict)
     owns_queue: bool = False
     shutdown_timeout: float = DEFAULT_SHUTDOWN_SECONDS
+    taesd: bool = False
+    """Whether the engine has TAESD weights (TAESD previews)."""
+    preview_png: dict[str, Any] = field(default_factory=dict)
+    """The running job's latest preview as base64 PNG, kept for `/progress` (see a1111.progress)."""
+
+    def with_previews(self, gen: "GenerationRequest", body: A1111Request) -> "GenerationRequest":
+        """The request with the live preview fields the options (and its override_settings) ask for."""
+        import dataclasses
+
+        fields = a1111.preview_fields(self.options, body.override_settings, taesd=self.taesd)
+        return dataclasses.replace(gen, **fields)
 
     @classmethod
     def over(cls, queue: JobQueue, *, limits: Limits, outputs: Path | None, owns_queue: bool,
@@ -119,6 +130,7 @@ class _Server:
             model_source=str(getattr(bundle, "source", name)), native_size=a1111.native_size(queue.engine),
             options=a1111.initial_options(model_name=name, model_hash=model_hash, outdir=outputs),
             owns_queue=owns_queue, shutdown_timeout=shutdown_timeout,
+            taesd=getattr(queue.engine, "taesd", None) is not None,
         )
 
 
@@ -199,7 +211,7 @@ def create_app(
         from leansd.frontends.webui import mount_ui
 
         mount_ui(app, queue, limits=server.limits, model_name=server.model_name, save_dir=server.outputs,
-                 max_file_size=max_body)
+                 max_file_size=max_body, options=server.options)
     return app
 
 
@@ -308,6 +320,7 @@ async def _generate(http_request: Request, gen: "GenerationRequest", body: A1111
 async def txt2img(body: Txt2ImgRequest, request: Request) -> dict:
     server = _server(request)
     gen = txt2img_request(body, model_name=server.model_name, limits=server.limits, native_size=server.native_size)
+    gen = server.with_previews(gen, body)
     return await _generate(request, gen, body, "txt2img")
 
 
@@ -316,12 +329,15 @@ async def img2img(body: Img2ImgRequest, request: Request) -> dict:
     server = _server(request)
     # Decoding the uploads (CPU work) happens off the event loop.
     gen = await asyncio.to_thread(img2img_request, body, model_name=server.model_name, limits=server.limits)
-    return await _generate(request, gen, body, "img2img")
+    return await _generate(request, server.with_previews(gen, body), body, "img2img")
 
 
 @_route("GET", f"{API}/progress")
 async def progress(request: Request, skip_current_image: bool = False) -> dict:
-    return a1111.progress(_server(request).queue, skip_current_image=skip_current_image)
+    # PNG-encoding a full-size preview is CPU work: off the event loop.
+    server = _server(request)
+    return await asyncio.to_thread(a1111.progress, server.queue, skip_current_image=skip_current_image,
+                                   cache=server.preview_png)
 
 
 @_route("POST", f"{API}/interrupt")
@@ -348,7 +364,7 @@ async def set_options(request: Request) -> None:
         body = await request.json()
     except ValueError:
         raise InvalidRequestError("the options body must be a JSON object") from None
-    a1111.update_options(server.options, body, model_name=server.model_name)
+    a1111.update_options(server.options, body, model_name=server.model_name, taesd=server.taesd)
     return None
 
 

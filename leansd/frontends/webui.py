@@ -11,6 +11,7 @@ messages; an `InvalidRequestError` becomes a `gr.Error` (a readable message in t
 Gradio is imported only here, lazily (importing it costs seconds); the page loads no remote fonts.
 """
 
+import dataclasses
 import logging
 import os
 import shutil
@@ -21,7 +22,7 @@ from typing import TYPE_CHECKING, Any, Callable, Iterator
 
 from leansd import request as defaults
 from leansd.errors import InvalidRequestError, LeansdError, one_line
-from leansd.frontends.a1111 import INPAINTING_FILL, Limits, failure
+from leansd.frontends.a1111 import INPAINTING_FILL, Limits, failure, preview_fields
 from leansd.service.queue import Job, JobCancelledError, JobQueue, JobState
 
 if TYPE_CHECKING:
@@ -55,8 +56,11 @@ def theme() -> Any:
 class _Runner:
     """The UI's side of the queue: submit, follow progress, cancel the session's job, save files."""
 
-    def __init__(self, queue: JobQueue, *, model_name: str, limits: Limits, save_dir: Path | None) -> None:
+    def __init__(self, queue: JobQueue, *, model_name: str, limits: Limits, save_dir: Path | None,
+                 options: dict[str, Any] | None = None) -> None:
         self.queue = queue
+        self.options = {} if options is None else options  # shared with /sdapi/v1/options when served together
+        self.taesd = getattr(queue.engine, "taesd", None) is not None
         self.model_name = model_name
         self.limits = limits
         self.save_dir = save_dir
@@ -69,12 +73,17 @@ class _Runner:
         """`builder(body, ..., **extra)` (a1111's txt2img_request/img2img_request); bad values -> gr.Error."""
         gr = _gradio()
         try:
-            return builder(body, model_name=self.model_name, limits=self.limits, **extra)
+            request = builder(body, model_name=self.model_name, limits=self.limits, **extra)
+            return dataclasses.replace(request, **preview_fields(self.options, taesd=self.taesd))
         except InvalidRequestError as exc:
             raise gr.Error(one_line(exc), print_exception=False) from None
 
     def run(self, request: "GenerationRequest", *, task: str, session: str | None) -> Iterator[tuple]:
-        """Yield (gallery, infotext, files, progress) updates until the job ends; errors -> gr.Error."""
+        """Yield (gallery, infotext, files, progress) updates until the job ends; errors -> gr.Error.
+
+        While the job runs the gallery shows its latest live preview (only this session's job is
+        followed, so a session never sees another's); when it ends the preview goes: the results
+        replace it, or on failure and cancel the gallery is emptied before the error is shown."""
         gr = _gradio()
         try:
             job = self.queue.submit(request)
@@ -83,16 +92,22 @@ class _Runner:
         if session:
             with self._lock:
                 self._sessions[session] = job.id
+        shown = 0  # preview_id of the preview in the gallery (0: none)
         try:
             while not job.future.done():
-                yield gr.skip(), gr.skip(), gr.skip(), progress_text(self.queue, job)
+                preview, preview_id = job.preview, job.preview_id
+                gallery = gr.skip()
+                if preview is not None and preview_id != shown:
+                    gallery, shown = [(preview, f"Preview, step {job.progress.step}/{job.progress.total_steps}")], preview_id
+                yield gallery, gr.skip(), gr.skip(), progress_text(self.queue, job)
                 _wait(job.future, POLL_SECONDS)
             try:
                 result = job.future.result()
-            except JobCancelledError:
-                raise gr.Error("cancelled", print_exception=False) from None
-            except Exception as exc:  # noqa: BLE001 - the job failed; say why in one line
-                raise gr.Error(failure(exc)[1], print_exception=False) from None
+            except Exception as exc:  # noqa: BLE001 - the job failed or was cancelled; say why in one line
+                if shown:  # a preview never outlives its job
+                    yield [], gr.skip(), gr.skip(), ""
+                message = "cancelled" if isinstance(exc, JobCancelledError) else failure(exc)[1]
+                raise gr.Error(message, print_exception=False) from None
         finally:
             if not job.future.done():
                 # The browser closed its stream (the generator was closed): stop the job, as the
@@ -207,10 +222,12 @@ def build_ui(
     limits: Limits | None = None,
     model_name: str | None = None,
     save_dir: "str | os.PathLike[str] | None" = None,
+    options: dict[str, Any] | None = None,
     cleanups: "list[Callable[[], None]] | None" = None,
 ) -> "gr.Blocks":
     """The web UI's Blocks over `queue` (its worker owns the engine); mount it with `mount_ui`.
 
+    Live previews follow `options` (A1111's preview options; default: A1111's defaults).
     `cleanups`: a list to which the UI adds what must run at server shutdown (removing its
     scratch folder of downloads)."""
     _gradio()
@@ -237,7 +254,7 @@ def build_ui(
     masked_content = {number: label for label, number in MASKED_CONTENT.items()}
     default_fill = masked_content[{v: k for k, v in INPAINTING_FILL.items()}[defaults.DEFAULT_INPAINTING_FILL]]
     runner = _Runner(queue, model_name=model_name, limits=limits,
-                     save_dir=None if save_dir is None else Path(save_dir).resolve())
+                     save_dir=None if save_dir is None else Path(save_dir).resolve(), options=options)
     samplers = sampler_names()
     max_batch = min(8, limits.max_images)
 
@@ -515,14 +532,15 @@ def build_ui(
 
 def mount_ui(app: "FastAPI", queue: JobQueue, *, limits: Limits | None = None, model_name: str | None = None,
              save_dir: "str | os.PathLike[str] | None" = None, path: str = "/",
-             max_file_size: int | None = None) -> "FastAPI":
+             max_file_size: int | None = None, options: dict[str, Any] | None = None) -> "FastAPI":
     """Mount the web UI at `path` of `app` (routes added before it, such as /sdapi/v1, keep precedence).
 
     `max_file_size`: uploads above it (bytes) are refused. The UI's temporary files are removed at
-    shutdown when `app.state.cleanups` exists (apps from `create_app` run that list).
+    shutdown when `app.state.cleanups` exists (apps from `create_app` run that list). `options`: the
+    server's A1111 options (shared with `/sdapi/v1/options`: the live preview settings).
     """
     gr = _gradio()
-    ui = build_ui(queue, limits=limits, model_name=model_name, save_dir=save_dir,
+    ui = build_ui(queue, limits=limits, model_name=model_name, save_dir=save_dir, options=options,
                   cleanups=getattr(app.state, "cleanups", None))
     ui.queue(default_concurrency_limit=None, max_size=None)
     return gr.mount_gradio_app(

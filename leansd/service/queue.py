@@ -24,6 +24,8 @@ from typing import TYPE_CHECKING, Any, Callable, Protocol
 from leansd.errors import InvalidRequestError, LeansdError
 
 if TYPE_CHECKING:
+    from PIL import Image
+
     from leansd.request import GenerationRequest, GenerationResult, ProgressEvent
 
 logger = logging.getLogger(__name__)
@@ -110,6 +112,10 @@ class Job:
         self._stop = False
         self._skip = False
         self._first_step: tuple[float, int] | None = None
+        self.preview: "Image.Image | None" = None
+        """The latest live preview while the job runs (the request's `preview_every`); None once it ends."""
+        self.preview_id = 0
+        """Counts the previews so far: front ends poll it to see whether `preview` changed."""
 
     def __repr__(self) -> str:
         return f"Job({self.id[:8]}, {self.state.value})"
@@ -178,6 +184,9 @@ class Job:
             fraction=min(done / total, 1.0),
             eta_seconds=eta,
         )
+        if event.preview is not None:
+            self.preview = event.preview
+            self.preview_id += 1
         if self._cancel or self._stop:
             raise StopGeneration()
         if self._skip:
@@ -424,6 +433,7 @@ class JobQueue:
             with within_steps:
                 result = self.engine.generate(job.request, progress=job._on_progress, progress_bar=False)
         except BaseException as exc:  # noqa: BLE001 - one job's failure must never stop the worker
+            job.preview = None  # a preview never outlives its job
             if job._cancel:
                 job.finished = time.time()
                 job.error = JobCancelledError(f"job {job.id} was cancelled while running")
@@ -439,6 +449,7 @@ class JobQueue:
             self._free_memory()
             return
         job.finished = time.time()
+        job.preview = None  # a preview never outlives its job
         if job._cancel:
             job.error = JobCancelledError(f"job {job.id} was cancelled while running")
             job.state = JobState.CANCELLED
