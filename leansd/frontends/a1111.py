@@ -15,16 +15,22 @@ import binascii
 import datetime
 import io
 import json
+import logging
 import os
-import tempfile
-from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Optional
 
 from pydantic import BaseModel, ConfigDict
 
-from leansd import __version__
-from leansd.errors import InvalidRequestError, is_out_of_memory, one_line
+# leansd.request holds the library's defaults: one per knob, for every front end.
+from leansd import __version__, request as defaults
+from leansd.errors import InvalidRequestError, brief, is_out_of_memory, one_line
+from leansd.frontends.limits import (
+    DEFAULT_MAX_IMAGES as DEFAULT_MAX_IMAGES,
+    DEFAULT_MAX_SIZE as DEFAULT_MAX_SIZE,
+    DEFAULT_MAX_STEPS as DEFAULT_MAX_STEPS,
+    Limits,
+)
 
 if TYPE_CHECKING:
     from PIL import Image
@@ -32,30 +38,27 @@ if TYPE_CHECKING:
     from leansd.request import GenerationRequest, GenerationResult
     from leansd.service.queue import JobQueue
 
+logger = logging.getLogger(__name__)
+
 API = "/sdapi/v1"
-DEFAULT_MAX_SIZE = 2048
-DEFAULT_MAX_STEPS = 150
-DEFAULT_MAX_IMAGES = 16
 MAX_BODY_IMAGE_BYTES = 64 * 2**20
 
 # A1111 `inpainting_fill` numbers -> ours.
 INPAINTING_FILL = {0: "fill", 1: "original", 2: "latent-noise", 3: "latent-nothing"}
+DEFAULT_INPAINTING_FILL = {name: number for number, name in INPAINTING_FILL.items()}[defaults.DEFAULT_INPAINTING_FILL]
+DEFAULT_RESIZE_MODE = defaults.RESIZE_MODES.index(defaults.DEFAULT_RESIZE_MODE)  # A1111's resize_mode number
+DEFAULT_HIRES_SCALE = 2.0
+"""`hr_scale` when `enable_hr` gives no size (A1111's default; the library has no hires pass by default)."""
 SCHEDULERS = (("automatic", "Automatic"), ("karras", "Karras"))
 UPSCALERS = ("None", "Lanczos")
 LATENT_UPSCALERS = ("Latent",)
 
 
-@dataclass(frozen=True, kw_only=True)
-class Limits:
-    """What one server allows a request to ask for (on top of the library's own ranges)."""
-
-    max_size: int = DEFAULT_MAX_SIZE
-    max_steps: int = DEFAULT_MAX_STEPS
-    max_images: int = DEFAULT_MAX_IMAGES
-
-
 # ---------------------------------------------------------------------------------------------
-# Request schema: A1111's field names and defaults; unknown fields are ignored, as A1111 does.
+# Request schema: A1111's field names; unknown fields are ignored, as A1111 does. The defaults are
+# the library's (leansd.request), not A1111's, so every front end has the same ones: sampler PLMS
+# (A1111: Euler), cfg_scale 7.5 (7.0), inpainting_fill 1 = original (0 = fill), hires denoising
+# strength 0.5 (0.75) and upscaler Lanczos (Latent); width/height None = the model's native size.
 
 
 class A1111Request(BaseModel):
@@ -68,17 +71,17 @@ class A1111Request(BaseModel):
     subseed: Optional[int] = -1
     subseed_strength: Optional[float] = 0.0
     sampler_name: Optional[str] = None
-    sampler_index: Optional[str] = "Euler"
+    sampler_index: Optional[str] = defaults.DEFAULT_SAMPLER
     scheduler: Optional[str] = None
-    batch_size: Optional[int] = 1
-    n_iter: Optional[int] = 1
-    steps: Optional[int] = 50
-    cfg_scale: Optional[float] = 7.0
-    width: Optional[int] = 512
-    height: Optional[int] = 512
+    batch_size: Optional[int] = defaults.DEFAULT_BATCH_SIZE
+    n_iter: Optional[int] = defaults.DEFAULT_N_ITER
+    steps: Optional[int] = defaults.DEFAULT_STEPS
+    cfg_scale: Optional[float] = defaults.DEFAULT_GUIDANCE
+    width: Optional[int] = None
+    height: Optional[int] = None
     restore_faces: Optional[bool] = None
     tiling: Optional[bool] = None
-    eta: Optional[float] = None
+    eta: Optional[float] = defaults.DEFAULT_ETA
     override_settings: Optional[dict[str, Any]] = None
     script_name: Optional[str] = None
     script_args: Optional[list[Any]] = None
@@ -89,8 +92,8 @@ class A1111Request(BaseModel):
 
 class Txt2ImgRequest(A1111Request):
     enable_hr: Optional[bool] = False
-    denoising_strength: Optional[float] = 0.75
-    hr_scale: Optional[float] = 2.0
+    denoising_strength: Optional[float] = defaults.DEFAULT_HIRES_STRENGTH
+    hr_scale: Optional[float] = DEFAULT_HIRES_SCALE
     hr_upscaler: Optional[str] = None
     hr_second_pass_steps: Optional[int] = 0
     hr_resize_x: Optional[int] = 0
@@ -99,15 +102,15 @@ class Txt2ImgRequest(A1111Request):
 
 class Img2ImgRequest(A1111Request):
     init_images: Optional[list[str]] = None
-    denoising_strength: Optional[float] = 0.75
+    denoising_strength: Optional[float] = defaults.DEFAULT_STRENGTH
     mask: Optional[str] = None
     mask_blur: Optional[int] = None
-    mask_blur_x: Optional[int] = 4
-    mask_blur_y: Optional[int] = 4
-    inpainting_fill: Optional[int] = 0
+    mask_blur_x: Optional[int] = defaults.DEFAULT_MASK_BLUR
+    mask_blur_y: Optional[int] = defaults.DEFAULT_MASK_BLUR
+    inpainting_fill: Optional[int] = DEFAULT_INPAINTING_FILL
     inpainting_mask_invert: Optional[int] = 0
     inpaint_full_res: Optional[bool] = True
-    resize_mode: Optional[int] = 0
+    resize_mode: Optional[int] = DEFAULT_RESIZE_MODE
     include_init_images: Optional[bool] = False
 
 
@@ -149,18 +152,26 @@ def load_upload(path: "str | os.PathLike[str]", *, label: str, mask: bool = Fals
     from leansd.inputs.images import load_image, load_mask
 
     try:
+        size = os.path.getsize(path)
+    except OSError:
+        size = 0  # a missing file: load_image says so
+    if size > MAX_BODY_IMAGE_BYTES:  # the limit a base64 upload has, for the web UI's files too
+        raise InvalidRequestError(f"{label}: the image is larger than {MAX_BODY_IMAGE_BYTES // 2**20} MB")
+    try:
         return (load_mask if mask else load_image)(path, label=label)
     except InvalidRequestError as exc:
         raise InvalidRequestError(str(exc).replace(f"{label} {os.fspath(path)}", label)) from None
 
 
 def decode_base64_image(data: object, *, label: str, mask: bool = False) -> "Image.Image":
-    """A base64 image (with or without a `data:image/...;base64,` prefix) -> RGB (or "L" mask)."""
-    raw = decode_base64(data, label=label)
-    with tempfile.TemporaryDirectory(prefix="leansd-upload-") as folder:
-        path = Path(folder) / "upload"
-        path.write_bytes(raw)
-        return load_upload(path, label=label, mask=mask)
+    """A base64 image (with or without a `data:image/...;base64,` prefix) -> RGB (or "L" mask).
+
+    Decoded in memory with the CLI's checks and formats (`leansd.inputs.images.load_image_bytes`):
+    nothing is written to disk, and messages name the field, never a path.
+    """
+    from leansd.inputs.images import load_image_bytes
+
+    return load_image_bytes(decode_base64(data, label=label), label=label, mask=mask)
 
 
 def encode_png(image: "Image.Image", infotext: str | None) -> str:
@@ -174,19 +185,23 @@ def encode_png(image: "Image.Image", infotext: str | None) -> str:
 
 def png_info(data: str) -> dict[str, Any]:
     """`/png-info`: the infotext of a base64 PNG, its other text chunks, and the parsed parameters."""
-    from PIL import Image
+    from PIL import Image, UnidentifiedImageError
 
     from leansd.outputs.infotext import parse_infotext
     from leansd.outputs.writer import INFOTEXT_KEY
 
     if not data:
         raise InvalidRequestError("image is empty: send a base64-encoded PNG")
+    from leansd.inputs.images import ACCEPTED_FORMATS, ACCEPTED_NAMES
+
     raw = decode_base64(data, label="image")
     try:
-        with Image.open(io.BytesIO(raw)) as image:
+        with Image.open(io.BytesIO(raw), formats=list(ACCEPTED_FORMATS)) as image:
             items = {k: v for k, v in image.info.items() if isinstance(v, (str, int, float))}
+    except UnidentifiedImageError:
+        raise InvalidRequestError(f"image is not an image in an accepted format ({ACCEPTED_NAMES})") from None
     except Exception as exc:  # noqa: BLE001 - any decoder failure is the client's bad image
-        raise InvalidRequestError(f"image is not an image Pillow can read ({one_line(exc, limit=120)})") from None
+        raise InvalidRequestError(f"image cannot be read ({one_line(exc, limit=120)})") from None
     info = items.pop(INFOTEXT_KEY, None)
     if not isinstance(info, str):
         return {"info": "", "items": items, "parameters": {}}
@@ -201,7 +216,7 @@ def sampler_from(sampler: str | None, scheduler: str | None) -> str:
     """A1111 sampler name plus `scheduler` ("Automatic", "Karras") -> our canonical sampler name."""
     from leansd.sampling.samplers import get_sampler, sampler_names
 
-    spec = get_sampler(sampler or "Euler")
+    spec = get_sampler(sampler or defaults.DEFAULT_SAMPLER)
     key = (scheduler or "automatic").strip().lower()
     if key in ("automatic", "", "default"):
         return spec.name
@@ -235,6 +250,26 @@ def unsupported(body: A1111Request) -> None:
         raise InvalidRequestError("variation seeds (subseed_strength > 0) are not supported by leansd")
 
 
+def native_size(engine: Any) -> tuple[int, int] | None:
+    """The loaded model's native (width, height): what a request without a size gets.
+
+    The library's own rule (`leansd.pipelines.steps.resolve_size`); None for an engine that
+    describes no model (a test double).
+    """
+    if getattr(engine, "bundle", None) is None:
+        return None
+    from leansd.pipelines.steps import resolve_size
+    from leansd.request import GenerationRequest
+
+    return resolve_size(engine, GenerationRequest(""))
+
+
+def _check_size(limits: Limits, width: int | None, height: int | None, *, why: str = "") -> None:
+    for name, value in (("width", width), ("height", height)):
+        if value is not None and value > limits.max_size:
+            raise InvalidRequestError(f"{name} must be at most {limits.max_size} on this server, got {value}{why}")
+
+
 def _common_fields(body: A1111Request, *, model_name: str, limits: Limits) -> dict[str, Any]:
     unsupported(body)
     checkpoint = (body.override_settings or {}).get("sd_model_checkpoint")
@@ -243,14 +278,11 @@ def _common_fields(body: A1111Request, *, model_name: str, limits: Limits) -> di
             f"override_settings.sd_model_checkpoint {checkpoint!r} is not the loaded model {model_name!r}; "
             "this server serves one model"
         )
-    width = 512 if body.width is None else body.width
-    height = 512 if body.height is None else body.height
-    steps = 50 if body.steps is None else body.steps
-    batch_size = 1 if body.batch_size is None else body.batch_size
-    n_iter = 1 if body.n_iter is None else body.n_iter
-    for name, value in (("width", width), ("height", height)):
-        if value > limits.max_size:
-            raise InvalidRequestError(f"{name} must be at most {limits.max_size} on this server, got {value}")
+    width, height = body.width, body.height  # None: the library's default (the model's native size)
+    steps = defaults.DEFAULT_STEPS if body.steps is None else body.steps
+    batch_size = defaults.DEFAULT_BATCH_SIZE if body.batch_size is None else body.batch_size
+    n_iter = defaults.DEFAULT_N_ITER if body.n_iter is None else body.n_iter
+    _check_size(limits, width, height)
     if steps > limits.max_steps:
         raise InvalidRequestError(f"steps must be at most {limits.max_steps} on this server, got {steps}")
     if batch_size >= 1 and n_iter >= 1 and batch_size * n_iter > limits.max_images:
@@ -266,20 +298,25 @@ def _common_fields(body: A1111Request, *, model_name: str, limits: Limits) -> di
         batch_size=batch_size,
         n_iter=n_iter,
         num_inference_steps=steps,
-        guidance_scale=7.0 if body.cfg_scale is None else body.cfg_scale,
+        guidance_scale=defaults.DEFAULT_GUIDANCE if body.cfg_scale is None else body.cfg_scale,
         width=width,
         height=height,
         tiling=bool(body.tiling),
-        eta=0.0 if body.eta is None else body.eta,
+        eta=defaults.DEFAULT_ETA if body.eta is None else body.eta,
     )
 
 
-def txt2img_request(body: Txt2ImgRequest, *, model_name: str, limits: Limits) -> "GenerationRequest":
+def txt2img_request(body: Txt2ImgRequest, *, model_name: str, limits: Limits,
+                    native_size: tuple[int, int] | None = None) -> "GenerationRequest":
+    """A txt2img body -> a validated request; `native_size` (see `native_size()`) sizes the hires check."""
     from leansd.request import GenerationRequest
 
     fields = _common_fields(body, model_name=model_name, limits=limits)
+    if native_size is not None:
+        _check_size(limits, None if body.width is not None else native_size[0],
+                    None if body.height is not None else native_size[1], why=" (the model's native size)")
     if body.enable_hr:
-        upscaler = body.hr_upscaler or "Latent"
+        upscaler = body.hr_upscaler or defaults.DEFAULT_HIRES_UPSCALER
         if upscaler.lower().startswith("latent"):
             fields["hires_upscaler"] = "latent"
         elif upscaler.lower() in ("none", "lanczos"):
@@ -294,17 +331,20 @@ def txt2img_request(body: Txt2ImgRequest, *, model_name: str, limits: Limits) ->
             fields["hires_width"] = rx or None
             fields["hires_height"] = ry or None
         else:
-            fields["hires_scale"] = 2.0 if body.hr_scale is None else body.hr_scale
+            fields["hires_scale"] = DEFAULT_HIRES_SCALE if body.hr_scale is None else body.hr_scale
         fields["hires_steps"] = body.hr_second_pass_steps or None
-        fields["hires_strength"] = 0.75 if body.denoising_strength is None else body.denoising_strength
+        fields["hires_strength"] = (defaults.DEFAULT_HIRES_STRENGTH if body.denoising_strength is None
+                                    else body.denoising_strength)
     request = GenerationRequest(**fields).validated()  # checks hires_scale is finite and in range first
-    if request.hires:
+    native = native_size or (0, 0)
+    first_pass = (request.width or native[0], request.height or native[1])
+    if request.hires and all(first_pass):
         from leansd.pipelines.txt2img import hires_target
 
-        width, height = hires_target(request, width=request.width or 512, height=request.height or 512)
-        if max(width, height) > limits.max_size:
+        target = hires_target(request, width=first_pass[0], height=first_pass[1])
+        if target is not None and max(target) > limits.max_size:
             raise InvalidRequestError(
-                f"the hires pass would be {width}x{height}; the largest side allowed on this server "
+                f"the hires pass would be {target[0]}x{target[1]}; the largest side allowed on this server "
                 f"is {limits.max_size}"
             )
     return request
@@ -321,9 +361,10 @@ def img2img_request(
     """An img2img/inpaint body -> a validated request.
 
     The images come from `init_images[0]` and `mask` (base64), or, from a front end that has
-    them already (the web UI), as PIL images in `init_image` and `mask`.
+    them already (the web UI), as PIL images in `init_image` and `mask`. Without width/height the
+    output keeps the init image's size (rounded down to 8), as in the library.
     """
-    from leansd.inputs.images import resize_mode_name
+    from leansd.inputs.images import resize_mode_name, target_size
     from leansd.request import GenerationRequest
 
     fields = _common_fields(body, model_name=model_name, limits=limits)
@@ -335,7 +376,7 @@ def img2img_request(
             raise InvalidRequestError(
                 f"init_images holds {len(images)} images; leansd takes one init image per request"
             )
-    fill = 0 if body.inpainting_fill is None else body.inpainting_fill
+    fill = DEFAULT_INPAINTING_FILL if body.inpainting_fill is None else body.inpainting_fill
     if fill not in INPAINTING_FILL:
         raise InvalidRequestError(
             f"inpainting_fill must be 0 (fill), 1 (original), 2 (latent noise) or 3 (latent nothing), got {fill}"
@@ -343,12 +384,16 @@ def img2img_request(
     blur = body.mask_blur if body.mask_blur is not None else body.mask_blur_x
     fields.update(
         init_image=init_image if init_image is not None else decode_base64_image(images[0], label="init_images[0]"),
-        strength=0.75 if body.denoising_strength is None else body.denoising_strength,
-        resize_mode=resize_mode_name(0 if body.resize_mode is None else body.resize_mode),
-        mask_blur=4 if blur is None else blur,
+        strength=defaults.DEFAULT_STRENGTH if body.denoising_strength is None else body.denoising_strength,
+        resize_mode=resize_mode_name(DEFAULT_RESIZE_MODE if body.resize_mode is None else body.resize_mode),
+        mask_blur=defaults.DEFAULT_MASK_BLUR if blur is None else blur,
         inpainting_fill=INPAINTING_FILL[fill],
         invert_mask=bool(body.inpainting_mask_invert),
     )
+    if fields["width"] is None or fields["height"] is None:
+        # Without a size the library keeps the init image's (rounded down to 8): it must fit the limits too.
+        width, height = target_size(fields["init_image"].size, width=fields["width"], height=fields["height"])
+        _check_size(limits, width, height, why=" (the init image's size; give width and height to resize it)")
     if mask is not None:
         fields["mask"] = mask
     elif body.mask:
@@ -446,24 +491,113 @@ def initial_options(*, model_name: str, model_hash: str | None, outdir: "Path | 
         "samples_format": "png",
         "outdir_samples": str(outdir or ""),
         "save_images": outdir is not None,
+        **preview_options(),
     }
 
 
+# ---------------------------------------------------------------------------------------------
+# Live previews: A1111's options <-> the request's preview fields.
+
+PREVIEW_TYPES = {"Approx cheap": "approx-cheap", "TAESD": "taesd", "Full": "full"}
+"""`show_progress_type` labels -> `GenerationRequest.preview_method` (A1111's "Approx NN" is not offered)."""
+PREVIEW_CONTENTS = {"Combined": "combined", "Prompt": "prompt", "Negative prompt": "negative-prompt"}
+"""`live_preview_content` labels -> `GenerationRequest.preview_content`."""
+PREVIEW_OPTIONS = ("live_previews_enable", "show_progress_every_n_steps", "live_preview_content", "show_progress_type")
+
+
+def preview_options() -> dict[str, Any]:
+    """The preview options of a fresh server: on, every DEFAULT_PREVIEW_EVERY steps, the library's method/content."""
+    from leansd.request import DEFAULT_PREVIEW_CONTENT, DEFAULT_PREVIEW_EVERY, DEFAULT_PREVIEW_METHOD
+
+    return {
+        "live_previews_enable": True,
+        "show_progress_every_n_steps": DEFAULT_PREVIEW_EVERY,
+        "live_preview_content": _label(PREVIEW_CONTENTS, DEFAULT_PREVIEW_CONTENT),
+        "show_progress_type": _label(PREVIEW_TYPES, DEFAULT_PREVIEW_METHOD),
+    }
+
+
+def _label(labels: dict[str, str], value: str) -> str:
+    return next(label for label, ours in labels.items() if ours == value)
+
+
+def _lookup(name: str, value: object, labels: dict[str, str]) -> str:
+    for label, ours in labels.items():
+        if isinstance(value, str) and value.strip().lower() in (label.lower(), ours):
+            return ours
+    raise InvalidRequestError(f"{name} {value!r} is not available; valid: {', '.join(labels)}")
+
+
+def preview_fields(options: dict[str, Any], overrides: dict[str, Any] | None = None, *,
+                   taesd: bool) -> dict[str, Any]:
+    """`GenerationRequest` preview fields from the server's options (and a request's override_settings).
+
+    `show_progress_every_n_steps` <= 0 (A1111's -1: "only at the end") or `live_previews_enable`
+    false turn previews off. `taesd`: whether the engine has TAESD weights.
+    """
+    from leansd.request import MAX_STEPS
+
+    values = {**preview_options(), **{k: options[k] for k in PREVIEW_OPTIONS if k in options},
+              **{k: v for k, v in (overrides or {}).items() if k in PREVIEW_OPTIONS}}
+    enable, every = values["live_previews_enable"], values["show_progress_every_n_steps"]
+    if not isinstance(enable, bool):
+        raise InvalidRequestError(f"live_previews_enable must be true or false, got {enable!r}")
+    if isinstance(every, bool) or not isinstance(every, int) or not -1 <= every <= MAX_STEPS:
+        raise InvalidRequestError(
+            f"show_progress_every_n_steps must be an integer from -1 (previews off) to {MAX_STEPS}, got {every!r}"
+        )
+    method = _lookup("show_progress_type", values["show_progress_type"], PREVIEW_TYPES)
+    content = _lookup("live_preview_content", values["live_preview_content"], PREVIEW_CONTENTS)
+    on = enable and every > 0
+    if on and method == "taesd" and not taesd:
+        raise InvalidRequestError("show_progress_type TAESD needs TAESD weights: start the server with --taesd PATH|ID")
+    return {"preview_every": every if on else 0, "preview_method": method, "preview_content": content}
+
+
 READ_ONLY_OPTIONS = ("sd_model_checkpoint", "sd_checkpoint_hash", "outdir_samples", "save_images")
+SETTABLE_OPTIONS = (
+    "sd_vae", "samples_format", "jpeg_quality", "CLIP_stop_at_last_layers", "eta_ddim", "eta_ancestral",
+    "live_previews_enable", "show_progress_every_n_steps", "samples_save", "grid_save", "return_grid",
+    "enable_pnginfo", "add_model_hash_to_info", "add_model_name_to_info", "img2img_fix_steps",
+    "do_not_show_images", "sd_vae_as_default", "live_preview_content", "show_progress_type",
+)
+"""A1111 options a client may set; they are kept and returned by GET /options. Other keys are ignored
+(never stored, so a client cannot grow the server's memory), as are the read-only ones."""
+MAX_OPTION_TEXT = 1000
 
 
-def update_options(options: dict[str, Any], body: object, *, model_name: str) -> None:
-    """`POST /options`: store what a client sets; the model, its hash and the output folder stay as served."""
+def update_options(options: dict[str, Any], body: object, *, model_name: str, taesd: bool = False) -> list[str]:
+    """`POST /options`: keep the known settable options; the model, its hash and the output folder stay
+    as served. Returns the keys that were ignored (unknown to this server).
+
+    The live preview options are checked first (`preview_fields`): a bad value changes nothing."""
     if not isinstance(body, dict):
         raise InvalidRequestError("the options body must be a JSON object")
+    preview_fields({**options, **body}, taesd=taesd)
     checkpoint = body.get("sd_model_checkpoint")
     if checkpoint is not None and not same_model(str(checkpoint), model_name):
         raise InvalidRequestError(
-            f"sd_model_checkpoint {checkpoint!r} is not available; this server serves {model_name!r}"
+            f"sd_model_checkpoint {brief(checkpoint)} is not available; this server serves {model_name!r}"
         )
+    accepted: dict[str, Any] = {}
+    ignored = []
     for key, value in body.items():
-        if key not in READ_ONLY_OPTIONS:
-            options[key] = value
+        if key in READ_ONLY_OPTIONS:
+            continue
+        if key not in SETTABLE_OPTIONS:
+            ignored.append(key)
+            continue
+        if not (value is None or isinstance(value, (bool, int, float)) or
+                (isinstance(value, str) and len(value) <= MAX_OPTION_TEXT)):
+            raise InvalidRequestError(
+                f"option {key} must be a number, true/false or a text of at most {MAX_OPTION_TEXT} characters, "
+                f"got {brief(value)}"
+            )
+        accepted[key] = value
+    options.update(accepted)
+    if ignored:
+        logger.info("options ignored (unknown to this server): %s", brief(ignored, limit=200))
+    return ignored
 
 
 def sd_models(*, model_name: str, model_hash: str | None, source: str) -> list[dict[str, Any]]:
@@ -497,8 +631,11 @@ def latent_upscale_modes() -> list[dict[str, Any]]:
     return [{"name": name} for name in LATENT_UPSCALERS]
 
 
-def progress(queue: "JobQueue", *, skip_current_image: bool = False) -> dict[str, Any]:
-    """`GET /progress`: the running job's step, fraction and ETA, and the queue behind it."""
+def progress(queue: "JobQueue", *, skip_current_image: bool = False,
+             cache: dict[str, Any] | None = None) -> dict[str, Any]:
+    """`GET /progress`: the running job's step, fraction and ETA, the queue behind it, and (unless
+    `skip_current_image`) its latest live preview as base64 PNG in `current_image`. `cache` (a dict
+    the caller keeps) holds the last encoding, so clients polling often do not re-encode a preview."""
     job = queue.current
     waiting = queue.waiting()
     p = None if job is None else job.progress
@@ -515,11 +652,21 @@ def progress(queue: "JobQueue", *, skip_current_image: bool = False) -> dict[str
         "job_id": None if job is None else job.id,
         "queue": [j.id for j in waiting],
     }
+    preview = None if job is None or skip_current_image else job.preview
+    current_image = None
+    if job is not None and preview is not None:
+        key = (job.id, job.preview_id)
+        if cache is not None and cache.get("key") == key:
+            current_image = cache["png"]
+        else:
+            current_image = encode_png(preview, None)
+            if cache is not None:
+                cache.update(key=key, png=current_image)
     return {
         "progress": 0.0 if p is None else p.fraction,
         "eta_relative": 0.0 if p is None or p.eta_seconds is None else p.eta_seconds,
         "state": state,
-        "current_image": None,
+        "current_image": current_image,
         "textinfo": None if p is None else f"step {p.step}/{p.total_steps}, batch {p.batch_index + 1}/{p.n_batches}",
     }
 

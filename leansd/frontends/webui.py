@@ -11,15 +11,18 @@ messages; an `InvalidRequestError` becomes a `gr.Error` (a readable message in t
 Gradio is imported only here, lazily (importing it costs seconds); the page loads no remote fonts.
 """
 
+import dataclasses
 import logging
 import os
+import shutil
 import tempfile
 import threading
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Iterator
 
+from leansd import request as defaults
 from leansd.errors import InvalidRequestError, LeansdError, one_line
-from leansd.frontends.a1111 import Limits, failure
+from leansd.frontends.a1111 import INPAINTING_FILL, Limits, failure, preview_fields
 from leansd.service.queue import Job, JobCancelledError, JobQueue, JobState
 
 if TYPE_CHECKING:
@@ -33,7 +36,7 @@ logger = logging.getLogger(__name__)
 POLL_SECONDS = 0.25
 # The page's "Masked content" labels -> A1111's inpainting_fill numbers (see a1111.INPAINTING_FILL).
 MASKED_CONTENT = {"fill": 0, "original": 1, "latent noise": 2, "latent nothing": 3}
-RESIZE_MODES = ("just resize", "crop and resize", "resize and fill")
+RESIZE_MODES = ("just resize", "crop and resize", "resize and fill")  # A1111's resize_mode 0, 1, 2
 CSS = ".leansd-progress {font-variant-numeric: tabular-nums; min-height: 1.6em}"
 
 
@@ -53,25 +56,34 @@ def theme() -> Any:
 class _Runner:
     """The UI's side of the queue: submit, follow progress, cancel the session's job, save files."""
 
-    def __init__(self, queue: JobQueue, *, model_name: str, limits: Limits, save_dir: Path | None) -> None:
+    def __init__(self, queue: JobQueue, *, model_name: str, limits: Limits, save_dir: Path | None,
+                 options: dict[str, Any] | None = None) -> None:
         self.queue = queue
+        self.options = {} if options is None else options  # shared with /sdapi/v1/options when served together
+        self.taesd = getattr(queue.engine, "taesd", None) is not None
         self.model_name = model_name
         self.limits = limits
         self.save_dir = save_dir
-        self._scratch = Path(tempfile.mkdtemp(prefix="leansd-webui-"))
+        self._scratch: Path | None = None
+        """Where downloads go when the server does not save (made at the first image, removed by cleanup)."""
         self._sessions: dict[str, str] = {}
         self._lock = threading.Lock()
 
-    def build(self, builder: Callable[..., "GenerationRequest"], body: Any, **images: Any) -> "GenerationRequest":
-        """`builder(body, ..., **images)` (a1111's txt2img_request/img2img_request); bad values -> gr.Error."""
+    def build(self, builder: Callable[..., "GenerationRequest"], body: Any, **extra: Any) -> "GenerationRequest":
+        """`builder(body, ..., **extra)` (a1111's txt2img_request/img2img_request); bad values -> gr.Error."""
         gr = _gradio()
         try:
-            return builder(body, model_name=self.model_name, limits=self.limits, **images)
+            request = builder(body, model_name=self.model_name, limits=self.limits, **extra)
+            return dataclasses.replace(request, **preview_fields(self.options, taesd=self.taesd))
         except InvalidRequestError as exc:
             raise gr.Error(one_line(exc), print_exception=False) from None
 
     def run(self, request: "GenerationRequest", *, task: str, session: str | None) -> Iterator[tuple]:
-        """Yield (gallery, infotext, files, progress) updates until the job ends; errors -> gr.Error."""
+        """Yield (gallery, infotext, files, progress) updates until the job ends; errors -> gr.Error.
+
+        While the job runs the gallery shows its latest live preview (only this session's job is
+        followed, so a session never sees another's); when it ends the preview goes: the results
+        replace it, or on failure and cancel the gallery is emptied before the error is shown."""
         gr = _gradio()
         try:
             job = self.queue.submit(request)
@@ -80,28 +92,46 @@ class _Runner:
         if session:
             with self._lock:
                 self._sessions[session] = job.id
+        shown = 0  # preview_id of the preview in the gallery (0: none)
         try:
             while not job.future.done():
-                yield gr.skip(), gr.skip(), gr.skip(), progress_text(self.queue, job)
+                preview, preview_id = job.preview, job.preview_id
+                gallery = gr.skip()
+                if preview is not None and preview_id != shown:
+                    gallery, shown = [(preview, f"Preview, step {job.progress.step}/{job.progress.total_steps}")], preview_id
+                yield gallery, gr.skip(), gr.skip(), progress_text(self.queue, job)
                 _wait(job.future, POLL_SECONDS)
             try:
                 result = job.future.result()
-            except JobCancelledError:
-                raise gr.Error("cancelled", print_exception=False) from None
-            except Exception as exc:  # noqa: BLE001 - the job failed; say why in one line
-                raise gr.Error(failure(exc)[1], print_exception=False) from None
+            except Exception as exc:  # noqa: BLE001 - the job failed or was cancelled; say why in one line
+                if shown:  # a preview never outlives its job
+                    yield [], gr.skip(), gr.skip(), ""
+                message = "cancelled" if isinstance(exc, JobCancelledError) else failure(exc)[1]
+                raise gr.Error(message, print_exception=False) from None
         finally:
+            if not job.future.done():
+                # The browser closed its stream (the generator was closed): stop the job, as the
+                # HTTP API does when its client goes away.
+                self.queue.cancel(job.id)
+                logger.info("web UI client went away: cancelled job %s", job.id)
             if session:
                 with self._lock:
                     if self._sessions.get(session) == job.id:
                         del self._sessions[session]
         paths = self.save(result, task=task)
-        gallery = [(str(path), info) for path, info in zip(paths, result.infotexts)]
+        gallery = [(str(path), info) for path, info in zip(paths, result.infotexts, strict=True)]
         seconds = result.timings.get("total")
         done = f"{len(paths)} image{'s' * (len(paths) != 1)}" + (f" in {seconds:.1f} s" if seconds else "")
         if job.interrupted:
             done += " (interrupted)"
         yield gallery, "\n\n".join(result.infotexts), [str(p) for p in paths], done
+
+    def cleanup(self) -> None:
+        """Remove the scratch folder of this UI's downloads (at server shutdown)."""
+        with self._lock:
+            scratch, self._scratch = self._scratch, None
+        if scratch is not None:
+            shutil.rmtree(scratch, ignore_errors=True)
 
     def cancel(self, session: str | None) -> str:
         with self._lock:
@@ -114,10 +144,14 @@ class _Runner:
         """PNGs with their infotext (downloads keep the parameters); into save_dir when the server saves."""
         from leansd.outputs.writer import ImageWriter
 
-        folder = (self.save_dir or self._scratch) / f"{task}-images"
-        writer = ImageWriter(folder)
-        return [writer.save(image, seed=seed, infotext=info)
-                for image, seed, info in zip(result.images, result.seeds, result.infotexts)]
+        base = self.save_dir
+        if base is None:
+            with self._lock:
+                if self._scratch is None:
+                    self._scratch = Path(tempfile.mkdtemp(prefix="leansd-webui-"))
+                base = self._scratch
+        folder = base / f"{task}-images"
+        return ImageWriter(folder).save_all(result.images, seeds=result.seeds, infotexts=result.infotexts)
 
 
 def _wait(future: Any, timeout: float) -> None:
@@ -188,10 +222,26 @@ def build_ui(
     limits: Limits | None = None,
     model_name: str | None = None,
     save_dir: "str | os.PathLike[str] | None" = None,
+    options: dict[str, Any] | None = None,
+    cleanups: "list[Callable[[], None]] | None" = None,
 ) -> "gr.Blocks":
-    """The web UI's Blocks over `queue` (its worker owns the engine); mount it with `mount_ui`."""
-    gr = _gradio()
-    from leansd.frontends.a1111 import Img2ImgRequest, Txt2ImgRequest, img2img_request, load_upload, txt2img_request
+    """The web UI's Blocks over `queue` (its worker owns the engine); mount it with `mount_ui`.
+
+    Live previews follow `options` (A1111's preview options; default: A1111's defaults).
+    `cleanups`: a list to which the UI adds what must run at server shutdown (removing its
+    scratch folder of downloads)."""
+    _gradio()
+    import gradio as gr  # the module itself: handlers' `gr.Request` annotations are read by gradio
+
+    from leansd.frontends.a1111 import (
+        DEFAULT_RESIZE_MODE,
+        Img2ImgRequest,
+        Txt2ImgRequest,
+        img2img_request,
+        load_upload,
+        native_size,
+        txt2img_request,
+    )
     from leansd.outputs.infotext import parse_infotext
     from leansd.outputs.writer import read_infotext
     from leansd.sampling.samplers import sampler_names
@@ -199,34 +249,44 @@ def build_ui(
     limits = limits or Limits()
     bundle = getattr(queue.engine, "bundle", None)
     model_name = model_name or getattr(bundle, "name", None) or "model"
-    default_size = getattr(bundle, "default_size", None) or 512
+    model_size = native_size(queue.engine)  # the library's default size for this model
+    native = model_size or (None, None)
+    masked_content = {number: label for label, number in MASKED_CONTENT.items()}
+    default_fill = masked_content[{v: k for k, v in INPAINTING_FILL.items()}[defaults.DEFAULT_INPAINTING_FILL]]
     runner = _Runner(queue, model_name=model_name, limits=limits,
-                     save_dir=None if save_dir is None else Path(save_dir).resolve())
+                     save_dir=None if save_dir is None else Path(save_dir).resolve(), options=options)
     samplers = sampler_names()
     max_batch = min(8, limits.max_images)
 
-    def settings(prefix: str) -> dict[str, Any]:
-        """The A1111 controls every tab has: prompts, sampler, steps, CFG, size, batches, seed."""
+    def settings(prefix: str, *, from_image: bool = False) -> dict[str, Any]:
+        """The A1111 controls every tab has: prompts, sampler, steps, CFG, size, batches, seed.
+
+        With `from_image` (img2img, inpaint) a size of 0, the default, keeps the init image's size
+        (rounded down to 8), as the library does without width/height; txt2img starts at the
+        model's native size.
+        """
         c: dict[str, Any] = {}
         c["prompt"] = gr.Textbox(label="Prompt", lines=3, placeholder="a photograph of an astronaut riding a horse",
                                  elem_id=f"{prefix}_prompt")
         c["negative"] = gr.Textbox(label="Negative prompt", lines=2, elem_id=f"{prefix}_negative_prompt")
         with gr.Row():
-            c["sampler"] = gr.Dropdown(samplers, value="Euler a" if "Euler a" in samplers else samplers[0],
-                                       label="Sampling method", elem_id=f"{prefix}_sampler")
-            c["steps"] = gr.Slider(1, limits.max_steps, value=20, step=1, label="Sampling steps",
+            c["sampler"] = gr.Dropdown(samplers, value=defaults.DEFAULT_SAMPLER, label="Sampling method",
+                                       elem_id=f"{prefix}_sampler")
+            c["steps"] = gr.Slider(1, limits.max_steps, value=defaults.DEFAULT_STEPS, step=1, label="Sampling steps",
                                    elem_id=f"{prefix}_steps")
         with gr.Row():
-            c["width"] = gr.Slider(64, limits.max_size, value=default_size, step=8, label="Width",
-                                   elem_id=f"{prefix}_width")
-            c["height"] = gr.Slider(64, limits.max_size, value=default_size, step=8, label="Height",
-                                    elem_id=f"{prefix}_height")
+            for side, value in (("width", native[0]), ("height", native[1])):
+                c[side] = gr.Slider(
+                    0 if from_image else defaults.MIN_SIZE, limits.max_size, value=0 if from_image else value, step=8,
+                    label=side.capitalize() + (" (0: the image's)" if from_image else ""), elem_id=f"{prefix}_{side}",
+                )
         with gr.Row():
-            c["n_iter"] = gr.Slider(1, max(1, limits.max_images), value=1, step=1, label="Batch count",
-                                    elem_id=f"{prefix}_batch_count")
-            c["batch_size"] = gr.Slider(1, max_batch, value=1, step=1, label="Batch size",
+            c["n_iter"] = gr.Slider(1, max(1, limits.max_images), value=defaults.DEFAULT_N_ITER, step=1,
+                                    label="Batch count", elem_id=f"{prefix}_batch_count")
+            c["batch_size"] = gr.Slider(1, max_batch, value=defaults.DEFAULT_BATCH_SIZE, step=1, label="Batch size",
                                         elem_id=f"{prefix}_batch_size")
-        c["cfg"] = gr.Slider(1.0, 30.0, value=7.0, step=0.5, label="CFG scale", elem_id=f"{prefix}_cfg_scale")
+        c["cfg"] = gr.Slider(1.0, 30.0, value=defaults.DEFAULT_GUIDANCE, step=0.5, label="CFG scale",
+                             elem_id=f"{prefix}_cfg_scale")
         with gr.Row(equal_height=True):
             c["seed"] = gr.Number(value=-1, precision=0, label="Seed (-1 = random)", elem_id=f"{prefix}_seed",
                                   scale=4)
@@ -250,9 +310,9 @@ def build_ui(
         return c
 
     def wire_common(c: dict[str, Any], r: dict[str, Any], event: Any) -> None:
-        c["random_seed"].click(lambda: -1, None, c["seed"], api_name=False, queue=False)
-        c["reuse_seed"].click(reuse_seed, r["infotext"], c["seed"], api_name=False, queue=False)
-        r["cancel"].click(cancel, None, r["progress"], api_name=False, queue=False)
+        c["random_seed"].click(lambda: -1, None, c["seed"], api_visibility="private", queue=False)
+        c["reuse_seed"].click(reuse_seed, r["infotext"], c["seed"], api_visibility="private", queue=False)
+        r["cancel"].click(cancel, None, r["progress"], api_visibility="private", queue=False)
 
     def reuse_seed(infotext: str) -> int:
         if not infotext:
@@ -266,7 +326,7 @@ def build_ui(
         return runner.cancel(getattr(request, "session_hash", None))
 
     def common_body(prompt: str, negative: str, sampler: str, steps: Any, cfg: Any, width: Any, height: Any,
-                    n_iter: Any, batch_size: Any, seed: Any) -> dict[str, Any]:
+                    n_iter: Any, batch_size: Any, seed: Any, *, from_image: bool = False) -> dict[str, Any]:
         def integer(name: str, value: Any) -> int:
             try:
                 number = float(value)
@@ -276,10 +336,14 @@ def build_ui(
                 raise gr.Error(f"{name} must be a whole number, got {value}", print_exception=False)
             return int(number)
 
+        def size(name: str, value: Any) -> int | None:
+            number = integer(name, value)
+            return None if from_image and number == 0 else number
+
         return dict(
-            prompt=prompt or "", negative_prompt=negative or "", sampler_name=sampler or "Euler",
-            steps=integer("steps", steps), cfg_scale=float(cfg), width=integer("width", width),
-            height=integer("height", height), n_iter=integer("batch count", n_iter),
+            prompt=prompt or "", negative_prompt=negative or "", sampler_name=sampler or None,
+            steps=integer("steps", steps), cfg_scale=float(cfg), width=size("width", width),
+            height=size("height", height), n_iter=integer("batch count", n_iter),
             batch_size=integer("batch size", batch_size), seed=-1 if seed is None else integer("seed", seed),
         )
 
@@ -287,7 +351,7 @@ def build_ui(
                 request: gr.Request):
         body = Txt2ImgRequest(**common_body(prompt, negative, sampler, steps, cfg, width, height, n_iter,
                                             batch_size, seed))
-        gen = runner.build(txt2img_request, body)
+        gen = runner.build(txt2img_request, body, native_size=model_size)
         yield from runner.run(gen, task="txt2img", session=getattr(request, "session_hash", None))
 
     def img2img(init_image, prompt, negative, sampler, steps, cfg, width, height, n_iter, batch_size, seed,
@@ -295,11 +359,12 @@ def build_ui(
         if not init_image:
             raise gr.Error("upload an image to transform first", print_exception=False)
         body = Img2ImgRequest(
-            **common_body(prompt, negative, sampler, steps, cfg, width, height, n_iter, batch_size, seed),
+            **common_body(prompt, negative, sampler, steps, cfg, width, height, n_iter, batch_size, seed,
+                          from_image=True),
             denoising_strength=float(strength),
-            resize_mode=RESIZE_MODES.index(resize_mode) if resize_mode in RESIZE_MODES else 0,
+            resize_mode=RESIZE_MODES.index(resize_mode) if resize_mode in RESIZE_MODES else DEFAULT_RESIZE_MODE,
         )
-        gen = runner.build(img2img_request, body, init_image=upload(init_image, label="init_images[0]"))
+        gen = runner.build(img2img_request, body, init_image=upload(init_image, label="image"))
         yield from runner.run(gen, task="img2img", session=getattr(request, "session_hash", None))
 
     def inpaint(editor, mask_upload, prompt, negative, sampler, steps, cfg, width, height, n_iter, batch_size,
@@ -314,12 +379,13 @@ def build_ui(
             if mask is None:
                 raise gr.Error("paint the area to regenerate on the image with the brush, or upload a mask",
                                print_exception=False)
-        init = (upload(background, label="init_images[0]") if isinstance(background, (str, Path))
+        init = (upload(background, label="image") if isinstance(background, (str, Path))
                 else background.convert("RGB"))
         body = Img2ImgRequest(
-            **common_body(prompt, negative, sampler, steps, cfg, width, height, n_iter, batch_size, seed),
+            **common_body(prompt, negative, sampler, steps, cfg, width, height, n_iter, batch_size, seed,
+                          from_image=True),
             denoising_strength=float(strength),
-            mask_blur=int(mask_blur), inpainting_fill=MASKED_CONTENT.get(masked_content, 1),
+            mask_blur=int(mask_blur), inpainting_fill=MASKED_CONTENT.get(masked_content, MASKED_CONTENT[default_fill]),
             inpainting_mask_invert=int(bool(invert)),
         )
         gen = runner.build(img2img_request, body, init_image=init, mask=mask)
@@ -342,7 +408,8 @@ def build_ui(
 
     outputs_of = lambda r: [r["gallery"], r["infotext"], r["files"], r["progress"]]  # noqa: E731
 
-    with gr.Blocks(title="leansd", analytics_enabled=False) as ui:
+    # delete_cache: Gradio's copies of uploads are removed after an hour and when the server stops.
+    with gr.Blocks(title="leansd", analytics_enabled=False, delete_cache=(3600, 3600)) as ui:
         gr.Markdown(f"## leansd · `{model_name}`")
         with gr.Tabs() as tabs:
             with gr.Tab("txt2img", id="txt2img"):
@@ -361,12 +428,12 @@ def build_ui(
                     with gr.Column():
                         i_image = gr.Image(label="Image", type="filepath", image_mode=None, sources=["upload", "clipboard"],
                                            elem_id="img2img_image")
-                        i = settings("img2img")
+                        i = settings("img2img", from_image=True)
                         with gr.Row():
-                            i_strength = gr.Slider(0.0, 1.0, value=0.75, step=0.01, label="Denoising strength",
-                                                   elem_id="img2img_denoising_strength")
-                            i_resize = gr.Radio(list(RESIZE_MODES), value=RESIZE_MODES[0], label="Resize mode",
-                                                elem_id="img2img_resize_mode")
+                            i_strength = gr.Slider(0.0, 1.0, value=defaults.DEFAULT_STRENGTH, step=0.01,
+                                                   label="Denoising strength", elem_id="img2img_denoising_strength")
+                            i_resize = gr.Radio(list(RESIZE_MODES), value=RESIZE_MODES[DEFAULT_RESIZE_MODE],
+                                                label="Resize mode", elem_id="img2img_resize_mode")
                     with gr.Column():
                         ir = results("img2img")
                 i_inputs = [i_image, i["prompt"], i["negative"], i["sampler"], i["steps"], i["cfg"], i["width"],
@@ -384,13 +451,14 @@ def build_ui(
                         )
                         p_mask = gr.Image(label="Mask (optional upload: white = regenerate)", type="filepath",
                                           image_mode=None, sources=["upload"], elem_id="inpaint_mask")
-                        p = settings("inpaint")
+                        p = settings("inpaint", from_image=True)
                         with gr.Row():
-                            p_strength = gr.Slider(0.0, 1.0, value=0.75, step=0.01, label="Denoising strength",
-                                                   elem_id="inpaint_denoising_strength")
-                            p_blur = gr.Slider(0, 64, value=4, step=1, label="Mask blur", elem_id="inpaint_mask_blur")
+                            p_strength = gr.Slider(0.0, 1.0, value=defaults.DEFAULT_STRENGTH, step=0.01,
+                                                   label="Denoising strength", elem_id="inpaint_denoising_strength")
+                            p_blur = gr.Slider(0, defaults.MAX_MASK_BLUR, value=defaults.DEFAULT_MASK_BLUR, step=1,
+                                               label="Mask blur", elem_id="inpaint_mask_blur")
                         with gr.Row():
-                            p_fill = gr.Radio(list(MASKED_CONTENT), value="original", label="Masked content",
+                            p_fill = gr.Radio(list(MASKED_CONTENT), value=default_fill, label="Masked content",
                                               elem_id="inpaint_masked_content")
                             p_invert = gr.Checkbox(False, label="Invert mask (regenerate the unpainted part)",
                                                    elem_id="inpaint_invert")
@@ -420,7 +488,7 @@ def build_ui(
                 vram_box = gr.Textbox(label="VRAM budget", placeholder="e.g. 4G, 1500M, auto, none",
                                       elem_id="vram_budget", scale=3)
                 apply_vram = gr.Button("Apply", size="sm", elem_id="vram_apply", scale=1)
-            gr.Button("Refresh", size="sm").click(lambda: memory_text(queue), None, memory, api_name=False,
+            gr.Button("Refresh", size="sm").click(lambda: memory_text(queue), None, memory, api_visibility="private",
                                                   queue=False)
 
             def set_vram(text):
@@ -454,19 +522,28 @@ def build_ui(
                 updates += [gr.skip(), gr.skip()]
             return updates + [gr.Tabs(selected=tab)]
 
-        to_txt2img.click(lambda parsed: send_values(parsed, "txt2img"), n_json, send(t) + [tabs], api_name=False)
+        to_txt2img.click(lambda parsed: send_values(parsed, "txt2img"), n_json, send(t) + [tabs], api_visibility="private")
         to_img2img.click(lambda parsed, path: send_values(parsed, "img2img") + [path], [n_json, n_image],
-                         send(i) + [tabs, i_image], api_name=False)
+                         send(i) + [tabs, i_image], api_visibility="private")
+    if cleanups is not None:
+        cleanups.append(runner.cleanup)  # removes the scratch folder of downloads
     return ui
 
 
 def mount_ui(app: "FastAPI", queue: JobQueue, *, limits: Limits | None = None, model_name: str | None = None,
-             save_dir: "str | os.PathLike[str] | None" = None, path: str = "/") -> "FastAPI":
-    """Mount the web UI at `path` of `app` (routes added before it, such as /sdapi/v1, keep precedence)."""
+             save_dir: "str | os.PathLike[str] | None" = None, path: str = "/",
+             max_file_size: int | None = None, options: dict[str, Any] | None = None) -> "FastAPI":
+    """Mount the web UI at `path` of `app` (routes added before it, such as /sdapi/v1, keep precedence).
+
+    `max_file_size`: uploads above it (bytes) are refused. The UI's temporary files are removed at
+    shutdown when `app.state.cleanups` exists (apps from `create_app` run that list). `options`: the
+    server's A1111 options (shared with `/sdapi/v1/options`: the live preview settings).
+    """
     gr = _gradio()
-    ui = build_ui(queue, limits=limits, model_name=model_name, save_dir=save_dir)
+    ui = build_ui(queue, limits=limits, model_name=model_name, save_dir=save_dir, options=options,
+                  cleanups=getattr(app.state, "cleanups", None))
     ui.queue(default_concurrency_limit=None, max_size=None)
     return gr.mount_gradio_app(
         app, ui, path=path, theme=theme(), css=CSS, ssr_mode=False, mcp_server=False, pwa=False,
-        footer_links=["api"], show_error=True,
+        footer_links=["api"], show_error=True, max_file_size=max_file_size,
     )

@@ -25,6 +25,7 @@ if TYPE_CHECKING:
     from leansd.engine.engine import Engine
     from leansd.pipelines.steps import PromptConditioning
     from leansd.request import GenerationRequest, GenerationResult, ProgressEvent
+    from leansd.sampling.loop import StepState
 
 
 def txt2img(
@@ -49,7 +50,7 @@ def txt2img(
     encoded = time.perf_counter()
 
     # 3. Per batch: denoise from each seed's noise; optionally upscale and refine (second pass).
-    def sample_batch(seeds: list[int], on_step: Callable[[int, int], None]) -> "torch.Tensor":
+    def sample_batch(seeds: list[int], on_step: Callable[["StepState"], None]) -> "torch.Tensor":
         generators = image_generators(seeds)
         scheduler = make_scheduler(engine, request, seeds=seeds, steps=request.num_inference_steps)
         latents = noise_for(engine, generators, width=width, height=height) * scheduler.init_noise_sigma
@@ -80,8 +81,8 @@ def hires_target(request: "GenerationRequest", *, width: int, height: int) -> tu
         w2, h2 = (int(round(side * request.hires_scale / 8)) * 8 for side in (width, height))
     else:
         # One side given: keep the aspect ratio, as AUTOMATIC1111's "Resize width/height to".
-        w2 = request.hires_width or int(round(width * request.hires_height / height / 8)) * 8
-        h2 = request.hires_height or int(round(height * request.hires_width / width / 8)) * 8
+        w2 = request.hires_width or int(round(width * (request.hires_height or height) / height / 8)) * 8
+        h2 = request.hires_height or int(round(height * (request.hires_width or width) / width / 8)) * 8
     if max(w2, h2) > MAX_SIZE or min(w2, h2) < MIN_SIZE:
         raise InvalidRequestError(
             f"the hires pass would be {w2}x{h2}; each side must be between {MIN_SIZE} and {MAX_SIZE}"
@@ -108,7 +109,7 @@ def hires_pass(
     seeds: list[int],
     size: tuple[int, int],
     text: "PromptConditioning",
-    on_step: Callable[[int, int], None],
+    on_step: Callable[["StepState"], None],
 ) -> "torch.Tensor":
     """Second pass: upscale the first pass and run img2img on it at `hires_strength`.
 
@@ -133,6 +134,6 @@ def hires_pass(
         return refine_latents(engine, request, upscaled, scheduler=scheduler, generators=image_generators(seeds),
                               steps=steps, strength=request.hires_strength, text=text, on_step=on_step)
     images = to_pil(decode_latents(engine, latents))
-    pixels = torch.cat([image_to_tensor(im.resize((width, height), Image.LANCZOS)) for im in images])
+    pixels = torch.cat([image_to_tensor(im.resize((width, height), Image.Resampling.LANCZOS)) for im in images])
     return img2img_latents(engine, request, seeds=seeds, pixels=pixels, strength=request.hires_strength,
                            steps=steps, text=text, on_step=on_step)

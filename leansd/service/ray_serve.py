@@ -6,7 +6,8 @@ job queue is a `RayJobQueue`, which runs up to N jobs at once, one per replica. 
 a time, so Ray Serve spreads concurrent requests over the replicas.
 
 Progress and control go through a small `ProgressBoard` actor keyed by job: the replica running a
-job posts every step there and reads back a stop/skip flag, the queue reads the progress for
+job posts every step there (with the live preview, when the request asks for one) and reads back a
+stop/skip flag, the queue reads the progress for
 `/progress` and the web UI and posts the flags that interrupt, skip or cancel sets. So an interrupt
 reaches the replica that runs the job, whichever it is.
 """
@@ -48,10 +49,10 @@ class ProgressBoard:
     """Per job: the last progress event the replica posted, and the flag the front end set."""
 
     def __init__(self) -> None:
-        self.events: dict[str, dict[str, int]] = {}
+        self.events: dict[str, dict[str, Any]] = {}
         self.flags: dict[str, str] = {}
 
-    def step(self, key: str, event: dict[str, int]) -> str | None:
+    def step(self, key: str, event: dict[str, Any]) -> str | None:
         """A replica finished a step; returns "stop", "skip" (once) or None."""
         self.events[key] = event
         flag = self.flags.get(key)
@@ -59,7 +60,7 @@ class ProgressBoard:
             del self.flags[key]
         return flag
 
-    def read(self, key: str) -> dict[str, int] | None:
+    def read(self, key: str) -> dict[str, Any] | None:
         return self.events.get(key)
 
     def flag(self, key: str, value: str) -> None:
@@ -91,6 +92,7 @@ class EngineReplica:
     def describe(self) -> dict[str, Any]:
         bundle = self.engine.bundle
         return {"name": bundle.name, "hash": bundle.hash, "source": str(bundle.source), "replica": self.name,
+                "default_size": bundle.default_size, "vae_scale_factor": bundle.vae_scale_factor,
                 "device": str(self.engine.device), "precision": self.engine.precision.name,
                 "budget": self.engine.budget, "memory_policy": self.engine.memory_policy}
 
@@ -103,7 +105,7 @@ class EngineReplica:
             # Waits for the board's answer: the flag decides whether this job goes on.
             flag = ray.get(self.board.step.remote(key, {
                 "step": event.step, "total_steps": event.total_steps,
-                "batch_index": event.batch_index, "n_batches": event.n_batches}))
+                "batch_index": event.batch_index, "n_batches": event.n_batches, "preview": event.preview}))
             if flag == "stop":
                 raise StopGeneration()
             if flag == "skip":
@@ -121,6 +123,8 @@ class _Bundle:
     name: str
     hash: str | None
     source: str
+    default_size: int
+    vae_scale_factor: int
 
 
 class RemoteEngine:
@@ -129,7 +133,8 @@ class RemoteEngine:
     def __init__(self, handle: Any, board: Any, info: dict[str, Any], replicas: int) -> None:
         self.handle = handle
         self.board = board
-        self.bundle = _Bundle(name=info["name"], hash=info.get("hash"), source=info.get("source", info["name"]))
+        self.bundle = _Bundle(name=info["name"], hash=info.get("hash"), source=info.get("source", info["name"]),
+                              default_size=info["default_size"], vae_scale_factor=info["vae_scale_factor"])
         self.device = f"{info.get('device')} x {replicas} Ray Serve replicas"
         self.precision = type("Precision", (), {"name": info.get("precision")})()
         self.budget = info.get("budget")
@@ -162,9 +167,10 @@ class RemoteEngine:
                 if progress is None:
                     continue
                 event = ray.get(self.board.read.remote(key))
-                if event is None or event == last:
+                position = None if event is None else (event["batch_index"], event["step"])
+                if position is None or position == last:
                     continue
-                last = event
+                last = position
                 try:
                     progress(ProgressEvent(**event))
                 except StopGeneration:

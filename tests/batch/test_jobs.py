@@ -10,6 +10,7 @@ from PIL import Image
 
 from leansd.batch.jobs import group_lines, read_jobs
 from leansd.errors import InvalidRequestError
+from leansd.request import DEFAULT_GUIDANCE
 
 from .common import SIZE, write_jsonl
 
@@ -93,7 +94,7 @@ def test_csv_and_prompt_files(tmp_path: Path) -> None:
     assert [(l.id, l.line, l.seed, l.width, l.height) for l in jobs.lines] == [("a", 2, 3, 64, 64), ("b", 4, 11, 64, 72)]
     first = jobs.lines[0].request()
     assert first.prompt == "a fox, in snow" and first.guidance_scale == 5.5
-    assert jobs.lines[1].request().guidance_scale == 7.0  # the HTTP API's default for an empty cell
+    assert jobs.lines[1].request().guidance_scale == DEFAULT_GUIDANCE  # the HTTP API's default for an empty cell
 
     bad = tmp_path / "bad.csv"
     bad.write_text("prompt,width\nok,64\ntoo,many,cells\nodd,66\n")
