@@ -152,7 +152,7 @@ def _raw_lines(path: Path, fmt: str) -> Iterable[tuple[int, "dict[str, Any] | st
             yield number, f"{len(row)} cells, but the header has {len(header)} columns"
             continue
         fields: dict[str, Any] = {}
-        for name, cell in zip(header, row):
+        for name, cell in zip(header, row, strict=True):
             if cell.strip() == "":
                 continue  # an empty cell: the field's default
             if name == "override_settings":
@@ -358,16 +358,15 @@ def build_request(body: dict[str, Any], *, task: str, model: str) -> "Any":
         if mask is not None:
             images["mask"] = load_mask(mask, label="mask")
     try:
-        parsed = (Img2ImgRequest if task == "img2img" else Txt2ImgRequest).model_validate(fields)
+        if task == "img2img":
+            return img2img_request(Img2ImgRequest.model_validate(fields), model_name=model, limits=limits, **images)
+        return txt2img_request(Txt2ImgRequest.model_validate(fields), model_name=model, limits=limits)
     except ValidationError as exc:
         parts = []
         for err in exc.errors()[:3]:
             where = ".".join(str(p) for p in err.get("loc", ())) or "line"
             parts.append(f"{where}: {err.get('msg', 'invalid')} (got {one_line(repr(err.get('input')), limit=60)})")
         raise InvalidRequestError("; ".join(parts)) from None
-    if task == "img2img":
-        return img2img_request(parsed, model_name=model, limits=limits, **images)
-    return txt2img_request(parsed, model_name=model, limits=limits)
 
 
 def group_lines(lines: list[JobLine]) -> list[JobLine]:

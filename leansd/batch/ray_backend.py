@@ -120,16 +120,16 @@ class RayBackend:
                     f"--workers {count} needs {count} GPUs (one per worker) but the cluster has {gpus}"
                 )
             # More GPUs than CPUs: fractions of a CPU, so every GPU still gets its actor.
-            share = cpus // count if count <= cpus else cpus / count
-            placement = {"gpus_per_worker": 1, "cpus_per_worker": share}
+            gpus_per_worker, cpus_per_worker = 1, (cpus // count if count <= cpus else cpus / count)
         else:
             nodes = sum(1 for node in ray.nodes() if node.get("Alive"))
             count = workers or max(1, nodes)
             if count > cpus:
                 raise InvalidRequestError(f"--workers {count} needs a CPU each but the cluster has {cpus}")
-            placement = {"gpus_per_worker": 0, "cpus_per_worker": max(1, cpus // count)}
+            gpus_per_worker, cpus_per_worker = 0, max(1, cpus // count)
         logger.info("Ray cluster: %d CPUs, %d GPUs; %d workers", cpus, gpus, count)
-        return cls(workers=count, engine_options=engine_options, owns_ray=owns, **placement, **options)
+        return cls(workers=count, engine_options=engine_options, owns_ray=owns, gpus_per_worker=gpus_per_worker,
+                   cpus_per_worker=cpus_per_worker, **options)
 
     # ---- actors ---------------------------------------------------------------------------
 
@@ -177,9 +177,10 @@ class RayBackend:
         while pending() or inflight:
             for actor in list(self.actors):
                 while len(order[id(actor)]) < self.depth and pending():
-                    line = take(actor)
-                    if line is None:
+                    taken = take(actor)
+                    if taken is None:
                         break
+                    line = taken
                     holds[id(actor)] = line.model
                     try:
                         # Images are read here, on the driver: workers need not see the job file's folder.

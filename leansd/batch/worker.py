@@ -98,7 +98,7 @@ class BatchWorker:
             result = engine.generate(request, progress_bar=False)
             images = [
                 ImageOutcome(k=k, seed=seed, png=encode_png(image, info))
-                for k, (image, seed, info) in enumerate(zip(result.images, result.seeds, result.infotexts))
+                for k, (image, seed, info) in enumerate(zip(result.images, result.seeds, result.infotexts, strict=True))
             ]
         except Exception as exc:  # noqa: BLE001 - one line's failure is recorded; the rest go on
             message = describe_error(exc)

@@ -294,7 +294,7 @@ def start_ray_queue(
         raise InvalidRequestError(f"--replicas {replicas} needs a CPU each but the cluster has {cpus}")
     per_cpu = cpus // replicas if replicas <= cpus else cpus / replicas
     actor_options = {"num_cpus": per_cpu, "num_gpus": 1 if gpus else 0}
-    board = ray.remote(ProgressBoard).options(num_cpus=0).remote()
+    board: Any = ray.remote(ProgressBoard).options(num_cpus=0).remote()
     deployment = serve.deployment(EngineReplica, name="EngineReplica").options(
         num_replicas=replicas, max_ongoing_requests=1, ray_actor_options=actor_options)
     serve.start(proxy_location="Disabled")

@@ -91,7 +91,7 @@ def test_csv_and_prompt_files(tmp_path: Path) -> None:
                         '\n'
                         'b,a cat,,64,72,2,\n')
     jobs = read_jobs(csv_path, model="tiny", seed=10)
-    assert [(l.id, l.line, l.seed, l.width, l.height) for l in jobs.lines] == [("a", 2, 3, 64, 64), ("b", 4, 11, 64, 72)]
+    assert [(job.id, job.line, job.seed, job.width, job.height) for job in jobs.lines] == [("a", 2, 3, 64, 64), ("b", 4, 11, 64, 72)]
     first = jobs.lines[0].request()
     assert first.prompt == "a fox, in snow" and first.guidance_scale == 5.5
     assert jobs.lines[1].request().guidance_scale == DEFAULT_GUIDANCE  # the HTTP API's default for an empty cell
@@ -104,7 +104,7 @@ def test_csv_and_prompt_files(tmp_path: Path) -> None:
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("a fox\n\n  a cat  \n")
     jobs = read_jobs(prompts, model="tiny", seed=0, defaults={"n_iter": 3, "steps": 2, "width": 64, "height": 64})
-    assert [(l.id, l.body["prompt"], l.num_images, l.seed) for l in jobs.lines] == [("1", "a fox", 3, 0), ("3", "a cat", 3, 3)]
+    assert [(job.id, job.body["prompt"], job.num_images, job.seed) for job in jobs.lines] == [("1", "a fox", 3, 0), ("3", "a cat", 3, 3)]
 
     empty = tmp_path / "empty.txt"
     empty.write_text("\n\n")
@@ -130,7 +130,7 @@ def test_images_relative_to_the_job_file_and_models_per_line(tmp_path: Path) -> 
     assert second.task == "inpaint"
     assert jobs.lines[0].body["init_images"] == [str(tmp_path / "init.png")]
     # Grouped by reload key (model, size), file order inside a group.
-    assert [l.line for l in group_lines(jobs.lines)] == [1, 2, 5, 3, 4]
+    assert [job.line for job in group_lines(jobs.lines)] == [1, 2, 5, 3, 4]
     assert jobs.lines[2].model == "other"
 
 

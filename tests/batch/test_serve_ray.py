@@ -66,7 +66,7 @@ def test_requests_spread_over_two_replicas_with_the_single_process_pixels(ray_cl
             assert [a.status_code for a in answers] == [200] * 4, [a.text for a in answers]
             assert len(queue.engine.ran_on) == 2 and sum(queue.engine.ran_on.values()) == 4
             local = Engine.load("tiny", **OPTIONS)
-            for body, answer in zip(bodies, answers):
+            for body, answer in zip(bodies, answers, strict=True):
                 request = txt2img_request(Txt2ImgRequest(**body), model_name="tiny", limits=Limits())
                 expected = local.generate(request, progress_bar=False).images[0]
                 assert np.array_equal(_pixels(answer.json()["images"][0]), np.asarray(expected))
