@@ -8,6 +8,7 @@ from typing import TYPE_CHECKING, Any, Callable, Iterator
 
 from leansd.engine.device import Precision, resolve_device, resolve_precision
 from leansd.engine.memory import MemoryMeter
+from leansd.models.families import Component
 
 if TYPE_CHECKING:
     import torch
@@ -107,7 +108,7 @@ class Engine:
         self._fingerprint: str | None = None
         # The text encoder is placed only when a prompt is not in the cache (see placed_text_encoder).
         if self.budget is None and memory_policy == "auto" and not vae_on_cpu:
-            for name in ("unet", "vae"):  # no budget: resident from the start, as always
+            for name in (Component.UNET, Component.VAE):  # no budget: resident from the start, as always
                 self._bring(name)
         else:  # components visit the device per stage: cast on the host now, move when planned
             for name, module in self._components().items():
@@ -175,12 +176,13 @@ class Engine:
     # -- placement -------------------------------------------------------------------------------
 
     def _components(self) -> dict[str, "torch.nn.Module"]:
-        return {"text": self.bundle.text_encoder, "unet": self.bundle.unet, "vae": self.bundle.vae}
+        return {Component.TEXT: self.bundle.text_encoder, Component.UNET: self.bundle.unet,
+                Component.VAE: self.bundle.vae}
 
     def _dtype_of(self, name: str) -> "torch.dtype":
         import torch
 
-        if name == "vae" and (self._vae_full_precision or self.vae_on_cpu):
+        if name == Component.VAE and (self._vae_full_precision or self.vae_on_cpu):
             return torch.float32
         return self.precision.weight_dtype
 
@@ -199,20 +201,20 @@ class Engine:
         from leansd.engine.memory import module_bytes
 
         module = self._components()[name]
-        if name == "vae" and plan is not None and plan.vae_on_cpu:
-            self._evict("vae")
+        if name == Component.VAE and plan is not None and plan.vae_on_cpu:
+            self._evict(Component.VAE)
             self._cast(module, torch.float32, torch.device("cpu"))
             return
-        if name == "unet" and plan is not None and plan.stream_unet:
+        if name == Component.UNET and plan is not None and plan.stream_unet:
             layers = plan.placement == "stream-layers"
             if self._streaming and self._streaming_layers != layers:
                 self._stop_streaming()
             if not self._streaming:
                 self._start_streaming(layers=layers)
-            self.memory.place("unet", self.sizes.unet_layer_peak if layers else self.sizes.stream_weights)
-            self._on_device.add("unet")
+            self.memory.place(Component.UNET, self.sizes.unet_layer_peak if layers else self.sizes.stream_weights)
+            self._on_device.add(Component.UNET)
             return
-        if name == "unet" and self._streaming:
+        if name == Component.UNET and self._streaming:
             self._stop_streaming()
         # Mark it placed before moving: if the move fails halfway (out of memory), _evict still
         # brings back the part that reached the device.
@@ -224,7 +226,7 @@ class Engine:
         """Move component `name` back to host memory (a no-op move on the CPU) and stop counting it."""
         import torch
 
-        if name == "unet" and self._streaming:
+        if name == Component.UNET and self._streaming:
             self._stop_streaming()
         elif name in self._on_device and self.device.type != "cpu":
             self._components()[name].to(torch.device("cpu"))
@@ -282,7 +284,7 @@ class Engine:
         if self._sizes is None:
             dtype_bytes = self.precision.weight_dtype.itemsize
             self._sizes = model_sizes(
-                self.bundle, dtype_bytes=dtype_bytes, vae_dtype_bytes=self._dtype_of("vae").itemsize
+                self.bundle, dtype_bytes=dtype_bytes, vae_dtype_bytes=self._dtype_of(Component.VAE).itemsize
             )
         return self._sizes
 
@@ -319,7 +321,7 @@ class Engine:
         # Before the first UNet plan, plan at the smallest size: the text stage does not depend on
         # the image size, and a larger guess could refuse a budget the real request fits.
         plan = self.plan or self.plan_for(width=MIN_SIZE, height=MIN_SIZE)
-        self._enter_stage("text", plan)
+        self._enter_stage(Component.TEXT, plan)
         return self.bundle.text_encoder
 
     @contextlib.contextmanager
@@ -330,7 +332,7 @@ class Engine:
 
         self._passes = passes
         plan = self.plan_for(width=width, height=height, batch=batch, passes=passes)
-        self._enter_stage("unet", plan)
+        self._enter_stage(Component.UNET, plan)
         unet = self.bundle.unet
         if plan.attention_chunk != self._attention_chunk:
             if self._default_processors is None:
@@ -363,9 +365,9 @@ class Engine:
                 "seamless tiling needs the whole image in one VAE pass, but this budget tiles the VAE; "
                 "use --vae-on-cpu or a larger --vram"
             )
-        self._enter_stage("vae", plan)
+        self._enter_stage(Component.VAE, plan)
         device = torch.device("cpu") if plan.vae_on_cpu else self.device
-        dtype = torch.float32 if plan.vae_on_cpu else self._dtype_of("vae")  # _bring keeps a CPU VAE in fp32
+        dtype = torch.float32 if plan.vae_on_cpu else self._dtype_of(Component.VAE)  # _bring keeps a CPU VAE in fp32
         yield device, dtype
 
     def vae_decode(self, latents: "torch.Tensor") -> "torch.Tensor":
@@ -397,7 +399,7 @@ class Engine:
                 # fp32 doubles the VAE's weights and activations: plan again (a smaller tile, or the
                 # CPU) and place it per that plan before the retry.
                 retry = self.plan_for(width=w * factor, height=h * factor, batch=batch, passes=self._passes)
-                self._enter_stage("vae", retry)
+                self._enter_stage(Component.VAE, retry)
                 device = torch.device("cpu") if retry.vae_on_cpu else self.device
                 with torch.inference_mode(), torch.autocast(device.type, enabled=False):
                     image = decode(vae, z.float().to(device), retry.vae_tile, scale=factor,
@@ -441,6 +443,9 @@ class Engine:
 
             weights = text_encoder_fingerprint(self.bundle.text_encoder)
             self._fingerprint = f"{weights}-{self.precision.name}-{str(self.precision.weight_dtype).split('.')[-1]}"
+            layer, final_norm = self.bundle.text_layer, self.bundle.description.text_encoders[0].final_norm
+            if (layer, final_norm) != (-1, True):  # another hidden layer is another embedding
+                self._fingerprint += f"-layer{layer}{'' if final_norm else '-nonorm'}"
         return self._fingerprint
 
     @property

@@ -71,6 +71,8 @@ class PromptConditioning:
                     device=engine.device,
                     cache=engine.prompt_cache,
                     encoder_fingerprint=engine.text_encoder_fingerprint() if engine.prompt_cache else None,
+                    hidden_layer=engine.bundle.text_layer,
+                    final_norm=engine.bundle.description.text_encoders[0].final_norm,
                 )
             self._plans[steps] = plan.to(device=engine.device, dtype=engine.dtype)
             logger.info(

@@ -203,11 +203,15 @@ class _Units:
         device: "torch.device | str",
         cache: PromptCache | None,
         fingerprint: str | None,
+        layer: int = -1,
+        final_norm: bool = True,
     ) -> None:
         self.encoder = encoder
         self.device = device
         self.cache = cache
         self.fingerprint = fingerprint
+        self.layer = layer
+        self.final_norm = final_norm
         self.memo: dict[TokenChunks, "torch.Tensor"] = {}
 
     def get(self, chunks: TokenChunks, text: str) -> "torch.Tensor":
@@ -223,7 +227,8 @@ class _Units:
             )
             tensor = None
         if tensor is None:
-            tensor = encode_chunks(chunks, text_encoder=self.encoder.module(), device=self.device)
+            tensor = encode_chunks(chunks, text_encoder=self.encoder.module(), device=self.device,
+                                   layer=self.layer, final_norm=self.final_norm)
             self.encoder.encoded += 1
             if key is not None:
                 self.cache.put(key, tensor, text=text)  # type: ignore[union-attr]
@@ -244,6 +249,8 @@ def build_conditioning(
     device: "torch.device | str",
     cache: PromptCache | None = None,
     encoder_fingerprint: str | None = None,
+    hidden_layer: int = -1,
+    final_norm: bool = True,
 ) -> ConditioningPlan:
     """Parse and encode ``prompt`` and ``negative_prompt`` for ``steps`` loop steps.
 
@@ -251,6 +258,9 @@ def build_conditioning(
     (``auto`` decides per prompt). Tensors are on ``device`` in the encoder's dtype (a cached
     entry keeps the dtype it was stored in; the fingerprint includes the weights' dtype).
     ``cache=None`` disables the on-disk cache (texts are still encoded once per job).
+    ``hidden_layer`` / ``final_norm``: which hidden states of the encoder condition the UNet (the
+    family's choice, see :func:`leansd.prompts.encode.hidden_states`); a given
+    ``encoder_fingerprint`` must tell them apart.
     Raises InvalidRequestError for an unknown syntax, ``steps < 1`` or overflowing weights.
     """
     import torch
@@ -267,7 +277,10 @@ def build_conditioning(
             logger.warning("prompt cache disabled for this job: cannot fingerprint the text encoder (%s)", exc)
             cache = None
     before = cache.stats.copy() if cache is not None else CacheStats()
-    units = _Units(encoder=encoder, device=device, cache=cache, fingerprint=fingerprint)
+    if fingerprint is not None and encoder_fingerprint is None and (hidden_layer, final_norm) != (-1, True):
+        fingerprint = f"{fingerprint}-layer{hidden_layer}{'' if final_norm else '-nonorm'}"
+    units = _Units(encoder=encoder, device=device, cache=cache, fingerprint=fingerprint,
+                   layer=hidden_layer, final_norm=final_norm)
 
     def empty() -> "torch.Tensor":
         return units.get(chunk_tokens(tokenizer, (Fragment("", 1.0),)), "")

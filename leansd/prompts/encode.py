@@ -132,15 +132,42 @@ def apply_emphasis(z: "torch.Tensor", multipliers: Sequence[Sequence[float]]) ->
     return (zf * (original_mean / new_mean)).to(z.dtype)
 
 
-def encode_chunks(
-    chunks: TokenChunks, *, text_encoder: "CLIPTextModel", device: "torch.device | str"
+def hidden_states(
+    text_encoder: "CLIPTextModel", ids: "torch.Tensor", *, layer: int = -1, final_norm: bool = True
 ) -> "torch.Tensor":
-    """Run the text encoder on every chunk and apply emphasis: (1, 77 * k, D) on ``device``."""
+    """The text encoder's hidden states at ``layer`` (-1 last, -2 penultimate, ...): (B, 77, D).
+
+    ``final_norm`` applies the encoder's final layer norm to that layer's output (the last hidden
+    state of transformers has it; SD 2.x applies it to the penultimate layer too, SDXL does not).
+    """
+    if layer == -1 and final_norm:
+        if type(text_encoder).__name__ == "CLIPTextModel":
+            return text_encoder(ids, return_dict=False)[0]  # last_hidden_state, (B, 77, D)
+        return text_encoder(ids, return_dict=True).last_hidden_state
+    states = text_encoder(ids, output_hidden_states=True, return_dict=True).hidden_states  # embeddings + layers
+    if not -len(states) < layer < 0:
+        raise ValueError(f"text encoder has {len(states) - 1} layers; cannot take hidden layer {layer}")
+    h = states[layer]
+    return text_encoder.text_model.final_layer_norm(h) if final_norm else h
+
+
+def encode_chunks(
+    chunks: TokenChunks,
+    *,
+    text_encoder: "CLIPTextModel",
+    device: "torch.device | str",
+    layer: int = -1,
+    final_norm: bool = True,
+) -> "torch.Tensor":
+    """Run the text encoder on every chunk and apply emphasis: (1, 77 * k, D) on ``device``.
+
+    ``layer`` / ``final_norm``: which hidden states condition the UNet (see :func:`hidden_states`).
+    """
     import torch
 
     ids = torch.tensor(chunks.ids, dtype=torch.long, device=device)  # (k, 77)
     with torch.inference_mode():
-        z = text_encoder(ids, return_dict=False)[0]  # (k, 77, D)
+        z = hidden_states(text_encoder, ids, layer=layer, final_norm=final_norm)  # (k, 77, D)
         z = apply_emphasis(z, chunks.multipliers)
     return z.reshape(1, -1, z.shape[-1])  # (1, 77k, D)
 
@@ -164,8 +191,10 @@ def encode_prompts(
     tokenizer: "CLIPTokenizerFast",
     text_encoder: "CLIPTextModel",
     device: "torch.device | str",
+    layer: int = -1,
+    final_norm: bool = True,
 ) -> "torch.Tensor":
-    """Encode each text to its last hidden state, (len(texts), 77, D), on `device`.
+    """Encode each text to its hidden state at ``layer`` (default the last), (len(texts), 77, D), on `device`.
 
     Plain text, one 77-token window (longer texts are truncated with a warning). Prompt
     syntax, chunking and the cache are :func:`leansd.prompts.conditioning.build_conditioning`,
@@ -184,6 +213,6 @@ def encode_prompts(
     unique = list(dict.fromkeys(texts))  # encode each distinct text once
     ids = tokenize(tokenizer, unique).to(device)  # (U, 77)
     with torch.inference_mode():
-        hidden = text_encoder(ids, return_dict=False)[0]  # (U, 77, D)
+        hidden = hidden_states(text_encoder, ids, layer=layer, final_norm=final_norm)  # (U, 77, D)
     index = torch.tensor([unique.index(t) for t in texts], device=hidden.device)
     return hidden.index_select(0, index)
