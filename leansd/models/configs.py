@@ -6,7 +6,12 @@ import re
 from collections.abc import Iterable, Mapping
 from typing import Any
 
+from typing import TYPE_CHECKING
+
 from leansd.errors import ModelLoadError
+
+if TYPE_CHECKING:
+    from leansd.models.families import FamilySpec
 
 # SD 1.x training schedule (CompVis v1-inference.yaml: linear_start 0.00085, linear_end 0.012,
 # 1000 timesteps, "scaled_linear" = linspace in sqrt space). steps_offset=1 and
@@ -88,6 +93,7 @@ CLIP_BOS_ID, CLIP_EOS_ID = 49406, 49407
 LDM_UNET_PREFIX = "model.diffusion_model."
 LDM_VAE_PREFIX = "first_stage_model."
 LDM_CLIP_PREFIX = "cond_stage_model.transformer."
+LDM_OPEN_CLIP_PREFIX = "cond_stage_model.model."
 
 
 def _sub(shapes: Mapping[str, tuple[int, ...]], prefix: str) -> dict[str, tuple[int, ...]]:
@@ -111,13 +117,14 @@ def text_heads(width: int) -> int:
     return width // CLIP_HEAD_WIDTH if width >= CLIP_HEAD_WIDTH else NARROW_TEXT_HEADS
 
 
-def infer_unet_config(shapes: Mapping[str, tuple[int, ...]]) -> dict[str, Any]:
+def infer_unet_config(shapes: Mapping[str, tuple[int, ...]], *, spec: "FamilySpec | None" = None) -> dict[str, Any]:
     """``UNet2DConditionModel`` kwargs for the ``model.diffusion_model.*`` tensors in ``shapes``.
 
     ``shapes`` maps full original-layout keys to tensor shapes. Levels and their widths come
     from the input blocks (block ``(layers_per_block + 1) * level + j + 1``), attention levels from
-    ``*.1.proj_in`` tensors, the context width from ``attn2.to_k``. Raises ``ModelLoadError`` if a
-    tensor the inference needs is missing.
+    ``*.1.proj_in`` tensors, the context width from ``attn2.to_k``. The attention heads follow the
+    family's description ``spec`` (SD 1.x: 8 at every level; SD 2.x: 64-wide heads); without one,
+    SD 1.x's. Raises ``ModelLoadError`` if a tensor the inference needs is missing.
     """
     unet = _sub(shapes, LDM_UNET_PREFIX)
     conv_in = _need(unet, "input_blocks.0.0.weight", "UNet")
@@ -175,15 +182,20 @@ def infer_unet_config(shapes: Mapping[str, tuple[int, ...]]) -> dict[str, Any]:
         "block_out_channels": tuple(block_out_channels),
         "layers_per_block": layers_per_block,
         "cross_attention_dim": context,
-        "attention_head_dim": SD1_UNET_ATTENTION_HEADS,
+        "attention_head_dim": (
+            SD1_UNET_ATTENTION_HEADS if spec is None else spec.unet_attention_heads(tuple(block_out_channels))
+        ),
         "use_linear_projection": proj_in_ndim == 2,
         "transformer_layers_per_block": depths.pop() if len(depths) == 1 else tuple(transformer_depths),
         "norm_num_groups": NORM_NUM_GROUPS,
     }
 
 
-def infer_vae_config(shapes: Mapping[str, tuple[int, ...]]) -> dict[str, Any]:
-    """``AutoencoderKL`` kwargs for the ``first_stage_model.*`` tensors in ``shapes``."""
+def infer_vae_config(
+    shapes: Mapping[str, tuple[int, ...]], *, scaling_factor: float = SD1_VAE_SCALING_FACTOR
+) -> dict[str, Any]:
+    """``AutoencoderKL`` kwargs for the ``first_stage_model.*`` tensors in ``shapes`` (the scaling
+    factor is the family's: it is not in the weights)."""
     vae = _sub(shapes, LDM_VAE_PREFIX)
     conv_in = _need(vae, "encoder.conv_in.weight", "VAE")
     conv_out = _need(vae, "decoder.conv_out.weight", "VAE")
@@ -206,7 +218,7 @@ def infer_vae_config(shapes: Mapping[str, tuple[int, ...]]) -> dict[str, Any]:
         "latent_channels": int(decoder_in[1]),
         "norm_num_groups": NORM_NUM_GROUPS,
         "sample_size": 8 * (SD1_SAMPLE_SIZE if base >= SD1_VAE_BASE_CHANNELS else NARROW_SAMPLE_SIZE),
-        "scaling_factor": SD1_VAE_SCALING_FACTOR,
+        "scaling_factor": scaling_factor,
         "use_quant_conv": "quant_conv.weight" in vae,
         "use_post_quant_conv": "post_quant_conv.weight" in vae,
     }
@@ -236,4 +248,37 @@ def infer_text_config(shapes: Mapping[str, tuple[int, ...]]) -> dict[str, Any]:
         "eos_token_id": CLIP_EOS_ID,
         "pad_token_id": CLIP_EOS_ID,
         "projection_dim": int(width),
+    }
+
+
+def infer_open_clip_config(
+    shapes: Mapping[str, tuple[int, ...]], *, prefix: str = LDM_OPEN_CLIP_PREFIX, activation: str = "gelu"
+) -> dict[str, Any]:
+    """``CLIPTextConfig`` kwargs for an OpenCLIP text encoder under ``prefix`` (SD 2.x: ``cond_stage_model.model.``).
+
+    Width and vocabulary from ``token_embedding``, positions from ``positional_embedding``, depth
+    from ``transformer.resblocks.*``, MLP width from ``c_fc``, projection width from
+    ``text_projection`` (W, P). OpenCLIP's MLP uses exact GELU (OpenAI CLIP's quick GELU is not).
+    """
+    text = _sub(shapes, prefix)
+    vocab_size, width = _need(text, "token_embedding.weight", "text encoder")
+    positions = _need(text, "positional_embedding", "text encoder")[0]
+    layers = _indices(text, r"transformer\.resblocks\.(\d+)\.")
+    if not layers:
+        raise ModelLoadError("cannot infer the text encoder architecture: no transformer.resblocks.* tensors")
+    intermediate = _need(text, "transformer.resblocks.0.mlp.c_fc.weight", "text encoder")[0]
+    projection = text.get("text_projection", (width, width))
+    return {
+        "vocab_size": int(vocab_size),
+        "hidden_size": int(width),
+        "intermediate_size": int(intermediate),
+        "num_hidden_layers": len(layers),
+        "num_attention_heads": text_heads(int(width)),
+        "max_position_embeddings": int(positions),
+        "hidden_act": activation,
+        "layer_norm_eps": 1e-5,
+        "bos_token_id": CLIP_BOS_ID,
+        "eos_token_id": CLIP_EOS_ID,
+        "pad_token_id": 0,
+        "projection_dim": int(projection[1]),
     }

@@ -2,8 +2,9 @@
 
 Two layouts are read: the original CompVis/Stability single-file layout (``model.diffusion_model.*``,
 ``first_stage_model.*``, ``cond_stage_model.*`` or SDXL's ``conditioner.embedders.*``) and diffusers
-folders (``unet/config.json`` and friends). Only SD 1.x is supported for generation in this version;
-the others are recognised so the user gets a clear message instead of a shape error.
+folders (``unet/config.json`` and friends). SD 1.x and SD 2.x (with their 9-channel inpainting
+variants) are supported for generation in this version; the others are recognised so the user gets a
+clear message instead of a shape error.
 """
 
 from __future__ import annotations
@@ -52,7 +53,7 @@ _LABELS = {
     ModelFamily.UNKNOWN: "unrecognised Stable Diffusion variant",
 }
 
-SUPPORTED_FAMILIES = (ModelFamily.SD1, ModelFamily.SD1_INPAINT)
+SUPPORTED_FAMILIES = (ModelFamily.SD1, ModelFamily.SD1_INPAINT, ModelFamily.SD2, ModelFamily.SD2_INPAINT)
 
 # Input channels of the UNet: 4 latent channels, or 4 + 4 (masked image) + 1 (mask) for inpainting.
 _LATENT_CHANNELS = 4
@@ -157,7 +158,8 @@ def detect_family_diffusers(folder: str | os.PathLike[str]) -> ModelFamily:
 
     SDXL: ``addition_embed_type == "text_time"`` or a ``text_encoder_2`` component (refiner: no
     ``text_encoder``, or a 1280-wide context); SD 2.x: 1024-wide context; SD 1.x: a 768-wide
-    context or one equal to the CLIP text encoder's width (the tiny test model); 9 input channels
+    context; a context as wide as the text encoder (the tiny test models): SD 2.x when the encoder
+    is OpenCLIP (exact GELU), else SD 1.x; 9 input channels
     mean inpainting. Raises ``ModelLoadError`` if ``unet/config.json`` is missing.
     """
     root = Path(folder)
@@ -181,8 +183,12 @@ def detect_family_diffusers(folder: str | os.PathLike[str]) -> ModelFamily:
         return _with_inpaint(ModelFamily.SDXL_REFINER if refiner else ModelFamily.SDXL, in_channels)
     if context == 1024:
         return _with_inpaint(ModelFamily.SD2, in_channels)
-    if context == 768 or (context is not None and context == text.get("hidden_size")):
+    if context == 768:
         return _with_inpaint(ModelFamily.SD1, in_channels)
+    if context is not None and context == text.get("hidden_size"):
+        # OpenCLIP (SD 2.x) uses exact GELU in its MLPs, OpenAI CLIP (SD 1.x) quick GELU.
+        open_clip = text.get("hidden_act") == "gelu"
+        return _with_inpaint(ModelFamily.SD2 if open_clip else ModelFamily.SD1, in_channels)
     return ModelFamily.UNKNOWN
 
 
@@ -190,7 +196,7 @@ def require_supported(family: ModelFamily, source: str) -> None:
     """Raise ``UnsupportedModelError`` (one line naming the family) unless leansd can run it."""
     if family in SUPPORTED_FAMILIES:
         return
-    supported = "leansd supports SD 1.x checkpoints (incl. 9-channel inpainting) for now"
+    supported = "leansd supports SD 1.x and SD 2.x checkpoints (incl. 9-channel inpainting) for now"
     if family is ModelFamily.UNKNOWN:
         raise UnsupportedModelError(
             f"{source}: could not recognise the model family (not SD 1.x, SD 2.x or SDXL); {supported}"

@@ -1,7 +1,12 @@
-"""Tiny random-weight SD 1.x-shaped models for tests and `--model tiny`.
+"""Tiny random-weight SD 1.x- and SD 2.x-shaped models for tests and `--model tiny`.
 
-THESE MODELS ARE RANDOM: they exercise every code path of a real SD 1.x model in a fraction of a
-second, and the pictures they make are noise.
+THESE MODELS ARE RANDOM: they exercise every code path of a real SD 1.x / SD 2.x model in a
+fraction of a second, and the pictures they make are noise.
+
+The SD 2.x ones have what sets SD 2.x apart: an OpenCLIP-layout text encoder (fused attention
+projections, exact GELU, a text projection, padding with ``!``) conditioning on its penultimate
+layer, linear projections in the UNet's transformers with 64-wide heads, and v-prediction in
+their diffusers folders' scheduler config.
 """
 
 from __future__ import annotations
@@ -13,6 +18,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from leansd.models.configs import SD1_VAE_SCALING_FACTOR
+from leansd.models.families import OPEN_CLIP, describe
+from leansd.models.family import ModelFamily
 
 if TYPE_CHECKING:
     from diffusers import AutoencoderKL, UNet2DConditionModel
@@ -63,6 +70,17 @@ TINY_TEXT_CONFIG = dict(
 )
 
 
+# SD 2.x: 64-wide UNet heads (at least one per level), linear transformer projections; an OpenCLIP
+# text encoder with one more block than it conditions on (the penultimate layer).
+TINY_SD2_UNET_CONFIG = dict(
+    TINY_UNET_CONFIG,
+    attention_head_dim=describe(ModelFamily.SD2).unet_attention_heads(TINY_UNET_CONFIG["block_out_channels"]),
+    use_linear_projection=True,
+)
+TINY_SD2_TEXT_CONFIG = dict(TINY_TEXT_CONFIG, num_hidden_layers=3, hidden_act="gelu", pad_token_id=0)
+TINY_FAMILIES = (ModelFamily.SD1, ModelFamily.SD2)
+
+
 @dataclass
 class TinyComponents:
     unet: "UNet2DConditionModel"
@@ -70,25 +88,35 @@ class TinyComponents:
     text_encoder: "CLIPTextModel"
 
 
-def build_tiny_components(*, seed: int = 0, inpainting: bool = False) -> TinyComponents:
+def build_tiny_components(
+    *, seed: int = 0, inpainting: bool = False, family: ModelFamily = ModelFamily.SD1
+) -> TinyComponents:
     """Build the three tiny models with deterministic random weights (same seed, same tensors).
 
     `inpainting=True` gives the UNet 9 input channels (latents, mask, masked-image latents), the
-    layout of sd-v1-5-inpainting.
+    layout of sd-v1-5-inpainting. `family=ModelFamily.SD2` builds the SD 2.x-shaped models (the
+    text encoder a ``CLIPTextModelWithProjection`` holding the whole OpenCLIP encoder).
     """
     import torch
     from diffusers import AutoencoderKL, UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
+    if family not in TINY_FAMILIES:
+        raise ValueError(f"no tiny {family.label} model; tiny families: {', '.join(f.value for f in TINY_FAMILIES)}")
+    sd2 = family is ModelFamily.SD2
+    unet_config = TINY_SD2_UNET_CONFIG if sd2 else TINY_UNET_CONFIG
     # Construction draws from the global RNG; fork it so the caller's random state is untouched
     # (every tensor is overwritten from a private generator below anyway).
     with torch.random.fork_rng(devices=[]):
-        unet = UNet2DConditionModel(**{**TINY_UNET_CONFIG, "in_channels": 9 if inpainting else 4})
+        unet = UNet2DConditionModel(**{**unet_config, "in_channels": 9 if inpainting else 4})
         vae = AutoencoderKL(**TINY_VAE_CONFIG)
-        text_encoder = CLIPTextModel(CLIPTextConfig(**TINY_TEXT_CONFIG))
+        if sd2:
+            text_encoder = CLIPTextModelWithProjection(CLIPTextConfig(**TINY_SD2_TEXT_CONFIG))
+        else:
+            text_encoder = CLIPTextModel(CLIPTextConfig(**TINY_TEXT_CONFIG))
     # Default inits leave some layers at exactly zero (conv_out etc.); give every tensor
     # non-trivial values so the pipelines show real differences between settings.
-    generator = torch.Generator().manual_seed(seed * 1000 + 4)
+    generator = torch.Generator().manual_seed(seed * 1000 + (5 if sd2 else 4))
     with torch.no_grad():
         for module in (unet, vae, text_encoder):
             for name, param in module.named_parameters():
@@ -105,14 +133,21 @@ def build_tiny_components(*, seed: int = 0, inpainting: bool = False) -> TinyCom
 
 
 def write_tiny_single_file(
-    path: str | os.PathLike[str], *, seed: int = 0, text_model_level: bool = True
+    path: str | os.PathLike[str],
+    *,
+    seed: int = 0,
+    text_model_level: bool = True,
+    family: ModelFamily = ModelFamily.SD1,
+    inpainting: bool = False,
 ) -> Path:
-    """Write the tiny RANDOM model (it makes noise) as an original-layout SD 1.x single file.
+    """Write the tiny RANDOM model (it makes noise) as an original-layout single file.
 
     The format follows the extension: ``.safetensors`` (safetensors) or ``.ckpt`` (a pickle of
     ``{"state_dict": ...}`` holding tensors only, readable with ``weights_only=True``).
-    ``text_model_level=False`` writes the older layout without the ``text_model.`` level. Same
-    seed, same bytes; about 12 MB (the 49,408 x 32 token embedding is half of it).
+    ``text_model_level=False`` writes the older SD 1.x layout without the ``text_model.`` level.
+    ``family=ModelFamily.SD2`` writes Stability's SD 2.x layout (OpenCLIP under
+    ``cond_stage_model.model.*``). Same seed, same bytes; about 12 MB (the 49,408 x 32 token
+    embedding is half of it).
     """
     import torch
 
@@ -122,12 +157,13 @@ def write_tiny_single_file(
     suffix = target.suffix.lower()
     if suffix not in (".safetensors", ".ckpt"):
         raise ValueError(f"{target}: expected a .safetensors or .ckpt file name")
-    tiny = build_tiny_components(seed=seed)
+    tiny = build_tiny_components(seed=seed, family=family, inpainting=inpainting)
+    layout = describe(family).text_encoders[0].layout
     # Own contiguous copies: safetensors refuses views, and a file should not alias the modules.
     sd = {
         k: v.detach().contiguous().clone()
         for k, v in diffusers_to_ldm(
-            tiny.unet, tiny.vae, tiny.text_encoder, text_model_level=text_model_level
+            tiny.unet, tiny.vae, tiny.text_encoder, text_model_level=text_model_level, text_layout=layout
         ).items()
     }
     target.parent.mkdir(parents=True, exist_ok=True)
@@ -140,16 +176,19 @@ def write_tiny_single_file(
     return target
 
 
-def write_pipeline_files(root: Path) -> None:
-    """The model-independent parts of an SD 1.x diffusers folder: tokenizer/, scheduler/, model_index.json."""
+def write_pipeline_files(
+    root: Path, *, family: ModelFamily = ModelFamily.SD1, prediction_type: str = "epsilon"
+) -> None:
+    """The model-independent parts of a diffusers folder: tokenizer/, scheduler/, model_index.json."""
     import diffusers
     from diffusers import PNDMScheduler
 
     from leansd.models.configs import SD1_SCHEDULER_CONFIG
     from leansd.models.tokenizer import bundled_tokenizer, save_tokenizer
 
-    save_tokenizer(bundled_tokenizer(), root / "tokenizer")
-    PNDMScheduler.from_config(SD1_SCHEDULER_CONFIG).save_pretrained(root / "scheduler")
+    save_tokenizer(bundled_tokenizer(pad_token=describe(family).text_encoders[0].pad_token), root / "tokenizer")
+    config = dict(SD1_SCHEDULER_CONFIG, prediction_type=prediction_type)
+    PNDMScheduler.from_config(config).save_pretrained(root / "scheduler")
     index = {
         "_class_name": "StableDiffusionPipeline",
         "_diffusers_version": diffusers.__version__,
@@ -165,18 +204,33 @@ def write_pipeline_files(root: Path) -> None:
     (root / "model_index.json").write_text(json.dumps(index, indent=2, sort_keys=True) + "\n", encoding="utf-8")
 
 
-def write_tiny_diffusers_folder(path: str | os.PathLike[str], *, seed: int = 0) -> Path:
+def write_tiny_diffusers_folder(
+    path: str | os.PathLike[str],
+    *,
+    seed: int = 0,
+    family: ModelFamily = ModelFamily.SD1,
+    inpainting: bool = False,
+    prediction_type: str | None = None,
+) -> Path:
     """Write the tiny RANDOM model (it makes noise) as a diffusers ``StableDiffusionPipeline`` folder.
 
     ``model_index.json``, ``unet/``, ``vae/``, ``text_encoder/`` (safetensors), ``tokenizer/``
     (the bundled CLIP tokenizer) and ``scheduler/`` (``PNDMScheduler`` with the SD 1.x schedule).
+    SD 2.x folders follow diffusers' conventions: the text encoder a ``CLIPTextModel`` cut after
+    its penultimate block, the tokenizer padding with ``!``, and (by default) v-prediction.
     Same seed, same files; about 16 MB (the tokenizer alone is 3.6 MB).
     """
+    from leansd.models.convert import penultimate_text_encoder
+
     root = Path(path)
     root.mkdir(parents=True, exist_ok=True)
-    tiny = build_tiny_components(seed=seed)
+    tiny = build_tiny_components(seed=seed, family=family, inpainting=inpainting)
     tiny.unet.save_pretrained(root / "unet", safe_serialization=True)
     tiny.vae.save_pretrained(root / "vae", safe_serialization=True)
-    tiny.text_encoder.save_pretrained(root / "text_encoder", safe_serialization=True)
-    write_pipeline_files(root)
+    spec = describe(family).text_encoders[0]
+    text_encoder = penultimate_text_encoder(tiny.text_encoder) if spec.layout == OPEN_CLIP else tiny.text_encoder
+    text_encoder.save_pretrained(root / "text_encoder", safe_serialization=True)
+    if prediction_type is None:
+        prediction_type = "v_prediction" if family is ModelFamily.SD2 and not inpainting else "epsilon"
+    write_pipeline_files(root, family=family, prediction_type=prediction_type)
     return root

@@ -107,10 +107,11 @@ def test_labels():
 def test_require_supported_messages():
     require_supported(ModelFamily.SD1, "a.safetensors")  # no error
     require_supported(ModelFamily.SD1_INPAINT, "a.safetensors")  # no error
-    tail = "leansd supports SD 1.x checkpoints (incl. 9-channel inpainting) for now"
+    require_supported(ModelFamily.SD2, "a.safetensors")  # no error
+    require_supported(ModelFamily.SD2_INPAINT, "a.safetensors")  # no error
+    tail = "leansd supports SD 1.x and SD 2.x checkpoints (incl. 9-channel inpainting) for now"
     expected = {
         ModelFamily.SDXL: f"m.ckpt: recognised an SDXL checkpoint; {tail}",
-        ModelFamily.SD2: f"m.ckpt: recognised an SD 2.x checkpoint; {tail}",
         ModelFamily.SDXL_REFINER: f"m.ckpt: recognised an SDXL refiner checkpoint; {tail}",
     }
     for family, message in expected.items():

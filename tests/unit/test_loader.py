@@ -228,7 +228,6 @@ def test_sd1_inpainting_file_loads_as_a_9_channel_model(tmp_path, reference):
             },
             "SDXL",
         ),
-        ({"cond_stage_model.model.token_embedding.weight": (10, 1024)}, "SD 2.x"),
     ],
 )
 def test_other_families_are_unsupported(tmp_path, extra, label):
@@ -241,7 +240,22 @@ def test_other_families_are_unsupported(tmp_path, extra, label):
     path = _save({k: torch.zeros(s) for k, s in shapes.items()}, tmp_path / "other.safetensors")
     with pytest.raises(UnsupportedModelError) as info:
         load_model(path)
-    assert str(info.value) == f"{path}: recognised an {label} checkpoint; leansd supports SD 1.x checkpoints (incl. 9-channel inpainting) for now"
+    assert str(info.value) == (
+        f"{path}: recognised an {label} checkpoint; leansd supports SD 1.x and SD 2.x checkpoints "
+        "(incl. 9-channel inpainting) for now"
+    )
+
+
+def test_incomplete_sd2_file_names_what_is_missing(tmp_path):
+    shapes = {
+        "model.diffusion_model.input_blocks.0.0.weight": (8, 4, 3, 3),
+        "model.diffusion_model.input_blocks.1.1.transformer_blocks.0.attn2.to_k.weight": (8, 1024),
+        "cond_stage_model.model.token_embedding.weight": (10, 1024),
+    }
+    path = _save({k: torch.zeros(s) for k, s in shapes.items()}, tmp_path / "sd2-cut.safetensors")
+    with pytest.raises(ModelLoadError) as info:
+        load_model(path)
+    assert str(info.value) == f"{path}: cannot infer the UNet architecture: tensor out.2.weight is missing"
 
 
 def test_not_stable_diffusion(tmp_path):
