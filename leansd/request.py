@@ -32,6 +32,7 @@ DEFAULT_STEPS = 50
 DEFAULT_GUIDANCE = 7.5
 DEFAULT_STRENGTH = 0.75
 DEFAULT_HIRES_STRENGTH = 0.5
+DEFAULT_GUIDANCE_RESCALE = 0.0
 RESIZE_MODES = ("just-resize", "crop", "fill")
 INPAINTING_FILLS = ("original", "fill", "latent-noise", "latent-nothing")
 HIRES_UPSCALERS = ("lanczos", "latent")
@@ -89,6 +90,10 @@ class GenerationRequest:
     """Seamless tiling: convolutions pad circularly so the image tiles without seams."""
     prompt_syntax: str = "auto"
     """auto, a1111 ((word:1.2), [a:b:0.5], AND, BREAK), blocks (optimizedSD `a:0.3 b:0.7`), plain."""
+    guidance_rescale: float = DEFAULT_GUIDANCE_RESCALE
+    """0..1: rescale the guided prediction towards the conditional one's standard deviation (Lin et al.
+    2023, "Common Diffusion Noise Schedules and Sample Steps are Flawed", eq. 15-16; diffusers' formula);
+    0 (default) is plain guidance. Helps v-prediction / zero-terminal-SNR models at high CFG."""
 
     @property
     def task(self) -> str:
@@ -119,7 +124,7 @@ class GenerationRequest:
         for name in ("width", "height", "seed", "hires_width", "hires_height", "hires_steps"):
             value = getattr(self, name)
             values[name] = None if value is None else _as_int(name, value)
-        for name in ("guidance_scale", "eta", "strength", "hires_strength"):
+        for name in ("guidance_scale", "eta", "strength", "hires_strength", "guidance_rescale"):
             values[name] = _as_float(name, getattr(self, name))
         values["hires_scale"] = None if self.hires_scale is None else _as_float("hires_scale", self.hires_scale)
         values["mask_blur"] = _as_int("mask_blur", self.mask_blur)
@@ -198,6 +203,8 @@ class GenerationRequest:
             raise InvalidRequestError(f"scale (CFG) must be >= 0, got {self.guidance_scale}")
         if self.eta < 0:
             raise InvalidRequestError(f"ddim_eta must be >= 0, got {self.eta}")
+        if not 0.0 <= self.guidance_rescale <= 1.0:
+            raise InvalidRequestError(f"guidance_rescale must be between 0 and 1, got {self.guidance_rescale:g}")
         seed = self.seed
         if seed is None or seed == -1:
             seed = random_seed(self.seeds_used)

@@ -131,19 +131,25 @@ class Engine:
         device: str | None = "auto",
         precision: str = "auto",
         prompt_cache: bool = True,
+        prediction_type: str | None = None,
         **memory: Any,
     ) -> "Engine":
         """Load a .safetensors/.ckpt file, a diffusers folder, a hub id, or "tiny" (random test model).
 
+        `prediction_type`: "epsilon" or "v_prediction" overrides what the model says (None: its
+        .yaml, scheduler config, marker keys or probe; see `leansd.models.prediction`).
         `memory`: vram, memory_policy, turbo, vae_on_cpu, virtual_device (see `Engine`).
         """
         from leansd.models.loader import load_model
+        from leansd.models.prediction import normalise_prediction_type
 
         # Validate device/precision/budget before the (slow) load so a typo fails at once.
         resolved = resolve_device(device)
         resolve_precision(precision, resolved)
         resolve_budget(memory.get("vram", "auto"), resolved, virtual=memory.get("virtual_device", False), probe=False)
-        return cls(load_model(model), device=device, precision=precision, prompt_cache=prompt_cache, **memory)
+        prediction_type = normalise_prediction_type(prediction_type)
+        return cls(load_model(model, prediction_type=prediction_type), device=device, precision=precision,
+                   prompt_cache=prompt_cache, **memory)
 
     def set_budget(self, vram: "str | int | None") -> int | None:
         """Change the device budget ("4G", "1500M", "auto", "none"); the next stage plans with it.

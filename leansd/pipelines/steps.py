@@ -205,6 +205,7 @@ def run_denoise(
             extra_channels=extra_channels,
             after_step=after_step,
             on_step=on_step,
+            guidance_rescale=request.guidance_rescale,
         )
 
 

@@ -28,6 +28,14 @@ def uses_guidance(guidance_scale: float, unet: "UNet2DConditionModel") -> bool:
     return guidance_scale > 1.0 and unet.config.time_cond_proj_dim is None
 
 
+def rescale_guidance(guided: "torch.Tensor", conditional: "torch.Tensor", amount: float) -> "torch.Tensor":
+    """Guidance rescale (Lin et al. 2023, eq. 15-16, as diffusers): match the guided prediction's
+    per-image standard deviation to the conditional one's, mixed in by ``amount`` (0..1)."""
+    dims = list(range(1, guided.ndim))
+    rescaled = guided * (conditional.std(dim=dims, keepdim=True) / guided.std(dim=dims, keepdim=True))
+    return amount * rescaled + (1 - amount) * guided
+
+
 def denoise(
     *,
     unet: "UNet2DConditionModel",
@@ -41,6 +49,7 @@ def denoise(
     extra_channels: "torch.Tensor | None" = None,
     after_step: Callable[[int, "torch.Tensor"], "torch.Tensor"] | None = None,
     on_step: Callable[[int, int], None] | None = None,
+    guidance_rescale: float = 0.0,
 ) -> "torch.Tensor":
     """Run the sampler from the starting latents to a clean latent.
 
@@ -51,7 +60,9 @@ def denoise(
     (default: all of them) is the tail to run (img2img strength). `extra_channels` (B, C', h, w)
     are concatenated to the UNet input after scaling (the mask and masked-image latents of
     9-channel inpainting models). `after_step(i, latents)` may replace the latents after step i
-    (legacy inpainting re-imposes the known region there).
+    (legacy inpainting re-imposes the known region there). `guidance_rescale` > 0 applies
+    :func:`rescale_guidance` to the guided prediction (against the single conditional prediction, or
+    the unscaled sum of the AND parts).
     """
     import torch
 
@@ -80,6 +91,10 @@ def denoise(
             noise_uncond, *noise_conds = noise_pred.chunk(passes)
             # Classifier-free guidance (Ho & Salimans 2022), summed over AND parts (Liu et al. 2022).
             noise_pred = combine_guidance(noise_uncond, noise_conds, step.weights, guidance_scale)
+            if guidance_rescale > 0:
+                single = len(noise_conds) == 1 and step.weights == (1.0,)
+                reference = noise_conds[0] if single else combine_guidance(noise_uncond, noise_conds, step.weights, 1.0)
+                noise_pred = rescale_guidance(noise_pred, reference, guidance_rescale)
         latents = scheduler.step(noise_pred, t, latents, **extra, return_dict=False)[0]
         if after_step is not None:
             latents = after_step(i, latents)
