@@ -20,6 +20,7 @@ from typing import Any
 from leansd.errors import ModelLoadError, UnsupportedModelError
 
 UNET_PREFIX = "model.diffusion_model."
+LDM_VAE_PREFIX = "first_stage_model."
 CLIP_PREFIX = "cond_stage_model.transformer."
 OPEN_CLIP_PREFIX = "cond_stage_model.model."
 SDXL_CONDITIONER_PREFIX = "conditioner.embedders."
@@ -90,6 +91,41 @@ def _clip_width(shapes: Mapping[str, tuple[int, ...]]) -> int | None:
     return None
 
 
+_RUNS = "leansd runs SD 1.x and SD 2.x checkpoints"
+
+
+def recognise_other(shapes: Mapping[str, tuple[int, ...]]) -> str | None:
+    """What a file that is not a UNet-based SD checkpoint is, for the refusal message; None if unknown.
+
+    Recognised: Stable Diffusion 3 (MMDiT ``joint_blocks``), Flux (``double_blocks`` /
+    ``single_blocks``), LoRA / LyCORIS files (``lora_up``/``lora_down``/``lora_A``/``lora_B``, named
+    SDXL when they patch a second text encoder ``lora_te2_`` or the UNet's ``label_emb``), a VAE alone
+    (``encoder.*``/``decoder.*`` with ``quant_conv``), a text encoder alone.
+    """
+    keys = list(shapes)
+
+    def has(pattern: str) -> bool:
+        regex = re.compile(pattern)
+        return any(regex.search(k) for k in keys)
+
+    if has(r"(^|\.)joint_blocks\.\d+\.") or has(r"^text_encoders\.t5xxl\."):
+        return "a Stable Diffusion 3 checkpoint (MMDiT transformer, not a UNet)"
+    if has(r"(^|\.)double_blocks\.\d+\.") and has(r"(^|\.)single_blocks\.\d+\."):
+        return "a Flux checkpoint (a rectified-flow transformer, not a UNet)"
+    if has(r"(lora_up|lora_down|lora_A|lora_B|lora\.up|lora\.down|hada_w1|lokr_w1)"):
+        sdxl = has(r"^lora_te2_") or has(r"label_emb") or has(r"^lora_unet_(input|output)_blocks_\d+_1_transformer_blocks_[1-9]")
+        return f"{'an SDXL' if sdxl else 'a'} LoRA (a patch for a checkpoint, not a checkpoint)"
+    if any(k.startswith(UNET_PREFIX) for k in keys):
+        return None
+    vae_keys = ("encoder.conv_in.weight", "decoder.conv_out.weight")
+    for prefix in ("", LDM_VAE_PREFIX, "vae."):
+        if all(prefix + k in shapes for k in vae_keys):
+            return "a VAE alone (the image decoder of a model, not a checkpoint)"
+    if has(r"^(text_model\.)?encoder\.layers\.\d+\.self_attn\.") or has(r"^transformer\.resblocks\.\d+\."):
+        return "a text encoder alone, not a Stable Diffusion checkpoint"
+    return None
+
+
 def detect_family(shapes: Mapping[str, tuple[int, ...]], *, source: str = "checkpoint") -> ModelFamily:
     """Family of an original-layout (single-file) state dict, given ``{key: shape}``.
 
@@ -104,6 +140,9 @@ def detect_family(shapes: Mapping[str, tuple[int, ...]], *, source: str = "check
     - a UNet input conv with 9 channels turns SD 1.x/2.x into their inpainting variants.
     Anything else with a UNet is ``UNKNOWN``.
     """
+    other = recognise_other(shapes)
+    if other is not None:
+        raise UnsupportedModelError(f"{source}: this is {other}; {_RUNS}")
     if not any(key.startswith(UNET_PREFIX) for key in shapes):
         raise ModelLoadError(
             f"{source} does not look like a Stable Diffusion checkpoint (no {UNET_PREFIX}* tensors)"

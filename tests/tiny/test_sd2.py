@@ -325,3 +325,15 @@ def test_nine_channel_inpaint_matches_diffusers(inpaint_engine, sampler: str) ->
     ours = inpaint_engine.generate(req, progress_bar=False)
     ref = _inpaint_reference(inpaint_engine, req, ours.seeds)
     np.testing.assert_allclose(ours.pixels, composite(ref, req.mask), atol=1e-4)
+
+
+def test_truncated_sd2_file_is_a_one_line_error(files, tmp_path):
+    from leansd.errors import ModelLoadError
+
+    data = files["single"].read_bytes()
+    path = tmp_path / "cut.safetensors"
+    path.write_bytes(data[: len(data) // 2])
+    with pytest.raises(ModelLoadError) as info:
+        load_model(path)
+    assert str(info.value).startswith(f"{path}: is truncated")
+    assert "\n" not in str(info.value)
