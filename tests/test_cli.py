@@ -187,6 +187,8 @@ BAD_ARGS = [
     (["--precision", "fp8"], "unknown precision 'fp8'"),
     (["--device", "cuda:7"], "device"),
     (["--steps", "many"], "expected an integer"),
+    (["--prediction-type", "sample"], "unknown prediction type 'sample'; valid: epsilon, v_prediction"),
+    (["--guidance-rescale", "2"], "guidance_rescale must be between 0 and 1, got 2"),
 ]
 
 

@@ -337,3 +337,24 @@ def test_truncated_sd2_file_is_a_one_line_error(files, tmp_path):
         load_model(path)
     assert str(info.value).startswith(f"{path}: is truncated")
     assert "\n" not in str(info.value)
+
+
+def test_cli_prediction_type_flag(files, tmp_path, capsys):
+    from PIL import Image
+
+    from leansd.frontends.cli import main
+
+    path = tmp_path / "no-yaml.safetensors"
+    path.write_bytes(files["single"].read_bytes())
+    args = ["txt2img", "--ckpt", str(path), "--prompt", "a red fox", "--sampler", "DDIM", "--steps", "3",
+            "--seed", "9", "--H", "64", "--W", "64", "--skip_grid", "--no-prompt-cache", "--guidance-rescale", "0.5"]
+    assert main([*args, "--prediction-type", "v_prediction", "--outdir", str(tmp_path / "v")]) == 0
+    assert main([*args, "--prediction-type", "epsilon", "--outdir", str(tmp_path / "eps")]) == 0
+    v = np.asarray(Image.open(tmp_path / "v" / "seed_9_00000.png"))
+    eps = np.asarray(Image.open(tmp_path / "eps" / "seed_9_00000.png"))
+    engine = Engine.load(str(path), device="cpu", precision="full", prompt_cache=False, prediction_type="v_prediction")
+    assert engine.bundle.prediction_type == "v_prediction"
+    expected = engine.generate(GenerationRequest(prompt="a red fox", sampler="DDIM", num_inference_steps=3, seed=9,
+                                                 width=64, height=64, guidance_rescale=0.5), progress_bar=False)
+    np.testing.assert_array_equal(v, np.asarray(expected.images[0]))
+    assert np.abs(v.astype(int) - eps.astype(int)).max() > 10  # the flag changes what the UNet output means
