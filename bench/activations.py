@@ -3,6 +3,7 @@
     python bench/activations.py                 # full-size SD 1.5 on the meta device, fp16, 512..2048 px
     python bench/activations.py --dtype fp32    # the same at fp32
     python bench/activations.py --tiny          # tiny random model on the CPU (real compute), 64/128 px
+    python bench/activations.py --family sd2    # full-size SD 2.x (OpenCLIP-H, 64-wide heads) on meta
 
 Each stage runs once under `leansd.engine.measure.ActivationTracker`: the peak of live tensor bytes
 it allocates (CUDA 512-byte blocks; weights and inputs not counted), the CPU-side proxy for
@@ -40,7 +41,7 @@ TINY_CHUNKS = (32, 8)
 TEXT_TOKENS = 77
 
 
-def build_models(tiny: bool, dtype) -> SimpleNamespace:
+def build_models(tiny: bool, dtype, family: str = "sd1") -> SimpleNamespace:
     """unet, vae, text_encoder, vae_scale_factor, device: what `model_sizes` and the stages need."""
     import torch
 
@@ -51,19 +52,13 @@ def build_models(tiny: bool, dtype) -> SimpleNamespace:
         models = SimpleNamespace(unet=bundle.unet, vae=bundle.vae, text_encoder=bundle.text_encoder,
                                  vae_scale_factor=bundle.vae_scale_factor, device=torch.device("cpu"))
     else:
-        import accelerate
-        from diffusers import AutoencoderKL, UNet2DConditionModel
-        from transformers import CLIPTextConfig, CLIPTextModel
+        from leansd.engine.memory import reference_models
+        from leansd.models.family import ModelFamily
 
-        from leansd.models.configs import SD15_TEXT_CONFIG, SD15_UNET_CONFIG, SD15_VAE_CONFIG
-
-        with accelerate.init_empty_weights(include_buffers=True):
-            unet = UNet2DConditionModel(**SD15_UNET_CONFIG)
-            vae = AutoencoderKL(**SD15_VAE_CONFIG)
-            text_encoder = CLIPTextModel(CLIPTextConfig(**SD15_TEXT_CONFIG))
-        scale = 2 ** (len(vae.config.block_out_channels) - 1)
-        models = SimpleNamespace(unet=unet, vae=vae, text_encoder=text_encoder, vae_scale_factor=scale,
-                                 device=torch.device("meta"))
+        # The family's published architecture (leansd.models.configs) on the meta device.
+        ref = reference_models(ModelFamily(family))
+        models = SimpleNamespace(unet=ref.unet, vae=ref.vae, text_encoder=ref.text_encoder,
+                                 vae_scale_factor=ref.vae_scale_factor, device=torch.device("meta"))
     for module in (models.unet, models.vae, models.text_encoder):
         module.to(dtype).eval().requires_grad_(False)
     return models
@@ -188,6 +183,9 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--tiny", action="store_true",
                         help="the tiny random model on the CPU instead of SD 1.5 on meta")
+    parser.add_argument("--family", choices=("sd1", "sd2"), default="sd1",
+                        help="full-size architecture: sd1 (SD 1.5, default) or sd2 (SD 2.x); SDXL's UNet needs "
+                        "its added conditioning and is not measured here yet")
     parser.add_argument("--dtype", choices=("fp16", "fp32"), default=None,
                         help="default: fp16 (full size, meta), fp32 (tiny, CPU)")
     parser.add_argument("--sizes", type=int, nargs="+", default=None, help="square image sides in pixels")
@@ -205,7 +203,7 @@ def main(argv: list[str] | None = None) -> int:
     sizes_px = args.sizes or (TINY_SIZES if args.tiny else FULL_SIZES)
     chunks = TINY_CHUNKS if args.tiny else FULL_CHUNKS
     t0 = time.perf_counter()
-    models = build_models(args.tiny, dtype)
+    models = build_models(args.tiny, dtype, args.family)
     sizes = model_sizes(models, dtype_bytes=dtype.itemsize)
     rows = text_rows(models, sizes, dtype)
     for size in sizes_px:
@@ -218,7 +216,8 @@ def main(argv: list[str] | None = None) -> int:
 
     table = [[stage, size, mode, b, mib(peak), mib(est), f"{est / peak:.2f}" if peak else "-", f"{factor:.2f}"]
              for stage, size, mode, b, peak, est, factor in rows]
-    model = "tiny random SD1-shaped model, CPU" if args.tiny else "SD 1.5 architecture, meta device"
+    full = {"sd1": "SD 1.5", "sd2": "SD 2.x"}[args.family]
+    model = "tiny random SD1-shaped model, CPU" if args.tiny else f"{full} architecture, meta device"
     print(f"## Activation peaks measured vs planned: {model}, {dtype_name}, batch 1 image\n")
     print(machine_lines())
     print(f"- measured: leansd.engine.measure (live tensor bytes, 512-byte blocks, weights/inputs excluded); "

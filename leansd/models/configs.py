@@ -69,6 +69,96 @@ SD15_TEXT_CONFIG: dict[str, Any] = {
     "layer_norm_eps": 1e-5,
 }
 
+# The published SD 2.x (stabilityai/stable-diffusion-2-1) architecture: the SD 1.5 UNet with a
+# 1024-wide context, 64-wide heads and linear transformer projections; the whole OpenCLIP-H text
+# encoder as the original single file holds it (24 blocks, exact GELU, text projection); SD's VAE.
+SD2_UNET_CONFIG: dict[str, Any] = {
+    **SD15_UNET_CONFIG,
+    "cross_attention_dim": 1024,
+    "attention_head_dim": (5, 10, 20, 20),
+    "use_linear_projection": True,
+}
+SD2_VAE_CONFIG: dict[str, Any] = SD15_VAE_CONFIG
+SD2_TEXT_CONFIG: dict[str, Any] = {
+    "vocab_size": 49408,
+    "hidden_size": 1024,
+    "intermediate_size": 4096,
+    "num_hidden_layers": 24,
+    "num_attention_heads": 16,
+    "max_position_embeddings": 77,
+    "hidden_act": "gelu",
+    "layer_norm_eps": 1e-5,
+    "projection_dim": 1024,
+    "pad_token_id": 0,
+}
+
+# The published SDXL base 1.0 and refiner architectures (stabilityai/stable-diffusion-xl-*-1.0),
+# for the planner's sizes; SDXL is not loaded for generation yet.
+SDXL_UNET_CONFIG: dict[str, Any] = {
+    "sample_size": 128,
+    "in_channels": 4,
+    "out_channels": 4,
+    "block_out_channels": (320, 640, 1280),
+    "layers_per_block": 2,
+    "transformer_layers_per_block": (1, 2, 10),
+    "down_block_types": ("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+    "up_block_types": ("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+    "cross_attention_dim": 2048,
+    "attention_head_dim": (5, 10, 20),
+    "use_linear_projection": True,
+    "addition_embed_type": "text_time",
+    "addition_time_embed_dim": 256,
+    "projection_class_embeddings_input_dim": 2816,
+    "norm_num_groups": 32,
+}
+SDXL_REFINER_UNET_CONFIG: dict[str, Any] = {
+    **SDXL_UNET_CONFIG,
+    "block_out_channels": (384, 768, 1536, 1536),
+    "transformer_layers_per_block": 4,
+    "down_block_types": ("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
+    "up_block_types": ("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+    "cross_attention_dim": 1280,
+    "attention_head_dim": (6, 12, 24, 24),
+    "projection_class_embeddings_input_dim": 2560,
+}
+SDXL_VAE_CONFIG: dict[str, Any] = {**SD15_VAE_CONFIG, "sample_size": 1024, "scaling_factor": 0.13025}
+SDXL_TEXT_CONFIG: dict[str, Any] = {**SD15_TEXT_CONFIG}
+SDXL_TEXT_2_CONFIG: dict[str, Any] = {
+    **SD2_TEXT_CONFIG,
+    "hidden_size": 1280,
+    "intermediate_size": 5120,
+    "num_hidden_layers": 32,
+    "num_attention_heads": 20,
+    "projection_dim": 1280,
+}
+
+
+def full_size_configs(family: Any) -> tuple[dict[str, Any], dict[str, Any], tuple[tuple[str, dict[str, Any]], ...]]:
+    """(UNet kwargs, VAE kwargs, ((text encoder class name, CLIPTextConfig kwargs), ...)) of a family's
+    published architecture (inpainting variants: 9 input channels)."""
+    from leansd.models.family import ModelFamily
+
+    base = {
+        ModelFamily.SD1: ModelFamily.SD1, ModelFamily.SD1_INPAINT: ModelFamily.SD1,
+        ModelFamily.SD2: ModelFamily.SD2, ModelFamily.SD2_INPAINT: ModelFamily.SD2,
+        ModelFamily.SDXL: ModelFamily.SDXL, ModelFamily.SDXL_REFINER: ModelFamily.SDXL_REFINER,
+    }.get(family)
+    if base is None:
+        raise ValueError(f"no published architecture for {family}")
+    table = {
+        ModelFamily.SD1: (SD15_UNET_CONFIG, SD15_VAE_CONFIG, (("CLIPTextModel", SD15_TEXT_CONFIG),)),
+        ModelFamily.SD2: (SD2_UNET_CONFIG, SD2_VAE_CONFIG, (("CLIPTextModelWithProjection", SD2_TEXT_CONFIG),)),
+        ModelFamily.SDXL: (SDXL_UNET_CONFIG, SDXL_VAE_CONFIG, (("CLIPTextModel", SDXL_TEXT_CONFIG),
+                                                                ("CLIPTextModelWithProjection", SDXL_TEXT_2_CONFIG))),
+        ModelFamily.SDXL_REFINER: (SDXL_REFINER_UNET_CONFIG, SDXL_VAE_CONFIG,
+                                   (("CLIPTextModelWithProjection", SDXL_TEXT_2_CONFIG),)),
+    }
+    unet, vae, texts = table[base]
+    if family in (ModelFamily.SD1_INPAINT, ModelFamily.SD2_INPAINT):
+        unet = {**unet, "in_channels": 9}
+    return dict(unet), dict(vae), texts
+
+
 # ---------------------------------------------------------------------------------------------
 # Architecture configs inferred from an original-layout (single-file) state dict's shapes.
 #
