@@ -119,6 +119,9 @@ def make_scheduler(engine: "Engine", request: "GenerationRequest", *, seeds: lis
     from leansd.sampling.samplers import build_scheduler
 
     scheduler = build_scheduler(request.sampler, engine.bundle.scheduler_config, seeds=seeds)
+    if engine.bundle.scheduler_config.get("rescale_betas_zero_snr") and not scheduler.config.get("rescale_betas_zero_snr"):
+        logger.warning("%s cannot rescale its noise schedule to zero terminal SNR, which this model (ztsnr) was "
+                       "trained with; DDIM, Euler, Euler a, DPM++ 2M (Karras), UniPC and LCM can", request.sampler)
     try:
         scheduler.set_timesteps(steps, device=engine.device)
     except ValueError as exc:  # a scheduler-specific limit the request checks did not know

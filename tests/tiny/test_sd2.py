@@ -358,3 +358,30 @@ def test_cli_prediction_type_flag(files, tmp_path, capsys):
                                                  width=64, height=64, guidance_rescale=0.5), progress_bar=False)
     np.testing.assert_array_equal(v, np.asarray(expected.images[0]))
     assert np.abs(v.astype(int) - eps.astype(int)).max() > 10  # the flag changes what the UNet output means
+
+
+def test_ztsnr_model_warns_for_samplers_that_cannot_rescale(files, tmp_path, caplog):
+    path = _with_keys(files, tmp_path, "z.safetensors", {"v_pred": torch.zeros(0), "ztsnr": torch.zeros(0)})
+    engine = Engine(load_model(path), device="cpu", precision="full", prompt_cache=False)
+    req = dict(prompt="x", width=SIZE, height=SIZE, num_inference_steps=2, seed=1)
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="leansd.pipelines.steps"):
+        engine.generate(GenerationRequest(sampler="Euler", **req), progress_bar=False)
+        assert "cannot rescale" not in caplog.text
+        out = engine.generate(GenerationRequest(sampler="LMS", **req), progress_bar=False)
+    assert "LMS cannot rescale its noise schedule to zero terminal SNR" in caplog.text
+    assert np.isfinite(out.pixels).all()
+
+
+def test_prompt_cache_keeps_the_layer_apart_and_hits_give_the_same_images(files, tmp_path):
+    from leansd.prompts.cache import PromptCache
+
+    cache = PromptCache(tmp_path / "prompts")
+    engine = Engine(load_model(files["single"]), device="cpu", precision="full", prompt_cache=cache)
+    assert engine.text_encoder_fingerprint().endswith("-layer-2")
+    req = GenerationRequest(prompt="a red fox", width=SIZE, height=SIZE, num_inference_steps=2, sampler="Euler",
+                            seed=4)
+    first = engine.generate(req, progress_bar=False)
+    again = engine.generate(req, progress_bar=False)
+    assert first.info["text_encoder_used"] is True and again.info["text_encoder_used"] is False
+    np.testing.assert_array_equal(first.pixels, again.pixels)
