@@ -2,37 +2,36 @@
 
 `build_ui(queue)` returns a `gr.Blocks`; `mount_ui(app, queue)` mounts it at `/` of the FastAPI
 app built by `leansd.frontends.http.create_app`, so the page, `/sdapi/v1` and the Basic-auth /
-Origin guard share one process, one worker and one queue. Requests are turned into
-`GenerationRequest`s by the HTTP API's own builders (`txt2img_request`, `img2img_request`), so the
-UI has the API's limits and error messages; an `InvalidRequestError` becomes a `gr.Error` (a
-readable message in the page, and an `AppError` for gradio_client). Every generate action has an
+Origin guard share one process, one worker and one queue. The controls fill the A1111 schema of
+`leansd.frontends.a1111` and its builders (`txt2img_request`, `img2img_request`) make the
+`GenerationRequest`, with uploads passed as PIL images, so the UI has the API's limits and error
+messages; an `InvalidRequestError` becomes a `gr.Error` (a readable message in the page, and an
+`AppError` for gradio_client). Every generate action has an
 `api_name` (`txt2img`, `img2img`, `inpaint`) so it can be scripted with gradio_client.
 Gradio is imported only here, lazily (importing it costs seconds); the page loads no remote fonts.
 """
 
-import base64
-import io
 import logging
 import os
 import tempfile
 import threading
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Iterator
+from typing import TYPE_CHECKING, Any, Callable, Iterator
 
 from leansd.errors import InvalidRequestError, LeansdError, one_line
+from leansd.frontends.a1111 import Limits, failure
 from leansd.service.queue import Job, JobCancelledError, JobQueue, JobState
 
 if TYPE_CHECKING:
     import gradio as gr
     from fastapi import FastAPI
 
-    from leansd.frontends.http import Limits
     from leansd.request import GenerationRequest, GenerationResult
 
 logger = logging.getLogger(__name__)
 
 POLL_SECONDS = 0.25
-# The page's "Masked content" labels -> A1111's inpainting_fill numbers (see http.INPAINTING_FILL).
+# The page's "Masked content" labels -> A1111's inpainting_fill numbers (see a1111.INPAINTING_FILL).
 MASKED_CONTENT = {"fill": 0, "original": 1, "latent noise": 2, "latent nothing": 3}
 RESIZE_MODES = ("just resize", "crop and resize", "resize and fill")
 CSS = ".leansd-progress {font-variant-numeric: tabular-nums; min-height: 1.6em}"
@@ -54,7 +53,7 @@ def theme() -> Any:
 class _Runner:
     """The UI's side of the queue: submit, follow progress, cancel the session's job, save files."""
 
-    def __init__(self, queue: JobQueue, *, model_name: str, limits: "Limits", save_dir: Path | None) -> None:
+    def __init__(self, queue: JobQueue, *, model_name: str, limits: Limits, save_dir: Path | None) -> None:
         self.queue = queue
         self.model_name = model_name
         self.limits = limits
@@ -63,10 +62,11 @@ class _Runner:
         self._sessions: dict[str, str] = {}
         self._lock = threading.Lock()
 
-    def build(self, builder: Any, body: Any) -> "GenerationRequest":
+    def build(self, builder: Callable[..., "GenerationRequest"], body: Any, **images: Any) -> "GenerationRequest":
+        """`builder(body, ..., **images)` (a1111's txt2img_request/img2img_request); bad values -> gr.Error."""
         gr = _gradio()
         try:
-            return builder(body, model_name=self.model_name, limits=self.limits)
+            return builder(body, model_name=self.model_name, limits=self.limits, **images)
         except InvalidRequestError as exc:
             raise gr.Error(one_line(exc), print_exception=False) from None
 
@@ -89,8 +89,7 @@ class _Runner:
             except JobCancelledError:
                 raise gr.Error("cancelled", print_exception=False) from None
             except Exception as exc:  # noqa: BLE001 - the job failed; say why in one line
-                raise gr.Error(f"generation failed: {type(exc).__name__}: {one_line(exc, limit=200)}",
-                               print_exception=False) from None
+                raise gr.Error(failure(exc)[1], print_exception=False) from None
         finally:
             if session:
                 with self._lock:
@@ -143,16 +142,6 @@ def progress_text(queue: JobQueue, job: Job) -> str:
             f"{p.fraction:.0%} · {eta}")
 
 
-def _file_base64(path: str | os.PathLike[str]) -> str:
-    return base64.b64encode(Path(path).read_bytes()).decode("ascii")
-
-
-def _png_base64(image: Any) -> str:
-    buffer = io.BytesIO()
-    image.save(buffer, format="PNG")
-    return base64.b64encode(buffer.getvalue()).decode("ascii")
-
-
 def editor_mask(value: Any) -> Any:
     """An ImageEditor value -> the "L" mask of everything painted on its layers (white = repaint), or None."""
     from PIL import Image
@@ -196,27 +185,18 @@ def memory_text(queue: JobQueue) -> str:
 def build_ui(
     queue: JobQueue,
     *,
-    limits: "Limits | None" = None,
+    limits: Limits | None = None,
     model_name: str | None = None,
     save_dir: "str | os.PathLike[str] | None" = None,
 ) -> "gr.Blocks":
     """The web UI's Blocks over `queue` (its worker owns the engine); mount it with `mount_ui`."""
     gr = _gradio()
-    from leansd.frontends.http import (
-        DEFAULT_MAX_IMAGES,
-        DEFAULT_MAX_SIZE,
-        DEFAULT_MAX_STEPS,
-        Img2ImgRequest,
-        Limits,
-        Txt2ImgRequest,
-        img2img_request,
-        txt2img_request,
-    )
+    from leansd.frontends.a1111 import Img2ImgRequest, Txt2ImgRequest, img2img_request, load_upload, txt2img_request
     from leansd.outputs.infotext import parse_infotext
     from leansd.outputs.writer import read_infotext
     from leansd.sampling.samplers import sampler_names
 
-    limits = limits or Limits(max_size=DEFAULT_MAX_SIZE, max_steps=DEFAULT_MAX_STEPS, max_images=DEFAULT_MAX_IMAGES)
+    limits = limits or Limits()
     bundle = getattr(queue.engine, "bundle", None)
     model_name = model_name or getattr(bundle, "name", None) or "model"
     default_size = getattr(bundle, "default_size", None) or 512
@@ -316,10 +296,10 @@ def build_ui(
             raise gr.Error("upload an image to transform first", print_exception=False)
         body = Img2ImgRequest(
             **common_body(prompt, negative, sampler, steps, cfg, width, height, n_iter, batch_size, seed),
-            init_images=[_file_base64(init_image)], denoising_strength=float(strength),
+            denoising_strength=float(strength),
             resize_mode=RESIZE_MODES.index(resize_mode) if resize_mode in RESIZE_MODES else 0,
         )
-        gen = runner.build(img2img_request, body)
+        gen = runner.build(img2img_request, body, init_image=upload(init_image, label="init_images[0]"))
         yield from runner.run(gen, task="img2img", session=getattr(request, "session_hash", None))
 
     def inpaint(editor, mask_upload, prompt, negative, sampler, steps, cfg, width, height, n_iter, batch_size,
@@ -328,23 +308,29 @@ def build_ui(
         if background is None:
             raise gr.Error("upload an image to inpaint first", print_exception=False)
         if mask_upload:
-            mask_b64 = _file_base64(mask_upload)
+            mask = upload(mask_upload, label="mask", mask=True)
         else:
             mask = editor_mask(editor)
             if mask is None:
                 raise gr.Error("paint the area to regenerate on the image with the brush, or upload a mask",
                                print_exception=False)
-            mask_b64 = _png_base64(mask)
-        init_b64 = (_file_base64(background) if isinstance(background, (str, Path))
-                    else _png_base64(background.convert("RGB")))
+        init = (upload(background, label="init_images[0]") if isinstance(background, (str, Path))
+                else background.convert("RGB"))
         body = Img2ImgRequest(
             **common_body(prompt, negative, sampler, steps, cfg, width, height, n_iter, batch_size, seed),
-            init_images=[init_b64], mask=mask_b64, denoising_strength=float(strength),
+            denoising_strength=float(strength),
             mask_blur=int(mask_blur), inpainting_fill=MASKED_CONTENT.get(masked_content, 1),
             inpainting_mask_invert=int(bool(invert)),
         )
-        gen = runner.build(img2img_request, body)
+        gen = runner.build(img2img_request, body, init_image=init, mask=mask)
         yield from runner.run(gen, task="inpaint", session=getattr(request, "session_hash", None))
+
+    def upload(path: Any, *, label: str, mask: bool = False) -> Any:
+        """An uploaded file -> a PIL image with the API's checks; a bad upload -> gr.Error."""
+        try:
+            return load_upload(path, label=label, mask=mask)
+        except InvalidRequestError as exc:
+            raise gr.Error(one_line(exc), print_exception=False) from None
 
     def png_info(path: str | None) -> tuple[str, dict]:
         if not path:
@@ -474,7 +460,7 @@ def build_ui(
     return ui
 
 
-def mount_ui(app: "FastAPI", queue: JobQueue, *, limits: "Limits | None" = None, model_name: str | None = None,
+def mount_ui(app: "FastAPI", queue: JobQueue, *, limits: Limits | None = None, model_name: str | None = None,
              save_dir: "str | os.PathLike[str] | None" = None, path: str = "/") -> "FastAPI":
     """Mount the web UI at `path` of `app` (routes added before it, such as /sdapi/v1, keep precedence)."""
     gr = _gradio()

@@ -166,13 +166,18 @@ def _decode_user_comment(data: bytes, *, little_endian: bool) -> str:
     return data.decode("utf-8", errors="replace")
 
 
+def write_png(image: Image.Image, f: BinaryIO, *, infotext: str | None) -> None:
+    """PNG with A1111's `parameters` text chunk (when `infotext` is given)."""
+    pnginfo = None
+    if infotext is not None:
+        pnginfo = PngImagePlugin.PngInfo()
+        pnginfo.add_text(INFOTEXT_KEY, infotext)  # tEXt if latin-1, else iTXt (UTF-8)
+    image.save(f, format="PNG", pnginfo=pnginfo)
+
+
 def _encode(image: Image.Image, f: BinaryIO, *, fmt: str, infotext: str | None, quality: int) -> None:
     if fmt == "png":
-        pnginfo = None
-        if infotext is not None:
-            pnginfo = PngImagePlugin.PngInfo()
-            pnginfo.add_text(INFOTEXT_KEY, infotext)  # tEXt if latin-1, else iTXt (UTF-8)
-        image.save(f, format="PNG", pnginfo=pnginfo)
+        write_png(image, f, infotext=infotext)
         return
     if image.mode not in ("RGB", "L"):
         image = image.convert("RGB")  # JPEG has no alpha or palette
