@@ -385,3 +385,22 @@ def test_prompt_cache_keeps_the_layer_apart_and_hits_give_the_same_images(files,
     again = engine.generate(req, progress_bar=False)
     assert first.info["text_encoder_used"] is True and again.info["text_encoder_used"] is False
     np.testing.assert_array_equal(first.pixels, again.pixels)
+
+
+@pytest.mark.parametrize("policy", ["medvram", "lowvram"])
+def test_memory_modes_give_the_same_picture(files, policy):
+    from leansd.engine.planner import PlanRequest, plan_memory
+
+    req = GenerationRequest(prompt="a red fox", negative_prompt="blurry", width=SIZE, height=SIZE,
+                            num_inference_steps=3, sampler="Euler a", seed=5)
+    resident = Engine(load_model(files["single"]), device="cpu", precision="full", prompt_cache=False)
+    expected = resident.generate(req, progress_bar=False).pixels
+    sizes = resident.sizes
+    minimum = plan_memory(sizes, PlanRequest(width=SIZE, height=SIZE), None, policy=policy).minimum
+    budget = int(minimum / 0.9) + 1
+    constrained = Engine(load_model(files["single"]), device="cpu", precision="full", prompt_cache=False,
+                         vram=budget, memory_policy=policy, virtual_device=True)
+    out = constrained.generate(req, progress_bar=False)
+    assert constrained.plan.placement in ("stages", "stream", "stream-layers")
+    assert out.memory_peak_bytes <= budget
+    np.testing.assert_allclose(out.pixels, expected, atol=1e-5)
