@@ -207,14 +207,18 @@ def text_heads(width: int) -> int:
     return width // CLIP_HEAD_WIDTH if width >= CLIP_HEAD_WIDTH else NARROW_TEXT_HEADS
 
 
-def infer_unet_config(shapes: Mapping[str, tuple[int, ...]], *, spec: "FamilySpec | None" = None) -> dict[str, Any]:
+def infer_unet_config(
+    shapes: Mapping[str, tuple[int, ...]], *, spec: "FamilySpec | None" = None, pooled_width: int | None = None
+) -> dict[str, Any]:
     """``UNet2DConditionModel`` kwargs for the ``model.diffusion_model.*`` tensors in ``shapes``.
 
     ``shapes`` maps full original-layout keys to tensor shapes. Levels and their widths come
     from the input blocks (block ``(layers_per_block + 1) * level + j + 1``), attention levels from
     ``*.1.proj_in`` tensors, the context width from ``attn2.to_k``. The attention heads follow the
     family's description ``spec`` (SD 1.x: 8 at every level; SD 2.x: 64-wide heads); without one,
-    SD 1.x's. Raises ``ModelLoadError`` if a tensor the inference needs is missing.
+    SD 1.x's. With ``label_emb`` (SDXL) and ``pooled_width`` (the pooled text embedding's width),
+    the added ``text_time`` conditioning is configured. Raises ``ModelLoadError`` if a tensor the
+    inference needs is missing.
     """
     unet = _sub(shapes, LDM_UNET_PREFIX)
     conv_in = _need(unet, "input_blocks.0.0.weight", "UNet")
@@ -244,6 +248,8 @@ def infer_unet_config(shapes: Mapping[str, tuple[int, ...]], *, spec: "FamilySpe
         if has_attention:
             depth = len(_indices(unet, rf"input_blocks\.{index}\.1\.transformer_blocks\.(\d+)\."))
             transformer_depths.append(depth)
+        else:
+            transformer_depths.append(1)  # diffusers wants one entry per level; unused without attention
 
     up_attention = []
     for level in range(levels):
@@ -259,9 +265,19 @@ def infer_unet_config(shapes: Mapping[str, tuple[int, ...]], *, spec: "FamilySpe
             proj_in_ndim = len(shape)
     if context is None:
         raise ModelLoadError("cannot infer the UNet architecture: no cross-attention (attn2.to_k) tensors")
-    depths = set(transformer_depths) or {1}
+    depths = {d for d, a in zip(transformer_depths, down_attention) if a} or {1}
 
+    added: dict[str, Any] = {}
+    label = unet.get("label_emb.0.0.weight")
+    if label is not None and pooled_width is not None:
+        # SDXL's added conditioning: [pooled text embedding; 6 Fourier-embedded size/crop ids].
+        added = {
+            "addition_embed_type": "text_time",
+            "addition_time_embed_dim": (int(label[1]) - pooled_width) // 6,
+            "projection_class_embeddings_input_dim": int(label[1]),
+        }
     return {
+        **added,
         "sample_size": SD1_SAMPLE_SIZE if model_channels >= SD1_UNET_MODEL_CHANNELS else NARROW_SAMPLE_SIZE,
         "in_channels": in_channels,
         "out_channels": int(conv_out[0]),
@@ -314,9 +330,10 @@ def infer_vae_config(
     }
 
 
-def infer_text_config(shapes: Mapping[str, tuple[int, ...]]) -> dict[str, Any]:
-    """``CLIPTextConfig`` kwargs for the ``cond_stage_model.transformer.[text_model.]*`` tensors."""
-    text = _sub(shapes, LDM_CLIP_PREFIX)
+def infer_text_config(shapes: Mapping[str, tuple[int, ...]], *, prefix: str = LDM_CLIP_PREFIX) -> dict[str, Any]:
+    """``CLIPTextConfig`` kwargs for the ``cond_stage_model.transformer.[text_model.]*`` tensors
+    (another ``prefix`` for SDXL's ``conditioner.embedders.0.transformer.``)."""
+    text = _sub(shapes, prefix)
     if any(k.startswith("text_model.") for k in text):
         text = _sub(text, "text_model.")
     vocab_size, width = _need(text, "embeddings.token_embedding.weight", "text encoder")

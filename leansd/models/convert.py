@@ -181,6 +181,8 @@ def _unet_key(key: str, layers_per_block: int, up_attention: set[int]) -> str:
         "conv_in.": "input_blocks.0.0.",
         "conv_norm_out.": "out.0.",
         "conv_out.": "out.2.",
+        "add_embedding.linear_1.": "label_emb.0.0.",  # SDXL's added (text_time) conditioning
+        "add_embedding.linear_2.": "label_emb.0.2.",
     }
     for old, new in fixed.items():
         if key.startswith(old):
@@ -361,3 +363,61 @@ def penultimate_text_encoder(text_encoder: "Any") -> "CLIPTextModel":
     if missing:
         raise KeyError(f"cannot cut the text encoder: no weights for {sorted(missing)[:3]}")
     return cut.eval()
+
+
+SGM_CLIP_L_PREFIX = "conditioner.embedders.0.transformer."
+SGM_BIG_G_PREFIX = "conditioner.embedders.1.model."
+
+
+def diffusers_to_sgm(
+    unet: "UNet2DConditionModel", vae: "AutoencoderKL", text_encoder: "CLIPTextModel", text_encoder_2: Any
+) -> dict[str, "torch.Tensor"]:
+    """One state dict in Stability's SDXL base single-file (sgm) layout.
+
+    ``model.diffusion_model.*`` (UNet, ``label_emb`` for the added conditioning),
+    ``first_stage_model.*`` (VAE), ``conditioner.embedders.0.transformer.text_model.*`` (CLIP-L, with
+    its ``position_ids``) and ``conditioner.embedders.1.model.*`` (OpenCLIP-bigG: fused ``in_proj``,
+    ``text_projection``). Tensors are the modules' own or views (the fused projections are new).
+    """
+    import torch
+
+    unet_sd, vae_sd = unet.state_dict(), vae.state_dict()
+
+    def as_conv(key: str, value: "torch.Tensor") -> "torch.Tensor":
+        if ".mid_block.attentions." in key and key.endswith(".weight") and value.ndim == 2:
+            return value[:, :, None, None]  # the original VAE attention projections are 1x1 convs
+        return value
+
+    unet_names = unet_key_map(list(unet_sd), layers_per_block=int(unet.config.layers_per_block))
+    vae_names = vae_key_map(list(vae_sd), num_levels=len(vae.config.block_out_channels))
+    out: dict[str, torch.Tensor] = {unet_names[k]: v for k, v in unet_sd.items()}
+    out.update({vae_names[k]: as_conv(k, v) for k, v in vae_sd.items()})
+    prefix = SGM_CLIP_L_PREFIX + TEXT_MODEL_LEVEL
+    out.update({prefix + k: v for k, v in text_encoder.state_dict().items()})
+    positions = int(text_encoder.config.max_position_embeddings)
+    out[prefix + POSITION_IDS] = torch.arange(positions, dtype=torch.int64)[None]  # (1, 77)
+    out.update(transformers_to_open_clip(text_encoder_2.state_dict(), prefix=SGM_BIG_G_PREFIX))
+    return out
+
+
+def sgm_to_diffusers(
+    sd: Mapping[str, "torch.Tensor"], *, unet_config: Mapping[str, Any], vae_config: Mapping[str, Any]
+) -> tuple[dict[str, "torch.Tensor"], dict[str, "torch.Tensor"], dict[str, "torch.Tensor"], dict[str, "torch.Tensor"]]:
+    """Split an SDXL base (sgm layout) state dict into (unet, vae, text encoder, text encoder 2) state dicts.
+
+    Renamed, not copied (views where layouts differ), as :func:`ldm_to_diffusers`.
+    """
+    from diffusers.loaders.single_file_utils import convert_ldm_unet_checkpoint, convert_ldm_vae_checkpoint
+
+    unet = convert_ldm_unet_checkpoint(
+        {k: v for k, v in sd.items() if k.startswith(LDM_UNET_PREFIX)}, dict(unet_config)
+    )
+    vae = convert_ldm_vae_checkpoint({k: v for k, v in sd.items() if k.startswith(LDM_VAE_PREFIX)}, dict(vae_config))
+    text = {}
+    for key, value in sd.items():
+        if key.startswith(SGM_CLIP_L_PREFIX):
+            name = key[len(SGM_CLIP_L_PREFIX) :]
+            name = name[len(TEXT_MODEL_LEVEL) :] if name.startswith(TEXT_MODEL_LEVEL) else name
+            if name != POSITION_IDS:
+                text[name] = value
+    return unet, vae, text, open_clip_to_transformers(sd, prefix=SGM_BIG_G_PREFIX)

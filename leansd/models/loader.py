@@ -146,6 +146,9 @@ def bundle_from_state_dict(
     family = detect_family(shapes, source=source)
     require_supported(family, source)
     spec = describe(family)
+    if family is ModelFamily.SDXL:
+        return _sdxl_from_state_dict(sd, shapes, spec=spec, source=source, name=name, path=path,
+                                     prediction_type=prediction_type)
     text_spec = spec.text_encoders[0]
     open_clip = text_spec.layout == OPEN_CLIP
 
@@ -199,6 +202,67 @@ def bundle_from_state_dict(
     )
 
 
+def _sdxl_from_state_dict(
+    sd: Mapping[str, "torch.Tensor"],
+    shapes: Mapping[str, tuple[int, ...]],
+    *,
+    spec: FamilySpec,
+    source: str,
+    name: str,
+    path: str | os.PathLike[str] | None,
+    prediction_type: str | None,
+) -> ModelBundle:
+    """An SDXL base single file in Stability's (sgm) layout; tensors used in place as for SD 1.x/2.x."""
+    import accelerate
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+    from leansd.models.convert import SGM_BIG_G_PREFIX, SGM_CLIP_L_PREFIX, diffusers_to_sgm, sgm_to_diffusers
+
+    clip_l, big_g = spec.text_encoders
+    try:
+        text_config_2 = infer_open_clip_config(shapes, prefix=big_g.original_prefix, activation=big_g.activation)
+        text_config = infer_text_config(shapes, prefix=clip_l.original_prefix)
+        unet_config = infer_unet_config(shapes, spec=spec, pooled_width=int(text_config_2["projection_dim"]))
+        vae_config = infer_vae_config(shapes, scaling_factor=spec.vae_scaling_factor)
+    except ModelLoadError as e:
+        raise ModelLoadError(f"{source}: {e}") from e
+    with _model_errors(source, "the inferred architecture"):
+        with accelerate.init_empty_weights(include_buffers=False):
+            unet = UNet2DConditionModel(**unet_config)
+            vae = AutoencoderKL(**vae_config)
+            text_encoder = CLIPTextModel(CLIPTextConfig(**text_config))
+            text_encoder_2 = CLIPTextModelWithProjection(CLIPTextConfig(**text_config_2))
+    expected = set(diffusers_to_sgm(unet, vae, text_encoder, text_encoder_2))
+    _check_keys(sd, expected, source, family=spec, prefixes=(LDM_UNET_PREFIX, LDM_VAE_PREFIX, SGM_CLIP_L_PREFIX,
+                                                              SGM_BIG_G_PREFIX))
+    unet_sd, vae_sd, text_sd, text_sd_2 = sgm_to_diffusers(sd, unet_config=unet_config, vae_config=vae_config)
+    _assign(unet, unet_sd, source=source, part="UNet")
+    _assign(vae, vae_sd, source=source, part="VAE")
+    _assign(text_encoder, text_sd, source=source, part="text encoder")
+    _assign(text_encoder_2, text_sd_2, source=source, part="second text encoder")
+    unet = _frozen(unet)
+    scheduler_config, default_size = _single_file_schedule(
+        sd, spec=spec, unet=unet, path=path, explicit=prediction_type, source=source,
+        full_size=int(unet_config["block_out_channels"][0]) >= SD1_UNET_MODEL_CHANNELS,
+    )
+    return ModelBundle(
+        unet=unet,
+        vae=_frozen(vae),
+        text_encoder=_frozen(text_encoder),
+        tokenizer=_bundled_tokenizer(pad_token=clip_l.pad_token),
+        family=spec.family,
+        name=name,
+        source=source,
+        hash=None,
+        scheduler_config=scheduler_config,
+        default_size=default_size,
+        text_encoder_2=_frozen(text_encoder_2),
+        tokenizer_2=_bundled_tokenizer(pad_token=big_g.pad_token),
+        text_layer=clip_l.layer,
+    )
+
+
 def _single_file_schedule(
     sd: Mapping[str, Any],
     *,
@@ -247,7 +311,7 @@ def load_diffusers_folder(
     ``prediction_type`` overrides the one in ``scheduler/scheduler_config.json``."""
     import torch
     from diffusers import AutoencoderKL, UNet2DConditionModel
-    from transformers import CLIPTextModel
+    from transformers import CLIPTextModel, CLIPTextModelWithProjection
 
     root = Path(folder)
     label = source or str(root)
@@ -273,17 +337,20 @@ def load_diffusers_folder(
         vae = AutoencoderKL.from_pretrained(root, subfolder="vae", torch_dtype=torch.float32, **common)
     with _model_errors(label, "text_encoder/"):
         text_encoder = CLIPTextModel.from_pretrained(root, subfolder="text_encoder", dtype=torch.float32, **common)
+    text_encoder_2 = tokenizer_2 = None
+    if len(spec.text_encoders) > 1:
+        second = spec.text_encoders[1]
+        if not (root / second.subfolder / "config.json").is_file():
+            raise ModelLoadError(f"{label}: incomplete {spec.label} diffusers folder: missing {second.subfolder}/")
+        with _model_errors(label, f"{second.subfolder}/"):
+            text_encoder_2 = CLIPTextModelWithProjection.from_pretrained(
+                root, subfolder=second.subfolder, dtype=torch.float32, **common)
+        tokenizer_2 = _folder_tokenizer(root / "tokenizer_2", pad_token=second.pad_token)
+    tokenizer = _folder_tokenizer(root / "tokenizer", pad_token=text_spec.pad_token)
 
-    tokenizer_dir = root / "tokenizer"
-    if tokenizer_dir.is_dir():
-        from leansd.models.tokenizer import load_tokenizer
-
-        tokenizer = load_tokenizer(tokenizer_dir)
-    else:
-        tokenizer = _bundled_tokenizer(pad_token=text_spec.pad_token)
-
-    for module in (unet, vae, text_encoder):
-        _check_materialised(module, source=label)
+    for module in (unet, vae, text_encoder, text_encoder_2):
+        if module is not None:
+            _check_materialised(module, source=label)
     scheduler_config = _folder_schedule(root)
     if prediction_type is not None:
         scheduler_config["prediction_type"] = prediction_type
@@ -301,8 +368,19 @@ def load_diffusers_folder(
         hash=None,
         scheduler_config=scheduler_config,
         default_size=int(unet.config.sample_size) * 2 ** (len(vae.config.block_out_channels) - 1),
+        text_encoder_2=None if text_encoder_2 is None else _frozen(text_encoder_2),
+        tokenizer_2=tokenizer_2,
         text_layer=text_spec.folder_layer,
     )
+
+
+def _folder_tokenizer(folder: Path, *, pad_token: str) -> Any:
+    """A folder's tokenizer if it has one, else the bundled BPE with the family's padding."""
+    if folder.is_dir():
+        from leansd.models.tokenizer import load_tokenizer
+
+        return load_tokenizer(folder)
+    return _bundled_tokenizer(pad_token=pad_token)
 
 
 def _folder_schedule(root: Path) -> dict[str, Any]:
@@ -319,16 +397,23 @@ def _folder_schedule(root: Path) -> dict[str, Any]:
     return config
 
 
-def _check_keys(sd: Mapping[str, Any], expected: set[str], source: str, *, family: FamilySpec) -> None:
+def _check_keys(
+    sd: Mapping[str, Any],
+    expected: set[str],
+    source: str,
+    *,
+    family: FamilySpec,
+    prefixes: tuple[str, ...] = (LDM_UNET_PREFIX, LDM_VAE_PREFIX, LDM_CLIP_PREFIX, LDM_OPEN_CLIP_PREFIX),
+) -> None:
     """Raise ModelLoadError naming a few missing / unexpected model tensors (original names)."""
-    prefixes = (LDM_UNET_PREFIX, LDM_VAE_PREFIX, LDM_CLIP_PREFIX, LDM_OPEN_CLIP_PREFIX)
+    ignored = set(_IGNORED_KEYS) | {p + name for p in prefixes for name in ("logit_scale", "attn_mask")}
 
     def relevant(key: str) -> bool:
         return (
             key.startswith(prefixes)
             and not key.endswith(_IGNORED_SUFFIXES)
             and not key.startswith(_IGNORED_PREFIXES)
-            and key not in _IGNORED_KEYS
+            and key not in ignored
         )
 
     present = {k for k in sd if relevant(k)}

@@ -15,7 +15,7 @@ import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from leansd.models.configs import SD1_VAE_SCALING_FACTOR
 from leansd.models.families import OPEN_CLIP, describe
@@ -78,7 +78,30 @@ TINY_SD2_UNET_CONFIG = dict(
     use_linear_projection=True,
 )
 TINY_SD2_TEXT_CONFIG = dict(TINY_TEXT_CONFIG, num_hidden_layers=3, hidden_act="gelu", pad_token_id=0)
-TINY_FAMILIES = (ModelFamily.SD1, ModelFamily.SD2)
+# SDXL base: no attention at the first level, two transformer blocks at the second; two text
+# encoders (CLIP-L-shaped and OpenCLIP-bigG-shaped, each 32 wide) whose penultimate hidden states are
+# concatenated (64) and whose second one's projected pooled output (32) joins six size/crop ids
+# (8-wide Fourier features each) as the UNet's added conditioning.
+TINY_SDXL_UNET_CONFIG = dict(
+    sample_size=8,
+    in_channels=4,
+    out_channels=4,
+    block_out_channels=(32, 64),
+    layers_per_block=2,
+    down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+    up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+    transformer_layers_per_block=(1, 2),
+    cross_attention_dim=64,
+    attention_head_dim=describe(ModelFamily.SDXL).unet_attention_heads((32, 64)),
+    use_linear_projection=True,
+    addition_embed_type="text_time",
+    addition_time_embed_dim=8,
+    projection_class_embeddings_input_dim=8 * 6 + 32,
+    norm_num_groups=32,
+)
+TINY_SDXL_VAE_CONFIG = dict(TINY_VAE_CONFIG, scaling_factor=describe(ModelFamily.SDXL).vae_scaling_factor)
+TINY_SDXL_TEXT_2_CONFIG = dict(TINY_SD2_TEXT_CONFIG)
+TINY_FAMILIES = (ModelFamily.SD1, ModelFamily.SD2, ModelFamily.SDXL)
 
 
 @dataclass
@@ -86,6 +109,8 @@ class TinyComponents:
     unet: "UNet2DConditionModel"
     vae: "AutoencoderKL"
     text_encoder: "CLIPTextModel"
+    text_encoder_2: "Any" = None
+    """SDXL's second (OpenCLIP-bigG-shaped) text encoder, a CLIPTextModelWithProjection."""
 
 
 def build_tiny_components(
@@ -103,22 +128,26 @@ def build_tiny_components(
 
     if family not in TINY_FAMILIES:
         raise ValueError(f"no tiny {family.label} model; tiny families: {', '.join(f.value for f in TINY_FAMILIES)}")
-    sd2 = family is ModelFamily.SD2
-    unet_config = TINY_SD2_UNET_CONFIG if sd2 else TINY_UNET_CONFIG
+    sd2, sdxl = family is ModelFamily.SD2, family is ModelFamily.SDXL
+    unet_config = TINY_SD2_UNET_CONFIG if sd2 else TINY_SDXL_UNET_CONFIG if sdxl else TINY_UNET_CONFIG
+    text_encoder_2 = None
     # Construction draws from the global RNG; fork it so the caller's random state is untouched
     # (every tensor is overwritten from a private generator below anyway).
     with torch.random.fork_rng(devices=[]):
         unet = UNet2DConditionModel(**{**unet_config, "in_channels": 9 if inpainting else 4})
-        vae = AutoencoderKL(**TINY_VAE_CONFIG)
+        vae = AutoencoderKL(**(TINY_SDXL_VAE_CONFIG if sdxl else TINY_VAE_CONFIG))
         if sd2:
             text_encoder = CLIPTextModelWithProjection(CLIPTextConfig(**TINY_SD2_TEXT_CONFIG))
         else:
             text_encoder = CLIPTextModel(CLIPTextConfig(**TINY_TEXT_CONFIG))
+        if sdxl:
+            text_encoder_2 = CLIPTextModelWithProjection(CLIPTextConfig(**TINY_SDXL_TEXT_2_CONFIG))
     # Default inits leave some layers at exactly zero (conv_out etc.); give every tensor
     # non-trivial values so the pipelines show real differences between settings.
-    generator = torch.Generator().manual_seed(seed * 1000 + (5 if sd2 else 4))
+    generator = torch.Generator().manual_seed(seed * 1000 + (5 if sd2 else 6 if sdxl else 4))
+    modules = [m for m in (unet, vae, text_encoder, text_encoder_2) if m is not None]
     with torch.no_grad():
-        for module in (unet, vae, text_encoder):
+        for module in modules:
             for name, param in module.named_parameters():
                 if name.endswith("weight") and param.ndim >= 2:
                     fan_in = param[0].numel()
@@ -127,9 +156,9 @@ def build_tiny_components(
                     param.copy_(1.0 + 0.1 * torch.randn(param.shape, generator=generator))
                 else:
                     param.copy_(0.02 * torch.randn(param.shape, generator=generator))
-    for module in (unet, vae, text_encoder):
+    for module in modules:
         module.eval()
-    return TinyComponents(unet=unet, vae=vae, text_encoder=text_encoder)
+    return TinyComponents(unet=unet, vae=vae, text_encoder=text_encoder, text_encoder_2=text_encoder_2)
 
 
 def write_tiny_single_file(
@@ -159,13 +188,16 @@ def write_tiny_single_file(
         raise ValueError(f"{target}: expected a .safetensors or .ckpt file name")
     tiny = build_tiny_components(seed=seed, family=family, inpainting=inpainting)
     layout = describe(family).text_encoders[0].layout
-    # Own contiguous copies: safetensors refuses views, and a file should not alias the modules.
-    sd = {
-        k: v.detach().contiguous().clone()
-        for k, v in diffusers_to_ldm(
+    if family is ModelFamily.SDXL:
+        from leansd.models.convert import diffusers_to_sgm
+
+        original = diffusers_to_sgm(tiny.unet, tiny.vae, tiny.text_encoder, tiny.text_encoder_2)
+    else:
+        original = diffusers_to_ldm(
             tiny.unet, tiny.vae, tiny.text_encoder, text_model_level=text_model_level, text_layout=layout
-        ).items()
-    }
+        )
+    # Own contiguous copies: safetensors refuses views, and a file should not alias the modules.
+    sd = {k: v.detach().contiguous().clone() for k, v in original.items()}
     target.parent.mkdir(parents=True, exist_ok=True)
     if suffix == ".safetensors":
         from safetensors.torch import save_file
@@ -186,7 +218,10 @@ def write_pipeline_files(
     from leansd.models.configs import SD1_SCHEDULER_CONFIG
     from leansd.models.tokenizer import bundled_tokenizer, save_tokenizer
 
-    save_tokenizer(bundled_tokenizer(pad_token=describe(family).text_encoders[0].pad_token), root / "tokenizer")
+    spec = describe(family)
+    save_tokenizer(bundled_tokenizer(pad_token=spec.text_encoders[0].pad_token), root / "tokenizer")
+    if len(spec.text_encoders) > 1:
+        save_tokenizer(bundled_tokenizer(pad_token=spec.text_encoders[1].pad_token), root / "tokenizer_2")
     config = dict(SD1_SCHEDULER_CONFIG, prediction_type=prediction_type)
     PNDMScheduler.from_config(config).save_pretrained(root / "scheduler")
     index = {
@@ -201,6 +236,15 @@ def write_pipeline_files(
         "unet": ["diffusers", "UNet2DConditionModel"],
         "vae": ["diffusers", "AutoencoderKL"],
     }
+    if len(spec.text_encoders) > 1:
+        for key in ("feature_extractor", "safety_checker", "requires_safety_checker"):
+            index.pop(key)
+        index.update({
+            "_class_name": "StableDiffusionXLPipeline",
+            "force_zeros_for_empty_prompt": True,
+            "text_encoder_2": ["transformers", "CLIPTextModelWithProjection"],
+            "tokenizer_2": ["transformers", "CLIPTokenizer"],
+        })
     (root / "model_index.json").write_text(json.dumps(index, indent=2, sort_keys=True) + "\n", encoding="utf-8")
 
 
@@ -230,6 +274,8 @@ def write_tiny_diffusers_folder(
     spec = describe(family).text_encoders[0]
     text_encoder = penultimate_text_encoder(tiny.text_encoder) if spec.layout == OPEN_CLIP else tiny.text_encoder
     text_encoder.save_pretrained(root / "text_encoder", safe_serialization=True)
+    if tiny.text_encoder_2 is not None:
+        tiny.text_encoder_2.save_pretrained(root / "text_encoder_2", safe_serialization=True)
     if prediction_type is None:
         prediction_type = "v_prediction" if family is ModelFamily.SD2 and not inpainting else "epsilon"
     write_pipeline_files(root, family=family, prediction_type=prediction_type)
