@@ -106,6 +106,8 @@ class Engine:
             PromptCache() if prompt_cache is True else (prompt_cache or None)
         )
         self._fingerprint: str | None = None
+        self._text_modules: "torch.nn.Module | None" = None
+        self._text_pair: Any = None
         # The text encoder is placed only when a prompt is not in the cache (see placed_text_encoder).
         if self.budget is None and memory_policy == "auto" and not vae_on_cpu:
             for name in (Component.UNET, Component.VAE):  # no budget: resident from the start, as always
@@ -182,8 +184,18 @@ class Engine:
     # -- placement -------------------------------------------------------------------------------
 
     def _components(self) -> dict[str, "torch.nn.Module"]:
-        return {Component.TEXT: self.bundle.text_encoder, Component.UNET: self.bundle.unet,
+        return {Component.TEXT: self._text_module(), Component.UNET: self.bundle.unet,
                 Component.VAE: self.bundle.vae}
+
+    def _text_module(self) -> "torch.nn.Module":
+        """The text stage's weights as one module: the text encoder, or SDXL's two in a ModuleList."""
+        import torch
+
+        if self.bundle.text_encoder_2 is None:
+            return self.bundle.text_encoder
+        if self._text_modules is None:
+            self._text_modules = torch.nn.ModuleList(self.bundle.text_encoders)
+        return self._text_modules
 
     def _dtype_of(self, name: str) -> "torch.dtype":
         import torch
@@ -194,7 +206,8 @@ class Engine:
 
     @staticmethod
     def _cast(module: "torch.nn.Module", dtype: "torch.dtype", device: "torch.device | None" = None) -> None:
-        if module.dtype == dtype:
+        current = getattr(module, "dtype", None) or next(module.parameters()).dtype  # a ModuleList has no .dtype
+        if current == dtype:
             if device is not None:
                 module.to(device)  # no dtype argument: avoids diffusers' cast warning
         else:
@@ -328,7 +341,17 @@ class Engine:
         # the image size, and a larger guess could refuse a budget the real request fits.
         plan = self.plan or self.plan_for(width=MIN_SIZE, height=MIN_SIZE)
         self._enter_stage(Component.TEXT, plan)
-        return self.bundle.text_encoder
+        if self.bundle.text_encoder_2 is None:
+            return self.bundle.text_encoder
+        if self._text_pair is None:  # SDXL: both encoders read as one (see TextEncoderPair)
+            from leansd.prompts.encode import TextEncoderPair
+
+            first, second = self.bundle.description.text_encoders
+            self._text_pair = TextEncoderPair(
+                self.bundle.text_encoder, self.bundle.text_encoder_2, layers=(first.layer, second.layer),
+                final_norms=(first.final_norm, second.final_norm), pad_id_2=int(self.bundle.tokenizer_2.pad_token_id),
+            )
+        return self._text_pair
 
     @contextlib.contextmanager
     def unet_stage(self, *, width: int, height: int, batch: int, passes: int) -> Iterator[Any]:
@@ -447,7 +470,7 @@ class Engine:
         if self._fingerprint is None:
             from leansd.prompts.cache import text_encoder_fingerprint
 
-            weights = text_encoder_fingerprint(self.bundle.text_encoder)
+            weights = "+".join(text_encoder_fingerprint(e) for e in self.bundle.text_encoders)
             self._fingerprint = f"{weights}-{self.precision.name}-{str(self.precision.weight_dtype).split('.')[-1]}"
             layer, final_norm = self.bundle.text_layer, self.bundle.description.text_encoders[0].final_norm
             if (layer, final_norm) != (-1, True):  # another hidden layer is another embedding

@@ -193,9 +193,16 @@ class SplitBatchUNet:
                  return_dict: bool = False, **kwargs: Any) -> tuple["torch.Tensor"]:
         import torch
 
+        added = kwargs.pop("added_cond_kwargs", None)  # SDXL: per-pass pooled embeddings and size ids
+
+        def part(i: int) -> dict[str, Any]:
+            if added is None:
+                return kwargs
+            return {**kwargs, "added_cond_kwargs": {k: v[i : i + self.batch] for k, v in added.items()}}
+
         outs = [
             self.unet(sample[i : i + self.batch], timestep, encoder_hidden_states=encoder_hidden_states[i : i + self.batch],
-                      return_dict=False, **kwargs)[0]
+                      return_dict=False, **part(i))[0]
             for i in range(0, sample.shape[0], self.batch)
         ]
         return (torch.cat(outs),)  # (k*B, 4, h, w)

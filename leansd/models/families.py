@@ -228,7 +228,7 @@ _SD2 = FamilySpec(
 )
 _SDXL = FamilySpec(
     family=ModelFamily.SDXL,
-    supported=False,
+    supported=True,
     text_encoders=(SDXL_CLIP_L, OPEN_CLIP_BIG_G),
     pooled_output=True,
     added_conditioning="text_time",
@@ -247,6 +247,7 @@ _SDXL_REFINER = FamilySpec(
     **{
         **_SDXL.__dict__,
         "family": ModelFamily.SDXL_REFINER,
+        "supported": False,
         "text_encoders": (REFINER_BIG_G,),
         "context_width": 1280,
         "unet_parameters": 2_259_526_660,

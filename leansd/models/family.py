@@ -3,7 +3,7 @@
 Two layouts are read: the original CompVis/Stability single-file layout (``model.diffusion_model.*``,
 ``first_stage_model.*``, ``cond_stage_model.*`` or SDXL's ``conditioner.embedders.*``) and diffusers
 folders (``unet/config.json`` and friends). SD 1.x and SD 2.x (with their 9-channel inpainting
-variants) are supported for generation in this version; the others are recognised so the user gets a
+variants) and SDXL base are supported for generation in this version; the others are recognised so the user gets a
 clear message instead of a shape error.
 """
 
@@ -54,7 +54,7 @@ _LABELS = {
     ModelFamily.UNKNOWN: "unrecognised Stable Diffusion variant",
 }
 
-SUPPORTED_FAMILIES = (ModelFamily.SD1, ModelFamily.SD1_INPAINT, ModelFamily.SD2, ModelFamily.SD2_INPAINT)
+SUPPORTED_FAMILIES = (ModelFamily.SD1, ModelFamily.SD1_INPAINT, ModelFamily.SD2, ModelFamily.SD2_INPAINT, ModelFamily.SDXL)
 
 # Input channels of the UNet: 4 latent channels, or 4 + 4 (masked image) + 1 (mask) for inpainting.
 _LATENT_CHANNELS = 4
@@ -91,7 +91,7 @@ def _clip_width(shapes: Mapping[str, tuple[int, ...]]) -> int | None:
     return None
 
 
-_RUNS = "leansd runs SD 1.x and SD 2.x checkpoints"
+_RUNS = "leansd runs SD 1.x, SD 2.x and SDXL base checkpoints"
 
 
 def recognise_other(shapes: Mapping[str, tuple[int, ...]]) -> str | None:
@@ -235,7 +235,7 @@ def require_supported(family: ModelFamily, source: str) -> None:
     """Raise ``UnsupportedModelError`` (one line naming the family) unless leansd can run it."""
     if family in SUPPORTED_FAMILIES:
         return
-    supported = "leansd supports SD 1.x and SD 2.x checkpoints (incl. 9-channel inpainting) for now"
+    supported = "leansd supports SD 1.x and SD 2.x checkpoints (incl. 9-channel inpainting) and SDXL base for now"
     if family is ModelFamily.UNKNOWN:
         raise UnsupportedModelError(
             f"{source}: could not recognise the model family (not SD 1.x, SD 2.x or SDXL); {supported}"

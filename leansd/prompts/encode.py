@@ -151,6 +151,60 @@ def hidden_states(
     return text_encoder.text_model.final_layer_norm(h) if final_norm else h
 
 
+class TextEncoderPair:
+    """SDXL's two text encoders read as one: penultimate hidden states of both, concatenated along the
+    features (CLIP-L 768 + OpenCLIP-bigG 1280 = 2048), and bigG's projected pooled output.
+
+    Both use the same BPE ids; only the padding after the end token differs (the second pads with
+    ``pad_id_2``, ``!`` = 0), so one chunking serves both. Emphasis is applied to each encoder's
+    hidden states separately (AUTOMATIC1111 weights each embedder on its own).
+    """
+
+    def __init__(
+        self, first: "CLIPTextModel", second: "CLIPTextModel", *, layers: tuple[int, int] = (-2, -2),
+        final_norms: tuple[bool, bool] = (False, False), pad_id_2: int = 0, eos_id: int = 49407,
+    ) -> None:
+        self.first, self.second = first, second
+        self.layers, self.final_norms = layers, final_norms
+        self.pad_id_2, self.eos_id = pad_id_2, eos_id
+
+    def second_ids(self, ids: "torch.Tensor") -> "torch.Tensor":
+        """(k, 77) ids of the first tokenizer -> the second's: positions after the first end token padded."""
+        import torch
+
+        positions = torch.arange(ids.shape[1], device=ids.device)[None]  # (1, 77)
+        first_eos = (ids == self.eos_id).int().argmax(dim=1, keepdim=True)  # (k, 1)
+        return torch.where(positions > first_eos, torch.full_like(ids, self.pad_id_2), ids)
+
+    def encode(self, ids: "torch.Tensor", multipliers: Sequence[Sequence[float]]) -> tuple["torch.Tensor", "torch.Tensor"]:
+        """(k, 77) ids -> hidden states (k, 77, D1 + D2) with emphasis, pooled (k, P) (no emphasis)."""
+        import torch
+
+        h1 = hidden_states(self.first, ids, layer=self.layers[0], final_norm=self.final_norms[0])
+        out = self.second(self.second_ids(ids), output_hidden_states=True, return_dict=True)
+        h2 = out.hidden_states[self.layers[1]]
+        if self.final_norms[1]:
+            h2 = self.second.text_model.final_layer_norm(h2)
+        z = torch.cat([apply_emphasis(h1, multipliers), apply_emphasis(h2, multipliers)], dim=-1)  # (k, 77, D1+D2)
+        return z, out.text_embeds  # text_embeds: (k, P), bigG's projection of the end token
+
+
+def encode_chunks_pooled(
+    chunks: TokenChunks, *, text_encoder: "CLIPTextModel | TextEncoderPair", device: "torch.device | str",
+    layer: int = -1, final_norm: bool = True,
+) -> tuple["torch.Tensor", "torch.Tensor | None"]:
+    """:func:`encode_chunks`, plus the pooled embedding of the first chunk (1, P) for a TextEncoderPair
+    (AUTOMATIC1111 pools the first 77-token chunk), else None."""
+    import torch
+
+    if not isinstance(text_encoder, TextEncoderPair):
+        return encode_chunks(chunks, text_encoder=text_encoder, device=device, layer=layer, final_norm=final_norm), None
+    ids = torch.tensor(chunks.ids, dtype=torch.long, device=device)  # (k, 77)
+    with torch.inference_mode():
+        z, pooled = text_encoder.encode(ids, chunks.multipliers)
+    return z.reshape(1, -1, z.shape[-1]), pooled[:1]  # (1, 77k, D), (1, P)
+
+
 def encode_chunks(
     chunks: TokenChunks,
     *,

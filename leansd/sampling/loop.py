@@ -50,6 +50,7 @@ def denoise(
     after_step: Callable[[int, "torch.Tensor"], "torch.Tensor"] | None = None,
     on_step: Callable[[int, int], None] | None = None,
     guidance_rescale: float = 0.0,
+    time_ids: "torch.Tensor | None" = None,
 ) -> "torch.Tensor":
     """Run the sampler from the starting latents to a clean latent.
 
@@ -62,7 +63,8 @@ def denoise(
     9-channel inpainting models). `after_step(i, latents)` may replace the latents after step i
     (legacy inpainting re-imposes the known region there). `guidance_rescale` > 0 applies
     :func:`rescale_guidance` to the guided prediction (against the single conditional prediction, or
-    the unscaled sum of the AND parts).
+    the unscaled sum of the AND parts). `time_ids` (1, 6): SDXL's added conditioning (original size,
+    crop, target size), sent with each step's pooled text embeddings when the plan has them.
     """
     import torch
 
@@ -81,12 +83,16 @@ def denoise(
             last = step
             context = step.context(batch, include_uncond=guided)  # (k*B, 77c, D): [uncond; cond_1; ...]
             passes = context.shape[0] // batch
+            pooled = step.pooled_context(batch, include_uncond=guided)  # (k*B, P) or None
+            added = {} if pooled is None or time_ids is None else {
+                "added_cond_kwargs": {"text_embeds": pooled, "time_ids": time_ids.expand(pooled.shape[0], -1)}
+            }
             extra_in = None if extra_channels is None else torch.cat([extra_channels] * passes)  # (k*B, C', h, w)
         model_input = torch.cat([latents] * passes) if passes > 1 else latents
         model_input = scheduler.scale_model_input(model_input, t)
         if extra_in is not None:
             model_input = torch.cat([model_input, extra_in], dim=1)  # (k*B, 4 + C', h, w)
-        noise_pred = unet(model_input, t, encoder_hidden_states=context, return_dict=False)[0]
+        noise_pred = unet(model_input, t, encoder_hidden_states=context, return_dict=False, **added)[0]
         if guided:
             noise_uncond, *noise_conds = noise_pred.chunk(passes)
             # Classifier-free guidance (Ho & Salimans 2022), summed over AND parts (Liu et al. 2022).
