@@ -222,7 +222,7 @@ def _add_image_args(command: argparse.ArgumentParser, *, mask_required: bool) ->
 
 def _add_sampling_args(command: argparse.ArgumentParser) -> None:
     gen = command.add_argument_group("sampling")
-    gen.add_argument("--H", "--height", dest="height", type=_int, help="image height in pixels, multiple of 8 (default: the model's native size, 512 for SD 1.x; img2img: the init image's)")
+    gen.add_argument("--H", "--height", dest="height", type=_int, help="image height in pixels, multiple of 8 (default: the model's native size: 512 for SD 1.x, 768 for SD 2.x 768-v, 1024 for SDXL; img2img: the init image's)")
     gen.add_argument("--W", "--width", dest="width", type=_int, help="image width in pixels, multiple of 8 (default: the model's native size; img2img: the init image's)")
     gen.add_argument("--ddim_steps", "--steps", dest="steps", type=_int, default=defaults.DEFAULT_STEPS, help=f"sampling steps (default {defaults.DEFAULT_STEPS}; img2img runs steps x strength of them)")
     gen.add_argument("--scale", "--cfg-scale", "--cfg_scale", dest="scale", type=_float, default=defaults.DEFAULT_GUIDANCE, help=f"classifier-free guidance scale (default {defaults.DEFAULT_GUIDANCE}; <= 1 disables guidance)")
