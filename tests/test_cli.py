@@ -167,7 +167,7 @@ BAD_ARGS = [
     (["--model", "{corrupt_ckpt}"], "corrupt.ckpt"),
     (["--model", "{lfs}"], "git-LFS pointer"),
     (["--model", "{empty}"], "empty.ckpt"),
-    (["--model", "{sdxl}"], "SDXL"),
+    (["--model", "{sdxl}"], "sdxl.safetensors: not a complete SDXL checkpoint: cannot infer"),
     (["--model", "{unknown}"], "could not recognise the model family"),
     (["--n_iter", "0"], "n_iter must be between 1"),
     (["--prompt-syntax", "fancy"], "unknown prompt_syntax 'fancy'"),

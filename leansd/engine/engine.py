@@ -334,7 +334,8 @@ class Engine:
         return plan
 
     def placed_text_encoder(self) -> "CLIPTextModel":
-        """The text encoder on the compute device, moved there on first use (a cache miss)."""
+        """The text encoder on the compute device, moved there on first use (a cache miss); for SDXL a
+        `leansd.prompts.encode.TextEncoderPair` over both encoders."""
         from leansd.request import MIN_SIZE
 
         # Before the first UNet plan, plan at the smallest size: the text stage does not depend on

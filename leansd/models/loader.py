@@ -166,8 +166,8 @@ def bundle_from_state_dict(
                                                  activation=text_spec.activation)
         else:
             text_config = infer_text_config(shapes)
-    except ModelLoadError as e:  # a truncated or partial file: say which file
-        raise ModelLoadError(f"{source}: {e}") from e
+    except ModelLoadError as e:  # a truncated or partial file: say which file and what it should be
+        raise ModelLoadError(f"{source}: not a complete {spec.label.split(' inpainting')[0]} checkpoint: {e}") from e
     with _model_errors(source, "the inferred architecture"):
         # Parameters on meta (no memory), buffers real: the CLIP position_ids buffer is not in
         # the file's weights and must exist.
@@ -232,7 +232,7 @@ def _sdxl_from_state_dict(
         unet_config = infer_unet_config(shapes, spec=spec, pooled_width=int(text_config_2["projection_dim"]))
         vae_config = infer_vae_config(shapes, scaling_factor=spec.vae_scaling_factor)
     except ModelLoadError as e:
-        raise ModelLoadError(f"{source}: {e}") from e
+        raise ModelLoadError(f"{source}: not a complete {spec.label} checkpoint: {e}") from e
     with _model_errors(source, "the inferred architecture"):
         with accelerate.init_empty_weights(include_buffers=False):
             unet = UNet2DConditionModel(**unet_config)

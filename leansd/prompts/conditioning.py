@@ -313,7 +313,7 @@ def build_conditioning(
     if cache is not None and fingerprint is None:
         try:
             fingerprint = text_encoder_fingerprint(encoder.module())
-        except (RuntimeError, NotImplementedError, TypeError) as exc:  # e.g. weights on the meta device
+        except (RuntimeError, NotImplementedError, TypeError, AttributeError) as exc:  # e.g. weights on meta
             logger.warning("prompt cache disabled for this job: cannot fingerprint the text encoder (%s)", exc)
             cache = None
     before = cache.stats.copy() if cache is not None else CacheStats()

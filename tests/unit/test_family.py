@@ -109,9 +109,9 @@ def test_require_supported_messages():
     require_supported(ModelFamily.SD1_INPAINT, "a.safetensors")  # no error
     require_supported(ModelFamily.SD2, "a.safetensors")  # no error
     require_supported(ModelFamily.SD2_INPAINT, "a.safetensors")  # no error
-    tail = "leansd supports SD 1.x and SD 2.x checkpoints (incl. 9-channel inpainting) for now"
+    require_supported(ModelFamily.SDXL, "a.safetensors")  # no error
+    tail = "leansd supports SD 1.x and SD 2.x checkpoints (incl. 9-channel inpainting) and SDXL base for now"
     expected = {
-        ModelFamily.SDXL: f"m.ckpt: recognised an SDXL checkpoint; {tail}",
         ModelFamily.SDXL_REFINER: f"m.ckpt: recognised an SDXL refiner checkpoint; {tail}",
     }
     for family, message in expected.items():
@@ -206,7 +206,7 @@ def test_other_model_kinds_are_refused_by_name(shapes, named):
         detect_family(shapes, source="m.safetensors")
     message = str(info.value)
     assert message.startswith(f"m.safetensors: this is {named}")
-    assert message.endswith("; leansd runs SD 1.x and SD 2.x checkpoints") and "\n" not in message
+    assert message.endswith("; leansd runs SD 1.x, SD 2.x and SDXL base checkpoints") and "\n" not in message
 
 
 def test_real_layouts_are_not_taken_for_other_kinds(tiny_shapes):
