@@ -54,7 +54,6 @@ _LABELS = {
     ModelFamily.UNKNOWN: "unrecognised Stable Diffusion variant",
 }
 
-SUPPORTED_FAMILIES = (ModelFamily.SD1, ModelFamily.SD1_INPAINT, ModelFamily.SD2, ModelFamily.SD2_INPAINT, ModelFamily.SDXL)
 
 # Input channels of the UNet: 4 latent channels, or 4 + 4 (masked image) + 1 (mask) for inpainting.
 _LATENT_CHANNELS = 4
@@ -233,7 +232,9 @@ def detect_family_diffusers(folder: str | os.PathLike[str]) -> ModelFamily:
 
 def require_supported(family: ModelFamily, source: str) -> None:
     """Raise ``UnsupportedModelError`` (one line naming the family) unless leansd can run it."""
-    if family in SUPPORTED_FAMILIES:
+    from leansd.models.families import FAMILIES  # the descriptions say which families run
+
+    if family in FAMILIES and FAMILIES[family].supported:
         return
     supported = "leansd supports SD 1.x and SD 2.x checkpoints (incl. 9-channel inpainting) and SDXL base for now"
     if family is ModelFamily.UNKNOWN:
