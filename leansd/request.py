@@ -126,7 +126,7 @@ class GenerationRequest:
                 text.encode("utf-8")
             except UnicodeEncodeError:
                 raise InvalidRequestError(f"{name} is not valid text (it holds undecodable bytes)") from None
-        values = {
+        values: dict[str, Any] = {
             name: _as_int(name, getattr(self, name))
             for name in ("num_inference_steps", "batch_size", "n_iter")
         }

@@ -17,14 +17,19 @@ import io
 import json
 import os
 import tempfile
-from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Optional
 
 from pydantic import BaseModel, ConfigDict
 
+# leansd.request holds the library's defaults: one per knob, for every front end.
 from leansd import __version__
+from leansd import request as defaults
 from leansd.errors import InvalidRequestError, is_out_of_memory, one_line
+from leansd.frontends.limits import DEFAULT_MAX_IMAGES as DEFAULT_MAX_IMAGES
+from leansd.frontends.limits import DEFAULT_MAX_SIZE as DEFAULT_MAX_SIZE
+from leansd.frontends.limits import DEFAULT_MAX_STEPS as DEFAULT_MAX_STEPS
+from leansd.frontends.limits import Limits
 
 if TYPE_CHECKING:
     from PIL import Image
@@ -33,29 +38,24 @@ if TYPE_CHECKING:
     from leansd.service.queue import JobQueue
 
 API = "/sdapi/v1"
-DEFAULT_MAX_SIZE = 2048
-DEFAULT_MAX_STEPS = 150
-DEFAULT_MAX_IMAGES = 16
 MAX_BODY_IMAGE_BYTES = 64 * 2**20
 
 # A1111 `inpainting_fill` numbers -> ours.
 INPAINTING_FILL = {0: "fill", 1: "original", 2: "latent-noise", 3: "latent-nothing"}
+DEFAULT_INPAINTING_FILL = {name: number for number, name in INPAINTING_FILL.items()}[defaults.DEFAULT_INPAINTING_FILL]
+DEFAULT_RESIZE_MODE = defaults.RESIZE_MODES.index(defaults.DEFAULT_RESIZE_MODE)  # A1111's resize_mode number
+DEFAULT_HIRES_SCALE = 2.0
+"""`hr_scale` when `enable_hr` gives no size (A1111's default; the library has no hires pass by default)."""
 SCHEDULERS = (("automatic", "Automatic"), ("karras", "Karras"))
 UPSCALERS = ("None", "Lanczos")
 LATENT_UPSCALERS = ("Latent",)
 
 
-@dataclass(frozen=True, kw_only=True)
-class Limits:
-    """What one server allows a request to ask for (on top of the library's own ranges)."""
-
-    max_size: int = DEFAULT_MAX_SIZE
-    max_steps: int = DEFAULT_MAX_STEPS
-    max_images: int = DEFAULT_MAX_IMAGES
-
-
 # ---------------------------------------------------------------------------------------------
-# Request schema: A1111's field names and defaults; unknown fields are ignored, as A1111 does.
+# Request schema: A1111's field names; unknown fields are ignored, as A1111 does. The defaults are
+# the library's (leansd.request), not A1111's, so every front end has the same ones: sampler PLMS
+# (A1111: Euler), cfg_scale 7.5 (7.0), inpainting_fill 1 = original (0 = fill), hires denoising
+# strength 0.5 (0.75) and upscaler Lanczos (Latent); width/height None = the model's native size.
 
 
 class A1111Request(BaseModel):
@@ -68,17 +68,17 @@ class A1111Request(BaseModel):
     subseed: Optional[int] = -1
     subseed_strength: Optional[float] = 0.0
     sampler_name: Optional[str] = None
-    sampler_index: Optional[str] = "Euler"
+    sampler_index: Optional[str] = defaults.DEFAULT_SAMPLER
     scheduler: Optional[str] = None
-    batch_size: Optional[int] = 1
-    n_iter: Optional[int] = 1
-    steps: Optional[int] = 50
-    cfg_scale: Optional[float] = 7.0
-    width: Optional[int] = 512
-    height: Optional[int] = 512
+    batch_size: Optional[int] = defaults.DEFAULT_BATCH_SIZE
+    n_iter: Optional[int] = defaults.DEFAULT_N_ITER
+    steps: Optional[int] = defaults.DEFAULT_STEPS
+    cfg_scale: Optional[float] = defaults.DEFAULT_GUIDANCE
+    width: Optional[int] = None
+    height: Optional[int] = None
     restore_faces: Optional[bool] = None
     tiling: Optional[bool] = None
-    eta: Optional[float] = None
+    eta: Optional[float] = defaults.DEFAULT_ETA
     override_settings: Optional[dict[str, Any]] = None
     script_name: Optional[str] = None
     script_args: Optional[list[Any]] = None
@@ -89,8 +89,8 @@ class A1111Request(BaseModel):
 
 class Txt2ImgRequest(A1111Request):
     enable_hr: Optional[bool] = False
-    denoising_strength: Optional[float] = 0.75
-    hr_scale: Optional[float] = 2.0
+    denoising_strength: Optional[float] = defaults.DEFAULT_HIRES_STRENGTH
+    hr_scale: Optional[float] = DEFAULT_HIRES_SCALE
     hr_upscaler: Optional[str] = None
     hr_second_pass_steps: Optional[int] = 0
     hr_resize_x: Optional[int] = 0
@@ -99,15 +99,15 @@ class Txt2ImgRequest(A1111Request):
 
 class Img2ImgRequest(A1111Request):
     init_images: Optional[list[str]] = None
-    denoising_strength: Optional[float] = 0.75
+    denoising_strength: Optional[float] = defaults.DEFAULT_STRENGTH
     mask: Optional[str] = None
     mask_blur: Optional[int] = None
-    mask_blur_x: Optional[int] = 4
-    mask_blur_y: Optional[int] = 4
-    inpainting_fill: Optional[int] = 0
+    mask_blur_x: Optional[int] = defaults.DEFAULT_MASK_BLUR
+    mask_blur_y: Optional[int] = defaults.DEFAULT_MASK_BLUR
+    inpainting_fill: Optional[int] = DEFAULT_INPAINTING_FILL
     inpainting_mask_invert: Optional[int] = 0
     inpaint_full_res: Optional[bool] = True
-    resize_mode: Optional[int] = 0
+    resize_mode: Optional[int] = DEFAULT_RESIZE_MODE
     include_init_images: Optional[bool] = False
 
 
@@ -201,7 +201,7 @@ def sampler_from(sampler: str | None, scheduler: str | None) -> str:
     """A1111 sampler name plus `scheduler` ("Automatic", "Karras") -> our canonical sampler name."""
     from leansd.sampling.samplers import get_sampler, sampler_names
 
-    spec = get_sampler(sampler or "Euler")
+    spec = get_sampler(sampler or defaults.DEFAULT_SAMPLER)
     key = (scheduler or "automatic").strip().lower()
     if key in ("automatic", "", "default"):
         return spec.name
@@ -235,6 +235,26 @@ def unsupported(body: A1111Request) -> None:
         raise InvalidRequestError("variation seeds (subseed_strength > 0) are not supported by leansd")
 
 
+def native_size(engine: Any) -> tuple[int, int] | None:
+    """The loaded model's native (width, height): what a request without a size gets.
+
+    The library's own rule (`leansd.pipelines.steps.resolve_size`); None for an engine that
+    describes no model (a test double).
+    """
+    if getattr(engine, "bundle", None) is None:
+        return None
+    from leansd.pipelines.steps import resolve_size
+    from leansd.request import GenerationRequest
+
+    return resolve_size(engine, GenerationRequest(""))
+
+
+def _check_size(limits: Limits, width: int | None, height: int | None, *, why: str = "") -> None:
+    for name, value in (("width", width), ("height", height)):
+        if value is not None and value > limits.max_size:
+            raise InvalidRequestError(f"{name} must be at most {limits.max_size} on this server, got {value}{why}")
+
+
 def _common_fields(body: A1111Request, *, model_name: str, limits: Limits) -> dict[str, Any]:
     unsupported(body)
     checkpoint = (body.override_settings or {}).get("sd_model_checkpoint")
@@ -243,14 +263,11 @@ def _common_fields(body: A1111Request, *, model_name: str, limits: Limits) -> di
             f"override_settings.sd_model_checkpoint {checkpoint!r} is not the loaded model {model_name!r}; "
             "this server serves one model"
         )
-    width = 512 if body.width is None else body.width
-    height = 512 if body.height is None else body.height
-    steps = 50 if body.steps is None else body.steps
-    batch_size = 1 if body.batch_size is None else body.batch_size
-    n_iter = 1 if body.n_iter is None else body.n_iter
-    for name, value in (("width", width), ("height", height)):
-        if value > limits.max_size:
-            raise InvalidRequestError(f"{name} must be at most {limits.max_size} on this server, got {value}")
+    width, height = body.width, body.height  # None: the library's default (the model's native size)
+    steps = defaults.DEFAULT_STEPS if body.steps is None else body.steps
+    batch_size = defaults.DEFAULT_BATCH_SIZE if body.batch_size is None else body.batch_size
+    n_iter = defaults.DEFAULT_N_ITER if body.n_iter is None else body.n_iter
+    _check_size(limits, width, height)
     if steps > limits.max_steps:
         raise InvalidRequestError(f"steps must be at most {limits.max_steps} on this server, got {steps}")
     if batch_size >= 1 and n_iter >= 1 and batch_size * n_iter > limits.max_images:
@@ -266,20 +283,25 @@ def _common_fields(body: A1111Request, *, model_name: str, limits: Limits) -> di
         batch_size=batch_size,
         n_iter=n_iter,
         num_inference_steps=steps,
-        guidance_scale=7.0 if body.cfg_scale is None else body.cfg_scale,
+        guidance_scale=defaults.DEFAULT_GUIDANCE if body.cfg_scale is None else body.cfg_scale,
         width=width,
         height=height,
         tiling=bool(body.tiling),
-        eta=0.0 if body.eta is None else body.eta,
+        eta=defaults.DEFAULT_ETA if body.eta is None else body.eta,
     )
 
 
-def txt2img_request(body: Txt2ImgRequest, *, model_name: str, limits: Limits) -> "GenerationRequest":
+def txt2img_request(body: Txt2ImgRequest, *, model_name: str, limits: Limits,
+                    native_size: tuple[int, int] | None = None) -> "GenerationRequest":
+    """A txt2img body -> a validated request; `native_size` (see `native_size()`) sizes the hires check."""
     from leansd.request import GenerationRequest
 
     fields = _common_fields(body, model_name=model_name, limits=limits)
+    if native_size is not None:
+        _check_size(limits, None if body.width is not None else native_size[0],
+                    None if body.height is not None else native_size[1], why=" (the model's native size)")
     if body.enable_hr:
-        upscaler = body.hr_upscaler or "Latent"
+        upscaler = body.hr_upscaler or defaults.DEFAULT_HIRES_UPSCALER
         if upscaler.lower().startswith("latent"):
             fields["hires_upscaler"] = "latent"
         elif upscaler.lower() in ("none", "lanczos"):
@@ -294,17 +316,20 @@ def txt2img_request(body: Txt2ImgRequest, *, model_name: str, limits: Limits) ->
             fields["hires_width"] = rx or None
             fields["hires_height"] = ry or None
         else:
-            fields["hires_scale"] = 2.0 if body.hr_scale is None else body.hr_scale
+            fields["hires_scale"] = DEFAULT_HIRES_SCALE if body.hr_scale is None else body.hr_scale
         fields["hires_steps"] = body.hr_second_pass_steps or None
-        fields["hires_strength"] = 0.75 if body.denoising_strength is None else body.denoising_strength
+        fields["hires_strength"] = (defaults.DEFAULT_HIRES_STRENGTH if body.denoising_strength is None
+                                    else body.denoising_strength)
     request = GenerationRequest(**fields).validated()  # checks hires_scale is finite and in range first
-    if request.hires:
+    native = native_size or (0, 0)
+    first_pass = (request.width or native[0], request.height or native[1])
+    if request.hires and all(first_pass):
         from leansd.pipelines.txt2img import hires_target
 
-        width, height = hires_target(request, width=request.width or 512, height=request.height or 512)
-        if max(width, height) > limits.max_size:
+        target = hires_target(request, width=first_pass[0], height=first_pass[1])
+        if target is not None and max(target) > limits.max_size:
             raise InvalidRequestError(
-                f"the hires pass would be {width}x{height}; the largest side allowed on this server "
+                f"the hires pass would be {target[0]}x{target[1]}; the largest side allowed on this server "
                 f"is {limits.max_size}"
             )
     return request
@@ -321,9 +346,10 @@ def img2img_request(
     """An img2img/inpaint body -> a validated request.
 
     The images come from `init_images[0]` and `mask` (base64), or, from a front end that has
-    them already (the web UI), as PIL images in `init_image` and `mask`.
+    them already (the web UI), as PIL images in `init_image` and `mask`. Without width/height the
+    output keeps the init image's size (rounded down to 8), as in the library.
     """
-    from leansd.inputs.images import resize_mode_name
+    from leansd.inputs.images import resize_mode_name, target_size
     from leansd.request import GenerationRequest
 
     fields = _common_fields(body, model_name=model_name, limits=limits)
@@ -335,7 +361,7 @@ def img2img_request(
             raise InvalidRequestError(
                 f"init_images holds {len(images)} images; leansd takes one init image per request"
             )
-    fill = 0 if body.inpainting_fill is None else body.inpainting_fill
+    fill = DEFAULT_INPAINTING_FILL if body.inpainting_fill is None else body.inpainting_fill
     if fill not in INPAINTING_FILL:
         raise InvalidRequestError(
             f"inpainting_fill must be 0 (fill), 1 (original), 2 (latent noise) or 3 (latent nothing), got {fill}"
@@ -343,12 +369,16 @@ def img2img_request(
     blur = body.mask_blur if body.mask_blur is not None else body.mask_blur_x
     fields.update(
         init_image=init_image if init_image is not None else decode_base64_image(images[0], label="init_images[0]"),
-        strength=0.75 if body.denoising_strength is None else body.denoising_strength,
-        resize_mode=resize_mode_name(0 if body.resize_mode is None else body.resize_mode),
-        mask_blur=4 if blur is None else blur,
+        strength=defaults.DEFAULT_STRENGTH if body.denoising_strength is None else body.denoising_strength,
+        resize_mode=resize_mode_name(DEFAULT_RESIZE_MODE if body.resize_mode is None else body.resize_mode),
+        mask_blur=defaults.DEFAULT_MASK_BLUR if blur is None else blur,
         inpainting_fill=INPAINTING_FILL[fill],
         invert_mask=bool(body.inpainting_mask_invert),
     )
+    if fields["width"] is None or fields["height"] is None:
+        # Without a size the library keeps the init image's (rounded down to 8): it must fit the limits too.
+        width, height = target_size(fields["init_image"].size, width=fields["width"], height=fields["height"])
+        _check_size(limits, width, height, why=" (the init image's size)")
     if mask is not None:
         fields["mask"] = mask
     elif body.mask:

@@ -15,6 +15,8 @@ from typing import NoReturn, Sequence
 
 from leansd import __version__
 from leansd import request as defaults  # constants only: no torch, no PIL
+from leansd.frontends import limits  # the server's defaults, standard library only
+from leansd.service.queue import DEFAULT_MAX_QUEUE  # standard library only
 
 EXIT_USAGE = 2
 
@@ -89,16 +91,18 @@ def _add_serve_args(sub: "argparse._SubParsersAction", name: str = "serve") -> N
                            help="do not open the web UI in the browser")
     _add_model_args(serve)
     net = serve.add_argument_group("server")
-    net.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1, this machine only)")
-    net.add_argument("--port", type=_int, default=7860, help="port (default 7860)")
+    net.add_argument("--host", default=limits.DEFAULT_HOST,
+                     help=f"address to bind (default {limits.DEFAULT_HOST}, this machine only)")
+    net.add_argument("--port", type=_int, default=limits.DEFAULT_PORT, help=f"port (default {limits.DEFAULT_PORT})")
     net.add_argument("--listen", action="store_true",
                      help="bind 0.0.0.0 (all interfaces); refuses to start without --api-auth")
     net.add_argument("--api-auth", "--api_auth", dest="api_auth", metavar="USER:PASS",
                      help="require HTTP Basic credentials on every route (several: u1:p1,u2:p2)")
-    net.add_argument("--max-queue", "--max_queue", dest="max_queue", type=_int, default=32,
-                     help="jobs allowed to wait; beyond it requests get 503 with Retry-After (default 32)")
-    net.add_argument("--max-size", "--max_size", dest="max_size", type=_int, default=2048,
-                     help="largest width/height a request may ask for, hires pass included (default 2048)")
+    net.add_argument("--max-queue", "--max_queue", dest="max_queue", type=_int, default=DEFAULT_MAX_QUEUE,
+                     help=f"jobs allowed to wait; beyond it requests get 503 with Retry-After (default {DEFAULT_MAX_QUEUE})")
+    net.add_argument("--max-size", "--max_size", dest="max_size", type=_int, default=limits.DEFAULT_MAX_SIZE,
+                     help="largest width/height a request may ask for, hires pass included "
+                     f"(default {limits.DEFAULT_MAX_SIZE})")
     net.add_argument("--save-images", "--save_images", dest="save_images", action="store_true",
                      help="also save every generated image under --outdir")
     net.add_argument("--outdir", default="outputs", help="output folder for --save-images (default outputs)")
@@ -303,6 +307,14 @@ def main(argv: Sequence[str] | None = None) -> int:
                 file=sys.stderr,
             )
             return 1
+        from leansd.engine.device import is_missing_kernel, translate_cuda_error
+
+        if is_missing_kernel(exc):  # outside Engine.generate (loading, placing): the same advice
+            import torch
+
+            advice = translate_cuda_error(exc, torch.device("cuda", torch.cuda.current_device()))
+            print(f"leansd: error: {one_line(advice)}", file=sys.stderr)
+            return EXIT_USAGE
         raise
     return EXIT_USAGE
 
@@ -431,7 +443,7 @@ def run_generate(args: argparse.Namespace) -> int:
             file=sys.stderr,
         )
         if writer is not None and not args.skip_save:
-            for image, seed, info in zip(result.images, result.seeds, result.infotexts):
+            for image, seed, info in zip(result.images, result.seeds, result.infotexts, strict=True):
                 path = writer.save(image, seed=seed, infotext=info)
                 print(path)
         if writer is not None and not args.skip_grid and len(result.images) > 1:
@@ -507,7 +519,7 @@ def _open_browser(url: str, timeout: float = 120.0) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         try:
-            with socket.create_connection((host, parts.port), timeout=1):
+            with socket.create_connection((host, parts.port or 80), timeout=1):
                 break
         except OSError:
             time.sleep(0.2)

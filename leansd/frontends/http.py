@@ -50,6 +50,7 @@ from leansd.frontends.a1111 import (
     txt2img_request,
 )
 from leansd.frontends.guard import GuardMiddleware, error_response, parse_credentials
+from leansd.frontends.limits import DEFAULT_HOST, DEFAULT_PORT, DEFAULT_SHUTDOWN_SECONDS
 from leansd.service.queue import (
     DEFAULT_MAX_QUEUE,
     Job,
@@ -94,11 +95,41 @@ class _Server:
     model_name: str
     model_hash: str | None
     model_source: str
+    native_size: tuple[int, int] | None = None
     options: dict[str, Any] = field(default_factory=dict)
+    owns_queue: bool = False
+    shutdown_timeout: float = DEFAULT_SHUTDOWN_SECONDS
+
+    @classmethod
+    def over(cls, queue: JobQueue, *, limits: Limits, outputs: Path | None, owns_queue: bool,
+             shutdown_timeout: float) -> "_Server":
+        """The shared state for `queue`'s engine: its model's name, hash, source and native size."""
+        bundle = getattr(queue.engine, "bundle", None)
+        name = getattr(bundle, "name", None) or "model"
+        model_hash = getattr(bundle, "hash", None)
+        return cls(
+            queue=queue, limits=limits, outputs=outputs, model_name=name, model_hash=model_hash,
+            model_source=str(getattr(bundle, "source", name)), native_size=a1111.native_size(queue.engine),
+            options=a1111.initial_options(model_name=name, model_hash=model_hash, outdir=outputs),
+            owns_queue=owns_queue, shutdown_timeout=shutdown_timeout,
+        )
 
 
 def _server(request: Request) -> _Server:
     return request.app.state.server
+
+
+@asynccontextmanager
+async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
+    """Start a queue the app owns with the app; on shutdown give its running job `shutdown_timeout`."""
+    server: _Server = app.state.server
+    if server.owns_queue:
+        server.queue.start()
+    try:
+        yield
+    finally:
+        if server.owns_queue:
+            await asyncio.to_thread(server.queue.shutdown, server.shutdown_timeout)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -115,7 +146,7 @@ def create_app(
     max_steps: int = DEFAULT_MAX_STEPS,
     max_images: int = DEFAULT_MAX_IMAGES,
     allowed_origins: Sequence[str] = (),
-    shutdown_timeout: float = 30.0,
+    shutdown_timeout: float = DEFAULT_SHUTDOWN_SECONDS,
     ui: bool = True,
 ) -> FastAPI:
     """A FastAPI app speaking A1111's `/sdapi/v1` for one engine.
@@ -129,28 +160,12 @@ def create_app(
     """
     owns_queue = not isinstance(engine_or_queue, JobQueue)
     queue = JobQueue(engine_or_queue, max_queue=max_queue) if owns_queue else engine_or_queue
-    bundle = getattr(queue.engine, "bundle", None)
-    model_name = getattr(bundle, "name", None) or "model"
-    model_hash = getattr(bundle, "hash", None)
-    outputs = None if save_dir is None else Path(save_dir).resolve()
-    server = _Server(
-        queue=queue, limits=Limits(max_size=max_size, max_steps=max_steps, max_images=max_images),
-        outputs=outputs, model_name=model_name, model_hash=model_hash,
-        model_source=str(getattr(bundle, "source", model_name)),
-        options=a1111.initial_options(model_name=model_name, model_hash=model_hash, outdir=outputs),
+    server = _Server.over(
+        queue, limits=Limits(max_size=max_size, max_steps=max_steps, max_images=max_images),
+        outputs=None if save_dir is None else Path(save_dir).resolve(), owns_queue=owns_queue,
+        shutdown_timeout=shutdown_timeout,
     )
-
-    @asynccontextmanager
-    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        if owns_queue:
-            queue.start()
-        try:
-            yield
-        finally:
-            if owns_queue:
-                await asyncio.to_thread(queue.shutdown, shutdown_timeout)
-
-    app = FastAPI(title="leansd", version=__version__, lifespan=lifespan,
+    app = FastAPI(title="leansd", version=__version__, lifespan=_lifespan,
                   description="AUTOMATIC1111-compatible /sdapi/v1 API served by leansd")
     app.state.server = server
     app.state.queue = queue
@@ -164,7 +179,7 @@ def create_app(
     if ui:  # last: the UI is mounted at "/", so every route above keeps precedence
         from leansd.frontends.webui import mount_ui
 
-        mount_ui(app, queue, limits=server.limits, model_name=model_name, save_dir=outputs)
+        mount_ui(app, queue, limits=server.limits, model_name=server.model_name, save_dir=server.outputs)
     return app
 
 
@@ -253,7 +268,7 @@ async def _generate(http_request: Request, gen: "GenerationRequest", body: A1111
 @_route("POST", f"{API}/txt2img")
 async def txt2img(body: Txt2ImgRequest, request: Request) -> dict:
     server = _server(request)
-    gen = txt2img_request(body, model_name=server.model_name, limits=server.limits)
+    gen = txt2img_request(body, model_name=server.model_name, limits=server.limits, native_size=server.native_size)
     return await _generate(request, gen, body, "txt2img")
 
 
@@ -398,9 +413,7 @@ async def _await_job(http_request: Request, queue: JobQueue, job: Job) -> "Gener
 def _save(folder: Path, result: "GenerationResult") -> None:
     from leansd.outputs.writer import ImageWriter
 
-    writer = ImageWriter(folder)
-    for image, seed, info in zip(result.images, result.seeds, result.infotexts):
-        writer.save(image, seed=seed, infotext=info)
+    ImageWriter(folder).save_all(result.images, seeds=result.seeds, infotexts=result.infotexts)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -410,10 +423,10 @@ def _save(folder: Path, result: "GenerationResult") -> None:
 def serve(
     engine_or_queue: Any,
     *,
-    host: str = "127.0.0.1",
-    port: int = 7860,
+    host: str = DEFAULT_HOST,
+    port: int = DEFAULT_PORT,
     max_queue: int = DEFAULT_MAX_QUEUE,
-    shutdown_timeout: float = 30.0,
+    shutdown_timeout: float = DEFAULT_SHUTDOWN_SECONDS,
     log_level: str = "warning",
     on_ready: "Any | None" = None,
     **app_options: Any,

@@ -54,7 +54,7 @@ TINY_VAE_CONFIG = dict(
     sample_size=64,
     scaling_factor=SD1_VAE_SCALING_FACTOR,
 )
-TINY_TEXT_CONFIG = dict(
+TINY_TEXT_CONFIG: dict[str, Any] = dict(
     vocab_size=49408,
     hidden_size=32,
     intermediate_size=37,

@@ -352,6 +352,11 @@ class ImageWriter:
             image, start, lambda i: image_filename(seed=seed, index=i, fmt=self.fmt), infotext
         )
 
+    def save_all(self, images: Sequence[Image.Image], *, seeds: Sequence[int],
+                 infotexts: Sequence[str | None]) -> list[Path]:
+        """`save` for each image of a result, in order: image k with seeds[k] and infotexts[k]."""
+        return [self.save(image, seed=seed, infotext=info) for image, seed, info in zip(images, seeds, infotexts)]
+
     def save_grid(self, image: Image.Image, *, infotext: str | None) -> Path:
         """Save as `grid-<NNNN>`, NNNN = grids already in the folder."""
         self._ensure_outdir()
