@@ -179,7 +179,7 @@ def text_rows(models, sizes, dtype) -> list[list]:
     encoders = getattr(models, "text_encoders", [models.text_encoder])
     for attention in ("efficient", "math"):
         # Several encoders (SDXL) run one after the other: the stage's peak is the largest one's.
-        peak = max(measure(lambda: encoder(ids), attention) for encoder in encoders)
+        peak = max(measure(lambda: encoder(ids), attention) for encoder in encoders)  # noqa: B023 - run at once
         rows.append(["text", "-", attention, 2, peak, estimate, peak / unit])
     return rows
 

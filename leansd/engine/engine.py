@@ -109,8 +109,8 @@ class Engine:
         self._text_pair: Any = None
         # The text encoder is placed only when a prompt is not in the cache (see placed_text_encoder).
         if self.budget is None and memory_policy == "auto" and not vae_on_cpu:
-            for name in (Component.UNET, Component.VAE):  # no budget: resident from the start, as always
-                self._bring(name)
+            for part in (Component.UNET, Component.VAE):  # no budget: resident from the start, as always
+                self._bring(part)
         else:  # components visit the device per stage: cast on the host now, move when planned
             for name, module in self._components().items():
                 self._cast(module, self._dtype_of(name))

@@ -80,7 +80,9 @@ def module_bytes_direct(module: "torch.nn.Module", dtype_bytes: int | None = Non
     return total
 
 
-def model_sizes(bundle: "ModelBundle", *, dtype_bytes: int, vae_dtype_bytes: int | None = None) -> "ModelSizes":
+def model_sizes(
+    bundle: "ModelBundle | ReferenceModels", *, dtype_bytes: int, vae_dtype_bytes: int | None = None
+) -> "ModelSizes":
     """The planner's view of a bundle: sizes at the compute dtype, block split as group offloading makes it."""
     import torch
 

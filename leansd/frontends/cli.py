@@ -11,7 +11,7 @@ import logging
 import os
 import sys
 from pathlib import Path
-from typing import NoReturn, Sequence
+from typing import Any, NoReturn, Sequence
 
 from leansd import __version__
 from leansd import request as defaults  # constants only: no torch, no PIL
@@ -168,10 +168,10 @@ def _prediction_type(text: str) -> str:
         raise argparse.ArgumentTypeError(str(exc)) from None
 
 
-def _memory_options(args: argparse.Namespace) -> dict[str, object]:
+def _memory_options(args: argparse.Namespace) -> dict[str, Any]:
     """Engine.load keyword arguments from the memory flags of _add_model_args."""
     policy = "lowvram" if args.lowvram else "medvram" if args.medvram else "auto"
-    options: dict[str, object] = {"vram": args.vram, "memory_policy": policy, "turbo": args.turbo,
+    options: dict[str, Any] = {"vram": args.vram, "memory_policy": policy, "turbo": args.turbo,
                                   "vae_on_cpu": args.vae_on_cpu}
     if getattr(args, "prediction_type", None) is not None:
         options["prediction_type"] = args.prediction_type

@@ -4,9 +4,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Iterable, Mapping
-from typing import Any
-
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from leansd.errors import ModelLoadError
 
@@ -265,7 +263,7 @@ def infer_unet_config(
             proj_in_ndim = len(shape)
     if context is None:
         raise ModelLoadError("cannot infer the UNet architecture: no cross-attention (attn2.to_k) tensors")
-    depths = {d for d, a in zip(transformer_depths, down_attention) if a} or {1}
+    depths = {d for d, a in zip(transformer_depths, down_attention, strict=True) if a} or {1}
 
     added: dict[str, Any] = {}
     label = unet.get("label_emb.0.0.weight")

@@ -106,7 +106,7 @@ def open_clip_to_transformers(sd: Mapping[str, "torch.Tensor"], *, prefix: str =
             layer, rest = f"text_model.encoder.layers.{m[1]}.", m[2]
             if rest in ("attn.in_proj_weight", "attn.in_proj_bias"):
                 kind = rest.rsplit("_", 1)[1]  # weight / bias
-                for part, chunk in zip(("q", "k", "v"), value.chunk(3, dim=0)):
+                for part, chunk in zip(("q", "k", "v"), value.chunk(3, dim=0), strict=True):
                     out[f"{layer}self_attn.{part}_proj.{kind}"] = chunk  # views of the fused tensor
                 continue
             module, _, tail = rest.rpartition(".")
@@ -296,7 +296,7 @@ def ldm_schedule_buffers(config: Mapping[str, Any] = SD1_SCHEDULER_CONFIG) -> di
 def diffusers_to_ldm(
     unet: "UNet2DConditionModel",
     vae: "AutoencoderKL",
-    text_encoder: "CLIPTextModel",
+    text_encoder: Any,
     *,
     text_model_level: bool = True,
     text_layout: str = OPENAI_CLIP,

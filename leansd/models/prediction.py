@@ -105,7 +105,7 @@ def markers(sd: Mapping[str, Any]) -> tuple[bool, bool]:
     return V_PRED_MARKER in sd, ZTSNR_MARKER in sd
 
 
-def probe_v_prediction(unet: "torch.nn.Module", *, context_width: int) -> tuple[bool, float]:
+def probe_v_prediction(unet: Any, *, context_width: int) -> tuple[bool, float]:
     """Run the UNet once (see the module docstring); returns (is v-prediction, mean(out - x))."""
     import torch
 

@@ -74,7 +74,7 @@ TINY_TEXT_CONFIG: dict[str, Any] = dict(
 # text encoder with one more block than it conditions on (the penultimate layer).
 TINY_SD2_UNET_CONFIG = dict(
     TINY_UNET_CONFIG,
-    attention_head_dim=describe(ModelFamily.SD2).unet_attention_heads(TINY_UNET_CONFIG["block_out_channels"]),
+    attention_head_dim=describe(ModelFamily.SD2).unet_attention_heads((32, 64)),  # TINY_UNET_CONFIG's widths
     use_linear_projection=True,
 )
 TINY_SD2_TEXT_CONFIG = dict(TINY_TEXT_CONFIG, num_hidden_layers=3, hidden_act="gelu", pad_token_id=0)
@@ -108,7 +108,7 @@ TINY_FAMILIES = (ModelFamily.SD1, ModelFamily.SD2, ModelFamily.SDXL)
 class TinyComponents:
     unet: "UNet2DConditionModel"
     vae: "AutoencoderKL"
-    text_encoder: "CLIPTextModel"
+    text_encoder: "CLIPTextModel | Any"
     text_encoder_2: "Any" = None
     """SDXL's second (OpenCLIP-bigG-shaped) text encoder, a CLIPTextModelWithProjection."""
 
@@ -130,6 +130,7 @@ def build_tiny_components(
         raise ValueError(f"no tiny {family.label} model; tiny families: {', '.join(f.value for f in TINY_FAMILIES)}")
     sd2, sdxl = family is ModelFamily.SD2, family is ModelFamily.SDXL
     unet_config = TINY_SD2_UNET_CONFIG if sd2 else TINY_SDXL_UNET_CONFIG if sdxl else TINY_UNET_CONFIG
+    text_encoder: Any
     text_encoder_2 = None
     # Construction draws from the global RNG; fork it so the caller's random state is untouched
     # (every tensor is overwritten from a private generator below anyway).

@@ -335,7 +335,7 @@ def build_conditioning(
                 pooled[spec] = units.pooled[token_chunks]
             return z
         block_chunks = [chunk_tokens(tokenizer, WeightedText.plain(t).pieces) for t, _ in spec.blocks]
-        blocks = [units.get(c, t) for c, (t, _) in zip(block_chunks, spec.blocks)]
+        blocks = [units.get(c, t) for c, (t, _) in zip(block_chunks, spec.blocks, strict=True)]
         k = max(z.shape[1] // CHUNK_LENGTH for z in blocks)
         blocks = [pad_chunks(z, k, empty()) if z.shape[1] != k * CHUNK_LENGTH else z for z in blocks]
         mixed = torch.zeros_like(blocks[0])
@@ -343,7 +343,7 @@ def build_conditioning(
             mixed = torch.add(mixed, z, alpha=weight)
         if all(c in units.pooled for c in block_chunks):  # the pooled embeddings mix the same way
             mixed_pooled = torch.zeros_like(units.pooled[block_chunks[0]])
-            for c, (_, weight) in zip(block_chunks, spec.blocks):
+            for c, (_, weight) in zip(block_chunks, spec.blocks, strict=True):
                 mixed_pooled = torch.add(mixed_pooled, units.pooled[c], alpha=weight)
             pooled[spec] = mixed_pooled
         return mixed

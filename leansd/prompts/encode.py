@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Sequence
+from typing import TYPE_CHECKING, Any, Sequence
 
 from leansd.prompts.parse import BREAK, Fragment, Piece
 
@@ -147,8 +147,13 @@ def hidden_states(
     states = text_encoder(ids, output_hidden_states=True, return_dict=True).hidden_states  # embeddings + layers
     if not -len(states) < layer < 0:
         raise ValueError(f"text encoder has {len(states) - 1} layers; cannot take hidden layer {layer}")
-    h = states[layer]
-    return text_encoder.text_model.final_layer_norm(h) if final_norm else h
+    return _final_norm(text_encoder, states[layer]) if final_norm else states[layer]
+
+
+def _final_norm(text_encoder: Any, h: "torch.Tensor") -> "torch.Tensor":
+    """The encoder's final layer norm (transformers 5's CLIPTextModel holds it directly, the
+    WithProjection variant under ``text_model``)."""
+    return getattr(text_encoder, "text_model", text_encoder).final_layer_norm(h)
 
 
 class TextEncoderPair:
@@ -184,7 +189,7 @@ class TextEncoderPair:
         out = self.second(self.second_ids(ids), output_hidden_states=True, return_dict=True)
         h2 = out.hidden_states[self.layers[1]]
         if self.final_norms[1]:
-            h2 = self.second.text_model.final_layer_norm(h2)
+            h2 = _final_norm(self.second, h2)
         z = torch.cat([apply_emphasis(h1, multipliers), apply_emphasis(h2, multipliers)], dim=-1)  # (k, 77, D1+D2)
         return z, out.text_embeds  # text_embeds: (k, P), bigG's projection of the end token
 

@@ -48,11 +48,11 @@ def test_inferred_architecture_and_round_trip_every_tensor(written):
         CLIPTextModel(CLIPTextConfig(**infer_text_config(shapes, prefix=SGM_CLIP_L_PREFIX))),
         CLIPTextModelWithProjection(CLIPTextConfig(**text_2)),
     )
-    for module, weights in zip(modules, sgm_to_diffusers(sd, unet_config=unet_config, vae_config=vae_config)):
+    for module, weights in zip(modules, sgm_to_diffusers(sd, unet_config=unet_config, vae_config=vae_config), strict=True):
         module.load_state_dict(weights, strict=False)
         assert set(weights) == {k for k in module.state_dict() if not k.endswith("position_ids")}
     reference = build_tiny_components(seed=0, family=ModelFamily.SDXL)
-    for module, ref in zip(modules, (reference.unet, reference.vae, reference.text_encoder, reference.text_encoder_2)):
+    for module, ref in zip(modules, (reference.unet, reference.vae, reference.text_encoder, reference.text_encoder_2), strict=True):
         for key, value in ref.state_dict().items():
             assert torch.equal(module.state_dict()[key], value), key
     back = diffusers_to_sgm(*modules)
