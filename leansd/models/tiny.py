@@ -1,7 +1,7 @@
-"""Tiny random-weight SD 1.x- and SD 2.x-shaped models for tests and `--model tiny`.
+"""Tiny random-weight SD 1.x-, SD 2.x- and SDXL-shaped models for tests and `--model tiny` (SD 1.x).
 
-THESE MODELS ARE RANDOM: they exercise every code path of a real SD 1.x / SD 2.x model in a
-fraction of a second, and the pictures they make are noise.
+THESE MODELS ARE RANDOM: they exercise every code path of a real SD 1.x / SD 2.x / SDXL base model
+in a fraction of a second, and the pictures they make are noise.
 
 The SD 2.x ones have what sets SD 2.x apart: an OpenCLIP-layout text encoder (fused attention
 projections, exact GELU, a text projection, padding with ``!``) conditioning on its penultimate
