@@ -194,3 +194,22 @@ def test_legacy_inpaint_matches_diffusers(single_engine, strength):
         output_type="np",
     ).images
     np.testing.assert_allclose(ours.pixels, composite(ref, req.mask), atol=1e-4)
+
+
+def test_cli_txt2img_on_an_sdxl_file(files, tmp_path):
+    from PIL import Image
+
+    from leansd.frontends.cli import main
+
+    args = ["txt2img", "--ckpt", str(files["single"]), "--prompt", "a red fox", "--nprompt", "grey", "--sampler",
+            "ddim", "--precision", "full", "--steps", "3", "--seed", "9", "--H", "64", "--W", "64", "--skip_grid",
+            "--no-prompt-cache", "--outdir", str(tmp_path)]
+    assert main(args) == 0
+    image = np.asarray(Image.open(tmp_path / "seed_9_00000.png"))
+    engine = Engine.load(str(files["single"]), device="cpu", precision="full", prompt_cache=False)
+    req = GenerationRequest(prompt="a red fox", negative_prompt="grey", sampler="DDIM", num_inference_steps=3,
+                            seed=9, width=64, height=64)
+    expected = engine.generate(req, progress_bar=False)
+    np.testing.assert_array_equal(image, np.asarray(expected.images[0]))
+    ref = reference(engine, req.validated(), [9])
+    assert np.abs(expected.pixels - ref).max() < 1e-4
