@@ -111,6 +111,11 @@ def model_sizes(
     head_dim = unet.config.attention_head_dim
     head_dim = head_dim[0] if isinstance(head_dim, (list, tuple)) else head_dim
     channels = int(unet.config.block_out_channels[0])
+    # The first level with attention (SDXL has none at full resolution) and its width and heads.
+    level = next((i for i, t in enumerate(unet.config.down_block_types) if "CrossAttn" in t), 0)
+    per_level = unet.config.attention_head_dim if unet.config.num_attention_heads is None else (
+        unet.config.num_attention_heads)
+    level_heads = int(per_level[level] if isinstance(per_level, (list, tuple)) else per_level)
     # diffusers' SD1 UNet reads attention_head_dim as the number of heads (a historical misnomer).
     heads = int(head_dim) if unet.config.num_attention_heads is None else int(
         unet.config.num_attention_heads if isinstance(unet.config.num_attention_heads, int)
@@ -124,6 +129,9 @@ def model_sizes(
         vae=module_bytes(bundle.vae, vae_dtype_bytes or dtype_bytes),
         unet_channels=channels,
         unet_heads=heads,
+        attention_level=level,
+        attention_channels=int(unet.config.block_out_channels[level]),
+        attention_heads=level_heads,
         vae_channels=int(bundle.vae.config.block_out_channels[0]),
         vae_mid_channels=int(bundle.vae.config.block_out_channels[-1]),
         vae_exact_tiles=supports(bundle.vae),

@@ -95,6 +95,13 @@ class ModelSizes:
     whole decode of an overlapping tile, all kept for blending."""
     vae_mid_channels: int | None = None
     """Channels of the VAE's mid block (its widest level); None: 4 * vae_channels, as in SD's VAEs."""
+    attention_level: int = 0
+    """The UNet's first level with attention (0 for SD 1.x/2.x; 1 for SDXL, whose full-resolution level
+    has none): its tokens are N / 4**level."""
+    attention_channels: int | None = None
+    """Channels at that level; None: unet_channels."""
+    attention_heads: int | None = None
+    """Attention heads at that level; None: unet_heads."""
 
     @property
     def unet(self) -> int:
@@ -205,11 +212,19 @@ def unet_activation(sizes: ModelSizes, request: PlanRequest, *, cfg_batched: boo
     d = sizes.dtype_bytes
     n = (request.width // sizes.vae_scale) * (request.height // sizes.vae_scale)
     b = request.batch * (request.passes if cfg_batched else 1)
-    features = 28 * b * n * sizes.unet_channels * d
+    # The terms below are taken at the first level with attention (SD: the full resolution).
+    n_att = n // 4**sizes.attention_level
+    channels = sizes.attention_channels or sizes.unet_channels
+    heads = sizes.attention_heads or sizes.unet_heads
+    features = 28 * b * n_att * channels * d
+    if sizes.attention_level:
+        # Without attention at full resolution (SDXL) the top level's resnets and skip concatenations
+        # set the floor: measured 15.75 * b * N * C * d (SDXL base, 1024 px, fp16).
+        features = max(features, 18 * b * n * sizes.unet_channels * d)
     if request.efficient_attention:
         return features
-    q = n if chunk is None else min(chunk, n)
-    attention = (14 * d + 16) * b * n * sizes.unet_channels + int(8.5 * b * sizes.unet_heads * q * n)
+    q = n_att if chunk is None else min(chunk, n_att)
+    attention = (14 * d + 16) * b * n_att * channels + int(8.5 * b * heads * q * n_att)
     return max(features, attention)
 
 

@@ -59,3 +59,19 @@ def test_issue_targets_fit_their_budgets_in_fp16(family, side, budget):
         assert plan.minimum >= sizes.text_encoder
     resident = plan_memory(sizes, PlanRequest(width=side, height=side, efficient_attention=True), None)
     assert resident.placement == "resident" and resident.peak > budget  # the budget really constrains
+
+
+def test_unet_attention_terms_at_the_first_attention_level():
+    from leansd.engine.planner import unet_activation
+
+    sd1, sdxl = reference_sizes(ModelFamily.SD1), reference_sizes(ModelFamily.SDXL)
+    assert (sd1.attention_level, sd1.attention_channels, sd1.attention_heads) == (0, 320, 8)
+    assert (sdxl.attention_level, sdxl.attention_channels, sdxl.attention_heads) == (1, 640, 10)
+    request = PlanRequest(width=1024, height=1024, efficient_attention=False)
+    n = 128 * 128
+    # SDXL's scores: 10 heads over (N/4)^2 token pairs, 8.5 bytes each (fp32 scores and softmax), CFG batched.
+    scores = int(8.5 * 2 * 10 * (n // 4) ** 2)
+    assert unet_activation(sdxl, request, cfg_batched=True, chunk=None) == (14 * 2 + 16) * 2 * (n // 4) * 640 + scores
+    efficient = PlanRequest(width=1024, height=1024, efficient_attention=True)
+    assert unet_activation(sdxl, efficient, cfg_batched=True, chunk=None) == 18 * 2 * n * 320 * 2
+    assert unet_activation(sd1, efficient, cfg_batched=True, chunk=None) == 28 * 2 * n * 320 * 2  # unchanged
