@@ -56,3 +56,26 @@ def tiny_inpaint_bundle() -> ModelBundle:
     bundle.unet = copy.deepcopy(_tiny_inpaint_components().unet)
     bundle.family = ModelFamily.SD1_INPAINT
     return bundle
+
+
+TINY_TAESD_CONFIG = dict(
+    in_channels=3,
+    out_channels=3,
+    encoder_block_out_channels=(8, 8, 8, 8),
+    decoder_block_out_channels=(8, 8, 8, 8),
+    num_encoder_blocks=(1, 1, 1, 1),
+    num_decoder_blocks=(1, 1, 1, 1),
+    latent_channels=4,
+)
+"""A tiny random TAESD (AutoencoderTiny): four levels, so it upsamples 8x as the real one."""
+
+
+def write_tiny_taesd(folder, *, seed: int = 0):
+    """Save a tiny random-weight AutoencoderTiny as a diffusers folder; returns the module (CPU, fp32)."""
+    import torch
+    from diffusers import AutoencoderTiny
+
+    torch.manual_seed(seed)
+    module = AutoencoderTiny(**TINY_TAESD_CONFIG).eval()
+    module.save_pretrained(str(folder))
+    return module

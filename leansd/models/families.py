@@ -4,7 +4,7 @@ Each :class:`FamilySpec` says what a family's checkpoints hold and how they are 
 encoders (where they live in an original single file, which hidden layer conditions the UNet, the
 tokenizer's pad token), whether a pooled text embedding and added conditioning go to the UNet, the
 VAE's scaling factor, the native image size, the default prediction type, the UNet's attention-head
-rule, latent -> RGB preview factors, and the components with their full-size parameter counts (what
+rule, the latent preview (RGB factors and TAESD), and the components with their full-size parameter counts (what
 the planner shows before a model is loaded). Shared code reads these fields instead of testing
 ``family == ...``.
 
@@ -20,8 +20,12 @@ from __future__ import annotations
 
 import enum
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from leansd.models.family import ModelFamily
+
+if TYPE_CHECKING:
+    from leansd.models.family import LatentPreview
 
 
 class Component(str, enum.Enum):
@@ -49,15 +53,6 @@ BANG_PAD = "!"
 
 LAST = -1
 PENULTIMATE = -2
-
-# A1111's latent -> RGB approximation for the SD 1.x/2.x VAE (one row per latent channel).
-SD_LATENT_RGB_FACTORS: tuple[tuple[float, float, float], ...] = (
-    (0.298, 0.207, 0.208),
-    (0.187, 0.286, 0.173),
-    (-0.158, 0.189, 0.264),
-    (-0.184, -0.271, -0.473),
-)
-
 
 @dataclass(frozen=True)
 class TextEncoderSpec:
@@ -110,14 +105,17 @@ class FamilySpec:
     """A fixed number of UNet attention heads at every level (SD 1.x: 8)."""
     unet_parameters: int
     vae_parameters: int
-    latent_rgb_factors: tuple[tuple[float, float, float], ...] | None
-    """(4, 3) latent -> RGB factors for cheap previews; None: not known for this family."""
     inpainting: bool = False
     components: tuple[Component, ...] = COMPONENTS
 
     @property
     def label(self) -> str:
         return self.family.label
+
+    @property
+    def latent_preview(self) -> "LatentPreview":
+        """Latent -> RGB preview factors and the matching TAESD (see ``ModelFamily.latent_preview``)."""
+        return self.family.latent_preview
 
     @property
     def text_hidden(self) -> int:
@@ -207,7 +205,6 @@ _SD1 = FamilySpec(
     unet_heads=8,
     unet_parameters=859_520_964,
     vae_parameters=83_653_863,
-    latent_rgb_factors=SD_LATENT_RGB_FACTORS,
 )
 _SD2 = FamilySpec(
     family=ModelFamily.SD2,
@@ -224,7 +221,6 @@ _SD2 = FamilySpec(
     unet_heads=None,
     unet_parameters=865_910_724,
     vae_parameters=83_653_863,
-    latent_rgb_factors=SD_LATENT_RGB_FACTORS,
 )
 _SDXL = FamilySpec(
     family=ModelFamily.SDXL,
@@ -241,7 +237,6 @@ _SDXL = FamilySpec(
     unet_heads=None,
     unet_parameters=2_567_463_684,
     vae_parameters=83_653_863,
-    latent_rgb_factors=None,
 )
 _SDXL_REFINER = FamilySpec(
     **{
