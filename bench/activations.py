@@ -3,6 +3,8 @@
     python bench/activations.py                 # full-size SD 1.5 on the meta device, fp16, 512..2048 px
     python bench/activations.py --dtype fp32    # the same at fp32
     python bench/activations.py --tiny          # tiny random model on the CPU (real compute), 64/128 px
+    python bench/activations.py --family sd2    # full-size SD 2.x (OpenCLIP-H, 64-wide heads) on meta
+    python bench/activations.py --family sdxl   # full-size SDXL base (two text encoders, added conditioning)
 
 Each stage runs once under `leansd.engine.measure.ActivationTracker`: the peak of live tensor bytes
 it allocates (CUDA 512-byte blocks; weights and inputs not counted), the CPU-side proxy for
@@ -40,7 +42,7 @@ TINY_CHUNKS = (32, 8)
 TEXT_TOKENS = 77
 
 
-def build_models(tiny: bool, dtype) -> SimpleNamespace:
+def build_models(tiny: bool, dtype, family: str = "sd1") -> SimpleNamespace:
     """unet, vae, text_encoder, vae_scale_factor, device: what `model_sizes` and the stages need."""
     import torch
 
@@ -51,20 +53,15 @@ def build_models(tiny: bool, dtype) -> SimpleNamespace:
         models = SimpleNamespace(unet=bundle.unet, vae=bundle.vae, text_encoder=bundle.text_encoder,
                                  vae_scale_factor=bundle.vae_scale_factor, device=torch.device("cpu"))
     else:
-        import accelerate
-        from diffusers import AutoencoderKL, UNet2DConditionModel
-        from transformers import CLIPTextConfig, CLIPTextModel
+        from leansd.engine.memory import reference_models
+        from leansd.models.family import ModelFamily
 
-        from leansd.models.configs import SD15_TEXT_CONFIG, SD15_UNET_CONFIG, SD15_VAE_CONFIG
-
-        with accelerate.init_empty_weights(include_buffers=True):
-            unet = UNet2DConditionModel(**SD15_UNET_CONFIG)
-            vae = AutoencoderKL(**SD15_VAE_CONFIG)
-            text_encoder = CLIPTextModel(CLIPTextConfig(**SD15_TEXT_CONFIG))
-        scale = 2 ** (len(vae.config.block_out_channels) - 1)
-        models = SimpleNamespace(unet=unet, vae=vae, text_encoder=text_encoder, vae_scale_factor=scale,
+        # The family's published architecture (leansd.models.configs) on the meta device.
+        ref = reference_models(ModelFamily(family))
+        models = SimpleNamespace(unet=ref.unet, vae=ref.vae, text_encoder=ref.text_encoder,
+                                 text_encoders=ref.text_encoders, vae_scale_factor=ref.vae_scale_factor,
                                  device=torch.device("meta"))
-    for module in (models.unet, models.vae, models.text_encoder):
+    for module in (models.unet, models.vae, *getattr(models, "text_encoders", [models.text_encoder])):
         module.to(dtype).eval().requires_grad_(False)
     return models
 
@@ -95,13 +92,18 @@ def unet_rows(models, sizes, size: int, dtype, chunks) -> list[list]:
     for cfg_batched, b in ((True, 2), (False, 1)):
         sample = torch.zeros(b, unet.config.in_channels, latent, latent, dtype=dtype, device=dev)
         context = torch.zeros(b, TEXT_TOKENS, hidden, dtype=dtype, device=dev)
+        added = {}
+        if unet.config.addition_embed_type == "text_time":  # SDXL: pooled text embedding and size ids
+            pooled = unet.config.projection_class_embeddings_input_dim - 6 * unet.config.addition_time_embed_dim
+            added = {"added_cond_kwargs": {"text_embeds": torch.zeros(b, pooled, dtype=dtype, device=dev),
+                                           "time_ids": torch.zeros(b, 6, dtype=dtype, device=dev)}}
         for name, chunk in modes:
             if chunk is None:
                 unet.set_attn_processor(dict(default))
             else:
                 unet.set_attn_processor(ChunkedAttnProcessor(chunk))
             efficient = name == "efficient"
-            peak = measure(lambda: unet(sample, 999, encoder_hidden_states=context),  # noqa: B023 - run at once
+            peak = measure(lambda: unet(sample, 999, encoder_hidden_states=context, **added),  # noqa: B023 - run at once
                            "efficient" if efficient else "math")
             request = PlanRequest(width=size, height=size, batch=1, passes=2, efficient_attention=efficient)
             estimate = unet_activation(sizes, request, cfg_batched=cfg_batched, chunk=chunk)
@@ -174,8 +176,10 @@ def text_rows(models, sizes, dtype) -> list[list]:
     estimate = text_activation(sizes, PlanRequest(width=512, height=512, passes=2))
     unit = TEXT_TOKENS * sizes.text_hidden * dtype.itemsize * 2
     rows = []
+    encoders = getattr(models, "text_encoders", [models.text_encoder])
     for attention in ("efficient", "math"):
-        peak = measure(lambda: models.text_encoder(ids), attention)
+        # Several encoders (SDXL) run one after the other: the stage's peak is the largest one's.
+        peak = max(measure(lambda: encoder(ids), attention) for encoder in encoders)  # noqa: B023 - run at once
         rows.append(["text", "-", attention, 2, peak, estimate, peak / unit])
     return rows
 
@@ -188,6 +192,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--tiny", action="store_true",
                         help="the tiny random model on the CPU instead of SD 1.5 on meta")
+    parser.add_argument("--family", choices=("sd1", "sd2", "sdxl"), default="sd1",
+                        help="full-size architecture: sd1 (SD 1.5, default), sd2 (SD 2.x) or sdxl (SDXL base)")
     parser.add_argument("--dtype", choices=("fp16", "fp32"), default=None,
                         help="default: fp16 (full size, meta), fp32 (tiny, CPU)")
     parser.add_argument("--sizes", type=int, nargs="+", default=None, help="square image sides in pixels")
@@ -205,7 +211,7 @@ def main(argv: list[str] | None = None) -> int:
     sizes_px = args.sizes or (TINY_SIZES if args.tiny else FULL_SIZES)
     chunks = TINY_CHUNKS if args.tiny else FULL_CHUNKS
     t0 = time.perf_counter()
-    models = build_models(args.tiny, dtype)
+    models = build_models(args.tiny, dtype, args.family)
     sizes = model_sizes(models, dtype_bytes=dtype.itemsize)
     rows = text_rows(models, sizes, dtype)
     for size in sizes_px:
@@ -218,7 +224,8 @@ def main(argv: list[str] | None = None) -> int:
 
     table = [[stage, size, mode, b, mib(peak), mib(est), f"{est / peak:.2f}" if peak else "-", f"{factor:.2f}"]
              for stage, size, mode, b, peak, est, factor in rows]
-    model = "tiny random SD1-shaped model, CPU" if args.tiny else "SD 1.5 architecture, meta device"
+    full = {"sd1": "SD 1.5", "sd2": "SD 2.x", "sdxl": "SDXL base"}[args.family]
+    model = "tiny random SD1-shaped model, CPU" if args.tiny else f"{full} architecture, meta device"
     print(f"## Activation peaks measured vs planned: {model}, {dtype_name}, batch 1 image\n")
     print(machine_lines())
     print(f"- measured: leansd.engine.measure (live tensor bytes, 512-byte blocks, weights/inputs excluded); "

@@ -37,6 +37,7 @@ DEFAULT_N_ITER = 1
 DEFAULT_STRENGTH = 0.75
 DEFAULT_MASK_BLUR = 4
 DEFAULT_HIRES_STRENGTH = 0.5
+DEFAULT_GUIDANCE_RESCALE = 0.0
 RESIZE_MODES = ("just-resize", "crop", "fill")
 DEFAULT_RESIZE_MODE = RESIZE_MODES[0]
 INPAINTING_FILLS = ("original", "fill", "latent-noise", "latent-nothing")
@@ -113,6 +114,10 @@ class GenerationRequest:
     """Seamless tiling: convolutions pad circularly so the image tiles without seams."""
     prompt_syntax: str = DEFAULT_PROMPT_SYNTAX
     """auto, a1111 ((word:1.2), [a:b:0.5], AND, BREAK), blocks (optimizedSD `a:0.3 b:0.7`), plain."""
+    guidance_rescale: float = DEFAULT_GUIDANCE_RESCALE
+    """0..1: rescale the guided prediction towards the conditional one's standard deviation (Lin et al.
+    2023, "Common Diffusion Noise Schedules and Sample Steps are Flawed", eq. 15-16; diffusers' formula);
+    0 (default) is plain guidance. Helps v-prediction / zero-terminal-SNR models at high CFG."""
     preview_every: int = 0
     """Decode a live preview every this many loop steps and pass it with the progress event; 0: none.
     Front ends that show previews use DEFAULT_PREVIEW_EVERY."""
@@ -152,7 +157,7 @@ class GenerationRequest:
         for name in ("width", "height", "seed", "hires_width", "hires_height", "hires_steps"):
             value = getattr(self, name)
             values[name] = None if value is None else _as_int(name, value)
-        for name in ("guidance_scale", "eta", "strength", "hires_strength"):
+        for name in ("guidance_scale", "eta", "strength", "hires_strength", "guidance_rescale"):
             values[name] = _as_float(name, getattr(self, name))
         values["hires_scale"] = None if self.hires_scale is None else _as_float("hires_scale", self.hires_scale)
         values["mask_blur"] = _as_int("mask_blur", self.mask_blur)
@@ -241,6 +246,8 @@ class GenerationRequest:
             )
         if not 0 <= self.eta <= MAX_ETA:
             raise InvalidRequestError(f"ddim_eta must be between 0 and {MAX_ETA:g} (AUTOMATIC1111's range), got {self.eta:g}")
+        if not 0.0 <= self.guidance_rescale <= 1.0:
+            raise InvalidRequestError(f"guidance_rescale must be between 0 and 1, got {self.guidance_rescale:g}")
         seed = self.seed
         if seed is None or seed == -1:
             seed = random_seed(self.seeds_used)

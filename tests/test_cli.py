@@ -167,7 +167,7 @@ BAD_ARGS = [
     (["--model", "{corrupt_ckpt}"], "corrupt.ckpt"),
     (["--model", "{lfs}"], "git-LFS pointer"),
     (["--model", "{empty}"], "empty.ckpt"),
-    (["--model", "{sdxl}"], "SDXL"),
+    (["--model", "{sdxl}"], "sdxl.safetensors: not a complete SDXL checkpoint: cannot infer"),
     (["--model", "{unknown}"], "could not recognise the model family"),
     (["--n_iter", "0"], "n_iter must be between 1"),
     (["--prompt-syntax", "fancy"], "unknown prompt_syntax 'fancy'"),
@@ -187,6 +187,8 @@ BAD_ARGS = [
     (["--precision", "fp8"], "unknown precision 'fp8'"),
     (["--device", "cuda:7"], "device"),
     (["--steps", "many"], "expected an integer"),
+    (["--prediction-type", "sample"], "unknown prediction type 'sample'; valid: epsilon, v_prediction"),
+    (["--guidance-rescale", "2"], "guidance_rescale must be between 0 and 1, got 2"),
 ]
 
 

@@ -8,6 +8,7 @@ from typing import TYPE_CHECKING, Any, Callable, Iterator
 
 from leansd.engine.device import Precision, resolve_device, resolve_precision
 from leansd.engine.memory import MemoryMeter
+from leansd.models.families import Component
 
 if TYPE_CHECKING:
     import torch
@@ -113,12 +114,14 @@ class Engine:
             PromptCache() if prompt_cache is True else (prompt_cache or None)
         )
         self._fingerprint: str | None = None
+        self._text_modules: "torch.nn.Module | None" = None
+        self._text_pair: Any = None
         self._flop_counter: "FlopCounter | None" = None
         self._speed: "SpeedMeter | None" = None
         # The text encoder is placed only when a prompt is not in the cache (see placed_text_encoder).
         if self.budget is None and memory_policy == "auto" and not vae_on_cpu:
-            for name in ("unet", "vae"):  # no budget: resident from the start, as always
-                self._bring(name)
+            for part in (Component.UNET, Component.VAE):  # no budget: resident from the start, as always
+                self._bring(part)
         else:  # components visit the device per stage: cast on the host now, move when planned
             for name, module in self._components().items():
                 self._cast(module, self._dtype_of(name))
@@ -140,24 +143,29 @@ class Engine:
         device: str | None = "auto",
         precision: str = "auto",
         prompt_cache: bool = True,
+        prediction_type: str | None = None,
         taesd: str | None = None,
         **memory: Any,
     ) -> "Engine":
         """Load a .safetensors/.ckpt file, a diffusers folder, a hub id, or "tiny" (random test model).
 
+        `prediction_type`: "epsilon" or "v_prediction" overrides what the model says (None: its
+        .yaml, scheduler config, marker keys or probe; see `leansd.models.prediction`).
         `taesd`: a diffusers AutoencoderTiny folder or hub id (madebyollin/taesd for SD 1.x/2.x) for
         TAESD previews and `vae_decoder="taesd"`. `memory`: vram, memory_policy, turbo, vae_on_cpu,
         virtual_device (see `Engine`).
         """
         from leansd.models.loader import load_model
+        from leansd.models.prediction import normalise_prediction_type
         from leansd.models.taesd import load_taesd
 
         # Validate device/precision/budget before the (slow) load so a typo fails at once.
         resolved = resolve_device(device)
         resolve_precision(precision, resolved)
         resolve_budget(memory.get("vram", "auto"), resolved, virtual=memory.get("virtual_device", False), probe=False)
+        prediction_type = normalise_prediction_type(prediction_type)
         tiny = None if taesd is None else load_taesd(taesd)  # small: a bad path fails before the model loads
-        bundle = load_model(model)
+        bundle = load_model(model, prediction_type=prediction_type)
         if tiny is not None and int(tiny.config.latent_channels) != bundle.latent_channels:
             from leansd.errors import ModelLoadError
 
@@ -196,18 +204,30 @@ class Engine:
     # -- placement -------------------------------------------------------------------------------
 
     def _components(self) -> dict[str, "torch.nn.Module"]:
-        return {"text": self.bundle.text_encoder, "unet": self.bundle.unet, "vae": self.bundle.vae}
+        return {Component.TEXT: self._text_module(), Component.UNET: self.bundle.unet,
+                Component.VAE: self.bundle.vae}
+
+    def _text_module(self) -> "torch.nn.Module":
+        """The text stage's weights as one module: the text encoder, or SDXL's two in a ModuleList."""
+        import torch
+
+        if self.bundle.text_encoder_2 is None:
+            return self.bundle.text_encoder
+        if self._text_modules is None:
+            self._text_modules = torch.nn.ModuleList(self.bundle.text_encoders)
+        return self._text_modules
 
     def _dtype_of(self, name: str) -> "torch.dtype":
         import torch
 
-        if self._full_precision or (name == "vae" and (self._vae_full_precision or self.vae_on_cpu)):
+        if self._full_precision or (name == Component.VAE and (self._vae_full_precision or self.vae_on_cpu)):
             return torch.float32
         return self.precision.weight_dtype
 
     @staticmethod
     def _cast(module: "torch.nn.Module", dtype: "torch.dtype", device: "torch.device | None" = None) -> None:
-        if module.dtype == dtype:
+        current = getattr(module, "dtype", None) or next(module.parameters()).dtype  # a ModuleList has no .dtype
+        if current == dtype:
             if device is not None:
                 module.to(device)  # no dtype argument: avoids diffusers' cast warning
         else:
@@ -220,20 +240,20 @@ class Engine:
         from leansd.engine.memory import module_bytes
 
         module = self._components()[name]
-        if name == "vae" and plan is not None and plan.vae_on_cpu:
-            self._evict("vae")
+        if name == Component.VAE and plan is not None and plan.vae_on_cpu:
+            self._evict(Component.VAE)
             self._cast(module, torch.float32, torch.device("cpu"))
             return
-        if name == "unet" and plan is not None and plan.stream_unet:
+        if name == Component.UNET and plan is not None and plan.stream_unet:
             layers = plan.placement == "stream-layers"
             if self._streaming and self._streaming_layers != layers:
                 self._stop_streaming()
             if not self._streaming:
                 self._start_streaming(layers=layers)
-            self.memory.place("unet", self.sizes.unet_layer_peak if layers else self.sizes.stream_weights)
-            self._on_device.add("unet")
+            self.memory.place(Component.UNET, self.sizes.unet_layer_peak if layers else self.sizes.stream_weights)
+            self._on_device.add(Component.UNET)
             return
-        if name == "unet" and self._streaming:
+        if name == Component.UNET and self._streaming:
             self._stop_streaming()
         # Mark it placed before moving: if the move fails halfway (out of memory), _evict still
         # brings back the part that reached the device.
@@ -245,7 +265,7 @@ class Engine:
         """Move component `name` back to host memory (a no-op move on the CPU) and stop counting it."""
         import torch
 
-        if name == "unet" and self._streaming:
+        if name == Component.UNET and self._streaming:
             self._stop_streaming()
         elif name in self._on_device and self.device.type != "cpu":
             self._components()[name].to(torch.device("cpu"))
@@ -258,7 +278,7 @@ class Engine:
         from diffusers.hooks import apply_group_offloading
 
         unet = self.bundle.unet
-        self._cast(unet, self._dtype_of("unet"), torch.device("cpu"))
+        self._cast(unet, self._dtype_of(Component.UNET), torch.device("cpu"))
         # On CUDA the copies run on a side stream from pinned memory and prefetch the next block;
         # diffusers' hook makes the compute stream wait for each block's copy before it runs.
         # Layer by layer, the hook learns the execution order on the first call and prefetches the
@@ -303,7 +323,7 @@ class Engine:
         if self._sizes is None:
             dtype_bytes = self.dtype.itemsize
             self._sizes = model_sizes(
-                self.bundle, dtype_bytes=dtype_bytes, vae_dtype_bytes=self._dtype_of("vae").itemsize
+                self.bundle, dtype_bytes=dtype_bytes, vae_dtype_bytes=self._dtype_of(Component.VAE).itemsize
             )
         return self._sizes
 
@@ -332,14 +352,25 @@ class Engine:
         return plan
 
     def placed_text_encoder(self) -> "CLIPTextModel":
-        """The text encoder on the compute device, moved there on first use (a cache miss)."""
+        """The text encoder on the compute device, moved there on first use (a cache miss); for SDXL a
+        `leansd.prompts.encode.TextEncoderPair` over both encoders."""
         from leansd.request import MIN_SIZE
 
         # Before the first UNet plan, plan at the smallest size: the text stage does not depend on
         # the image size, and a larger guess could refuse a budget the real request fits.
         plan = self.plan or self.plan_for(width=MIN_SIZE, height=MIN_SIZE)
-        self._enter_stage("text", plan)
-        return self.bundle.text_encoder
+        self._enter_stage(Component.TEXT, plan)
+        if self.bundle.text_encoder_2 is None:
+            return self.bundle.text_encoder
+        if self._text_pair is None:  # SDXL: both encoders read as one (see TextEncoderPair)
+            from leansd.prompts.encode import TextEncoderPair
+
+            first, second = self.bundle.description.text_encoders
+            self._text_pair = TextEncoderPair(
+                self.bundle.text_encoder, self.bundle.text_encoder_2, layers=(first.layer, second.layer),
+                final_norms=(first.final_norm, second.final_norm), pad_id_2=int(self.bundle.tokenizer_2.pad_token_id),
+            )
+        return self._text_pair
 
     @contextlib.contextmanager
     def unet_stage(self, *, width: int, height: int, batch: int, passes: int) -> Iterator[Any]:
@@ -349,7 +380,7 @@ class Engine:
 
         self._passes = passes
         plan = self.plan_for(width=width, height=height, batch=batch, passes=passes)
-        self._enter_stage("unet", plan)
+        self._enter_stage(Component.UNET, plan)
         unet = self.bundle.unet
         if plan.attention_chunk != self._attention_chunk:
             if self._default_processors is None:
@@ -382,9 +413,9 @@ class Engine:
                 "seamless tiling needs the whole image in one VAE pass, but this budget tiles the VAE; "
                 "use --vae-on-cpu or a larger --vram"
             )
-        self._enter_stage("vae", plan)
+        self._enter_stage(Component.VAE, plan)
         device = torch.device("cpu") if plan.vae_on_cpu else self.device
-        dtype = torch.float32 if plan.vae_on_cpu else self._dtype_of("vae")  # _bring keeps a CPU VAE in fp32
+        dtype = torch.float32 if plan.vae_on_cpu else self._dtype_of(Component.VAE)  # _bring keeps a CPU VAE in fp32
         yield device, dtype
 
     def vae_decode(self, latents: "torch.Tensor") -> "torch.Tensor":
@@ -417,7 +448,7 @@ class Engine:
                 # fp32 doubles the VAE's weights and activations: plan again (a smaller tile, or the
                 # CPU) and place it per that plan before the retry.
                 retry = self.plan_for(width=w * factor, height=h * factor, batch=batch, passes=self._passes)
-                self._enter_stage("vae", retry)
+                self._enter_stage(Component.VAE, retry)
                 device = torch.device("cpu") if retry.vae_on_cpu else self.device
                 with torch.inference_mode(), torch.autocast(device.type, enabled=False):
                     image = decode(vae, z.float().to(device), retry.vae_tile, scale=factor,
@@ -459,9 +490,12 @@ class Engine:
         if self._fingerprint is None:
             from leansd.prompts.cache import text_encoder_fingerprint
 
-            weights = text_encoder_fingerprint(self.bundle.text_encoder)
+            weights = "+".join(text_encoder_fingerprint(e) for e in self.bundle.text_encoders)
             name = "full" if self._full_precision else self.precision.name
             self._fingerprint = f"{weights}-{name}-{str(self.dtype).split('.')[-1]}"
+            layer, final_norm = self.bundle.text_layer, self.bundle.description.text_encoders[0].final_norm
+            if (layer, final_norm) != (-1, True):  # another hidden layer is another embedding
+                self._fingerprint += f"-layer{layer}{'' if final_norm else '-nonorm'}"
         return self._fingerprint
 
     @property
@@ -488,8 +522,8 @@ class Engine:
         self._full_precision = True
         if self._streaming:  # the streamed UNet's groups hold the reduced-precision weights
             self._stop_streaming()
-            self._on_device.discard("unet")
-            self.memory.release("unet")
+            self._on_device.discard(Component.UNET)
+            self.memory.release(Component.UNET)
         self._sizes = None
         self._fingerprint = None
         self.plan = None

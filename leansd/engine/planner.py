@@ -44,6 +44,10 @@ import re
 from dataclasses import dataclass, field
 
 from leansd.errors import InvalidRequestError
+from leansd.models.families import FAMILIES, Component
+from leansd.models.family import ModelFamily
+
+TEXT, UNET, VAE = Component.TEXT, Component.UNET, Component.VAE
 
 MiB = 2**20
 GiB = 2**30
@@ -77,7 +81,8 @@ class ModelSizes:
     unet_channels: int
     unet_heads: int
     vae_channels: int
-    text_hidden: int = 768
+    text_hidden: int = FAMILIES[ModelFamily.SD1].text_hidden
+    """Width of the text conditioning (engine: read from the loaded encoder; else the family's description)."""
     vae_scale: int = 8
     dtype_bytes: int = 2
     vae_dtype_bytes: int | None = None
@@ -90,6 +95,13 @@ class ModelSizes:
     whole decode of an overlapping tile, all kept for blending."""
     vae_mid_channels: int | None = None
     """Channels of the VAE's mid block (its widest level); None: 4 * vae_channels, as in SD's VAEs."""
+    attention_level: int = 0
+    """The UNet's first level with attention (0 for SD 1.x/2.x; 1 for SDXL, whose full-resolution level
+    has none): its tokens are N / 4**level."""
+    attention_channels: int | None = None
+    """Channels at that level; None: unet_channels."""
+    attention_heads: int | None = None
+    """Attention heads at that level; None: unet_heads."""
 
     @property
     def unet(self) -> int:
@@ -142,11 +154,11 @@ class MemoryPlan:
 
     def resident(self, component: str) -> bool:
         """Whether `component` ("text", "unet", "vae") stays on the device between its stages."""
-        if component == "vae" and self.vae_on_cpu:
+        if component == VAE and self.vae_on_cpu:
             return False
         return {
             "resident": True,
-            "text-visits": component != "text",
+            "text-visits": component != TEXT,
             "stages": False,
             "stream": False,
             "stream-layers": False,
@@ -200,11 +212,19 @@ def unet_activation(sizes: ModelSizes, request: PlanRequest, *, cfg_batched: boo
     d = sizes.dtype_bytes
     n = (request.width // sizes.vae_scale) * (request.height // sizes.vae_scale)
     b = request.batch * (request.passes if cfg_batched else 1)
-    features = 28 * b * n * sizes.unet_channels * d
+    # The terms below are taken at the first level with attention (SD: the full resolution).
+    n_att = n // 4**sizes.attention_level
+    channels = sizes.attention_channels or sizes.unet_channels
+    heads = sizes.attention_heads or sizes.unet_heads
+    features = 28 * b * n_att * channels * d
+    if sizes.attention_level:
+        # Without attention at full resolution (SDXL) the top level's resnets and skip concatenations
+        # set the floor: measured 15.75 * b * N * C * d (SDXL base, 1024 px, fp16).
+        features = max(features, 18 * b * n * sizes.unet_channels * d)
     if request.efficient_attention:
         return features
-    q = n if chunk is None else min(chunk, n)
-    attention = (14 * d + 16) * b * n * sizes.unet_channels + int(8.5 * b * sizes.unet_heads * q * n)
+    q = n_att if chunk is None else min(chunk, n_att)
+    attention = (14 * d + 16) * b * n_att * channels + int(8.5 * b * heads * q * n_att)
     return max(features, attention)
 
 
@@ -249,12 +269,12 @@ def _stage_peaks(
     vae_act = 0 if vae_cpu else vae_act
     if placement == "resident":
         base = te + unet + vae
-        return {"text": base + te_act, "unet": base + unet_act, "vae": base + vae_act}
+        return {TEXT: base + te_act, UNET: base + unet_act, VAE: base + vae_act}
     if placement == "text-visits":
         base = unet + vae
-        return {"text": base + te + te_act, "unet": base + unet_act, "vae": base + vae_act}
+        return {TEXT: base + te + te_act, UNET: base + unet_act, VAE: base + vae_act}
     unet_weights = {"stages": unet, "stream": sizes.stream_weights, "stream-layers": sizes.unet_layer_peak}[placement]
-    return {"text": te + te_act, "unet": unet_weights + unet_act, "vae": vae + vae_act}
+    return {TEXT: te + te_act, UNET: unet_weights + unet_act, VAE: vae + vae_act}
 
 
 def _cost(placement: str, cfg_batched: bool, passes: int, chunk: int | None, n: int, tiles: int, vae_cpu: bool) -> float:
@@ -304,8 +324,8 @@ def candidate_plans(sizes: ModelSizes, request: PlanRequest, budget: int | None,
                     plan = MemoryPlan(
                         budget=budget, placement=placement, cfg_batched=cfg_batched, attention_chunk=chunk,
                         vae_tile=tile, vae_on_cpu=vae_cpu, stage_peaks=peaks,
-                        activations={"text": text_activation(sizes, request), "unet": unet_act,
-                                     "vae": 0 if vae_cpu else vae_act},
+                        activations={TEXT: text_activation(sizes, request), UNET: unet_act,
+                                     VAE: 0 if vae_cpu else vae_act},
                         streamed_bytes_per_step=sizes.unet if placement.startswith("stream") else 0,
                     )
                     out.append((_cost(placement, cfg_batched, request.passes, chunk, n, _tiles(request, tile), vae_cpu), plan))

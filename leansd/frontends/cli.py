@@ -12,7 +12,7 @@ import logging
 import os
 import sys
 from pathlib import Path
-from typing import TYPE_CHECKING, Callable, Iterator, NoReturn, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Iterator, NoReturn, Sequence
 
 # leansd.request: constants only (no torch, no PIL)
 from leansd import __version__, request as defaults
@@ -190,6 +190,11 @@ def _add_model_args(command: argparse.ArgumentParser) -> None:
     model.add_argument(
         "--precision", default="auto", help="auto (default: full on CPU, fp16 on GPU), full, autocast, fp16, bf16"
     )
+    model.add_argument(
+        "--prediction-type", "--prediction_type", dest="prediction_type", type=_prediction_type, default=None,
+        metavar="TYPE", help="what the model predicts: epsilon or v_prediction (SD 2.x 768-v). Default: the "
+        ".yaml beside the checkpoint, a diffusers folder's scheduler config, v_pred marker keys, else detected",
+    )
     memory = model  # the memory flags, see README "Memory"
     memory.add_argument(
         "--vram", default="auto", type=_vram, metavar="SIZE",
@@ -223,10 +228,25 @@ def _vram(text: str) -> str:
     return text
 
 
-def _memory_options(args: argparse.Namespace) -> dict[str, object]:
+def _prediction_type(text: str) -> str:
+    """--prediction-type: validated before the model loads."""
+    from leansd.errors import InvalidRequestError
+    from leansd.models.prediction import normalise_prediction_type
+
+    try:
+        return normalise_prediction_type(text)  # type: ignore[return-value]
+    except InvalidRequestError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def _memory_options(args: argparse.Namespace) -> dict[str, Any]:
     """Engine.load keyword arguments from the memory flags of _add_model_args."""
     policy = "lowvram" if args.lowvram else "medvram" if args.medvram else "auto"
-    return {"vram": args.vram, "memory_policy": policy, "turbo": args.turbo, "vae_on_cpu": args.vae_on_cpu}
+    options: dict[str, Any] = {"vram": args.vram, "memory_policy": policy, "turbo": args.turbo,
+                                  "vae_on_cpu": args.vae_on_cpu}
+    if getattr(args, "prediction_type", None) is not None:
+        options["prediction_type"] = args.prediction_type
+    return options
 
 
 def _add_prompt_args(command: argparse.ArgumentParser) -> None:
@@ -277,10 +297,13 @@ def _add_image_args(command: argparse.ArgumentParser, *, mask_required: bool) ->
 
 def _add_sampling_args(command: argparse.ArgumentParser) -> None:
     gen = command.add_argument_group("sampling")
-    gen.add_argument("--H", "--height", dest="height", type=_int, help="image height in pixels, multiple of 8 (default: the model's native size, 512 for SD 1.x; img2img: the init image's)")
+    gen.add_argument("--H", "--height", dest="height", type=_int, help="image height in pixels, multiple of 8 (default: the model's native size: 512 for SD 1.x, 768 for SD 2.x 768-v, 1024 for SDXL; img2img: the init image's)")
     gen.add_argument("--W", "--width", dest="width", type=_int, help="image width in pixels, multiple of 8 (default: the model's native size; img2img: the init image's)")
     gen.add_argument("--ddim_steps", "--steps", dest="steps", type=_int, default=defaults.DEFAULT_STEPS, help=f"sampling steps (default {defaults.DEFAULT_STEPS}; img2img runs steps x strength of them)")
     gen.add_argument("--scale", "--cfg-scale", "--cfg_scale", dest="scale", type=_float, default=defaults.DEFAULT_GUIDANCE, help=f"classifier-free guidance scale, 0..{defaults.MAX_GUIDANCE:g} (default {defaults.DEFAULT_GUIDANCE}; <= 1 disables guidance)")
+    gen.add_argument("--guidance-rescale", "--guidance_rescale", dest="guidance_rescale", type=_float,
+                     default=defaults.DEFAULT_GUIDANCE_RESCALE, help="0..1, rescale the guided prediction's spread "
+                     "to the conditional one's (helps v-prediction models at high --scale); default 0: off")
     gen.add_argument("--sampler", default=defaults.DEFAULT_SAMPLER, help=f"sampler (default {defaults.DEFAULT_SAMPLER}): {SAMPLER_HELP}")
     gen.add_argument("--ddim_eta", "--eta", dest="eta", type=_float, default=defaults.DEFAULT_ETA, help=f"DDIM eta, 0..{defaults.MAX_ETA:g}, 0 = deterministic (default {defaults.DEFAULT_ETA:g})")
     gen.add_argument("--seed", type=_int, default=None, help="seed of the first image; image k uses seed+k (default: random, printed)")
@@ -554,6 +577,7 @@ def run_generate(args: argparse.Namespace) -> int:
                 fixed_code=args.fixed_code,
                 tiling=args.tiling,
                 prompt_syntax=args.prompt_syntax,
+                guidance_rescale=args.guidance_rescale,
                 **images,
                 **_hires_fields(args),
                 **previews,

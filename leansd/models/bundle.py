@@ -9,6 +9,7 @@ if TYPE_CHECKING:
     from diffusers import AutoencoderKL, UNet2DConditionModel
     from transformers import CLIPTextModel, CLIPTokenizerFast  # type: ignore[attr-defined]  # a runtime alias of CLIPTokenizer in transformers 5
 
+    from leansd.models.families import FamilySpec
     from leansd.models.family import ModelFamily
 
 
@@ -33,6 +34,31 @@ class ModelBundle:
     """Native resolution in pixels (used when the request gives no width/height)."""
     is_random: bool = False
     """True for the tiny random-weight test model: its images are noise."""
+    text_encoder_2: Any = None
+    """SDXL's second text encoder (OpenCLIP-bigG, a CLIPTextModelWithProjection); None for SD 1.x/2.x."""
+    tokenizer_2: Any = None
+    """The tokenizer of ``text_encoder_2`` (the same BPE, padding with ``!``)."""
+    text_layer: int = -1
+    """Hidden layer of ``text_encoder`` that conditions the UNet (-1 last, -2 penultimate), counted on
+    the encoder as loaded: an SD 2.x single file holds the whole OpenCLIP encoder (-2), its diffusers
+    folder the encoder already cut after the penultimate block (-1)."""
+
+    @property
+    def description(self) -> "FamilySpec":
+        """The family's description (text encoders, VAE scaling, native size, part sizes)."""
+        from leansd.models.families import describe
+
+        return describe(self.family)
+
+    @property
+    def prediction_type(self) -> str:
+        """What the UNet predicts: ``epsilon`` or ``v_prediction`` (from the noise-schedule config)."""
+        return str(self.scheduler_config.get("prediction_type", "epsilon"))
+
+    @property
+    def text_encoders(self) -> list[Any]:
+        """Every text encoder, in the order their hidden states are concatenated."""
+        return [e for e in (self.text_encoder, self.text_encoder_2) if e is not None]
 
     @property
     def vae_scale_factor(self) -> int:

@@ -13,7 +13,14 @@ import re
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
-from leansd.models.configs import LDM_CLIP_PREFIX, LDM_UNET_PREFIX, LDM_VAE_PREFIX, SD1_SCHEDULER_CONFIG
+from leansd.models.configs import (
+    LDM_CLIP_PREFIX,
+    LDM_OPEN_CLIP_PREFIX,
+    LDM_UNET_PREFIX,
+    LDM_VAE_PREFIX,
+    SD1_SCHEDULER_CONFIG,
+)
+from leansd.models.families import OPEN_CLIP, OPENAI_CLIP
 
 if TYPE_CHECKING:
     import torch
@@ -62,17 +69,96 @@ def strip_text_prefix(sd: Mapping[str, "torch.Tensor"]) -> dict[str, "torch.Tens
     return out
 
 
+# OpenCLIP text transformer (open_clip.transformer) -> transformers' CLIPTextModelWithProjection.
+_OPEN_CLIP_BLOCK = {
+    "ln_1": "layer_norm1",
+    "ln_2": "layer_norm2",
+    "attn.out_proj": "self_attn.out_proj",
+    "mlp.c_fc": "mlp.fc1",
+    "mlp.c_proj": "mlp.fc2",
+}
+_OPEN_CLIP_FIXED = {
+    "token_embedding.weight": "text_model.embeddings.token_embedding.weight",
+    "positional_embedding": "text_model.embeddings.position_embedding.weight",
+    "ln_final.weight": "text_model.final_layer_norm.weight",
+    "ln_final.bias": "text_model.final_layer_norm.bias",
+}
+OPEN_CLIP_IGNORED = ("logit_scale", "attn_mask")
+"""OpenCLIP tensors that are not text-encoder weights (the contrastive temperature, the causal mask)."""
+
+
+def open_clip_to_transformers(sd: Mapping[str, "torch.Tensor"], *, prefix: str = LDM_OPEN_CLIP_PREFIX) -> dict[str, "torch.Tensor"]:
+    """OpenCLIP text-encoder tensors under ``prefix`` keyed as ``CLIPTextModelWithProjection.state_dict()``.
+
+    The fused attention projection ``in_proj_weight`` (3W, W) is split into q, k, v views (no copy);
+    ``text_projection`` (W, P), used as ``x @ P``, becomes the (P, W) weight of a bias-free linear.
+    """
+    out: dict[str, "torch.Tensor"] = {}
+    for key, value in sd.items():
+        if not key.startswith(prefix):
+            continue
+        name = key[len(prefix) :]
+        if name in _OPEN_CLIP_FIXED:
+            out[_OPEN_CLIP_FIXED[name]] = value
+        elif name == "text_projection":
+            out["text_projection.weight"] = value.T.contiguous()
+        elif m := re.match(r"transformer\.resblocks\.(\d+)\.(.+)", name):
+            layer, rest = f"text_model.encoder.layers.{m[1]}.", m[2]
+            if rest in ("attn.in_proj_weight", "attn.in_proj_bias"):
+                kind = rest.rsplit("_", 1)[1]  # weight / bias
+                for part, chunk in zip(("q", "k", "v"), value.chunk(3, dim=0), strict=True):
+                    out[f"{layer}self_attn.{part}_proj.{kind}"] = chunk  # views of the fused tensor
+                continue
+            module, _, tail = rest.rpartition(".")
+            if module not in _OPEN_CLIP_BLOCK:
+                raise KeyError(f"unknown OpenCLIP text tensor {key}")
+            out[f"{layer}{_OPEN_CLIP_BLOCK[module]}.{tail}"] = value
+        elif name not in OPEN_CLIP_IGNORED:
+            raise KeyError(f"unknown OpenCLIP text tensor {key}")
+    return out
+
+
+def transformers_to_open_clip(
+    text_sd: Mapping[str, "torch.Tensor"], *, prefix: str = LDM_OPEN_CLIP_PREFIX
+) -> dict[str, "torch.Tensor"]:
+    """The reverse of :func:`open_clip_to_transformers`: q, k, v fused again (new tensors), the projection transposed."""
+    import torch
+
+    fixed = {v: k for k, v in _OPEN_CLIP_FIXED.items()}
+    block = {v: k for k, v in _OPEN_CLIP_BLOCK.items()}
+    out: dict[str, "torch.Tensor"] = {}
+    for key, value in text_sd.items():
+        if key in fixed:
+            out[prefix + fixed[key]] = value
+        elif key == "text_projection.weight":
+            out[prefix + "text_projection"] = value.T
+        elif m := re.match(r"text_model\.encoder\.layers\.(\d+)\.(.+)\.(weight|bias)", key):
+            layer, module, kind = m[1], m[2], m[3]
+            if module in ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"):
+                if module == "self_attn.q_proj":
+                    parts = [text_sd[f"text_model.encoder.layers.{layer}.self_attn.{p}_proj.{kind}"] for p in "qkv"]
+                    out[f"{prefix}transformer.resblocks.{layer}.attn.in_proj_{kind}"] = torch.cat(parts)  # (3W, ...)
+                continue
+            out[f"{prefix}transformer.resblocks.{layer}.{block[module]}.{kind}"] = value
+        elif not key.endswith(POSITION_IDS):
+            raise KeyError(f"no OpenCLIP name for text tensor {key}")
+    return out
+
+
 def ldm_to_diffusers(
     sd: Mapping[str, "torch.Tensor"],
     *,
     unet_config: Mapping[str, Any],
     vae_config: Mapping[str, Any],
+    text_layout: str = OPENAI_CLIP,
 ) -> tuple[dict[str, "torch.Tensor"], dict[str, "torch.Tensor"], dict[str, "torch.Tensor"]]:
-    """Split an original SD 1.x state dict into (unet, vae, text encoder) state dicts.
+    """Split an original SD 1.x/2.x state dict into (unet, vae, text encoder) state dicts.
 
-    Tensors are renamed, not copied (the VAE's 1x1-conv attention weights become views), so
-    the result shares memory with ``sd``. Tensors outside the three models (schedule buffers,
-    ``model_ema.*``) are ignored.
+    Tensors are renamed, not copied (the VAE's 1x1-conv attention weights and OpenCLIP's fused
+    attention projections become views), so the result shares memory with ``sd``. Tensors
+    outside the three models (schedule buffers, ``model_ema.*``) are ignored. ``text_layout``:
+    OPENAI_CLIP (SD 1.x, ``cond_stage_model.transformer.*``) or OPEN_CLIP (SD 2.x,
+    ``cond_stage_model.model.*``).
     """
     from diffusers.loaders.single_file_utils import convert_ldm_unet_checkpoint, convert_ldm_vae_checkpoint
 
@@ -82,7 +168,8 @@ def ldm_to_diffusers(
         {k: v for k, v in sd.items() if k.startswith(LDM_UNET_PREFIX)}, dict(unet_config)
     )
     vae = convert_ldm_vae_checkpoint({k: v for k, v in sd.items() if k.startswith(LDM_VAE_PREFIX)}, dict(vae_config))
-    return unet, vae, strip_text_prefix(sd)
+    text = open_clip_to_transformers(sd) if text_layout == OPEN_CLIP else strip_text_prefix(sd)
+    return unet, vae, text
 
 
 def _unet_key(key: str, layers_per_block: int, up_attention: set[int]) -> str:
@@ -94,6 +181,8 @@ def _unet_key(key: str, layers_per_block: int, up_attention: set[int]) -> str:
         "conv_in.": "input_blocks.0.0.",
         "conv_norm_out.": "out.0.",
         "conv_out.": "out.2.",
+        "add_embedding.linear_1.": "label_emb.0.0.",  # SDXL's added (text_time) conditioning
+        "add_embedding.linear_2.": "label_emb.0.2.",
     }
     for old, new in fixed.items():
         if key.startswith(old):
@@ -207,17 +296,21 @@ def ldm_schedule_buffers(config: Mapping[str, Any] = SD1_SCHEDULER_CONFIG) -> di
 def diffusers_to_ldm(
     unet: "UNet2DConditionModel",
     vae: "AutoencoderKL",
-    text_encoder: "CLIPTextModel",
+    text_encoder: Any,
     *,
     text_model_level: bool = True,
+    text_layout: str = OPENAI_CLIP,
 ) -> dict[str, "torch.Tensor"]:
-    """One state dict in the original CompVis SD 1.x single-file layout.
+    """One state dict in the original CompVis SD 1.x (Stability SD 2.x) single-file layout.
 
     ``model.diffusion_model.*`` (UNet), ``first_stage_model.*`` (VAE, attention as 1x1 convs),
     ``cond_stage_model.transformer.[text_model.]*`` (CLIP; ``text_model_level=False`` writes the
     older files' layout), ``...embeddings.position_ids`` (int64) and the schedule buffers
-    (``betas``, ``alphas_cumprod``, ...). Tensors are the modules' own (or views of them): clone
-    before modifying. Works on meta-device modules too (only names and shapes).
+    (``betas``, ``alphas_cumprod``, ...). With ``text_layout=OPEN_CLIP`` (SD 2.x; the encoder a
+    ``CLIPTextModelWithProjection``) the text encoder goes to ``cond_stage_model.model.*`` in
+    OpenCLIP's layout (fused ``in_proj``, ``text_projection``, no position ids). Tensors are the
+    modules' own (or views of them): clone before modifying. Works on meta-device modules too
+    (only names and shapes).
     """
     import torch
 
@@ -233,12 +326,98 @@ def diffusers_to_ldm(
 
     unet_names = unet_key_map(list(unet_sd), layers_per_block=int(unet.config.layers_per_block))
     vae_names = vae_key_map(list(vae_sd), num_levels=len(vae.config.block_out_channels))
-    text_names = text_key_map(list(text_sd), text_model_level=text_model_level)
     out: dict[str, torch.Tensor] = {unet_names[k]: v for k, v in unet_sd.items()}
     out.update({vae_names[k]: as_conv(k, v) for k, v in vae_sd.items()})
-    out.update({text_names[k]: v for k, v in text_sd.items()})
-    prefix = LDM_CLIP_PREFIX + (TEXT_MODEL_LEVEL if text_model_level else "")
-    positions = int(text_encoder.config.max_position_embeddings)
-    out[prefix + POSITION_IDS] = torch.arange(positions, dtype=torch.int64)[None]  # (1, 77)
+    if text_layout == OPEN_CLIP:
+        out.update(transformers_to_open_clip(text_sd))
+    else:
+        text_names = text_key_map(list(text_sd), text_model_level=text_model_level)
+        out.update({text_names[k]: v for k, v in text_sd.items()})
+        prefix = LDM_CLIP_PREFIX + (TEXT_MODEL_LEVEL if text_model_level else "")
+        positions = int(text_encoder.config.max_position_embeddings)
+        out[prefix + POSITION_IDS] = torch.arange(positions, dtype=torch.int64)[None]  # (1, 77)
     out.update(ldm_schedule_buffers())
     return out
+
+
+def penultimate_text_encoder(text_encoder: "Any") -> "CLIPTextModel":
+    """An SD 2.x text encoder as diffusers stores it: a ``CLIPTextModel`` cut after its penultimate block.
+
+    Its last hidden state (final layer norm applied) equals the penultimate layer of the whole
+    OpenCLIP encoder with the final norm, which is what SD 2.x conditions on. The tensors are
+    shared with ``text_encoder`` (a CLIPTextModel[WithProjection]); the projection is dropped.
+    """
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    config = CLIPTextConfig(**{**text_encoder.config.to_dict(), "num_hidden_layers": text_encoder.config.num_hidden_layers - 1})
+    last = f"encoder.layers.{text_encoder.config.num_hidden_layers - 1}."
+    weights = {}
+    for key, value in text_encoder.state_dict().items():
+        name = key[len(TEXT_MODEL_LEVEL) :] if key.startswith(TEXT_MODEL_LEVEL) else key
+        if name.startswith(last) or name.startswith("text_projection."):
+            continue
+        weights[name] = value
+    cut = CLIPTextModel(config)
+    cut.load_state_dict(weights, strict=False)
+    missing = {k for k in cut.state_dict() if k not in weights and not k.endswith(POSITION_IDS)}
+    if missing:
+        raise KeyError(f"cannot cut the text encoder: no weights for {sorted(missing)[:3]}")
+    return cut.eval()
+
+
+SGM_CLIP_L_PREFIX = "conditioner.embedders.0.transformer."
+SGM_BIG_G_PREFIX = "conditioner.embedders.1.model."
+
+
+def diffusers_to_sgm(
+    unet: "UNet2DConditionModel", vae: "AutoencoderKL", text_encoder: "CLIPTextModel", text_encoder_2: Any
+) -> dict[str, "torch.Tensor"]:
+    """One state dict in Stability's SDXL base single-file (sgm) layout.
+
+    ``model.diffusion_model.*`` (UNet, ``label_emb`` for the added conditioning),
+    ``first_stage_model.*`` (VAE), ``conditioner.embedders.0.transformer.text_model.*`` (CLIP-L, with
+    its ``position_ids``) and ``conditioner.embedders.1.model.*`` (OpenCLIP-bigG: fused ``in_proj``,
+    ``text_projection``). Tensors are the modules' own or views (the fused projections are new).
+    """
+    import torch
+
+    unet_sd, vae_sd = unet.state_dict(), vae.state_dict()
+
+    def as_conv(key: str, value: "torch.Tensor") -> "torch.Tensor":
+        if ".mid_block.attentions." in key and key.endswith(".weight") and value.ndim == 2:
+            return value[:, :, None, None]  # the original VAE attention projections are 1x1 convs
+        return value
+
+    unet_names = unet_key_map(list(unet_sd), layers_per_block=int(unet.config.layers_per_block))
+    vae_names = vae_key_map(list(vae_sd), num_levels=len(vae.config.block_out_channels))
+    out: dict[str, torch.Tensor] = {unet_names[k]: v for k, v in unet_sd.items()}
+    out.update({vae_names[k]: as_conv(k, v) for k, v in vae_sd.items()})
+    prefix = SGM_CLIP_L_PREFIX + TEXT_MODEL_LEVEL
+    out.update({prefix + k: v for k, v in text_encoder.state_dict().items()})
+    positions = int(text_encoder.config.max_position_embeddings)
+    out[prefix + POSITION_IDS] = torch.arange(positions, dtype=torch.int64)[None]  # (1, 77)
+    out.update(transformers_to_open_clip(text_encoder_2.state_dict(), prefix=SGM_BIG_G_PREFIX))
+    return out
+
+
+def sgm_to_diffusers(
+    sd: Mapping[str, "torch.Tensor"], *, unet_config: Mapping[str, Any], vae_config: Mapping[str, Any]
+) -> tuple[dict[str, "torch.Tensor"], dict[str, "torch.Tensor"], dict[str, "torch.Tensor"], dict[str, "torch.Tensor"]]:
+    """Split an SDXL base (sgm layout) state dict into (unet, vae, text encoder, text encoder 2) state dicts.
+
+    Renamed, not copied (views where layouts differ), as :func:`ldm_to_diffusers`.
+    """
+    from diffusers.loaders.single_file_utils import convert_ldm_unet_checkpoint, convert_ldm_vae_checkpoint
+
+    unet = convert_ldm_unet_checkpoint(
+        {k: v for k, v in sd.items() if k.startswith(LDM_UNET_PREFIX)}, dict(unet_config)
+    )
+    vae = convert_ldm_vae_checkpoint({k: v for k, v in sd.items() if k.startswith(LDM_VAE_PREFIX)}, dict(vae_config))
+    text = {}
+    for key, value in sd.items():
+        if key.startswith(SGM_CLIP_L_PREFIX):
+            name = key[len(SGM_CLIP_L_PREFIX) :]
+            name = name[len(TEXT_MODEL_LEVEL) :] if name.startswith(TEXT_MODEL_LEVEL) else name
+            if name != POSITION_IDS:
+                text[name] = value
+    return unet, vae, text, open_clip_to_transformers(sd, prefix=SGM_BIG_G_PREFIX)

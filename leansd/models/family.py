@@ -2,8 +2,9 @@
 
 Two layouts are read: the original CompVis/Stability single-file layout (``model.diffusion_model.*``,
 ``first_stage_model.*``, ``cond_stage_model.*`` or SDXL's ``conditioner.embedders.*``) and diffusers
-folders (``unet/config.json`` and friends). Only SD 1.x is supported for generation in this version;
-the others are recognised so the user gets a clear message instead of a shape error.
+folders (``unet/config.json`` and friends). SD 1.x and SD 2.x (with their 9-channel inpainting
+variants) and SDXL base are supported for generation in this version; the others are recognised so the user gets a
+clear message instead of a shape error.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from typing import Any
 from leansd.errors import ModelLoadError, UnsupportedModelError
 
 UNET_PREFIX = "model.diffusion_model."
+LDM_VAE_PREFIX = "first_stage_model."
 CLIP_PREFIX = "cond_stage_model.transformer."
 OPEN_CLIP_PREFIX = "cond_stage_model.model."
 SDXL_CONDITIONER_PREFIX = "conditioner.embedders."
@@ -103,8 +105,6 @@ _LATENT_PREVIEWS = {
     ModelFamily.SDXL_REFINER: SDXL_LATENT_PREVIEW,
 }
 
-SUPPORTED_FAMILIES = (ModelFamily.SD1, ModelFamily.SD1_INPAINT)
-
 # Input channels of the UNet: 4 latent channels, or 4 + 4 (masked image) + 1 (mask) for inpainting.
 _LATENT_CHANNELS = 4
 _INPAINT_CHANNELS = 9
@@ -140,6 +140,41 @@ def _clip_width(shapes: Mapping[str, tuple[int, ...]]) -> int | None:
     return None
 
 
+_RUNS = "leansd runs SD 1.x, SD 2.x and SDXL base checkpoints"
+
+
+def recognise_other(shapes: Mapping[str, tuple[int, ...]]) -> str | None:
+    """What a file that is not a UNet-based SD checkpoint is, for the refusal message; None if unknown.
+
+    Recognised: Stable Diffusion 3 (MMDiT ``joint_blocks``), Flux (``double_blocks`` /
+    ``single_blocks``), LoRA / LyCORIS files (``lora_up``/``lora_down``/``lora_A``/``lora_B``, named
+    SDXL when they patch a second text encoder ``lora_te2_`` or the UNet's ``label_emb``), a VAE alone
+    (``encoder.*``/``decoder.*`` with ``quant_conv``), a text encoder alone.
+    """
+    keys = list(shapes)
+
+    def has(pattern: str) -> bool:
+        regex = re.compile(pattern)
+        return any(regex.search(k) for k in keys)
+
+    if has(r"(^|\.)joint_blocks\.\d+\.") or has(r"^text_encoders\.t5xxl\."):
+        return "a Stable Diffusion 3 checkpoint (MMDiT transformer, not a UNet)"
+    if has(r"(^|\.)double_blocks\.\d+\.") and has(r"(^|\.)single_blocks\.\d+\."):
+        return "a Flux checkpoint (a rectified-flow transformer, not a UNet)"
+    if has(r"(lora_up|lora_down|lora_A|lora_B|lora\.up|lora\.down|hada_w1|lokr_w1)"):
+        sdxl = has(r"^lora_te2_") or has(r"label_emb") or has(r"^lora_unet_(input|output)_blocks_\d+_1_transformer_blocks_[1-9]")
+        return f"{'an SDXL' if sdxl else 'a'} LoRA (a patch for a checkpoint, not a checkpoint)"
+    if any(k.startswith(UNET_PREFIX) for k in keys):
+        return None
+    vae_keys = ("encoder.conv_in.weight", "decoder.conv_out.weight")
+    for prefix in ("", LDM_VAE_PREFIX, "vae."):
+        if all(prefix + k in shapes for k in vae_keys):
+            return "a VAE alone (the image decoder of a model, not a checkpoint)"
+    if has(r"^(text_model\.)?encoder\.layers\.\d+\.self_attn\.") or has(r"^transformer\.resblocks\.\d+\."):
+        return "a text encoder alone, not a Stable Diffusion checkpoint"
+    return None
+
+
 def detect_family(shapes: Mapping[str, tuple[int, ...]], *, source: str = "checkpoint") -> ModelFamily:
     """Family of an original-layout (single-file) state dict, given ``{key: shape}``.
 
@@ -154,6 +189,9 @@ def detect_family(shapes: Mapping[str, tuple[int, ...]], *, source: str = "check
     - a UNet input conv with 9 channels turns SD 1.x/2.x into their inpainting variants.
     Anything else with a UNet is ``UNKNOWN``.
     """
+    other = recognise_other(shapes)
+    if other is not None:
+        raise UnsupportedModelError(f"{source}: this is {other}; {_RUNS}")
     if not any(key.startswith(UNET_PREFIX) for key in shapes):
         raise ModelLoadError(
             f"{source} does not look like a Stable Diffusion checkpoint (no {UNET_PREFIX}* tensors)"
@@ -208,7 +246,8 @@ def detect_family_diffusers(folder: str | os.PathLike[str]) -> ModelFamily:
 
     SDXL: ``addition_embed_type == "text_time"`` or a ``text_encoder_2`` component (refiner: no
     ``text_encoder``, or a 1280-wide context); SD 2.x: 1024-wide context; SD 1.x: a 768-wide
-    context or one equal to the CLIP text encoder's width (the tiny test model); 9 input channels
+    context; a context as wide as the text encoder (the tiny test models): SD 2.x when the encoder
+    is OpenCLIP (exact GELU), else SD 1.x; 9 input channels
     mean inpainting. Raises ``ModelLoadError`` if ``unet/config.json`` is missing.
     """
     root = Path(folder)
@@ -232,16 +271,22 @@ def detect_family_diffusers(folder: str | os.PathLike[str]) -> ModelFamily:
         return _with_inpaint(ModelFamily.SDXL_REFINER if refiner else ModelFamily.SDXL, in_channels)
     if context == 1024:
         return _with_inpaint(ModelFamily.SD2, in_channels)
-    if context == 768 or (context is not None and context == text.get("hidden_size")):
+    if context == 768:
         return _with_inpaint(ModelFamily.SD1, in_channels)
+    if context is not None and context == text.get("hidden_size"):
+        # OpenCLIP (SD 2.x) uses exact GELU in its MLPs, OpenAI CLIP (SD 1.x) quick GELU.
+        open_clip = text.get("hidden_act") == "gelu"
+        return _with_inpaint(ModelFamily.SD2 if open_clip else ModelFamily.SD1, in_channels)
     return ModelFamily.UNKNOWN
 
 
 def require_supported(family: ModelFamily, source: str) -> None:
     """Raise ``UnsupportedModelError`` (one line naming the family) unless leansd can run it."""
-    if family in SUPPORTED_FAMILIES:
+    from leansd.models.families import FAMILIES  # the descriptions say which families run
+
+    if family in FAMILIES and FAMILIES[family].supported:
         return
-    supported = "leansd supports SD 1.x checkpoints (incl. 9-channel inpainting) for now"
+    supported = "leansd supports SD 1.x and SD 2.x checkpoints (incl. 9-channel inpainting) and SDXL base for now"
     if family is ModelFamily.UNKNOWN:
         raise UnsupportedModelError(
             f"{source}: could not recognise the model family (not SD 1.x, SD 2.x or SDXL); {supported}"

@@ -24,13 +24,17 @@ from leansd.models import hub
 from leansd.models.bundle import ModelBundle
 from leansd.models.configs import (
     LDM_CLIP_PREFIX,
+    LDM_OPEN_CLIP_PREFIX,
     LDM_UNET_PREFIX,
     LDM_VAE_PREFIX,
     SD1_SCHEDULER_CONFIG,
+    SD1_UNET_MODEL_CHANNELS,
+    infer_open_clip_config,
     infer_text_config,
     infer_unet_config,
     infer_vae_config,
 )
+from leansd.models.families import OPEN_CLIP, FamilySpec, describe
 from leansd.models.family import ModelFamily, detect_family, detect_family_diffusers, require_supported
 
 if TYPE_CHECKING:
@@ -42,29 +46,41 @@ TINY_SPEC = "tiny"
 # Noise-schedule keys a diffusers folder's scheduler config may override.
 SCHEDULE_KEYS = ("num_train_timesteps", "beta_start", "beta_end", "beta_schedule", "prediction_type")
 DIFFUSERS_PARTS = ("unet", "vae", "text_encoder")
+"""Subfolders of a diffusers folder holding the weights of the three components."""
+NARROW_DEFAULT_SIZE = 64
+"""Native size of narrower-than-real test models (the tiny random ones): 64 px keeps them fast."""
 _SHOWN_KEYS = 3
 # Keys under the model prefixes that are not weights of the three modules (ignored on load).
 _IGNORED_SUFFIXES = ("embeddings.position_ids",)
 _IGNORED_PREFIXES = ("first_stage_model.loss.",)
+_IGNORED_KEYS = (LDM_OPEN_CLIP_PREFIX + "logit_scale", LDM_OPEN_CLIP_PREFIX + "attn_mask")
 
 
-def load_model(spec: str | os.PathLike[str]) -> ModelBundle:
+def load_model(spec: str | os.PathLike[str], *, prediction_type: str | None = None) -> ModelBundle:
     """Load ``spec``: "tiny", a ``.safetensors``/``.ckpt`` file, a diffusers folder or a hub id.
 
+    ``prediction_type`` ("epsilon" or "v_prediction") overrides what the model says it predicts
+    (see :mod:`leansd.models.prediction` for how that is told otherwise).
     Raises ``ModelLoadError`` (``UnsupportedModelError`` for a recognised but unsupported
     family, ``OfflineError`` for an unreachable hub id) with a one-line message.
     """
+    from leansd.models.prediction import normalise_prediction_type
+
+    explicit = normalise_prediction_type(prediction_type)
     text = os.fspath(spec)
     if text == TINY_SPEC:
-        return load_tiny()
+        bundle = load_tiny()
+        if explicit is not None:
+            bundle.scheduler_config["prediction_type"] = explicit
+        return bundle
     path = Path(text).expanduser()
     if path.is_file():
-        return load_single_file(path)
+        return load_single_file(path, prediction_type=explicit)
     if path.is_dir():
-        return load_diffusers_folder(path)
+        return load_diffusers_folder(path, prediction_type=explicit)
     if hub.is_hub_id(text):
         folder = hub.download_diffusers_model(text, token=hub.hf_token())
-        return load_diffusers_folder(folder, name=text, source=text)
+        return load_diffusers_folder(folder, name=text, source=text, prediction_type=explicit)
     raise ModelLoadError(
         f"{text}: no such file or folder (expected a .safetensors/.ckpt file, a diffusers folder, "
         "a hub id like owner/name, or 'tiny')"
@@ -92,29 +108,36 @@ def load_tiny(*, seed: int = 0) -> ModelBundle:
     )
 
 
-def load_single_file(path: str | os.PathLike[str]) -> ModelBundle:
-    """Load an original-layout SD 1.x ``.safetensors``/``.ckpt`` (memory-mapped, not copied)."""
+def load_single_file(path: str | os.PathLike[str], *, prediction_type: str | None = None) -> ModelBundle:
+    """Load an original-layout SD 1.x/2.x ``.safetensors``/``.ckpt`` (memory-mapped, not copied)."""
     from leansd.models.checkpoint import model_hash, read_state_dict
 
     p = Path(path)
     sd = read_state_dict(p)
-    bundle = bundle_from_state_dict(sd, source=str(p), name=p.stem)
+    bundle = bundle_from_state_dict(sd, source=str(p), name=p.stem, path=p, prediction_type=prediction_type)
     bundle.hash = model_hash(p)
     return bundle
 
 
 def bundle_from_state_dict(
-    sd: Mapping[str, "torch.Tensor"], *, source: str, name: str
+    sd: Mapping[str, "torch.Tensor"],
+    *,
+    source: str,
+    name: str,
+    path: str | os.PathLike[str] | None = None,
+    prediction_type: str | None = None,
 ) -> ModelBundle:
     """Build the bundle from an original-layout state dict; its tensors are used in place.
 
-    The modules' parameters ARE the tensors of ``sd`` (renamed; the VAE attention weights are
-    views of them): nothing is copied, except tensors whose dtype differs from the rest of
-    their module (they are cast to the module's dominant dtype).
+    The modules' parameters ARE the tensors of ``sd`` (renamed; the VAE attention weights and
+    OpenCLIP's fused attention projections are views of them): nothing is copied, except tensors
+    whose dtype differs from the rest of their module (they are cast to the module's dominant
+    dtype). ``path``: the file, to find a ``.yaml`` beside it; ``prediction_type``: an explicit
+    choice (see :mod:`leansd.models.prediction`).
     """
     import accelerate
     from diffusers import AutoencoderKL, UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
     from leansd.models.checkpoint import state_dict_summary
     from leansd.models.convert import diffusers_to_ldm, ldm_to_diffusers
@@ -122,48 +145,179 @@ def bundle_from_state_dict(
     shapes = state_dict_summary(sd)
     family = detect_family(shapes, source=source)
     require_supported(family, source)
+    spec = describe(family)
+    if family is ModelFamily.SDXL:
+        conv_in = shapes.get(LDM_UNET_PREFIX + "input_blocks.0.0.weight")
+        if conv_in is not None and len(conv_in) == 4 and conv_in[1] != 4:
+            from leansd.errors import UnsupportedModelError
 
-    unet_config = infer_unet_config(shapes)
-    vae_config = infer_vae_config(shapes)
-    text_config = infer_text_config(shapes)
+            raise UnsupportedModelError(f"{source}: SDXL inpainting ({conv_in[1]}-channel) checkpoints are not "
+                                        "supported yet; use an SDXL base checkpoint with a mask (legacy inpainting)")
+        return _sdxl_from_state_dict(sd, shapes, spec=spec, source=source, name=name, path=path,
+                                     prediction_type=prediction_type)
+    text_spec = spec.text_encoders[0]
+    open_clip = text_spec.layout == OPEN_CLIP
+
+    try:
+        unet_config = infer_unet_config(shapes, spec=spec)
+        vae_config = infer_vae_config(shapes, scaling_factor=spec.vae_scaling_factor)
+        if open_clip:
+            text_config = infer_open_clip_config(shapes, prefix=text_spec.original_prefix,
+                                                 activation=text_spec.activation)
+        else:
+            text_config = infer_text_config(shapes)
+    except ModelLoadError as e:  # a truncated or partial file: say which file and what it should be
+        raise ModelLoadError(f"{source}: not a complete {spec.label.split(' inpainting')[0]} checkpoint: {e}") from e
     with _model_errors(source, "the inferred architecture"):
         # Parameters on meta (no memory), buffers real: the CLIP position_ids buffer is not in
         # the file's weights and must exist.
         with accelerate.init_empty_weights(include_buffers=False):
             unet = UNet2DConditionModel(**unet_config)
             vae = AutoencoderKL(**vae_config)
-            text_encoder = CLIPTextModel(CLIPTextConfig(**text_config))
+            text_class = CLIPTextModelWithProjection if open_clip else CLIPTextModel
+            text_encoder = text_class(CLIPTextConfig(**text_config))
 
     text_model_level = any(k.startswith(LDM_CLIP_PREFIX + "text_model.") for k in sd)
-    expected = set(diffusers_to_ldm(unet, vae, text_encoder, text_model_level=text_model_level))
-    _check_keys(sd, expected, source)
+    expected = set(diffusers_to_ldm(unet, vae, text_encoder, text_model_level=text_model_level,
+                                    text_layout=text_spec.layout))
+    _check_keys(sd, expected, source, family=spec)
 
-    unet_sd, vae_sd, text_sd = ldm_to_diffusers(sd, unet_config=unet_config, vae_config=vae_config)
+    unet_sd, vae_sd, text_sd = ldm_to_diffusers(sd, unet_config=unet_config, vae_config=vae_config,
+                                                text_layout=text_spec.layout)
     _assign(unet, unet_sd, source=source, part="UNet")
     _assign(vae, vae_sd, source=source, part="VAE")
     _assign(text_encoder, text_sd, source=source, part="text encoder")
+    unet, vae, text_encoder = _frozen(unet), _frozen(vae), _frozen(text_encoder)
 
+    scheduler_config, default_size = _single_file_schedule(
+        sd, spec=spec, unet=unet, path=path, explicit=prediction_type, source=source,
+        full_size=int(unet_config["block_out_channels"][0]) >= SD1_UNET_MODEL_CHANNELS,
+    )
     return ModelBundle(
-        unet=_frozen(unet),
-        vae=_frozen(vae),
-        text_encoder=_frozen(text_encoder),
-        tokenizer=_bundled_tokenizer(),
+        unet=unet,
+        vae=vae,
+        text_encoder=text_encoder,
+        tokenizer=_bundled_tokenizer(pad_token=text_spec.pad_token),
         family=family,
         name=name,
         source=source,
         hash=None,
-        scheduler_config=dict(SD1_SCHEDULER_CONFIG),
-        default_size=int(unet.config.sample_size) * 2 ** (len(vae.config.block_out_channels) - 1),
+        scheduler_config=scheduler_config,
+        default_size=default_size,
+        text_layer=text_spec.layer,
     )
 
 
-def load_diffusers_folder(
-    folder: str | os.PathLike[str], *, name: str | None = None, source: str | None = None
+def _sdxl_from_state_dict(
+    sd: Mapping[str, "torch.Tensor"],
+    shapes: Mapping[str, tuple[int, ...]],
+    *,
+    spec: FamilySpec,
+    source: str,
+    name: str,
+    path: str | os.PathLike[str] | None,
+    prediction_type: str | None,
 ) -> ModelBundle:
-    """Load a diffusers ``StableDiffusionPipeline`` folder (safetensors preferred, no network)."""
+    """An SDXL base single file in Stability's (sgm) layout; tensors used in place as for SD 1.x/2.x."""
+    import accelerate
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+    from leansd.models.convert import SGM_BIG_G_PREFIX, SGM_CLIP_L_PREFIX, diffusers_to_sgm, sgm_to_diffusers
+
+    clip_l, big_g = spec.text_encoders
+    try:
+        text_config_2 = infer_open_clip_config(shapes, prefix=big_g.original_prefix, activation=big_g.activation)
+        text_config = infer_text_config(shapes, prefix=clip_l.original_prefix)
+        unet_config = infer_unet_config(shapes, spec=spec, pooled_width=int(text_config_2["projection_dim"]))
+        vae_config = infer_vae_config(shapes, scaling_factor=spec.vae_scaling_factor)
+    except ModelLoadError as e:
+        raise ModelLoadError(f"{source}: not a complete {spec.label} checkpoint: {e}") from e
+    with _model_errors(source, "the inferred architecture"):
+        with accelerate.init_empty_weights(include_buffers=False):
+            unet = UNet2DConditionModel(**unet_config)
+            vae = AutoencoderKL(**vae_config)
+            text_encoder = CLIPTextModel(CLIPTextConfig(**text_config))
+            text_encoder_2 = CLIPTextModelWithProjection(CLIPTextConfig(**text_config_2))
+    expected = set(diffusers_to_sgm(unet, vae, text_encoder, text_encoder_2))
+    _check_keys(sd, expected, source, family=spec, prefixes=(LDM_UNET_PREFIX, LDM_VAE_PREFIX, SGM_CLIP_L_PREFIX,
+                                                              SGM_BIG_G_PREFIX))
+    unet_sd, vae_sd, text_sd, text_sd_2 = sgm_to_diffusers(sd, unet_config=unet_config, vae_config=vae_config)
+    _assign(unet, unet_sd, source=source, part="UNet")
+    _assign(vae, vae_sd, source=source, part="VAE")
+    _assign(text_encoder, text_sd, source=source, part="text encoder")
+    _assign(text_encoder_2, text_sd_2, source=source, part="second text encoder")
+    unet = _frozen(unet)
+    scheduler_config, default_size = _single_file_schedule(
+        sd, spec=spec, unet=unet, path=path, explicit=prediction_type, source=source,
+        full_size=int(unet_config["block_out_channels"][0]) >= SD1_UNET_MODEL_CHANNELS,
+    )
+    return ModelBundle(
+        unet=unet,
+        vae=_frozen(vae),
+        text_encoder=_frozen(text_encoder),
+        tokenizer=_bundled_tokenizer(pad_token=clip_l.pad_token),
+        family=spec.family,
+        name=name,
+        source=source,
+        hash=None,
+        scheduler_config=scheduler_config,
+        default_size=default_size,
+        text_encoder_2=_frozen(text_encoder_2),
+        tokenizer_2=_bundled_tokenizer(pad_token=big_g.pad_token),
+        text_layer=clip_l.layer,
+    )
+
+
+def _single_file_schedule(
+    sd: Mapping[str, Any],
+    *,
+    spec: FamilySpec,
+    unet: Any,
+    path: str | os.PathLike[str] | None,
+    explicit: str | None,
+    source: str,
+    full_size: bool,
+) -> tuple[dict[str, Any], int]:
+    """The noise-schedule config (prediction type, zero terminal SNR) and native size of a single file."""
+    from leansd.models.prediction import resolve_single_file
+
+    probe = None
+    if spec.family is ModelFamily.SD2:  # 512-base or 768-v: the weights alone tell (A1111's probe)
+        from leansd.models.prediction import probe_v_prediction
+
+        def probe() -> tuple[bool, float]:
+            return probe_v_prediction(unet, context_width=int(unet.config.cross_attention_dim))
+
+    prediction, ztsnr, why = resolve_single_file(
+        path=path, sd=sd, explicit=explicit, default=spec.prediction_type, probe=probe, source=source
+    )
+    if why.startswith("no .yaml"):  # an assumption: say it where the user sees it
+        logger.warning("%s: assuming %s prediction for this %s model (%s); give --prediction-type or a .yaml "
+                       "beside the file to choose", Path(source).name, prediction, spec.label, why)
+    elif spec.family is not ModelFamily.SD1 or prediction != "epsilon":
+        logger.info("%s: %s model, %s prediction (%s)", Path(source).name, spec.label, prediction, why)
+    config = dict(SD1_SCHEDULER_CONFIG, prediction_type=prediction)
+    if ztsnr:
+        config["rescale_betas_zero_snr"] = True
+        logger.warning("%s: zero terminal SNR (the 'ztsnr' marker key): the noise schedule is rescaled", Path(source).name)
+    size = spec.native_size_for(prediction) if full_size else NARROW_DEFAULT_SIZE
+    return config, size
+
+
+def load_diffusers_folder(
+    folder: str | os.PathLike[str],
+    *,
+    name: str | None = None,
+    source: str | None = None,
+    prediction_type: str | None = None,
+) -> ModelBundle:
+    """Load a diffusers ``StableDiffusionPipeline`` folder (safetensors preferred, no network).
+
+    ``prediction_type`` overrides the one in ``scheduler/scheduler_config.json``."""
     import torch
     from diffusers import AutoencoderKL, UNet2DConditionModel
-    from transformers import CLIPTextModel
+    from transformers import CLIPTextModel, CLIPTextModelWithProjection
 
     root = Path(folder)
     label = source or str(root)
@@ -179,6 +333,8 @@ def load_diffusers_folder(
         )
     family = detect_family_diffusers(root)
     require_supported(family, label)
+    spec = describe(family)
+    text_spec = spec.text_encoders[0]
 
     common: dict[str, Any] = dict(local_files_only=True)
     with _model_errors(label, "unet/"):
@@ -187,17 +343,31 @@ def load_diffusers_folder(
         vae = AutoencoderKL.from_pretrained(root, subfolder="vae", torch_dtype=torch.float32, **common)
     with _model_errors(label, "text_encoder/"):
         text_encoder = CLIPTextModel.from_pretrained(root, subfolder="text_encoder", dtype=torch.float32, **common)
+    text_encoder_2 = tokenizer_2 = None
+    if len(spec.text_encoders) > 1:
+        second = spec.text_encoders[1]
+        if not (root / second.subfolder / "config.json").is_file():
+            raise ModelLoadError(f"{label}: incomplete {spec.label} diffusers folder: missing {second.subfolder}/")
+        with _model_errors(label, f"{second.subfolder}/"):
+            text_encoder_2 = CLIPTextModelWithProjection.from_pretrained(
+                root, subfolder=second.subfolder, dtype=torch.float32, **common)
+        tokenizer_2 = _folder_tokenizer(root / "tokenizer_2", pad_token=second.pad_token)
+    tokenizer = _folder_tokenizer(root / "tokenizer", pad_token=text_spec.pad_token)
 
-    tokenizer_dir = root / "tokenizer"
-    if tokenizer_dir.is_dir():
-        from leansd.models.tokenizer import load_tokenizer
+    for module in (unet, vae, text_encoder, text_encoder_2):
+        if module is not None:
+            _check_materialised(module, source=label)
+    if family is ModelFamily.SDXL and int(unet.config.in_channels) != 4:
+        from leansd.errors import UnsupportedModelError
 
-        tokenizer = load_tokenizer(tokenizer_dir)
-    else:
-        tokenizer = _bundled_tokenizer()
-
-    for module in (unet, vae, text_encoder):
-        _check_materialised(module, source=label)
+        raise UnsupportedModelError(f"{label}: SDXL inpainting ({unet.config.in_channels}-channel) models are not "
+                                    "supported yet; use an SDXL base model with a mask (legacy inpainting)")
+    scheduler_config = _folder_schedule(root)
+    if prediction_type is not None:
+        scheduler_config["prediction_type"] = prediction_type
+    if family is not ModelFamily.SD1 or prediction_type is not None:
+        logger.info("%s: %s model, %s prediction (%s)", label, spec.label, scheduler_config["prediction_type"],
+                    "given explicitly" if prediction_type is not None else "scheduler config")
     return ModelBundle(
         unet=_frozen(unet),
         vae=_frozen(vae),
@@ -207,9 +377,21 @@ def load_diffusers_folder(
         name=name or root.name,
         source=label,
         hash=None,
-        scheduler_config=_folder_schedule(root),
+        scheduler_config=scheduler_config,
         default_size=int(unet.config.sample_size) * 2 ** (len(vae.config.block_out_channels) - 1),
+        text_encoder_2=None if text_encoder_2 is None else _frozen(text_encoder_2),
+        tokenizer_2=tokenizer_2,
+        text_layer=text_spec.folder_layer,
     )
+
+
+def _folder_tokenizer(folder: Path, *, pad_token: str) -> Any:
+    """A folder's tokenizer if it has one, else the bundled BPE with the family's padding."""
+    if folder.is_dir():
+        from leansd.models.tokenizer import load_tokenizer
+
+        return load_tokenizer(folder)
+    return _bundled_tokenizer(pad_token=pad_token)
 
 
 def _folder_schedule(root: Path) -> dict[str, Any]:
@@ -226,15 +408,23 @@ def _folder_schedule(root: Path) -> dict[str, Any]:
     return config
 
 
-def _check_keys(sd: Mapping[str, Any], expected: set[str], source: str) -> None:
+def _check_keys(
+    sd: Mapping[str, Any],
+    expected: set[str],
+    source: str,
+    *,
+    family: FamilySpec,
+    prefixes: tuple[str, ...] = (LDM_UNET_PREFIX, LDM_VAE_PREFIX, LDM_CLIP_PREFIX, LDM_OPEN_CLIP_PREFIX),
+) -> None:
     """Raise ModelLoadError naming a few missing / unexpected model tensors (original names)."""
-    prefixes = (LDM_UNET_PREFIX, LDM_VAE_PREFIX, LDM_CLIP_PREFIX)
+    ignored = set(_IGNORED_KEYS) | {p + name for p in prefixes for name in ("logit_scale", "attn_mask")}
 
     def relevant(key: str) -> bool:
         return (
             key.startswith(prefixes)
             and not key.endswith(_IGNORED_SUFFIXES)
             and not key.startswith(_IGNORED_PREFIXES)
+            and key not in ignored
         )
 
     present = {k for k in sd if relevant(k)}
@@ -248,7 +438,7 @@ def _check_keys(sd: Mapping[str, Any], expected: set[str], source: str) -> None:
         problems.append(f"{len(unexpected)} unexpected tensors ({_few(unexpected)})")
     if problems:
         raise ModelLoadError(
-            f"{source}: not a complete SD 1.x checkpoint: {'; '.join(problems)}"
+            f"{source}: not a complete {family.label.split(' inpainting')[0]} checkpoint: {'; '.join(problems)}"
         )
 
 
@@ -295,10 +485,10 @@ def _frozen(module: Any) -> Any:
     return module
 
 
-def _bundled_tokenizer() -> Any:
-    from leansd.models.tokenizer import load_tokenizer
+def _bundled_tokenizer(*, pad_token: str | None = None) -> Any:
+    from leansd.models.tokenizer import bundled_tokenizer, load_tokenizer
 
-    return load_tokenizer(None)
+    return load_tokenizer(None) if pad_token is None else bundled_tokenizer(pad_token=pad_token)
 
 
 @contextmanager

@@ -75,6 +75,9 @@ class PromptConditioning:
                     device=engine.device,
                     cache=engine.prompt_cache,
                     encoder_fingerprint=engine.text_encoder_fingerprint() if engine.prompt_cache else None,
+                    hidden_layer=engine.bundle.text_layer,
+                    final_norm=engine.bundle.description.text_encoders[0].final_norm,
+                    pooled_width=pooled_width(engine),
                 )
             self._plans[steps] = plan.to(device=engine.device, dtype=engine.dtype)
             logger.info(
@@ -98,6 +101,25 @@ class PromptConditioning:
             "prompt_cache": str(plans[0].cache_stats) if self.engine.prompt_cache else "off",
             "text_encoder_used": any(p.needs_text_encoder for p in plans),
         }
+
+
+def pooled_width(engine: "Engine") -> int | None:
+    """Width of the pooled text embedding the family conditions on (SDXL: bigG's projection), else None."""
+    bundle = engine.bundle
+    if not bundle.description.pooled_output or bundle.text_encoder_2 is None:
+        return None
+    return int(bundle.text_encoder_2.config.projection_dim)
+
+
+def size_ids(engine: "Engine", *, width: int, height: int) -> "torch.Tensor | None":
+    """SDXL's added size conditioning (1, 6): original size = target size = (H, W), crop (0, 0), as
+    AUTOMATIC1111 and diffusers do by default; None for families without it."""
+    import torch
+
+    if engine.bundle.description.added_conditioning != "text_time":
+        return None
+    values = [height, width, 0, 0, height, width]
+    return torch.tensor([values], device=engine.device, dtype=engine.dtype)  # (1, 6)
 
 
 def encode_conditioning(engine: "Engine", request: "GenerationRequest", *, steps: int) -> PromptConditioning:
@@ -125,6 +147,9 @@ def make_scheduler(engine: "Engine", request: "GenerationRequest", *, seeds: lis
     from leansd.sampling.samplers import build_scheduler
 
     scheduler = build_scheduler(request.sampler, engine.bundle.scheduler_config, seeds=seeds)
+    if engine.bundle.scheduler_config.get("rescale_betas_zero_snr") and not scheduler.config.get("rescale_betas_zero_snr"):
+        logger.warning("%s cannot rescale its noise schedule to zero terminal SNR, which this model (ztsnr) was "
+                       "trained with; DDIM, Euler, Euler a, DPM++ 2M (Karras), UniPC and LCM can", request.sampler)
     try:
         scheduler.set_timesteps(steps, device=engine.device)
     except ValueError as exc:  # a scheduler-specific limit the request checks did not know
@@ -211,6 +236,8 @@ def run_denoise(
             extra_channels=extra_channels,
             after_step=after_step,
             on_step=on_step,
+            guidance_rescale=request.guidance_rescale,
+            time_ids=size_ids(engine, width=w * factor, height=h * factor),
         )
 
 

@@ -50,7 +50,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Callable, Sequence, Union, cast
 
 from leansd.prompts.cache import CacheStats, PromptCache, entry_key, text_encoder_fingerprint
-from leansd.prompts.encode import CHUNK_LENGTH, TokenChunks, chunk_tokens, encode_chunks, pad_chunks
+from leansd.prompts.encode import CHUNK_LENGTH, TokenChunks, chunk_tokens, encode_chunks_pooled, pad_chunks
 from leansd.prompts.parse import ConditioningSpec, Fragment, WeightedText, parse_prompt
 
 if TYPE_CHECKING:
@@ -93,6 +93,10 @@ class StepConditioning:
     uncond: "torch.Tensor" = field(repr=False)
     conds: tuple["torch.Tensor", ...] = field(repr=False)
     weights: tuple[float, ...]
+    pooled_uncond: "torch.Tensor | None" = field(default=None, repr=False)
+    """(1, P) pooled text embedding of the negative prompt, for families that condition on one (SDXL)."""
+    pooled_conds: "tuple[torch.Tensor, ...] | None" = field(default=None, repr=False)
+    """(1, P) pooled embedding of each AND part."""
 
     @property
     def parts(self) -> tuple[tuple["torch.Tensor", float], ...]:
@@ -108,6 +112,15 @@ class StepConditioning:
 
         items = ([self.uncond] if include_uncond else []) + list(self.conds)
         return torch.cat([t.expand(batch_size, -1, -1) for t in items])  # ((1+n)B, 77k, D)
+
+    def pooled_context(self, batch_size: int = 1, *, include_uncond: bool = True) -> "torch.Tensor | None":
+        """The pooled embeddings in the order of :meth:`context`: ((1 + n) * batch_size, P); None without them."""
+        import torch
+
+        if self.pooled_conds is None or self.pooled_uncond is None:
+            return None
+        items = ([self.pooled_uncond] if include_uncond else []) + list(self.pooled_conds)
+        return torch.cat([t.expand(batch_size, -1) for t in items])  # ((1+n)B, P)
 
 
 @dataclass(frozen=True, eq=False)
@@ -165,7 +178,10 @@ class ConditioningPlan:
 
         steps: dict[int, StepConditioning] = {}
         for s in self._distinct():
-            steps[id(s)] = StepConditioning(conv(s.uncond), tuple(conv(c) for c in s.conds), s.weights)
+            pooled_uncond = None if s.pooled_uncond is None else conv(s.pooled_uncond)
+            pooled_conds = None if s.pooled_conds is None else tuple(conv(c) for c in s.pooled_conds)
+            steps[id(s)] = StepConditioning(conv(s.uncond), tuple(conv(c) for c in s.conds), s.weights,
+                                            pooled_uncond, pooled_conds)
         return ConditioningPlan(
             self.steps,
             self.chunks,
@@ -204,12 +220,20 @@ class _Units:
         device: "torch.device | str",
         cache: PromptCache | None,
         fingerprint: str | None,
+        layer: int = -1,
+        final_norm: bool = True,
+        pooled_width: int | None = None,
     ) -> None:
+        self.pooled_width = pooled_width
         self.encoder = encoder
         self.device = device
         self.cache = cache
         self.fingerprint = fingerprint
+        self.layer = layer
+        self.final_norm = final_norm
         self.memo: dict[TokenChunks, "torch.Tensor"] = {}
+        self.pooled: dict[TokenChunks, "torch.Tensor"] = {}
+        """(1, P) pooled embedding of each encoded text, for encoders that give one (SDXL)."""
 
     def get(self, chunks: TokenChunks, text: str) -> "torch.Tensor":
         found = self.memo.get(chunks)
@@ -217,21 +241,39 @@ class _Units:
             return found
         key = entry_key(self.fingerprint, chunks) if self.cache is not None and self.fingerprint else None
         tensor = self.cache.get(key) if key is not None else None  # type: ignore[union-attr]
-        if tensor is not None and tensor.shape[1] != CHUNK_LENGTH * chunks.count:
+        # A pooled embedding (SDXL) is stored in one more 77-row chunk: its first row, zero-padded.
+        expected = CHUNK_LENGTH * (chunks.count + (1 if self.pooled_width else 0))
+        if tensor is not None and tensor.shape[1] != expected:
             logger.warning(
-                "prompt cache: entry %s has %d tokens, expected %d; re-encoding",
-                key, tensor.shape[1], CHUNK_LENGTH * chunks.count,
+                "prompt cache: entry %s has %d tokens, expected %d; re-encoding", key, tensor.shape[1], expected,
             )
             tensor = None
+        pooled = None
         if tensor is None:
-            tensor = encode_chunks(chunks, text_encoder=self.encoder.module(), device=self.device)
+            tensor, pooled = encode_chunks_pooled(chunks, text_encoder=self.encoder.module(), device=self.device,
+                                                  layer=self.layer, final_norm=self.final_norm)
             self.encoder.encoded += 1
             if key is not None:
-                self.cache.put(key, tensor, text=text)  # type: ignore[union-attr]
+                stored = tensor if pooled is None else _with_pooled_row(tensor, pooled)
+                self.cache.put(key, stored, text=text)  # type: ignore[union-attr]
         else:
             tensor = tensor.to(self.device)
+            if expected != CHUNK_LENGTH * chunks.count:
+                tensor, pooled = tensor[:, : CHUNK_LENGTH * chunks.count], tensor[:, CHUNK_LENGTH * chunks.count]
+                pooled = pooled[:, : self.pooled_width]  # (1, P)
         self.memo[chunks] = tensor
+        if pooled is not None:
+            self.pooled[chunks] = pooled
         return tensor
+
+
+def _with_pooled_row(z: "torch.Tensor", pooled: "torch.Tensor") -> "torch.Tensor":
+    """(1, 77k, D) and (1, P <= D) -> (1, 77(k + 1), D): one more chunk whose first row holds the pooled embedding."""
+    import torch
+
+    extra = torch.zeros((1, CHUNK_LENGTH, z.shape[-1]), dtype=z.dtype, device=z.device)
+    extra[0, 0, : pooled.shape[-1]] = pooled[0].to(z.dtype)
+    return torch.cat([z, extra], dim=1)
 
 
 def build_conditioning(
@@ -245,6 +287,9 @@ def build_conditioning(
     device: "torch.device | str",
     cache: PromptCache | None = None,
     encoder_fingerprint: str | None = None,
+    hidden_layer: int = -1,
+    final_norm: bool = True,
+    pooled_width: int | None = None,
 ) -> ConditioningPlan:
     """Parse and encode ``prompt`` and ``negative_prompt`` for ``steps`` loop steps.
 
@@ -252,6 +297,11 @@ def build_conditioning(
     (``auto`` decides per prompt). Tensors are on ``device`` in the encoder's dtype (a cached
     entry keeps the dtype it was stored in; the fingerprint includes the weights' dtype).
     ``cache=None`` disables the on-disk cache (texts are still encoded once per job).
+    ``hidden_layer`` / ``final_norm``: which hidden states of the encoder condition the UNet (the
+    family's choice, see :func:`leansd.prompts.encode.hidden_states`); a given
+    ``encoder_fingerprint`` must tell them apart. ``pooled_width``: the width of the pooled text
+    embedding the encoder gives (SDXL's :class:`~leansd.prompts.encode.TextEncoderPair`), kept per
+    step beside the hidden states (and in the cache entry) for the UNet's added conditioning.
     Raises InvalidRequestError for an unknown syntax, ``steps < 1`` or overflowing weights.
     """
     import torch
@@ -264,24 +314,38 @@ def build_conditioning(
     if cache is not None and fingerprint is None:
         try:
             fingerprint = text_encoder_fingerprint(encoder.module())
-        except (RuntimeError, NotImplementedError, TypeError) as exc:  # e.g. weights on the meta device
+        except (RuntimeError, NotImplementedError, TypeError, AttributeError) as exc:  # e.g. weights on meta
             logger.warning("prompt cache disabled for this job: cannot fingerprint the text encoder (%s)", exc)
             cache = None
     before = cache.stats.copy() if cache is not None else CacheStats()
-    units = _Units(encoder=encoder, device=device, cache=cache, fingerprint=fingerprint)
+    if fingerprint is not None and encoder_fingerprint is None and (hidden_layer, final_norm) != (-1, True):
+        fingerprint = f"{fingerprint}-layer{hidden_layer}{'' if final_norm else '-nonorm'}"
+    units = _Units(encoder=encoder, device=device, cache=cache, fingerprint=fingerprint,
+                   layer=hidden_layer, final_norm=final_norm, pooled_width=pooled_width)
+    pooled: dict[ConditioningSpec, "torch.Tensor"] = {}
 
     def empty() -> "torch.Tensor":
         return units.get(chunk_tokens(tokenizer, (Fragment("", 1.0),)), "")
 
     def encode_spec(spec: ConditioningSpec) -> "torch.Tensor":
         if isinstance(spec, WeightedText):
-            return units.get(chunk_tokens(tokenizer, spec.pieces), spec.text)
-        blocks = [units.get(chunk_tokens(tokenizer, WeightedText.plain(t).pieces), t) for t, _ in spec.blocks]
+            token_chunks = chunk_tokens(tokenizer, spec.pieces)
+            z = units.get(token_chunks, spec.text)
+            if token_chunks in units.pooled:
+                pooled[spec] = units.pooled[token_chunks]
+            return z
+        block_chunks = [chunk_tokens(tokenizer, WeightedText.plain(t).pieces) for t, _ in spec.blocks]
+        blocks = [units.get(c, t) for c, (t, _) in zip(block_chunks, spec.blocks, strict=True)]
         k = max(z.shape[1] // CHUNK_LENGTH for z in blocks)
         blocks = [pad_chunks(z, k, empty()) if z.shape[1] != k * CHUNK_LENGTH else z for z in blocks]
         mixed = torch.zeros_like(blocks[0])
         for z, (_, weight) in zip(blocks, spec.blocks, strict=True):  # optimizedSD: c += w_i / sum(w) * enc(block_i)
             mixed = torch.add(mixed, z, alpha=weight)
+        if all(c in units.pooled for c in block_chunks):  # the pooled embeddings mix the same way
+            mixed_pooled = torch.zeros_like(units.pooled[block_chunks[0]])
+            for c, (_, weight) in zip(block_chunks, spec.blocks, strict=True):
+                mixed_pooled = torch.add(mixed_pooled, units.pooled[c], alpha=weight)
+            pooled[spec] = mixed_pooled
         return mixed
 
     specs = list(dict.fromkeys(negative.distinct_specs() + positive.distinct_specs()))
@@ -300,8 +364,11 @@ def build_conditioning(
         parts = positive.at(i)
         key = (neg_spec, parts)
         if key not in shared:
+            has_pooled = neg_spec in pooled and all(s in pooled for s, _ in parts)
             shared[key] = StepConditioning(
-                tensors[neg_spec], tuple(tensors[s] for s, _ in parts), tuple(float(w) for _, w in parts)
+                tensors[neg_spec], tuple(tensors[s] for s, _ in parts), tuple(float(w) for _, w in parts),
+                pooled[neg_spec] if has_pooled else None,
+                tuple(pooled[s] for s, _ in parts) if has_pooled else None,
             )
         per_step.append(shared[key])
 

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Sequence
+from typing import TYPE_CHECKING, Any, Sequence
 
 from leansd.prompts.parse import BREAK, Fragment, Piece
 
@@ -132,15 +132,101 @@ def apply_emphasis(z: "torch.Tensor", multipliers: Sequence[Sequence[float]]) ->
     return (zf * (original_mean / new_mean)).to(z.dtype)
 
 
-def encode_chunks(
-    chunks: TokenChunks, *, text_encoder: "CLIPTextModel", device: "torch.device | str"
+def hidden_states(
+    text_encoder: "CLIPTextModel", ids: "torch.Tensor", *, layer: int = -1, final_norm: bool = True
 ) -> "torch.Tensor":
-    """Run the text encoder on every chunk and apply emphasis: (1, 77 * k, D) on ``device``."""
+    """The text encoder's hidden states at ``layer`` (-1 last, -2 penultimate, ...): (B, 77, D).
+
+    ``final_norm`` applies the encoder's final layer norm to that layer's output (the last hidden
+    state of transformers has it; SD 2.x applies it to the penultimate layer too, SDXL does not).
+    """
+    if layer == -1 and final_norm:
+        if type(text_encoder).__name__ == "CLIPTextModel":
+            return text_encoder(ids, return_dict=False)[0]  # last_hidden_state, (B, 77, D)
+        return text_encoder(ids, return_dict=True).last_hidden_state
+    states = text_encoder(ids, output_hidden_states=True, return_dict=True).hidden_states  # embeddings + layers
+    if not -len(states) < layer < 0:
+        raise ValueError(f"text encoder has {len(states) - 1} layers; cannot take hidden layer {layer}")
+    return _final_norm(text_encoder, states[layer]) if final_norm else states[layer]
+
+
+def _final_norm(text_encoder: Any, h: "torch.Tensor") -> "torch.Tensor":
+    """The encoder's final layer norm (transformers 5's CLIPTextModel holds it directly, the
+    WithProjection variant under ``text_model``)."""
+    return getattr(text_encoder, "text_model", text_encoder).final_layer_norm(h)
+
+
+class TextEncoderPair:
+    """SDXL's two text encoders read as one: penultimate hidden states of both, concatenated along the
+    features (CLIP-L 768 + OpenCLIP-bigG 1280 = 2048), and bigG's projected pooled output.
+
+    Both use the same BPE ids; only the padding after the end token differs (the second pads with
+    ``pad_id_2``, ``!`` = 0), so one chunking serves both. Emphasis is applied to each encoder's
+    hidden states separately (AUTOMATIC1111 weights each embedder on its own).
+    """
+
+    def __init__(
+        self, first: "CLIPTextModel", second: "CLIPTextModel", *, layers: tuple[int, int] = (-2, -2),
+        final_norms: tuple[bool, bool] = (False, False), pad_id_2: int = 0, eos_id: int = 49407,
+    ) -> None:
+        self.first, self.second = first, second
+        self.layers, self.final_norms = layers, final_norms
+        self.pad_id_2, self.eos_id = pad_id_2, eos_id
+
+    def second_ids(self, ids: "torch.Tensor") -> "torch.Tensor":
+        """(k, 77) ids of the first tokenizer -> the second's: positions after the first end token padded."""
+        import torch
+
+        positions = torch.arange(ids.shape[1], device=ids.device)[None]  # (1, 77)
+        first_eos = (ids == self.eos_id).int().argmax(dim=1, keepdim=True)  # (k, 1)
+        return torch.where(positions > first_eos, torch.full_like(ids, self.pad_id_2), ids)
+
+    def encode(self, ids: "torch.Tensor", multipliers: Sequence[Sequence[float]]) -> tuple["torch.Tensor", "torch.Tensor"]:
+        """(k, 77) ids -> hidden states (k, 77, D1 + D2) with emphasis, pooled (k, P) (no emphasis)."""
+        import torch
+
+        h1 = hidden_states(self.first, ids, layer=self.layers[0], final_norm=self.final_norms[0])
+        out = self.second(self.second_ids(ids), output_hidden_states=True, return_dict=True)
+        h2 = out.hidden_states[self.layers[1]]
+        if self.final_norms[1]:
+            h2 = _final_norm(self.second, h2)
+        z = torch.cat([apply_emphasis(h1, multipliers), apply_emphasis(h2, multipliers)], dim=-1)  # (k, 77, D1+D2)
+        return z, out.text_embeds  # text_embeds: (k, P), bigG's projection of the end token
+
+
+def encode_chunks_pooled(
+    chunks: TokenChunks, *, text_encoder: "CLIPTextModel | TextEncoderPair", device: "torch.device | str",
+    layer: int = -1, final_norm: bool = True,
+) -> tuple["torch.Tensor", "torch.Tensor | None"]:
+    """:func:`encode_chunks`, plus the pooled embedding of the first chunk (1, P) for a TextEncoderPair
+    (AUTOMATIC1111 pools the first 77-token chunk), else None."""
+    import torch
+
+    if not isinstance(text_encoder, TextEncoderPair):
+        return encode_chunks(chunks, text_encoder=text_encoder, device=device, layer=layer, final_norm=final_norm), None
+    ids = torch.tensor(chunks.ids, dtype=torch.long, device=device)  # (k, 77)
+    with torch.inference_mode():
+        z, pooled = text_encoder.encode(ids, chunks.multipliers)
+    return z.reshape(1, -1, z.shape[-1]), pooled[:1]  # (1, 77k, D), (1, P)
+
+
+def encode_chunks(
+    chunks: TokenChunks,
+    *,
+    text_encoder: "CLIPTextModel",
+    device: "torch.device | str",
+    layer: int = -1,
+    final_norm: bool = True,
+) -> "torch.Tensor":
+    """Run the text encoder on every chunk and apply emphasis: (1, 77 * k, D) on ``device``.
+
+    ``layer`` / ``final_norm``: which hidden states condition the UNet (see :func:`hidden_states`).
+    """
     import torch
 
     ids = torch.tensor(chunks.ids, dtype=torch.long, device=device)  # (k, 77)
     with torch.inference_mode():
-        z = text_encoder(ids, return_dict=False)[0]  # (k, 77, D)
+        z = hidden_states(text_encoder, ids, layer=layer, final_norm=final_norm)  # (k, 77, D)
         z = apply_emphasis(z, chunks.multipliers)
     return z.reshape(1, -1, z.shape[-1])  # (1, 77k, D)
 
@@ -164,8 +250,10 @@ def encode_prompts(
     tokenizer: "CLIPTokenizerFast",
     text_encoder: "CLIPTextModel",
     device: "torch.device | str",
+    layer: int = -1,
+    final_norm: bool = True,
 ) -> "torch.Tensor":
-    """Encode each text to its last hidden state, (len(texts), 77, D), on `device`.
+    """Encode each text to its hidden state at ``layer`` (default the last), (len(texts), 77, D), on `device`.
 
     Plain text, one 77-token window (longer texts are truncated with a warning). Prompt
     syntax, chunking and the cache are :func:`leansd.prompts.conditioning.build_conditioning`,
@@ -184,6 +272,6 @@ def encode_prompts(
     unique = list(dict.fromkeys(texts))  # encode each distinct text once
     ids = tokenize(tokenizer, unique).to(device)  # (U, 77)
     with torch.inference_mode():
-        hidden = text_encoder(ids, return_dict=False)[0]  # (U, 77, D)
+        hidden = hidden_states(text_encoder, ids, layer=layer, final_norm=final_norm)  # (U, 77, D)
     index = torch.tensor([unique.index(t) for t in texts], device=hidden.device)
     return hidden.index_select(0, index)

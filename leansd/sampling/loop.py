@@ -90,6 +90,14 @@ def uses_guidance(guidance_scale: float, unet: "UNet2DConditionModel") -> bool:
     return guidance_scale > 1.0 and unet.config.time_cond_proj_dim is None
 
 
+def rescale_guidance(guided: "torch.Tensor", conditional: "torch.Tensor", amount: float) -> "torch.Tensor":
+    """Guidance rescale (Lin et al. 2023, eq. 15-16, as diffusers): match the guided prediction's
+    per-image standard deviation to the conditional one's, mixed in by ``amount`` (0..1)."""
+    dims = list(range(1, guided.ndim))
+    rescaled = guided * (conditional.std(dim=dims, keepdim=True) / guided.std(dim=dims, keepdim=True))
+    return amount * rescaled + (1 - amount) * guided
+
+
 def sigma_space(scheduler: "SchedulerMixin") -> bool:
     """True for k-diffusion-style schedulers: latents x0 + sigma * eps, input scaled by 1/sqrt(sigma^2 + 1)."""
     return float(scheduler.init_noise_sigma) != 1.0
@@ -166,6 +174,8 @@ def denoise(
     extra_channels: "torch.Tensor | None" = None,
     after_step: Callable[[int, "torch.Tensor"], "torch.Tensor"] | None = None,
     on_step: Callable[[StepState], None] | None = None,
+    guidance_rescale: float = 0.0,
+    time_ids: "torch.Tensor | None" = None,
 ) -> "torch.Tensor":
     """Run the sampler from the starting latents to a clean latent.
 
@@ -177,7 +187,10 @@ def denoise(
     are concatenated to the UNet input after scaling (the mask and masked-image latents of
     9-channel inpainting models). `after_step(i, latents)` may replace the latents after step i
     (legacy inpainting re-imposes the known region there). `on_step(state)` receives a
-    `StepState` after every evaluation; it may raise to stop the loop.
+    `StepState` after every evaluation; it may raise to stop the loop. `guidance_rescale` > 0 applies
+    :func:`rescale_guidance` to the guided prediction (against the single conditional prediction, or
+    the unscaled sum of the AND parts). `time_ids` (1, 6): SDXL's added conditioning (original size,
+    crop, target size), sent with each step's pooled text embeddings when the plan has them.
     """
     import torch
 
@@ -197,17 +210,25 @@ def denoise(
             last = step
             context = step.context(batch, include_uncond=guided)  # (k*B, 77c, D): [uncond; cond_1; ...]
             passes = context.shape[0] // batch
+            pooled = step.pooled_context(batch, include_uncond=guided)  # (k*B, P) or None
+            added = {} if pooled is None or time_ids is None else {
+                "added_cond_kwargs": {"text_embeds": pooled, "time_ids": time_ids.expand(pooled.shape[0], -1)}
+            }
             extra_in = None if extra_channels is None else torch.cat([extra_channels] * passes)  # (k*B, C', h, w)
         scaled = scheduler.scale_model_input(latents, t)  # elementwise: scaling once serves every pass
         model_input = torch.cat([scaled] * passes) if passes > 1 else scaled
         if extra_in is not None:
             model_input = torch.cat([model_input, extra_in], dim=1)  # (k*B, 4 + C', h, w)
-        noise_pred = unet(model_input, t, encoder_hidden_states=context, return_dict=False)[0]
+        noise_pred = unet(model_input, t, encoder_hidden_states=context, return_dict=False, **added)[0]
         branches: dict[str, torch.Tensor] = {}
         if guided:
             noise_uncond, *noise_conds = noise_pred.chunk(passes)
             # Classifier-free guidance (Ho & Salimans 2022), summed over AND parts (Liu et al. 2022).
             noise_pred = combine_guidance(noise_uncond, noise_conds, step.weights, guidance_scale)
+            if guidance_rescale > 0:
+                single = len(noise_conds) == 1 and step.weights == (1.0,)
+                reference = noise_conds[0] if single else combine_guidance(noise_uncond, noise_conds, step.weights, 1.0)
+                noise_pred = rescale_guidance(noise_pred, reference, guidance_rescale)
             if on_step is not None:
                 branches = {"negative-prompt": noise_uncond, "prompt": noise_conds[0]}
         if estimate is not None:

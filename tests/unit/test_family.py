@@ -107,10 +107,11 @@ def test_labels():
 def test_require_supported_messages():
     require_supported(ModelFamily.SD1, "a.safetensors")  # no error
     require_supported(ModelFamily.SD1_INPAINT, "a.safetensors")  # no error
-    tail = "leansd supports SD 1.x checkpoints (incl. 9-channel inpainting) for now"
+    require_supported(ModelFamily.SD2, "a.safetensors")  # no error
+    require_supported(ModelFamily.SD2_INPAINT, "a.safetensors")  # no error
+    require_supported(ModelFamily.SDXL, "a.safetensors")  # no error
+    tail = "leansd supports SD 1.x and SD 2.x checkpoints (incl. 9-channel inpainting) and SDXL base for now"
     expected = {
-        ModelFamily.SDXL: f"m.ckpt: recognised an SDXL checkpoint; {tail}",
-        ModelFamily.SD2: f"m.ckpt: recognised an SD 2.x checkpoint; {tail}",
         ModelFamily.SDXL_REFINER: f"m.ckpt: recognised an SDXL refiner checkpoint; {tail}",
     }
     for family, message in expected.items():
@@ -176,3 +177,41 @@ def test_detect_family_diffusers_without_unet_config(tmp_path):
     (tmp_path / "model_index.json").write_text(json.dumps(SD_INDEX))
     with pytest.raises(ModelLoadError, match=r"missing unet/config\.json$"):
         detect_family_diffusers(tmp_path)
+
+
+@pytest.mark.parametrize(
+    ("shapes", "named"),
+    [
+        ({"model.diffusion_model.joint_blocks.0.x_block.attn.qkv.weight": (4608, 1536),
+          "model.diffusion_model.x_embedder.proj.weight": (1536, 16, 2, 2)}, "a Stable Diffusion 3 checkpoint"),
+        ({"joint_blocks.0.context_block.attn.qkv.weight": (4608, 1536)}, "a Stable Diffusion 3 checkpoint"),
+        ({"double_blocks.0.img_attn.qkv.weight": (9216, 3072), "single_blocks.0.linear1.weight": (21504, 3072),
+          "img_in.weight": (3072, 64)}, "a Flux checkpoint"),
+        ({"model.diffusion_model.double_blocks.0.img_attn.qkv.weight": (9216, 3072),
+          "model.diffusion_model.single_blocks.0.linear1.weight": (21504, 3072)}, "a Flux checkpoint"),
+        ({"lora_unet_input_blocks_4_1_transformer_blocks_1_attn1_to_k.lora_down.weight": (8, 640),
+          "lora_te1_text_model_encoder_layers_0_mlp_fc1.lora_up.weight": (3072, 8),
+          "lora_te2_text_model_encoder_layers_0_mlp_fc1.lora_up.weight": (5120, 8)}, "an SDXL LoRA (a patch for a checkpoint"),
+        ({"lora_unet_down_blocks_0_attentions_0_proj_in.lora_down.weight": (4, 320),
+          "lora_unet_down_blocks_0_attentions_0_proj_in.alpha": ()}, "a LoRA (a patch"),
+        ({"encoder.conv_in.weight": (128, 3, 3, 3), "decoder.conv_out.weight": (3, 128, 3, 3),
+          "quant_conv.weight": (8, 8, 1, 1)}, "a VAE alone"),
+        ({"first_stage_model.encoder.conv_in.weight": (128, 3, 3, 3),
+          "first_stage_model.decoder.conv_out.weight": (3, 128, 3, 3)}, "a VAE alone"),
+        ({"text_model.encoder.layers.0.self_attn.q_proj.weight": (768, 768)}, "a text encoder alone"),
+    ],
+)
+def test_other_model_kinds_are_refused_by_name(shapes, named):
+    with pytest.raises(UnsupportedModelError) as info:
+        detect_family(shapes, source="m.safetensors")
+    message = str(info.value)
+    assert message.startswith(f"m.safetensors: this is {named}")
+    assert message.endswith("; leansd runs SD 1.x, SD 2.x and SDXL base checkpoints") and "\n" not in message
+
+
+def test_real_layouts_are_not_taken_for_other_kinds(tiny_shapes):
+    from leansd.models.family import recognise_other
+
+    assert recognise_other(tiny_shapes) is None
+    assert recognise_other(_sd(2048, **SDXL_BASE)) is None
+    assert recognise_other(_sd(1024, **OPEN_CLIP_H)) is None

@@ -222,17 +222,15 @@ def test_sd1_inpainting_file_loads_as_a_9_channel_model(tmp_path, reference):
     [
         (
             {
-                "conditioner.embedders.0.transformer.text_model.embeddings.token_embedding.weight": (10, 768),
-                "conditioner.embedders.1.model.token_embedding.weight": (10, 1280),
+                "conditioner.embedders.0.model.token_embedding.weight": (10, 1280),
                 "model.diffusion_model.label_emb.0.0.weight": (8, 16),
             },
-            "SDXL",
+            "SDXL refiner",
         ),
-        ({"cond_stage_model.model.token_embedding.weight": (10, 1024)}, "SD 2.x"),
     ],
 )
 def test_other_families_are_unsupported(tmp_path, extra, label):
-    context = 2048 if label == "SDXL" else 1024
+    context = 1280
     shapes = {
         "model.diffusion_model.input_blocks.0.0.weight": (8, 4, 3, 3),
         "model.diffusion_model.input_blocks.1.1.transformer_blocks.0.attn2.to_k.weight": (8, context),
@@ -241,7 +239,24 @@ def test_other_families_are_unsupported(tmp_path, extra, label):
     path = _save({k: torch.zeros(s) for k, s in shapes.items()}, tmp_path / "other.safetensors")
     with pytest.raises(UnsupportedModelError) as info:
         load_model(path)
-    assert str(info.value) == f"{path}: recognised an {label} checkpoint; leansd supports SD 1.x checkpoints (incl. 9-channel inpainting) for now"
+    assert str(info.value) == (
+        f"{path}: recognised an {label} checkpoint; leansd supports SD 1.x and SD 2.x checkpoints "
+        "(incl. 9-channel inpainting) and SDXL base for now"
+    )
+
+
+def test_incomplete_sd2_file_names_what_is_missing(tmp_path):
+    shapes = {
+        "model.diffusion_model.input_blocks.0.0.weight": (8, 4, 3, 3),
+        "model.diffusion_model.input_blocks.1.1.transformer_blocks.0.attn2.to_k.weight": (8, 1024),
+        "cond_stage_model.model.token_embedding.weight": (10, 1024),
+    }
+    path = _save({k: torch.zeros(s) for k, s in shapes.items()}, tmp_path / "sd2-cut.safetensors")
+    with pytest.raises(ModelLoadError) as info:
+        load_model(path)
+    assert str(info.value) == (
+        f"{path}: not a complete SD 2.x checkpoint: cannot infer the UNet architecture: tensor out.2.weight is missing"
+    )
 
 
 def test_not_stable_diffusion(tmp_path):
