@@ -118,6 +118,28 @@ def test_full_preview_of_the_last_step_is_the_result(engine):
     assert np.abs(preview - np.asarray(result.images[0]).astype(int)).max() <= 1
 
 
+def test_a_full_preview_that_overflows_falls_back_to_the_cheap_one(caplog):
+    """A VAE that gives NaN (the SDXL VAE in fp16 overflows) never makes a black preview."""
+    import logging
+
+    from leansd import Engine
+    from leansd.engine.previews import Previewer, cheap_rgb, side_by_side
+    from leansd.sampling.loop import StepState
+
+    engine = Engine(tiny_bundle(), device="cpu", precision="full", prompt_cache=False)
+    with torch.no_grad():
+        engine.bundle.vae.decoder.conv_out.bias.fill_(float("nan"))
+    x0 = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(0))
+    state = StepState(step=1, total=1, timestep=torch.tensor(1), latents=x0, denoised=x0)
+    previewer = Previewer(engine, GenerationRequest(prompt="x", preview_every=1, preview_method="full"))
+    with caplog.at_level(logging.WARNING, logger="leansd.engine.previews"):
+        image = previewer(state)
+    expected = side_by_side(cheap_rgb(x0, engine.bundle.family.latent_preview))
+    assert image.size == (8, 8) and np.array_equal(np.asarray(image), np.asarray(expected))
+    assert np.asarray(image).std() > 0
+    assert "a full-VAE preview gave NaN/inf (VAE precision overflow); showing approx-cheap previews instead" in caplog.text
+
+
 def test_taesd_preview_of_the_last_step_is_the_taesd_decoded_result(taesd_engine):
     result, events = _generate(taesd_engine, preview_every=4, preview_method="TAESD", vae_decoder="taesd")
     preview = np.asarray(events[-1].preview).astype(int)
