@@ -290,3 +290,18 @@ def test_taesd_hub_id_offline_is_one_clear_line():
     with pytest.raises(OfflineError, match=r"--taesd leansd-test/no-such-taesd: the hub cannot be reached and it is "
                                            r"not in the local Hugging Face cache"):
         load_taesd("leansd-test/no-such-taesd")  # HF_HUB_OFFLINE=1 in the test suite
+
+
+def test_a_known_taesd_of_another_family_is_refused(tmp_path, monkeypatch):
+    """SD 1.x/2.x and SDXL latents have the same shape: only the TAESD's name tells them apart."""
+    from leansd.engine.engine import Engine
+
+    monkeypatch.chdir(tmp_path)
+    for name in ("madebyollin/taesd", "madebyollin/taesdxl"):  # local copies under the hub ids' names
+        write_tiny_taesd(tmp_path / name, seed=5)
+    with pytest.raises(ModelLoadError) as info:
+        Engine.load("tiny", device="cpu", precision="full", prompt_cache=False, taesd="madebyollin/taesdxl")
+    assert str(info.value) == ("--taesd madebyollin/taesdxl decodes another family's latents; "
+                               "this SD 1.x model needs madebyollin/taesd")
+    engine = Engine.load("tiny", device="cpu", precision="full", prompt_cache=False, taesd="madebyollin/taesd")
+    assert engine.taesd is not None and engine.bundle.family.latent_preview.taesd_repo == "madebyollin/taesd"
