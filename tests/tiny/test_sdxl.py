@@ -230,3 +230,31 @@ def test_only_the_empty_negative_prompt_is_zeroed(single_engine, files):
     nonempty = PromptConditioning(single_engine, GenerationRequest(prompt="", negative_prompt=" ", width=SIZE,
                                                                    height=SIZE)).plan(2).at(0)
     assert torch.count_nonzero(nonempty.uncond) > 0
+
+
+def test_non_square_size_conditioning_matches_diffusers(single_engine):
+    """original size = target size = (H, W): a non-square image tells the order apart."""
+    from diffusers import StableDiffusionXLPipeline
+
+    req = GenerationRequest(prompt="a red fox", negative_prompt="grey", width=96, height=64, num_inference_steps=3,
+                            guidance_scale=7.5, sampler="Euler", seed=7)
+    ours = single_engine.generate(req, progress_bar=False)
+    b = single_engine.bundle
+    pipe = StableDiffusionXLPipeline(
+        vae=b.vae, text_encoder=b.text_encoder, text_encoder_2=b.text_encoder_2, tokenizer=b.tokenizer,
+        tokenizer_2=b.tokenizer_2, unet=b.unet, scheduler=build_scheduler(req.sampler, b.scheduler_config, seeds=ours.seeds),
+    )
+    pipe.set_progress_bar_config(disable=True)
+
+    def reference(**sizes):
+        pipe.scheduler = build_scheduler(req.sampler, b.scheduler_config, seeds=ours.seeds)
+        return pipe(prompt=req.prompt, negative_prompt=req.negative_prompt, height=64, width=96, num_inference_steps=3,
+                    guidance_scale=7.5, generator=[torch.Generator("cpu").manual_seed(s) for s in ours.seeds],
+                    output_type="np", **sizes).images
+
+    ref = reference()
+    assert ours.pixels.shape == ref.shape == (1, 64, 96, 3)
+    assert np.abs(ours.pixels - ref).max() < 1e-4
+    # The size conditioning is not inert on these weights: the (W, H) order gives another picture.
+    swapped = reference(original_size=(96, 64), target_size=(96, 64))
+    assert np.abs(swapped - ref).max() > 1e-3
