@@ -303,8 +303,9 @@ def build_conditioning(
     ``encoder_fingerprint`` must tell them apart. ``pooled_width``: the width of the pooled text
     embedding the encoder gives (SDXL's :class:`~leansd.prompts.encode.TextEncoderPair`), kept per
     step beside the hidden states (and in the cache entry) for the UNet's added conditioning.
-    ``zero_empty_negative``: an empty negative prompt (``""``) conditions with zeros, its hidden states
-    and pooled embedding alike (the family's choice, SDXL).
+    ``zero_empty_negative``: on steps whose negative prompt text is empty (``""``, also a prompt-editing
+    step such as the first ones of ``[:blurry:5]``) the negative conditions with zeros, hidden states
+    and pooled embedding alike (the family's choice, SDXL; AUTOMATIC1111 tests the scheduled text).
     Raises InvalidRequestError for an unknown syntax, ``steps < 1`` or overflowing weights.
     """
     import torch
@@ -363,11 +364,11 @@ def build_conditioning(
     # Only the negative branch is zeroed: an empty prompt shares its spec and keeps its encoding.
     uncond = dict(tensors)
     pooled_uncond = dict(pooled)
-    if zero_empty_negative and negative_prompt == "":
-        [(empty_spec, _)] = negative.at(0)
-        uncond[empty_spec] = torch.zeros_like(tensors[empty_spec])
-        if empty_spec in pooled:
-            pooled_uncond[empty_spec] = torch.zeros_like(pooled[empty_spec])
+    for spec in negative.distinct_specs() if zero_empty_negative else ():
+        if isinstance(spec, WeightedText) and spec.text == "":  # steps whose negative text is empty
+            uncond[spec] = torch.zeros_like(tensors[spec])
+            if spec in pooled:
+                pooled_uncond[spec] = torch.zeros_like(pooled[spec])
 
     shared: dict[tuple, StepConditioning] = {}
     per_step = []
