@@ -18,6 +18,7 @@ if TYPE_CHECKING:
     from leansd.engine.estimate import FlopCounter, JobEstimate, SpeedMeter
     from leansd.engine.planner import MemoryPlan, ModelSizes
     from leansd.models.bundle import ModelBundle
+    from leansd.models.family import ModelFamily
     from leansd.prompts.cache import PromptCache
     from leansd.request import GenerationRequest, GenerationResult, ProgressEvent
 
@@ -151,7 +152,8 @@ class Engine:
 
         `prediction_type`: "epsilon" or "v_prediction" overrides what the model says (None: its
         .yaml, scheduler config, marker keys or probe; see `leansd.models.prediction`).
-        `taesd`: a diffusers AutoencoderTiny folder or hub id (madebyollin/taesd for SD 1.x/2.x) for
+        `taesd`: a diffusers AutoencoderTiny folder or hub id (madebyollin/taesd for SD 1.x/2.x,
+        madebyollin/taesdxl for SDXL; the other family's known id is refused) for
         TAESD previews and `vae_decoder="taesd"`. `memory`: vram, memory_policy, turbo, vae_on_cpu,
         virtual_device (see `Engine`).
         """
@@ -171,6 +173,8 @@ class Engine:
 
             raise ModelLoadError(f"--taesd {taesd}: it decodes {tiny.config.latent_channels}-channel latents "
                                  f"but {bundle.name} makes {bundle.latent_channels}")
+        if tiny is not None:
+            _check_taesd_repo(str(taesd), bundle.family)
         return cls(bundle, device=device, precision=precision, prompt_cache=prompt_cache, taesd=tiny, **memory)
 
     def set_budget(self, vram: "str | int | None") -> int | None:
@@ -704,3 +708,16 @@ def auto_budget(device: "torch.device", *, own: int = 0) -> int:
 
 
 AUTO_GRAIN = 64 * 2**20
+
+
+def _check_taesd_repo(taesd: str, family: "ModelFamily") -> None:
+    """A known TAESD hub id trained on another family's latent space is refused (SD 1.x/2.x and SDXL
+    latents have the same shape, so only the name tells: the wrong one decodes to wrong colours)."""
+    from leansd.errors import ModelLoadError
+    from leansd.models.family import ModelFamily
+
+    known = {f.latent_preview.taesd_repo.lower() for f in ModelFamily}
+    wanted = family.latent_preview.taesd_repo
+    name = taesd.strip("/").lower()
+    if name in known and name != wanted.lower():
+        raise ModelLoadError(f"--taesd {taesd} decodes another family's latents; this {family.label} model needs {wanted}")

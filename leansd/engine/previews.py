@@ -10,7 +10,8 @@ memory budget leaves beside the running stage (the engine's meter counts them wh
 otherwise on the CPU. "full" previews use the VAE where the memory plan puts it: on the CPU, on a
 device without a budget, or where the plan keeps the whole-image VAE resident (placed early if need
 be) and its activation estimate fits beside the running stage (counted while it runs); otherwise
-that preview falls back to TAESD (when loaded) or the cheap map, with one warning per request.
+that preview falls back to TAESD (when loaded) or the cheap map, with one warning per request, as
+does a full-VAE preview that comes out NaN/inf (a reduced-precision VAE overflowing).
 """
 
 from __future__ import annotations
@@ -165,13 +166,20 @@ class Previewer:
         x0 = state.denoised_of(self.content)  # (B, 4, h, w)
         method = self.method
         if method == "full":
+            from leansd.engine.vae import is_finite
+
             accounted = full_preview_bytes(self.engine)
+            why = "does not fit the memory plan now"
             if accounted is not None:
-                return side_by_side((full_decode_in_place(self.engine, x0, accounted=accounted) / 2 + 0.5).clamp(0, 1))
+                image = full_decode_in_place(self.engine, x0, accounted=accounted)
+                if is_finite(image):
+                    return side_by_side((image / 2 + 0.5).clamp(0, 1))
+                # A reduced-precision VAE can overflow (the SDXL VAE in fp16); the final decode redoes
+                # it in fp32, a preview is not worth that: show a cheaper one, never a black image.
+                why = "gave NaN/inf (VAE precision overflow)"
             method = "taesd" if self.engine.taesd is not None else "approx-cheap"
             if not self._warned:
-                logger.warning("a full-VAE preview does not fit the memory plan now; showing %s previews instead",
-                               method)
+                logger.warning("a full-VAE preview %s; showing %s previews instead", why, method)
                 self._warned = True
         if method == "approx-cheap":
             return side_by_side(cheap_rgb(x0, self.latent_preview))

@@ -213,7 +213,7 @@ def _add_model_args(command: argparse.ArgumentParser) -> None:
                         help="decode/encode with the VAE on the CPU in fp32 (slow; frees its GPU memory)")
     model.add_argument("--taesd", metavar="PATH|ID",
                        help="TAESD weights (a diffusers AutoencoderTiny folder, or a hub id such as madebyollin/taesd "
-                       "for SD 1.x/2.x, needs network) for TAESD previews and --vae-decoder taesd")
+                       "for SD 1.x/2.x or madebyollin/taesdxl for SDXL, needs network) for TAESD previews and --vae-decoder taesd")
 
 
 def _vram(text: str) -> str:

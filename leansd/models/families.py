@@ -106,6 +106,10 @@ class FamilySpec:
     unet_parameters: int
     vae_parameters: int
     inpainting: bool = False
+    zero_empty_negative: bool = False
+    """An empty negative prompt conditions with zeros (hidden states and pooled embedding) instead of
+    the encoded empty text: SDXL, as AUTOMATIC1111 (``force_zero_negative_prompt``) and diffusers'
+    ``force_zeros_for_empty_prompt``."""
     components: tuple[Component, ...] = COMPONENTS
 
     @property
@@ -237,6 +241,7 @@ _SDXL = FamilySpec(
     unet_heads=None,
     unet_parameters=2_567_463_684,
     vae_parameters=83_653_863,
+    zero_empty_negative=True,
 )
 _SDXL_REFINER = FamilySpec(
     **{

@@ -81,9 +81,10 @@ def prediction_from_yaml(path: str | os.PathLike[str]) -> str:
     else:
         try:
             data = yaml.safe_load(text)
-        except yaml.YAMLError as e:
+        except (yaml.YAMLError, RecursionError) as e:  # deep nesting exhausts the parser's recursion
             raise ModelLoadError(f"{p}: not a valid YAML model config ({one_line_yaml(e)})") from e
-        params = data.get("model", {}).get("params", {}) if isinstance(data, dict) else {}
+        model = data.get("model") if isinstance(data, dict) else None
+        params = model.get("params") if isinstance(model, dict) else None
         value = params.get("parameterization") if isinstance(params, dict) else None
     if value is None:
         return "epsilon"

@@ -78,6 +78,7 @@ class PromptConditioning:
                     hidden_layer=engine.bundle.text_layer,
                     final_norm=engine.bundle.description.text_encoders[0].final_norm,
                     pooled_width=pooled_width(engine),
+                    zero_empty_negative=engine.bundle.description.zero_empty_negative,
                 )
             self._plans[steps] = plan.to(device=engine.device, dtype=engine.dtype)
             logger.info(

@@ -290,6 +290,7 @@ def build_conditioning(
     hidden_layer: int = -1,
     final_norm: bool = True,
     pooled_width: int | None = None,
+    zero_empty_negative: bool = False,
 ) -> ConditioningPlan:
     """Parse and encode ``prompt`` and ``negative_prompt`` for ``steps`` loop steps.
 
@@ -302,6 +303,9 @@ def build_conditioning(
     ``encoder_fingerprint`` must tell them apart. ``pooled_width``: the width of the pooled text
     embedding the encoder gives (SDXL's :class:`~leansd.prompts.encode.TextEncoderPair`), kept per
     step beside the hidden states (and in the cache entry) for the UNet's added conditioning.
+    ``zero_empty_negative``: on steps whose negative prompt text is empty (``""``, also a prompt-editing
+    step such as the first ones of ``[:blurry:5]``) the negative conditions with zeros, hidden states
+    and pooled embedding alike (the family's choice, SDXL; AUTOMATIC1111 tests the scheduled text).
     Raises InvalidRequestError for an unknown syntax, ``steps < 1`` or overflowing weights.
     """
     import torch
@@ -357,6 +361,15 @@ def build_conditioning(
             for spec, z in raw.items()
         }
 
+    # Only the negative branch is zeroed: an empty prompt shares its spec and keeps its encoding.
+    uncond = dict(tensors)
+    pooled_uncond = dict(pooled)
+    for spec in negative.distinct_specs() if zero_empty_negative else ():
+        if isinstance(spec, WeightedText) and spec.text == "":  # steps whose negative text is empty
+            uncond[spec] = torch.zeros_like(tensors[spec])
+            if spec in pooled:
+                pooled_uncond[spec] = torch.zeros_like(pooled[spec])
+
     shared: dict[tuple, StepConditioning] = {}
     per_step = []
     for i in range(steps):
@@ -366,8 +379,8 @@ def build_conditioning(
         if key not in shared:
             has_pooled = neg_spec in pooled and all(s in pooled for s, _ in parts)
             shared[key] = StepConditioning(
-                tensors[neg_spec], tuple(tensors[s] for s, _ in parts), tuple(float(w) for _, w in parts),
-                pooled[neg_spec] if has_pooled else None,
+                uncond[neg_spec], tuple(tensors[s] for s, _ in parts), tuple(float(w) for _, w in parts),
+                pooled_uncond[neg_spec] if has_pooled else None,
                 tuple(pooled[s] for s, _ in parts) if has_pooled else None,
             )
         per_step.append(shared[key])

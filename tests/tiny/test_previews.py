@@ -118,6 +118,28 @@ def test_full_preview_of_the_last_step_is_the_result(engine):
     assert np.abs(preview - np.asarray(result.images[0]).astype(int)).max() <= 1
 
 
+def test_a_full_preview_that_overflows_falls_back_to_the_cheap_one(caplog):
+    """A VAE that gives NaN (the SDXL VAE in fp16 overflows) never makes a black preview."""
+    import logging
+
+    from leansd import Engine
+    from leansd.engine.previews import Previewer, cheap_rgb, side_by_side
+    from leansd.sampling.loop import StepState
+
+    engine = Engine(tiny_bundle(), device="cpu", precision="full", prompt_cache=False)
+    with torch.no_grad():
+        engine.bundle.vae.decoder.conv_out.bias.fill_(float("nan"))
+    x0 = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(0))
+    state = StepState(step=1, total=1, timestep=torch.tensor(1), latents=x0, denoised=x0)
+    previewer = Previewer(engine, GenerationRequest(prompt="x", preview_every=1, preview_method="full"))
+    with caplog.at_level(logging.WARNING, logger="leansd.engine.previews"):
+        image = previewer(state)
+    expected = side_by_side(cheap_rgb(x0, engine.bundle.family.latent_preview))
+    assert image.size == (8, 8) and np.array_equal(np.asarray(image), np.asarray(expected))
+    assert np.asarray(image).std() > 0
+    assert "a full-VAE preview gave NaN/inf (VAE precision overflow); showing approx-cheap previews instead" in caplog.text
+
+
 def test_taesd_preview_of_the_last_step_is_the_taesd_decoded_result(taesd_engine):
     result, events = _generate(taesd_engine, preview_every=4, preview_method="TAESD", vae_decoder="taesd")
     preview = np.asarray(events[-1].preview).astype(int)
@@ -268,3 +290,18 @@ def test_taesd_hub_id_offline_is_one_clear_line():
     with pytest.raises(OfflineError, match=r"--taesd leansd-test/no-such-taesd: the hub cannot be reached and it is "
                                            r"not in the local Hugging Face cache"):
         load_taesd("leansd-test/no-such-taesd")  # HF_HUB_OFFLINE=1 in the test suite
+
+
+def test_a_known_taesd_of_another_family_is_refused(tmp_path, monkeypatch):
+    """SD 1.x/2.x and SDXL latents have the same shape: only the TAESD's name tells them apart."""
+    from leansd.engine.engine import Engine
+
+    monkeypatch.chdir(tmp_path)
+    for name in ("madebyollin/taesd", "madebyollin/taesdxl"):  # local copies under the hub ids' names
+        write_tiny_taesd(tmp_path / name, seed=5)
+    with pytest.raises(ModelLoadError) as info:
+        Engine.load("tiny", device="cpu", precision="full", prompt_cache=False, taesd="madebyollin/taesdxl")
+    assert str(info.value) == ("--taesd madebyollin/taesdxl decodes another family's latents; "
+                               "this SD 1.x model needs madebyollin/taesd")
+    engine = Engine.load("tiny", device="cpu", precision="full", prompt_cache=False, taesd="madebyollin/taesd")
+    assert engine.taesd is not None and engine.bundle.family.latent_preview.taesd_repo == "madebyollin/taesd"

@@ -160,6 +160,26 @@ def test_bad_yaml_and_bad_choice_are_one_line_errors(files, tmp_path):
         load_model(files["single"], prediction_type="sample")
 
 
+@pytest.mark.parametrize(("text", "expected"), [
+    ("model: foo\n", "epsilon"),  # a scalar where a mapping is expected: no parameterization
+    ("model:\n  params: [1, 2]\n", "epsilon"),
+    ("- just\n- a list\n", "epsilon"),
+    ("[" * 100_000 + "\n", None),  # nesting deep enough to exhaust the parser's recursion
+])
+def test_odd_yaml_shapes_never_raise_anything_but_a_model_error(tmp_path, text, expected):
+    from leansd.errors import ModelLoadError
+    from leansd.models.prediction import prediction_from_yaml
+
+    path = tmp_path / "odd.yaml"
+    path.write_text(text)
+    if expected is not None:
+        assert prediction_from_yaml(path) == expected
+        return
+    with pytest.raises(ModelLoadError) as info:
+        prediction_from_yaml(path)
+    assert str(info.value).startswith(f"{path}: not a valid YAML model config (") and "\n" not in str(info.value)
+
+
 def _with_keys(files, tmp_path, name, extra):
     from safetensors.torch import save_file
 

@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from leansd import Engine, GenerationRequest
+from leansd.models.families import describe
 from leansd.models.family import ModelFamily
 from leansd.models.loader import load_model
 from leansd.models.tiny import write_tiny_diffusers_folder, write_tiny_single_file
@@ -46,11 +47,11 @@ def reference(engine: Engine, req: GenerationRequest, seeds: list[int]) -> np.nd
     pipe = StableDiffusionXLPipeline(
         vae=b.vae, text_encoder=b.text_encoder, text_encoder_2=b.text_encoder_2, tokenizer=b.tokenizer,
         tokenizer_2=b.tokenizer_2, unet=b.unet, scheduler=build_scheduler(req.sampler, b.scheduler_config, seeds=seeds),
-        force_zeros_for_empty_prompt=False,  # leansd encodes an empty negative prompt, as AUTOMATIC1111
+        force_zeros_for_empty_prompt=True,  # an empty negative prompt is zeros, as AUTOMATIC1111
     )
     pipe.set_progress_bar_config(disable=True)
-    return pipe(
-        prompt=req.prompt, negative_prompt=req.negative_prompt, height=SIZE, width=SIZE,
+    return pipe(  # diffusers zeroes a negative prompt of None (an explicit "" is encoded)
+        prompt=req.prompt, negative_prompt=req.negative_prompt or None, height=SIZE, width=SIZE,
         num_inference_steps=req.num_inference_steps, guidance_scale=req.guidance_scale, eta=req.eta,
         num_images_per_prompt=len(seeds), generator=[torch.Generator("cpu").manual_seed(s) for s in seeds],
         output_type="np",
@@ -159,7 +160,7 @@ def _pipe(cls, engine: Engine, sampler: str, seeds: list[int]):
     pipe = cls(vae=b.vae, text_encoder=b.text_encoder, text_encoder_2=b.text_encoder_2, tokenizer=b.tokenizer,
                tokenizer_2=b.tokenizer_2, unet=b.unet,
                scheduler=build_scheduler(sampler, b.scheduler_config, seeds=seeds),
-               force_zeros_for_empty_prompt=False)
+               force_zeros_for_empty_prompt=True)
     pipe.set_progress_bar_config(disable=True)
     return pipe
 
@@ -213,3 +214,52 @@ def test_cli_txt2img_on_an_sdxl_file(files, tmp_path):
     np.testing.assert_array_equal(image, np.asarray(expected.images[0]))
     ref = reference(engine, req.validated(), [9])
     assert np.abs(expected.pixels - ref).max() < 1e-4
+
+
+def test_only_the_empty_negative_prompt_is_zeroed(single_engine, files):
+    from leansd.pipelines.steps import PromptConditioning
+
+    plan = PromptConditioning(single_engine, GenerationRequest(prompt="", negative_prompt="", width=SIZE,
+                                                               height=SIZE)).plan(2)
+    step = plan.at(0)
+    assert torch.count_nonzero(step.uncond) == 0 and torch.count_nonzero(step.pooled_uncond) == 0
+    assert torch.count_nonzero(step.conds[0]) == step.conds[0].numel()  # the empty prompt stays encoded
+    assert torch.count_nonzero(step.pooled_conds[0]) > 0
+    # SD 1.x / 2.x keep A1111's encoded empty negative prompt.
+    assert not describe(ModelFamily.SD1).zero_empty_negative and not describe(ModelFamily.SD2).zero_empty_negative
+    nonempty = PromptConditioning(single_engine, GenerationRequest(prompt="", negative_prompt=" ", width=SIZE,
+                                                                   height=SIZE)).plan(2).at(0)
+    assert torch.count_nonzero(nonempty.uncond) > 0
+    # Prompt editing: the steps before the negative text starts are empty, hence zeros (A1111's scheduled text).
+    edited = PromptConditioning(single_engine, GenerationRequest(prompt="a fox", negative_prompt="[:blurry:2]",
+                                                                 width=SIZE, height=SIZE)).plan(4)
+    assert [torch.count_nonzero(edited.at(i).uncond) == 0 for i in range(4)] == [True, True, False, False]
+    assert [torch.count_nonzero(edited.at(i).pooled_uncond) == 0 for i in range(4)] == [True, True, False, False]
+
+
+def test_non_square_size_conditioning_matches_diffusers(single_engine):
+    """original size = target size = (H, W): a non-square image tells the order apart."""
+    from diffusers import StableDiffusionXLPipeline
+
+    req = GenerationRequest(prompt="a red fox", negative_prompt="grey", width=96, height=64, num_inference_steps=3,
+                            guidance_scale=7.5, sampler="Euler", seed=7)
+    ours = single_engine.generate(req, progress_bar=False)
+    b = single_engine.bundle
+    pipe = StableDiffusionXLPipeline(
+        vae=b.vae, text_encoder=b.text_encoder, text_encoder_2=b.text_encoder_2, tokenizer=b.tokenizer,
+        tokenizer_2=b.tokenizer_2, unet=b.unet, scheduler=build_scheduler(req.sampler, b.scheduler_config, seeds=ours.seeds),
+    )
+    pipe.set_progress_bar_config(disable=True)
+
+    def reference(**sizes):
+        pipe.scheduler = build_scheduler(req.sampler, b.scheduler_config, seeds=ours.seeds)
+        return pipe(prompt=req.prompt, negative_prompt=req.negative_prompt, height=64, width=96, num_inference_steps=3,
+                    guidance_scale=7.5, generator=[torch.Generator("cpu").manual_seed(s) for s in ours.seeds],
+                    output_type="np", **sizes).images
+
+    ref = reference()
+    assert ours.pixels.shape == ref.shape == (1, 64, 96, 3)
+    assert np.abs(ours.pixels - ref).max() < 1e-4
+    # The size conditioning is not inert on these weights: the (W, H) order gives another picture.
+    swapped = reference(original_size=(96, 64), target_size=(96, 64))
+    assert np.abs(swapped - ref).max() > 1e-3
