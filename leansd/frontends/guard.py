@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import hashlib
 import ipaddress
 import secrets
 import time
@@ -28,6 +29,8 @@ FREE_LOGIN_FAILURES = 5
 """Failed logins from one client before the back-off starts."""
 MAX_LOGIN_BACKOFF = 30.0
 """The longest wait (seconds) imposed on a client after repeated failed logins."""
+MAX_KNOWN_LOGINS = 1000
+"""Distinct Authorization headers remembered as correct (they pass while their address backs off)."""
 
 
 def error_response(status: int, name: str, detail: str, headers: dict[str, str] | None = None) -> JSONResponse:
@@ -77,7 +80,10 @@ class GuardMiddleware:
     - `credentials`: {user: password}; when given, every request needs matching HTTP Basic
       credentials (compared in constant time) or gets 401. After `FREE_LOGIN_FAILURES` wrong
       passwords from one client address, it must wait 1, 2, 4 ... `MAX_LOGIN_BACKOFF` s between
-      attempts: meanwhile every request from it gets 429 with Retry-After, unchecked.
+      attempts: meanwhile every request from it gets 429 with Retry-After, unchecked, except one
+      carrying credentials that already succeeded (a keyed hash of each accepted Authorization
+      header is kept): a guesser sharing the owner's address (loopback, a proxy, a NAT) does not
+      lock out the owner's clients that are already logged in.
     - State-changing requests (POST, PUT, PATCH, DELETE, websockets) that carry an `Origin` header
       other than the server's own (or one in `allowed_origins`) get 403: a web page on another site
       cannot make the browser start or stop generations.
@@ -94,6 +100,8 @@ class GuardMiddleware:
         self.allowed_hosts = None if allowed_hosts is None else {h.strip().lower().strip("[]") for h in allowed_hosts}
         self.max_body = max_body
         self._failures: dict[str, tuple[int, float]] = {}  # client address -> (failed logins, locked until)
+        self._login_key = secrets.token_bytes(32)
+        self._known_logins: set[bytes] = set()  # keyed hashes of Authorization headers that were accepted
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] not in ("http", "websocket"):
@@ -139,6 +147,8 @@ class GuardMiddleware:
         client = (scope.get("client") or ("?", 0))[0]
         now = time.monotonic()
         failures, locked_until = self._failures.get(client, (0, 0.0))
+        if header and self._login_digest(header) in self._known_logins:
+            return None  # credentials that already succeeded: not a guess, never held back
         if now < locked_until and header:  # no guess is checked while the client backs off
             wait = max(1, round(locked_until - now))
             return error_response(429, "TooManyRequests",
@@ -146,6 +156,8 @@ class GuardMiddleware:
                                   headers={"Retry-After": str(wait)})
         if self._authorised(header):
             self._failures.pop(client, None)
+            if len(self._known_logins) < MAX_KNOWN_LOGINS:
+                self._known_logins.add(self._login_digest(header))
             return None
         if header:  # a wrong password, not a browser's first request without credentials
             failures += 1
@@ -196,6 +208,10 @@ class GuardMiddleware:
             return await receive()
 
         await self.app(scope, replay, send)
+
+    def _login_digest(self, header: str) -> bytes:
+        """A keyed hash of an Authorization header (no password is kept in memory in the clear)."""
+        return hashlib.blake2b(header.encode("latin-1", "replace"), key=self._login_key, digest_size=32).digest()
 
     def _authorised(self, header: str) -> bool:
         scheme, _, token = header.partition(" ")

@@ -515,3 +515,28 @@ def test_sigterm_during_a_long_step_exits_cleanly(tmp_path) -> None:
             proc.wait()
     stderr = proc.stderr.read()
     assert "Traceback" not in stderr and "terminate called" not in stderr
+
+
+def test_login_back_off_does_not_lock_out_the_owner(engine, live_server) -> None:
+    """A guesser sharing the owner's address (loopback, a proxy) is held back; the owner's client that
+    already logged in is not, and a client at another address is never affected."""
+    import httpx
+
+    from leansd.frontends.http import create_app
+
+    server = live_server(create_app(engine, auth="alice:s3cret", ui=False))
+    with httpx.Client(base_url=server.url, timeout=30) as owner, httpx.Client(base_url=server.url, timeout=30) as guesser:
+        assert owner.get("/sdapi/v1/options", auth=("alice", "s3cret")).status_code == 200
+        codes = [guesser.get("/sdapi/v1/options", auth=("alice", f"guess{k}")).status_code for k in range(12)]
+        assert codes[-1] == 429
+        # The owner's logged-in client keeps working, and its requests do not reset the guesser's count.
+        for _ in range(3):
+            assert owner.get("/sdapi/v1/options", auth=("alice", "s3cret")).status_code == 200
+        assert guesser.get("/sdapi/v1/options", auth=("alice", "guess-more")).status_code == 429
+        # A new login from the locked address waits like any other attempt (it could be a guess) ...
+        assert guesser.get("/sdapi/v1/options", auth=("bob", "s3cret")).status_code == 429
+    # ... but another client address is not held back by this one's failures.
+    other = httpx.HTTPTransport(local_address="127.0.0.2")
+    with httpx.Client(base_url=server.url, timeout=30, transport=other) as elsewhere:
+        assert elsewhere.get("/sdapi/v1/options", auth=("alice", "wrong")).status_code == 401
+        assert elsewhere.get("/sdapi/v1/options", auth=("alice", "s3cret")).status_code == 200
