@@ -362,7 +362,7 @@ async def set_options(request: Request) -> None:
     server = _server(request)
     try:
         body = await request.json()
-    except ValueError:
+    except (ValueError, RecursionError):  # RecursionError: arrays or objects nested thousands deep
         raise InvalidRequestError("the options body must be a JSON object") from None
     a1111.update_options(server.options, body, model_name=server.model_name, taesd=server.taesd)
     return None

@@ -311,6 +311,25 @@ def test_options_keep_only_known_keys(server) -> None:
         assert "(100002 characters)" in too_long.json()["detail"]
 
 
+def test_options_refuse_deep_nesting_and_non_finite_numbers(server) -> None:
+    """A body nested 100,000 deep was a 500 (RecursionError in the JSON parser); NaN/Infinity (which
+    Python's JSON accepts) were stored and came back as null."""
+    import httpx
+
+    with httpx.Client(base_url=server.url, timeout=30) as http:
+        before = http.get("/sdapi/v1/options").json()
+        nested = http.post("/sdapi/v1/options", content=b'{"a": ' + b"[" * 100_000 + b"]" * 100_000 + b"}",
+                           headers={"Content-Type": "application/json"})
+        assert nested.status_code == 400
+        assert nested.json() == {"error": "InvalidRequestError", "detail": "the options body must be a JSON object"}
+        for text in ("NaN", "Infinity", "-Infinity", "1e999"):
+            answer = http.post("/sdapi/v1/options", content=f'{{"eta_ddim": {text}}}'.encode(),
+                               headers={"Content-Type": "application/json"})
+            assert answer.status_code == 400, text
+            assert answer.json()["detail"].startswith("option eta_ddim must be a finite number"), answer.text
+        assert http.get("/sdapi/v1/options").json() == before
+
+
 def test_error_messages_do_not_echo_huge_values(server) -> None:
     import httpx
 
