@@ -12,6 +12,7 @@ import base64
 import binascii
 import hashlib
 import ipaddress
+import re
 import secrets
 import time
 from typing import Any, Sequence
@@ -37,6 +38,10 @@ def error_response(status: int, name: str, detail: str, headers: dict[str, str] 
     """`{"error": name, "detail": "<one line>"}` with `status` (the detail is cut at `MAX_DETAIL`)."""
     return JSONResponse({"error": name, "detail": one_line(detail, limit=MAX_DETAIL)}, status_code=status,
                         headers=headers)
+
+
+_HOST_SYNTAX = re.compile(r"(\[[0-9a-f:.]+\]|[a-z0-9_.-]+)(:[0-9]{1,5})?")
+"""A Host header's shape: a name or IPv4 address, or a bracketed IPv6 address, then an optional port."""
 
 
 def split_host(value: str) -> tuple[str, str]:
@@ -124,7 +129,11 @@ class GuardMiddleware:
         """The response that refuses this request, or None to let it through."""
         if self.allowed_hosts is not None:
             name, _ = split_host(headers.get("host", ""))
-            if not host_allowed(name, self.allowed_hosts):
+            # One well-formed Host only: with two, or with junk after the name ("localhost:80@evil"),
+            # a proxy or a later parser could read another name than the one checked here.
+            hosts = sum(1 for key, _ in scope.get("headers", []) if key.lower() == b"host")
+            if (hosts != 1 or not _HOST_SYNTAX.fullmatch(headers.get("host", "").strip().lower())
+                    or not host_allowed(name, self.allowed_hosts)):
                 shown = one_line(repr(headers.get("host", "")), limit=80)
                 return error_response(403, "Forbidden", f"Host {shown} is not a name this server answers to; "
                                       "start it with --allowed-hosts NAME to allow it")

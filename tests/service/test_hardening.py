@@ -234,6 +234,39 @@ def test_allowed_hosts_extend_the_names(engine, live_server) -> None:
             assert http.get("/sdapi/v1/options", headers={"Host": f"{host}:{server.port}"}).status_code == status
 
 
+def _raw_status(port: int, head: bytes) -> int:
+    """The status code the server answers to a hand-written request head (headers httpx would not send)."""
+    import socket
+
+    with socket.create_connection(("127.0.0.1", port), timeout=30) as sock:
+        sock.sendall(head + b"Connection: close\r\n\r\n")
+        answer = b""
+        while b"\r\n" not in answer:
+            chunk = sock.recv(4096)
+            if not chunk:
+                break
+            answer += chunk
+    return int(answer.split(b" ", 2)[1])
+
+
+def test_host_header_variants(server) -> None:
+    """Only one well-formed Host is checked and let through: a second Host header (which another parser
+    might read), junk after the name, or none at all is refused; the server's own spellings pass."""
+    port = server.port
+    get = b"GET /sdapi/v1/options HTTP/1.1\r\n"
+    for host, status in [
+        (b"localhost.", 200), (b"LOCALHOST", 200), (b"[::1]", 200), (f"[::1]:{port}".encode(), 200),
+        (f"127.0.0.1:{port + 1}".encode(), 200),  # an IP address: no rebinding page can send it
+        (b"evil.example", 403), (b"evil.example.", 403), (b"127.0.0.1.evil.example", 403),
+        (b"localhost:80@evil.example", 403), (b"[::1]evil.example", 403), (b"localhost:http", 403),
+    ]:
+        assert _raw_status(port, get + b"Host: " + host + b"\r\n") == status, host
+    assert _raw_status(port, get + b"Host: evil.example\r\nHost: 127.0.0.1\r\n") == 403
+    assert _raw_status(port, get + b"Host: 127.0.0.1\r\nHost: evil.example\r\n") == 403
+    assert _raw_status(port, b"GET /sdapi/v1/options HTTP/1.0\r\n") == 403  # no Host at all
+    assert server.queue.completed == 0
+
+
 # ---- 2. an EPS upload is refused (no Ghostscript), the message shows no path ------------------------
 
 
