@@ -592,3 +592,44 @@ def test_login_back_off_does_not_lock_out_the_owner(engine, live_server) -> None
     with httpx.Client(base_url=server.url, timeout=30, transport=other) as elsewhere:
         assert elsewhere.get("/sdapi/v1/options", auth=("alice", "wrong")).status_code == 401
         assert elsewhere.get("/sdapi/v1/options", auth=("alice", "s3cret")).status_code == 200
+
+
+def test_a_finished_jobs_stop_check_never_reaches_a_later_job() -> None:
+    """When the memory plan switches attention chunking between jobs (here 256 px chunked, 64 px not),
+    the engine restored the attention processors it had saved while the first job's in-step check
+    wrapped them: the second job ran the first job's check, and a cancelled first job stopped it."""
+    from leansd.engine.attention import InterruptibleAttnProcessor
+    from leansd.engine.engine import Engine
+    from leansd.request import GenerationRequest, StopGeneration
+    from tests.helpers import tiny_bundle
+
+    engine = Engine(tiny_bundle(), device="cpu", precision="full", prompt_cache=False, vram="24M",
+                    virtual_device=True, efficient_attention=False)
+    assert engine.plan_for(width=256, height=256, batch=1, passes=2).attention_chunk is not None
+    assert engine.plan_for(width=64, height=64, batch=1, passes=2).attention_chunk is None
+    small = GenerationRequest(prompt="a red cube", width=64, height=64, num_inference_steps=2, seed=5)
+    reference = engine.generate(small, progress_bar=False).images[0].tobytes()
+
+    first_cancelled = False
+
+    def first_check() -> None:
+        if first_cancelled:
+            raise StopGeneration()
+
+    calls = 0
+
+    def second_check() -> None:
+        nonlocal calls
+        calls += 1
+
+    with engine.interruptible(first_check):
+        engine.generate(GenerationRequest(prompt="a red cube", width=256, height=256, num_inference_steps=1, seed=5),
+                        progress_bar=False)
+    first_cancelled = True  # the first job is over (as if cancelled): its check now raises
+    with engine.interruptible(second_check):
+        result = engine.generate(small, progress_bar=False)
+    assert calls > 0
+    assert not getattr(result, "interrupted", False)
+    assert result.images[0].tobytes() == reference
+    leftovers = [p for p in engine.bundle.unet.attn_processors.values() if isinstance(p, InterruptibleAttnProcessor)]
+    assert leftovers == []  # no wrapper (and no job's check) outlives its job
