@@ -633,3 +633,33 @@ def test_a_finished_jobs_stop_check_never_reaches_a_later_job() -> None:
     assert result.images[0].tobytes() == reference
     leftovers = [p for p in engine.bundle.unet.attn_processors.values() if isinstance(p, InterruptibleAttnProcessor)]
     assert leftovers == []  # no wrapper (and no job's check) outlives its job
+
+
+@pytest.mark.parametrize(("kind", "where"), [("txt2img", "decoder"), ("img2img", "decoder"), ("inpaint", "decoder"),
+                                            ("hires", "decoder"), ("img2img", "encoder"), ("inpaint", "encoder"),
+                                            ("hires", "encoder")])
+def test_a_stop_inside_the_vae_ends_every_kind_of_job(engine, kind: str, where: str) -> None:
+    """The in-step check also runs inside the VAE: a stop raised while an image is encoded (img2img,
+    inpainting, the hires pass) or decoded ends the job interrupted with no image, never half-decoded."""
+    from PIL import Image
+
+    from leansd.request import GenerationRequest, StopGeneration
+
+    init = Image.new("RGB", (64, 64), (120, 30, 200))
+    extra = {"txt2img": {}, "img2img": {"init_image": init},
+             "inpaint": {"init_image": init, "mask": Image.new("L", (64, 64), 255)}, "hires": {"hires_scale": 2.0}}[kind]
+    stop = {"now": False}
+
+    def check() -> None:
+        if stop["now"]:
+            raise StopGeneration()
+
+    vae = engine.bundle.vae
+    handle = getattr(vae, where).conv_in.register_forward_pre_hook(lambda module, args: stop.update(now=True))
+    try:
+        with engine.interruptible(check):
+            result = engine.generate(GenerationRequest(prompt="x", width=64, height=64, num_inference_steps=2,
+                                                       seed=1, **extra), progress_bar=False)
+    finally:
+        handle.remove()
+    assert stop["now"] and result.images == [] and result.info["interrupted"] is True
