@@ -99,6 +99,7 @@ class Engine:
         self._streaming_layers = False
         self._attention_chunk: int | None = None
         self._default_processors: dict | None = None
+        self._interrupt_check: Callable[[], None] | None = None  # set while `interruptible` is open
         self._vae_full_precision = False
         self._full_precision = False
         """Set after the UNet produced NaN/inf in a reduced precision: every model runs in fp32 from then on."""
@@ -387,13 +388,15 @@ class Engine:
         self._enter_stage(Component.UNET, plan)
         unet = self.bundle.unet
         if plan.attention_chunk != self._attention_chunk:
-            if self._default_processors is None:
-                self._default_processors = dict(unet.attn_processors)
+            if self._default_processors is None:  # saved without a running job's in-step check
+                self._default_processors = {name: _unwrapped(p) for name, p in unet.attn_processors.items()}
             if plan.attention_chunk is None:
                 unet.set_attn_processor(dict(self._default_processors))
             else:
                 unet.set_attn_processor(ChunkedAttnProcessor(plan.attention_chunk))
             self._attention_chunk = plan.attention_chunk
+            if self._interrupt_check is not None:  # the new processors stay stoppable within a call
+                _wrap_attention(unet, self._interrupt_check)
         yield unet if plan.cfg_batched or passes == 1 else SplitBatchUNet(unet, batch)
 
     @contextlib.contextmanager
@@ -583,31 +586,28 @@ class Engine:
         `StopGeneration` / `SkipBatch` into an interrupted result. Outputs are unchanged: attention
         below 8192 tokens runs as before, larger attention in exact query chunks.
         """
-        from leansd.engine.attention import InterruptibleAttnProcessor
-
         def hook(module: object, args: object) -> None:
             check()
 
         handles = []
-        wrapped: list[tuple[Any, Any, InterruptibleAttnProcessor]] = []
+        self._interrupt_check = check
         try:
             for model in (self.bundle.unet, self.bundle.vae):
                 for module in model.modules():
                     if next(module.children(), None) is None:  # a leaf: conv, linear, norm, activation
                         handles.append(module.register_forward_pre_hook(hook))
-                    processor = getattr(module, "processor", None)
-                    if processor is not None and hasattr(module, "set_processor"):
-                        # One attention call over many tokens takes seconds: check between query chunks.
-                        wrapper = InterruptibleAttnProcessor(processor, check)
-                        module.processor = wrapper
-                        wrapped.append((module, processor, wrapper))
+                # One attention call over many tokens takes seconds: check between query chunks.
+                _wrap_attention(model, check)
             yield
         finally:
+            self._interrupt_check = None
             for handle in handles:
                 handle.remove()
-            for module, processor, wrapper in wrapped:
-                if module.processor is wrapper:  # a stage may have set the plan's processor meanwhile
-                    module.processor = processor
+            for model in (self.bundle.unet, self.bundle.vae):  # no job's check outlives its job
+                for module in model.modules():
+                    processor = getattr(module, "processor", None)
+                    if processor is not None and hasattr(module, "set_processor"):
+                        module.processor = _unwrapped(processor)
 
     @property
     def flop_counter(self) -> "FlopCounter":
@@ -721,3 +721,22 @@ def _check_taesd_repo(taesd: str, family: "ModelFamily") -> None:
     name = taesd.strip("/").lower()
     if name in known and name != wanted.lower():
         raise ModelLoadError(f"--taesd {taesd} decodes another family's latents; this {family.label} model needs {wanted}")
+
+
+def _unwrapped(processor: Any) -> Any:
+    """An attention processor without the in-step check wrappers `Engine.interruptible` put around it."""
+    from leansd.engine.attention import InterruptibleAttnProcessor
+
+    while isinstance(processor, InterruptibleAttnProcessor):
+        processor = processor.inner
+    return processor
+
+
+def _wrap_attention(model: Any, check: Callable[[], None]) -> None:
+    """Wrap every attention processor of `model` so `check()` runs before and within its calls."""
+    from leansd.engine.attention import InterruptibleAttnProcessor
+
+    for module in model.modules():
+        processor = getattr(module, "processor", None)
+        if processor is not None and hasattr(module, "set_processor"):
+            module.processor = InterruptibleAttnProcessor(_unwrapped(processor), check)

@@ -16,6 +16,7 @@ import datetime
 import io
 import json
 import logging
+import math
 import os
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Optional
@@ -587,10 +588,10 @@ def update_options(options: dict[str, Any], body: object, *, model_name: str, ta
         if key not in SETTABLE_OPTIONS:
             ignored.append(key)
             continue
-        if not (value is None or isinstance(value, (bool, int, float)) or
-                (isinstance(value, str) and len(value) <= MAX_OPTION_TEXT)):
+        if not (value is None or isinstance(value, (bool, int)) or (isinstance(value, float) and math.isfinite(value))
+                or (isinstance(value, str) and len(value) <= MAX_OPTION_TEXT)):
             raise InvalidRequestError(
-                f"option {key} must be a number, true/false or a text of at most {MAX_OPTION_TEXT} characters, "
+                f"option {key} must be a finite number, true/false or a text of at most {MAX_OPTION_TEXT} characters, "
                 f"got {brief(value)}"
             )
         accepted[key] = value

@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import base64
 import binascii
+import hashlib
 import ipaddress
+import re
 import secrets
 import time
 from typing import Any, Sequence
@@ -28,12 +30,18 @@ FREE_LOGIN_FAILURES = 5
 """Failed logins from one client before the back-off starts."""
 MAX_LOGIN_BACKOFF = 30.0
 """The longest wait (seconds) imposed on a client after repeated failed logins."""
+MAX_KNOWN_LOGINS = 1000
+"""Distinct Authorization headers remembered as correct (they pass while their address backs off)."""
 
 
 def error_response(status: int, name: str, detail: str, headers: dict[str, str] | None = None) -> JSONResponse:
     """`{"error": name, "detail": "<one line>"}` with `status` (the detail is cut at `MAX_DETAIL`)."""
     return JSONResponse({"error": name, "detail": one_line(detail, limit=MAX_DETAIL)}, status_code=status,
                         headers=headers)
+
+
+_HOST_SYNTAX = re.compile(r"(\[[0-9a-f:.]+\]|[a-z0-9_.-]+)(:[0-9]{1,5})?")
+"""A Host header's shape: a name or IPv4 address, or a bracketed IPv6 address, then an optional port."""
 
 
 def split_host(value: str) -> tuple[str, str]:
@@ -77,7 +85,10 @@ class GuardMiddleware:
     - `credentials`: {user: password}; when given, every request needs matching HTTP Basic
       credentials (compared in constant time) or gets 401. After `FREE_LOGIN_FAILURES` wrong
       passwords from one client address, it must wait 1, 2, 4 ... `MAX_LOGIN_BACKOFF` s between
-      attempts: meanwhile every request from it gets 429 with Retry-After, unchecked.
+      attempts: meanwhile every request from it gets 429 with Retry-After, unchecked, except one
+      carrying credentials that already succeeded (a keyed hash of each accepted Authorization
+      header is kept): a guesser sharing the owner's address (loopback, a proxy, a NAT) does not
+      lock out the owner's clients that are already logged in.
     - State-changing requests (POST, PUT, PATCH, DELETE, websockets) that carry an `Origin` header
       other than the server's own (or one in `allowed_origins`) get 403: a web page on another site
       cannot make the browser start or stop generations.
@@ -94,6 +105,8 @@ class GuardMiddleware:
         self.allowed_hosts = None if allowed_hosts is None else {h.strip().lower().strip("[]") for h in allowed_hosts}
         self.max_body = max_body
         self._failures: dict[str, tuple[int, float]] = {}  # client address -> (failed logins, locked until)
+        self._login_key = secrets.token_bytes(32)
+        self._known_logins: set[bytes] = set()  # keyed hashes of Authorization headers that were accepted
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] not in ("http", "websocket"):
@@ -116,7 +129,11 @@ class GuardMiddleware:
         """The response that refuses this request, or None to let it through."""
         if self.allowed_hosts is not None:
             name, _ = split_host(headers.get("host", ""))
-            if not host_allowed(name, self.allowed_hosts):
+            # One well-formed Host only: with two, or with junk after the name ("localhost:80@evil"),
+            # a proxy or a later parser could read another name than the one checked here.
+            hosts = sum(1 for key, _ in scope.get("headers", []) if key.lower() == b"host")
+            if (hosts != 1 or not _HOST_SYNTAX.fullmatch(headers.get("host", "").strip().lower())
+                    or not host_allowed(name, self.allowed_hosts)):
                 shown = one_line(repr(headers.get("host", "")), limit=80)
                 return error_response(403, "Forbidden", f"Host {shown} is not a name this server answers to; "
                                       "start it with --allowed-hosts NAME to allow it")
@@ -139,6 +156,8 @@ class GuardMiddleware:
         client = (scope.get("client") or ("?", 0))[0]
         now = time.monotonic()
         failures, locked_until = self._failures.get(client, (0, 0.0))
+        if header and self._login_digest(header) in self._known_logins:
+            return None  # credentials that already succeeded: not a guess, never held back
         if now < locked_until and header:  # no guess is checked while the client backs off
             wait = max(1, round(locked_until - now))
             return error_response(429, "TooManyRequests",
@@ -146,6 +165,8 @@ class GuardMiddleware:
                                   headers={"Retry-After": str(wait)})
         if self._authorised(header):
             self._failures.pop(client, None)
+            if len(self._known_logins) < MAX_KNOWN_LOGINS:
+                self._known_logins.add(self._login_digest(header))
             return None
         if header:  # a wrong password, not a browser's first request without credentials
             failures += 1
@@ -196,6 +217,10 @@ class GuardMiddleware:
             return await receive()
 
         await self.app(scope, replay, send)
+
+    def _login_digest(self, header: str) -> bytes:
+        """A keyed hash of an Authorization header (no password is kept in memory in the clear)."""
+        return hashlib.blake2b(header.encode("latin-1", "replace"), key=self._login_key, digest_size=32).digest()
 
     def _authorised(self, header: str) -> bool:
         scheme, _, token = header.partition(" ")

@@ -303,8 +303,10 @@ async def _generate(http_request: Request, gen: "GenerationRequest", body: A1111
         try:
             await asyncio.to_thread(_save, server.outputs / f"{task}-images", result)
         except (LeansdError, OSError) as exc:  # a full disk, a folder replaced by a file: keep the images
-            save_error = f"saving the images failed: {one_line(exc, limit=300)}"
-            logger.warning("%s", save_error)
+            logger.warning("saving the images failed: %s", one_line(exc, limit=300))
+            # The client is told why, without the server's own paths (the log above has them).
+            why = one_line(exc, limit=300).replace(str(server.outputs), "<outputs>")
+            save_error = f"saving the images failed: {why}"
     if body.send_images is not False or save_error is not None:  # never lose a computed image
         images = await asyncio.to_thread(
             lambda: [encode_png(im, info) for im, info in zip(result.images, result.infotexts, strict=True)]
@@ -362,7 +364,7 @@ async def set_options(request: Request) -> None:
     server = _server(request)
     try:
         body = await request.json()
-    except ValueError:
+    except (ValueError, RecursionError):  # RecursionError: arrays or objects nested thousands deep
         raise InvalidRequestError("the options body must be a JSON object") from None
     a1111.update_options(server.options, body, model_name=server.model_name, taesd=server.taesd)
     return None

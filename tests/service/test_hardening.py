@@ -234,6 +234,39 @@ def test_allowed_hosts_extend_the_names(engine, live_server) -> None:
             assert http.get("/sdapi/v1/options", headers={"Host": f"{host}:{server.port}"}).status_code == status
 
 
+def _raw_status(port: int, head: bytes) -> int:
+    """The status code the server answers to a hand-written request head (headers httpx would not send)."""
+    import socket
+
+    with socket.create_connection(("127.0.0.1", port), timeout=30) as sock:
+        sock.sendall(head + b"Connection: close\r\n\r\n")
+        answer = b""
+        while b"\r\n" not in answer:
+            chunk = sock.recv(4096)
+            if not chunk:
+                break
+            answer += chunk
+    return int(answer.split(b" ", 2)[1])
+
+
+def test_host_header_variants(server) -> None:
+    """Only one well-formed Host is checked and let through: a second Host header (which another parser
+    might read), junk after the name, or none at all is refused; the server's own spellings pass."""
+    port = server.port
+    get = b"GET /sdapi/v1/options HTTP/1.1\r\n"
+    for host, status in [
+        (b"localhost.", 200), (b"LOCALHOST", 200), (b"[::1]", 200), (f"[::1]:{port}".encode(), 200),
+        (f"127.0.0.1:{port + 1}".encode(), 200),  # an IP address: no rebinding page can send it
+        (b"evil.example", 403), (b"evil.example.", 403), (b"127.0.0.1.evil.example", 403),
+        (b"localhost:80@evil.example", 403), (b"[::1]evil.example", 403), (b"localhost:http", 403),
+    ]:
+        assert _raw_status(port, get + b"Host: " + host + b"\r\n") == status, host
+    assert _raw_status(port, get + b"Host: evil.example\r\nHost: 127.0.0.1\r\n") == 403
+    assert _raw_status(port, get + b"Host: 127.0.0.1\r\nHost: evil.example\r\n") == 403
+    assert _raw_status(port, b"GET /sdapi/v1/options HTTP/1.0\r\n") == 403  # no Host at all
+    assert server.queue.completed == 0
+
+
 # ---- 2. an EPS upload is refused (no Ghostscript), the message shows no path ------------------------
 
 
@@ -309,6 +342,25 @@ def test_options_keep_only_known_keys(server) -> None:
         too_long = http.post("/sdapi/v1/options", json={"sd_vae": "v" * 100_000})
         assert too_long.status_code == 400 and len(too_long.text) < 1500
         assert "(100002 characters)" in too_long.json()["detail"]
+
+
+def test_options_refuse_deep_nesting_and_non_finite_numbers(server) -> None:
+    """A body nested 100,000 deep was a 500 (RecursionError in the JSON parser); NaN/Infinity (which
+    Python's JSON accepts) were stored and came back as null."""
+    import httpx
+
+    with httpx.Client(base_url=server.url, timeout=30) as http:
+        before = http.get("/sdapi/v1/options").json()
+        nested = http.post("/sdapi/v1/options", content=b'{"a": ' + b"[" * 100_000 + b"]" * 100_000 + b"}",
+                           headers={"Content-Type": "application/json"})
+        assert nested.status_code == 400
+        assert nested.json() == {"error": "InvalidRequestError", "detail": "the options body must be a JSON object"}
+        for text in ("NaN", "Infinity", "-Infinity", "1e999"):
+            answer = http.post("/sdapi/v1/options", content=f'{{"eta_ddim": {text}}}'.encode(),
+                               headers={"Content-Type": "application/json"})
+            assert answer.status_code == 400, text
+            assert answer.json()["detail"].startswith("option eta_ddim must be a finite number"), answer.text
+        assert http.get("/sdapi/v1/options").json() == before
 
 
 def test_error_messages_do_not_echo_huge_values(server) -> None:
@@ -431,6 +483,7 @@ def test_unwritable_outputs_return_the_images_with_a_warning(engine, live_server
         data = answer.json()
         assert data["warning"].startswith("saving the images failed: ")
         assert "is not a folder" in data["warning"]
+        assert str(tmp_path) not in data["warning"] and "<outputs>" in data["warning"]  # no server path shown
         image = Image.open(io.BytesIO(base64.b64decode(data["images"][0])))
         first_image = Image.open(io.BytesIO(base64.b64decode(first.json()["images"][0])))
         assert image.tobytes() == first_image.tobytes()  # the same seed: the computed image, not lost
@@ -515,3 +568,99 @@ def test_sigterm_during_a_long_step_exits_cleanly(tmp_path) -> None:
             proc.wait()
     stderr = proc.stderr.read()
     assert "Traceback" not in stderr and "terminate called" not in stderr
+
+
+def test_login_back_off_does_not_lock_out_the_owner(engine, live_server) -> None:
+    """A guesser sharing the owner's address (loopback, a proxy) is held back; the owner's client that
+    already logged in is not, and a client at another address is never affected."""
+    import httpx
+
+    from leansd.frontends.http import create_app
+
+    server = live_server(create_app(engine, auth="alice:s3cret", ui=False))
+    with httpx.Client(base_url=server.url, timeout=30) as owner, httpx.Client(base_url=server.url, timeout=30) as guesser:
+        assert owner.get("/sdapi/v1/options", auth=("alice", "s3cret")).status_code == 200
+        codes = [guesser.get("/sdapi/v1/options", auth=("alice", f"guess{k}")).status_code for k in range(12)]
+        assert codes[-1] == 429
+        # The owner's logged-in client keeps working, and its requests do not reset the guesser's count.
+        for _ in range(3):
+            assert owner.get("/sdapi/v1/options", auth=("alice", "s3cret")).status_code == 200
+        assert guesser.get("/sdapi/v1/options", auth=("alice", "guess-more")).status_code == 429
+        # A new login from the locked address waits like any other attempt (it could be a guess) ...
+        assert guesser.get("/sdapi/v1/options", auth=("bob", "s3cret")).status_code == 429
+    # ... but another client address is not held back by this one's failures.
+    other = httpx.HTTPTransport(local_address="127.0.0.2")
+    with httpx.Client(base_url=server.url, timeout=30, transport=other) as elsewhere:
+        assert elsewhere.get("/sdapi/v1/options", auth=("alice", "wrong")).status_code == 401
+        assert elsewhere.get("/sdapi/v1/options", auth=("alice", "s3cret")).status_code == 200
+
+
+def test_a_finished_jobs_stop_check_never_reaches_a_later_job() -> None:
+    """When the memory plan switches attention chunking between jobs (here 256 px chunked, 64 px not),
+    the engine restored the attention processors it had saved while the first job's in-step check
+    wrapped them: the second job ran the first job's check, and a cancelled first job stopped it."""
+    from leansd.engine.attention import InterruptibleAttnProcessor
+    from leansd.engine.engine import Engine
+    from leansd.request import GenerationRequest, StopGeneration
+    from tests.helpers import tiny_bundle
+
+    engine = Engine(tiny_bundle(), device="cpu", precision="full", prompt_cache=False, vram="24M",
+                    virtual_device=True, efficient_attention=False)
+    assert engine.plan_for(width=256, height=256, batch=1, passes=2).attention_chunk is not None
+    assert engine.plan_for(width=64, height=64, batch=1, passes=2).attention_chunk is None
+    small = GenerationRequest(prompt="a red cube", width=64, height=64, num_inference_steps=2, seed=5)
+    reference = engine.generate(small, progress_bar=False).images[0].tobytes()
+
+    first_cancelled = False
+
+    def first_check() -> None:
+        if first_cancelled:
+            raise StopGeneration()
+
+    calls = 0
+
+    def second_check() -> None:
+        nonlocal calls
+        calls += 1
+
+    with engine.interruptible(first_check):
+        engine.generate(GenerationRequest(prompt="a red cube", width=256, height=256, num_inference_steps=1, seed=5),
+                        progress_bar=False)
+    first_cancelled = True  # the first job is over (as if cancelled): its check now raises
+    with engine.interruptible(second_check):
+        result = engine.generate(small, progress_bar=False)
+    assert calls > 0
+    assert not getattr(result, "interrupted", False)
+    assert result.images[0].tobytes() == reference
+    leftovers = [p for p in engine.bundle.unet.attn_processors.values() if isinstance(p, InterruptibleAttnProcessor)]
+    assert leftovers == []  # no wrapper (and no job's check) outlives its job
+
+
+@pytest.mark.parametrize(("kind", "where"), [("txt2img", "decoder"), ("img2img", "decoder"), ("inpaint", "decoder"),
+                                            ("hires", "decoder"), ("img2img", "encoder"), ("inpaint", "encoder"),
+                                            ("hires", "encoder")])
+def test_a_stop_inside_the_vae_ends_every_kind_of_job(engine, kind: str, where: str) -> None:
+    """The in-step check also runs inside the VAE: a stop raised while an image is encoded (img2img,
+    inpainting, the hires pass) or decoded ends the job interrupted with no image, never half-decoded."""
+    from PIL import Image
+
+    from leansd.request import GenerationRequest, StopGeneration
+
+    init = Image.new("RGB", (64, 64), (120, 30, 200))
+    extra = {"txt2img": {}, "img2img": {"init_image": init},
+             "inpaint": {"init_image": init, "mask": Image.new("L", (64, 64), 255)}, "hires": {"hires_scale": 2.0}}[kind]
+    stop = {"now": False}
+
+    def check() -> None:
+        if stop["now"]:
+            raise StopGeneration()
+
+    vae = engine.bundle.vae
+    handle = getattr(vae, where).conv_in.register_forward_pre_hook(lambda module, args: stop.update(now=True))
+    try:
+        with engine.interruptible(check):
+            result = engine.generate(GenerationRequest(prompt="x", width=64, height=64, num_inference_steps=2,
+                                                       seed=1, **extra), progress_bar=False)
+    finally:
+        handle.remove()
+    assert stop["now"] and result.images == [] and result.info["interrupted"] is True
