@@ -178,7 +178,8 @@ def test_break_starts_a_new_chunk(tokenizer, encoder):
 
 
 def test_prompt_editing_switches_the_conditioning(tokenizer, encoder):
-    plan = build("[a cat:a dog:0.5]", "[ugly:pretty:3]", tokenizer=tokenizer, encoder=encoder, steps=4)
+    # A1111's switch points: 0.25 of 4 steps -> 1 (cat for steps 0-1), 2 -> ugly for steps 0-2.
+    plan = build("[a cat:a dog:0.25]", "[ugly:pretty:2]", tokenizer=tokenizer, encoder=encoder, steps=4)
     cat, dog, ugly, pretty = plain(["a cat", "a dog", "ugly", "pretty"], tokenizer, encoder).split(1)
     assert [torch.equal(plan.at(i).conds[0], cat) for i in range(4)] == [True, True, False, False]
     assert [torch.equal(plan.at(i).conds[0], dog) for i in range(4)] == [False, False, True, True]
@@ -192,13 +193,13 @@ def test_prompt_editing_switches_the_conditioning(tokenizer, encoder):
 def test_alternation_and_and_weights(tokenizer, encoder):
     plan = build("a [cat|dog] AND a tree :0.5", tokenizer=tokenizer, encoder=encoder, steps=3)
     cat, dog, tree, empty = plain(["a cat ", "a dog ", " a tree", ""], tokenizer, encoder).split(1)
-    for i, first in enumerate([cat, dog, cat]):
+    for i, first in enumerate([cat, cat, dog]):  # A1111's order: a, a, b, a, ...
         step = plan.at(i)
         assert step.weights == (1.0, 0.5)
         assert torch.equal(step.conds[0], first) and torch.equal(step.conds[1], tree)
         assert torch.equal(step.uncond, empty)
     assert plan.is_composable
-    context = plan.at(1).context(2)  # [uncond x2; cond_1 x2; cond_2 x2]
+    context = plan.at(2).context(2)  # [uncond x2; cond_1 x2; cond_2 x2]
     assert context.shape == (6, 77, 32)
     for row, expected in enumerate([empty, empty, dog, dog, tree, tree]):
         assert torch.equal(context[row : row + 1], expected)
