@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
-from typing import TYPE_CHECKING, Any, Callable, Iterator
+from typing import TYPE_CHECKING, Any, Callable, Iterator, Sequence
 
 from leansd.engine.device import Precision, resolve_device, resolve_precision
 from leansd.engine.memory import MemoryMeter
@@ -16,6 +16,8 @@ if TYPE_CHECKING:
 
     from leansd.engine.planner import MemoryPlan, ModelSizes
     from leansd.models.bundle import ModelBundle
+    from leansd.models.library import ModelLibrary
+    from leansd.models.lora import ActiveLora, LoraFile, LoraPatch
     from leansd.prompts.cache import PromptCache
     from leansd.request import GenerationRequest, GenerationResult, ProgressEvent
 
@@ -52,6 +54,7 @@ class Engine:
         vae_on_cpu: bool = False,
         virtual_device: bool = False,
         efficient_attention: bool | None = None,
+        library: "ModelLibrary | None" = None,
     ) -> None:
         """`prompt_cache`: True for the on-disk embedding cache in the user cache folder, False for
         none, or a `PromptCache` (e.g. another folder or size bound).
@@ -64,6 +67,8 @@ class Engine:
         `efficient_attention`: whether SDPA runs a kernel without a score matrix (None: detect; True
         on CUDA and the CPU). False makes the planner count scores and chunk attention, as on
         backends that only have the math path.
+        `library`: where LoRAs, embeddings and VAEs are found by name (default: AUTOMATIC1111's
+        folders under the current folder, scanned on first use).
         """
         import torch
 
@@ -105,6 +110,10 @@ class Engine:
             PromptCache() if prompt_cache is True else (prompt_cache or None)
         )
         self._fingerprint: str | None = None
+        self._library = library
+        self._loras: "LoraPatch | None" = None
+        self._lora_key: tuple = ()
+        self._lora_files: dict[str, tuple[tuple[int, int], "LoraFile"]] = {}
         # The text encoder is placed only when a prompt is not in the cache (see placed_text_encoder).
         if self.budget is None and memory_policy == "auto" and not vae_on_cpu:
             for name in ("unet", "vae"):  # no budget: resident from the start, as always
@@ -435,13 +444,98 @@ class Engine:
                 yield
 
     def text_encoder_fingerprint(self) -> str:
-        """Identity of the text encoder's output for the prompt cache: its weights and our dtype."""
+        """Identity of the text encoder's output for the prompt cache: its weights, our dtype and its LoRAs.
+
+        The weights' hash is memoised: LoRAs never write the weights (they run as hooks), and the
+        active text-encoder LoRAs (file hashes and multipliers) are added to the key on every call.
+        """
         if self._fingerprint is None:
             from leansd.prompts.cache import text_encoder_fingerprint
 
             weights = text_encoder_fingerprint(self.bundle.text_encoder)
             self._fingerprint = f"{weights}-{self.precision.name}-{str(self.precision.weight_dtype).split('.')[-1]}"
+        if self._loras is not None:
+            from leansd.models.lora import lora_identity
+
+            applied = lora_identity(self._loras.active, "te")
+            if applied:
+                return f"{self._fingerprint}-lora:{applied}"
         return self._fingerprint
+
+    # -- LoRAs and the model library --------------------------------------------------------------
+
+    @property
+    def library(self) -> "ModelLibrary":
+        """Where names in prompts and options are looked up (created on first use)."""
+        if self._library is None:
+            from leansd.models.library import ModelLibrary
+
+            self._library = ModelLibrary()
+        return self._library
+
+    @library.setter
+    def library(self, library: "ModelLibrary") -> None:
+        self._library = library
+
+    @property
+    def active_loras(self) -> tuple["ActiveLora", ...]:
+        return () if self._loras is None else self._loras.active
+
+    def load_lora(self, name: str) -> "LoraFile":
+        """The LoRA called `name` in the library, read once and kept while the file is unchanged."""
+        from leansd.models.lora import read_lora
+
+        entry = self.library.require("lora", name)
+        st = entry.path.stat()
+        stamp = (st.st_size, st.st_mtime_ns)
+        cached = self._lora_files.get(str(entry.path))
+        if cached is None or cached[0] != stamp:
+            if len(self._lora_files) >= 8:  # keep recent files only; the active ones stay referenced
+                self._lora_files.pop(next(iter(self._lora_files)))
+            cached = (stamp, read_lora(entry.path, name=entry.name))
+            self._lora_files[str(entry.path)] = cached
+        return cached[1]
+
+    def set_loras(self, active: "Sequence[ActiveLora]") -> None:
+        """Make `active` the applied LoRA set (replacing the previous one; empty: none).
+
+        The weights are never written (the LoRAs run as forward hooks), so the previous set is
+        gone exactly and at once, under every memory plan. Raises ModelLoadError for a LoRA of
+        another model family.
+        """
+        from leansd.models.lora import apply_loras
+
+        key = tuple((str(a.lora.path), id(a.lora), a.te, a.unet) for a in active)
+        if key == self._lora_key:
+            return
+        if self._loras is not None:
+            self._loras.remove()
+            self._loras = None
+        self._lora_key = ()
+        if active:
+            components = {"unet": self.bundle.unet, "te": self.bundle.text_encoder}
+            self._loras = apply_loras(components, active, family=self.bundle.family.label)
+            logger.info("LoRAs: %s", ", ".join(f"{a.lora.name} (te {a.te:g}, unet {a.unet:g})" for a in active))
+        self._lora_key = key
+
+    def apply_prompt_networks(self, prompt: str) -> None:
+        """Apply the LoRAs a positive prompt asks for (`<lora:NAME:MULT>`), and only those."""
+        from leansd.models.lora import ActiveLora
+        from leansd.prompts.extra_networks import lora_tags
+
+        active = [ActiveLora(self.load_lora(tag.name), te=tag.te, unet=tag.unet) for tag in lora_tags(prompt)]
+        self.set_loras(active)
+
+    def lora_infotext(self) -> dict[str, str]:
+        """AUTOMATIC1111's `Lora hashes: "NAME: HASH, ..."` entry for the applied LoRAs (empty if none)."""
+        from leansd.models.hashes import addnet_short_hash
+
+        if not self.active_loras:
+            return {}
+        seen: dict[str, "LoraFile"] = {}
+        for item in self.active_loras:
+            seen.setdefault(item.lora.name.replace(":", "").replace(",", ""), item.lora)  # as A1111 writes names
+        return {"Lora hashes": ", ".join(f"{name}: {addnet_short_hash(lora.path)}" for name, lora in seen.items())}
 
     @property
     def dtype(self) -> "torch.dtype":

@@ -24,6 +24,7 @@ def generate(
     from leansd.pipelines.txt2img import txt2img
 
     request = request.validated()
+    engine.apply_prompt_networks(request.prompt)  # <lora:...> tags: applied before any weight is used
     task = {"txt2img": txt2img, "img2img": img2img, "inpaint": inpaint}[request.task]
     bundle = engine.bundle
     tiling = seamless_tiling(bundle.unet, bundle.vae) if request.tiling else contextlib.nullcontext()

@@ -81,9 +81,11 @@ class PromptConditioning:
         key = (calls, counted, self.base_steps)
         if key not in self._plans:
             engine, request = self.engine, self.request
+            from leansd.prompts.extra_networks import strip_networks
+
             with engine.compute():
                 plan = build_conditioning(
-                    request.prompt,
+                    strip_networks(request.prompt),  # <lora:...> tags are not text (A1111: positive prompt only)
                     request.negative_prompt,
                     steps=counted,
                     calls=calls,
@@ -333,6 +335,7 @@ def infotext_for(
     entries.update(extra or {})
     if request.tiling:
         entries["Tiling"] = "True"
+    entries.update(engine.lora_infotext())
     if engine.bundle.is_random:
         entries["Note"] = "random test model, noise image"
     entries["Version"] = f"leansd {leansd.__version__}"
