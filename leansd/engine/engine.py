@@ -17,6 +17,7 @@ if TYPE_CHECKING:
     from leansd.engine.planner import MemoryPlan, ModelSizes
     from leansd.models.bundle import ModelBundle
     from leansd.models.library import ModelLibrary
+    from leansd.models.embeddings import EmbeddingMatcher, EmbeddingStore
     from leansd.models.lora import ActiveLora, LoraFile, LoraPatch
     from leansd.prompts.cache import PromptCache
     from leansd.request import GenerationRequest, GenerationResult, ProgressEvent
@@ -114,6 +115,7 @@ class Engine:
         self._loras: "LoraPatch | None" = None
         self._lora_key: tuple = ()
         self._lora_files: dict[str, tuple[tuple[int, int], "LoraFile"]] = {}
+        self._embeddings: "EmbeddingStore | None" = None
         # The text encoder is placed only when a prompt is not in the cache (see placed_text_encoder).
         if self.budget is None and memory_policy == "auto" and not vae_on_cpu:
             for name in ("unet", "vae"):  # no budget: resident from the start, as always
@@ -476,6 +478,39 @@ class Engine:
     @library.setter
     def library(self, library: "ModelLibrary") -> None:
         self._library = library
+        self._embeddings = None
+
+    @property
+    def embeddings(self) -> "EmbeddingStore":
+        """The library's textual-inversion embeddings for this model's text encoder."""
+        if self._embeddings is None:
+            from leansd.models.embeddings import EmbeddingStore
+
+            width = int(self.bundle.text_encoder.get_input_embeddings().weight.shape[-1])
+            self._embeddings = EmbeddingStore(self.library, width=width)
+        return self._embeddings
+
+    def embedding_matcher(self) -> "EmbeddingMatcher | None":
+        """Finds this library's embedding names in prompts (None when the folder has none)."""
+        return self.embeddings.matcher()
+
+    def embedding_infotext(self, *texts: str) -> dict[str, str]:
+        """AUTOMATIC1111's `TI hashes: "NAME: HASH, ..."` for the embeddings these prompts use."""
+        from leansd.models.embeddings import Embedding
+        from leansd.models.hashes import embedding_short_hash
+        from leansd.prompts.extra_networks import strip_networks
+
+        matcher = self.embedding_matcher()
+        if matcher is None:
+            return {}
+        used: dict[str, Embedding] = {}
+        for text in texts:
+            for part in matcher.split(strip_networks(text)):
+                if isinstance(part, Embedding) and part.path is not None:
+                    used.setdefault(part.name, part)
+        if not used:
+            return {}
+        return {"TI hashes": ", ".join(f"{name}: {embedding_short_hash(e.path)}" for name, e in used.items())}
 
     @property
     def active_loras(self) -> tuple["ActiveLora", ...]:

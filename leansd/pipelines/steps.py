@@ -90,6 +90,7 @@ class PromptConditioning:
                     steps=counted,
                     calls=calls,
                     base_steps=self.base_steps,
+                    embeddings=engine.embedding_matcher(),
                     syntax=request.prompt_syntax,
                     tokenizer=engine.bundle.tokenizer,
                     text_encoder=engine.placed_text_encoder,  # placed only if something must be encoded
@@ -335,6 +336,7 @@ def infotext_for(
     entries.update(extra or {})
     if request.tiling:
         entries["Tiling"] = "True"
+    entries.update(engine.embedding_infotext(request.prompt, request.negative_prompt))
     entries.update(engine.lora_infotext())
     if engine.bundle.is_random:
         entries["Note"] = "random test model, noise image"

@@ -57,6 +57,8 @@ if TYPE_CHECKING:
     import torch
     from transformers import CLIPTextModel, CLIPTokenizerFast
 
+    from leansd.models.embeddings import EmbeddingMatcher
+
 logger = logging.getLogger(__name__)
 
 TextEncoderSource = Union["CLIPTextModel", Callable[[], "CLIPTextModel"]]
@@ -246,13 +248,15 @@ def build_conditioning(
     encoder_fingerprint: str | None = None,
     calls: int | None = None,
     base_steps: int | None = None,
+    embeddings: "EmbeddingMatcher | None" = None,
 ) -> ConditioningPlan:
     """Parse and encode ``prompt`` and ``negative_prompt`` for ``steps`` loop steps.
 
     ``steps`` is what prompt editing counts (AUTOMATIC1111's count,
     :func:`~leansd.prompts.parse.schedule_steps`); ``calls`` is the number of loop steps
     the plan covers (default ``steps``); ``base_steps`` marks a hires-fix second pass
-    (:func:`~leansd.prompts.parse.switch_step`).
+    (:func:`~leansd.prompts.parse.switch_step`). ``embeddings``: textual-inversion names
+    to replace by their vectors (in both prompts and every syntax).
 
     ``syntax``: ``auto``, ``a1111``, ``blocks`` or ``plain``, applied to each prompt
     (``auto`` decides per prompt). Tensors are on ``device`` in the encoder's dtype (a cached
@@ -282,8 +286,9 @@ def build_conditioning(
 
     def encode_spec(spec: ConditioningSpec) -> "torch.Tensor":
         if isinstance(spec, WeightedText):
-            return units.get(chunk_tokens(tokenizer, spec.pieces), spec.text)
-        blocks = [units.get(chunk_tokens(tokenizer, WeightedText.plain(t).pieces), t) for t, _ in spec.blocks]
+            return units.get(chunk_tokens(tokenizer, spec.pieces, embeddings=embeddings), spec.text)
+        blocks = [units.get(chunk_tokens(tokenizer, WeightedText.plain(t).pieces, embeddings=embeddings), t)
+                  for t, _ in spec.blocks]
         k = max(z.shape[1] // CHUNK_LENGTH for z in blocks)
         blocks = [pad_chunks(z, k, empty()) if z.shape[1] != k * CHUNK_LENGTH else z for z in blocks]
         mixed = torch.zeros_like(blocks[0])
