@@ -10,6 +10,8 @@ from leansd.engine.device import Precision, resolve_device, resolve_precision
 from leansd.engine.memory import MemoryMeter
 
 if TYPE_CHECKING:
+    from pathlib import Path
+
     import torch
 
     from transformers import CLIPTextModel
@@ -116,6 +118,9 @@ class Engine:
         self._lora_key: tuple = ()
         self._lora_files: dict[str, tuple[tuple[int, int], "LoraFile"]] = {}
         self._embeddings: "EmbeddingStore | None" = None
+        self._own_vae: Any = None
+        self.vae_path: "Path | None" = None
+        """The VAE file in use (None: the checkpoint's own VAE)."""
         # The text encoder is placed only when a prompt is not in the cache (see placed_text_encoder).
         if self.budget is None and memory_policy == "auto" and not vae_on_cpu:
             for name in ("unet", "vae"):  # no budget: resident from the start, as always
@@ -493,6 +498,41 @@ class Engine:
     def embedding_matcher(self) -> "EmbeddingMatcher | None":
         """Finds this library's embedding names in prompts (None when the folder has none)."""
         return self.embeddings.matcher()
+
+    def set_vae(self, path: "Path | str | None") -> None:
+        """Use the VAE file `path` (None: the checkpoint's own VAE again); see `leansd.models.vae_override`.
+
+        The checkpoint's VAE is kept aside (on the host) while an override is in use, so going
+        back needs no reload. Raises ModelLoadError for a file that does not fit the model.
+        """
+        from pathlib import Path
+
+        from leansd.models.vae_override import load_vae_file
+
+        target = None if path is None else Path(path)
+        if target == self.vae_path and (target is None or target.is_file()):
+            return
+        own = self._own_vae if self._own_vae is not None else self.bundle.vae
+        new = own if target is None else load_vae_file(target, like=own)
+        self._evict("vae")
+        self.bundle.vae = new  # a previous override is dropped
+        self._own_vae = None if new is own else own
+        self.vae_path = target
+        self._sizes = None
+        self._vae_full_precision = False
+        if self.budget is None and self.memory_policy == "auto" and not self.vae_on_cpu:
+            self._bring("vae")  # no budget: resident, as at load
+        else:
+            self._cast(new, self._dtype_of("vae"))
+        logger.info("VAE: %s", target or "the checkpoint's own")
+
+    def vae_infotext(self) -> dict[str, str]:
+        """AUTOMATIC1111's `VAE hash` and `VAE` entries when a VAE file is in use."""
+        from leansd.models.hashes import vae_short_hash
+
+        if self.vae_path is None:
+            return {}
+        return {"VAE hash": vae_short_hash(self.vae_path), "VAE": self.vae_path.name}
 
     def embedding_infotext(self, *texts: str) -> dict[str, str]:
         """AUTOMATIC1111's `TI hashes: "NAME: HASH, ..."` for the embeddings these prompts use."""

@@ -338,6 +338,7 @@ def infotext_for(
         entries["Tiling"] = "True"
     entries.update(engine.embedding_infotext(request.prompt, request.negative_prompt))
     entries.update(engine.lora_infotext())
+    entries.update(engine.vae_infotext())
     if engine.bundle.is_random:
         entries["Note"] = "random test model, noise image"
     entries["Version"] = f"leansd {leansd.__version__}"
