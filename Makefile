@@ -1,18 +1,28 @@
 # Two commands do everything on a fresh machine (see README):
 #   make run ARGS='--model tiny --prompt "a red fox"'   install into .venv and run txt2img
-#   make test                                           install into .venv and run the tests
+#   make test                                           install into .venv, lint (ruff, mypy), run the tests
+# TORCH=auto|cu126|cu130|cpu picks the PyTorch build (auto: from nvidia-smi; see README).
 PYTHON ?= python3
 VENV   ?= .venv
 PY     := $(VENV)/bin/python
 PIP    := $(PY) -m pip --disable-pip-version-check
 ARGS   ?= --model tiny --prompt "a photograph of an astronaut riding a horse"
+TORCH  ?= auto
+TORCH_INDEX_BASE ?= https://download.pytorch.org/whl
 
-.PHONY: install install-test install-browser run test clean
+.PHONY: install install-test install-browser run lint test clean FORCE
 
-$(VENV)/.installed: pyproject.toml constraints.txt
+# The requested build, rewritten only when it changes: `make run TORCH=cu126` after an earlier
+# install reinstalls torch, and an unchanged request installs nothing.
+$(VENV)/.torch-request: FORCE
+	@mkdir -p $(VENV)
+	@echo '$(TORCH) $(TORCH_INDEX_BASE)' | cmp -s - $@ || echo '$(TORCH) $(TORCH_INDEX_BASE)' > $@
+
+$(VENV)/.installed: pyproject.toml constraints.txt tools/select_torch.py $(VENV)/.torch-request
 	$(PYTHON) -m venv $(VENV)
-	# torch first, pinned: an open range lets pip pull a multi-GB CUDA build.
-	$(PIP) install -q torch==2.13.0
+	# torch first, pinned and built for this machine's GPU (or the CPU): tools/select_torch.py
+	# prints the pip arguments. An open range would let pip pull a multi-GB CUDA build.
+	args="$$($(PY) tools/select_torch.py --index-base '$(TORCH_INDEX_BASE)' '$(TORCH)')" && $(PIP) install -q $$args
 	$(PIP) install -q -c constraints.txt -e .
 	touch $@
 
@@ -37,7 +47,12 @@ install-browser:
 		apt-get install -y -q chromium || (apt-get update -q && apt-get install -y -q chromium); \
 	else echo "install-browser: $(CHROMIUM) is missing; install Debian's chromium (sudo apt-get install chromium)" >&2; exit 1; fi
 
-test: install-test install-browser
+# Lint and type checks first: they take seconds and fail before the slower tests start.
+lint: install-test
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/mypy leansd tools
+
+test: lint install-browser
 	OMP_NUM_THREADS=1 HF_HUB_OFFLINE=1 $(PY) -m pytest -q $(PYTEST_ARGS)
 
 clean:

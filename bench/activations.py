@@ -101,7 +101,7 @@ def unet_rows(models, sizes, size: int, dtype, chunks) -> list[list]:
             else:
                 unet.set_attn_processor(ChunkedAttnProcessor(chunk))
             efficient = name == "efficient"
-            peak = measure(lambda: unet(sample, 999, encoder_hidden_states=context),
+            peak = measure(lambda: unet(sample, 999, encoder_hidden_states=context),  # noqa: B023 - run at once
                            "efficient" if efficient else "math")
             request = PlanRequest(width=size, height=size, batch=1, passes=2, efficient_attention=efficient)
             estimate = unet_activation(sizes, request, cfg_batched=cfg_batched, chunk=chunk)

@@ -236,7 +236,7 @@ def main() -> None:
         def fmt(side: str) -> str:
             return ", ".join(
                 f"{t:.1f}" + ("" if load is None else f" (other load {load:.2f})")
-                for t, load in zip(times[side], loads[side])
+                for t, load in zip(times[side], loads[side], strict=True)  # noqa: B023 - fmt() runs in this iteration
             )
 
         notes.append(f"{precision}: seconds per image, every run in order: leansd {fmt('leansd')}; "

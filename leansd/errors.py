@@ -31,6 +31,11 @@ class OutputError(LeansdError):
     """Images could not be written (unwritable folder, disk full, ...)."""
 
 
+def is_out_of_memory(exc: BaseException) -> bool:
+    """True for a device out-of-memory error (torch's `OutOfMemoryError`, without importing torch)."""
+    return type(exc).__name__ == "OutOfMemoryError"
+
+
 def one_line(message: object, *, limit: int | None = None) -> str:
     """Collapse any message (or exception) to one line, optionally shortened to `limit` characters."""
     text = " ".join(str(message).split())

@@ -27,17 +27,26 @@ MAX_ITER = 10_000
 MAX_SEED = 2**32 - 1
 """Seeds are 32-bit unsigned as in AUTOMATIC1111; -1 or None means "pick one at random"."""
 
+# One default per knob, shared by every front end (CLI, HTTP API, web UI) and the Python API.
 DEFAULT_SAMPLER = "PLMS"
 DEFAULT_STEPS = 50
 DEFAULT_GUIDANCE = 7.5
+DEFAULT_ETA = 0.0
+DEFAULT_BATCH_SIZE = 1
+DEFAULT_N_ITER = 1
 DEFAULT_STRENGTH = 0.75
+DEFAULT_MASK_BLUR = 4
 DEFAULT_HIRES_STRENGTH = 0.5
 RESIZE_MODES = ("just-resize", "crop", "fill")
+DEFAULT_RESIZE_MODE = RESIZE_MODES[0]
 INPAINTING_FILLS = ("original", "fill", "latent-noise", "latent-nothing")
+DEFAULT_INPAINTING_FILL = INPAINTING_FILLS[0]
 HIRES_UPSCALERS = ("lanczos", "latent")
+DEFAULT_HIRES_UPSCALER = HIRES_UPSCALERS[0]
 MAX_MASK_BLUR = 64
 MAX_HIRES_SCALE = 4.0
 PROMPT_SYNTAXES = ("auto", "a1111", "blocks", "plain")
+DEFAULT_PROMPT_SYNTAX = PROMPT_SYNTAXES[0]
 
 
 @dataclass
@@ -60,23 +69,23 @@ class GenerationRequest:
     num_inference_steps: int = DEFAULT_STEPS
     guidance_scale: float = DEFAULT_GUIDANCE
     sampler: str = DEFAULT_SAMPLER
-    eta: float = 0.0
+    eta: float = DEFAULT_ETA
     """DDIM eta (0 = deterministic DDIM); ignored by other samplers."""
     seed: int | None = None
-    batch_size: int = 1
-    n_iter: int = 1
+    batch_size: int = DEFAULT_BATCH_SIZE
+    n_iter: int = DEFAULT_N_ITER
     fixed_code: bool = False
     init_image: "Image.Image | None" = None
     """img2img / inpaint source image (RGB)."""
     strength: float = DEFAULT_STRENGTH
     """img2img denoising strength: 0 returns the image (one VAE round trip), 1 ignores it."""
-    resize_mode: str = "just-resize"
+    resize_mode: str = DEFAULT_RESIZE_MODE
     """How the init image fits width x height: just-resize, crop, fill (AUTOMATIC1111's modes)."""
     mask: "Image.Image | None" = None
     """Inpainting mask ("L"): white = regenerate, black = keep; grey values are soft."""
     invert_mask: bool = False
-    mask_blur: int = 4
-    inpainting_fill: str = "original"
+    mask_blur: int = DEFAULT_MASK_BLUR
+    inpainting_fill: str = DEFAULT_INPAINTING_FILL
     """What the masked area starts from: original, fill, latent-noise, latent-nothing."""
     hires_scale: float | None = None
     hires_width: int | None = None
@@ -84,10 +93,10 @@ class GenerationRequest:
     hires_strength: float = DEFAULT_HIRES_STRENGTH
     hires_steps: int | None = None
     """Steps of the second pass (default: num_inference_steps)."""
-    hires_upscaler: str = "lanczos"
+    hires_upscaler: str = DEFAULT_HIRES_UPSCALER
     tiling: bool = False
     """Seamless tiling: convolutions pad circularly so the image tiles without seams."""
-    prompt_syntax: str = "auto"
+    prompt_syntax: str = DEFAULT_PROMPT_SYNTAX
     """auto, a1111 ((word:1.2), [a:b:0.5], AND, BREAK), blocks (optimizedSD `a:0.3 b:0.7`), plain."""
 
     @property
@@ -112,7 +121,7 @@ class GenerationRequest:
                 text.encode("utf-8")
             except UnicodeEncodeError:
                 raise InvalidRequestError(f"{name} is not valid text (it holds undecodable bytes)") from None
-        values = {
+        values: dict[str, Any] = {
             name: _as_int(name, getattr(self, name))
             for name in ("num_inference_steps", "batch_size", "n_iter")
         }

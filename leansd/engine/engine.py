@@ -13,7 +13,6 @@ if TYPE_CHECKING:
     from pathlib import Path
 
     import torch
-
     from transformers import CLIPTextModel
 
     from leansd.engine.planner import MemoryPlan, ModelSizes
@@ -304,8 +303,6 @@ class Engine:
 
     def plan_for(self, *, width: int, height: int, batch: int = 1, passes: int = 2) -> "MemoryPlan":
         """The memory plan for a UNet/VAE run at this size; logged when it changes."""
-        import torch
-
         from leansd.engine.planner import PlanRequest, candidate_plans, plan_memory
         from leansd.errors import InvalidRequestError
 
@@ -650,7 +647,7 @@ class Engine:
             return int(torch.cuda.max_memory_allocated(self.device))
         return None
 
-    def memory_summary(self) -> dict[str, object]:
+    def memory_summary(self) -> dict[str, Any]:
         """What a result reports about memory: the accounted peak and the plan."""
         return {
             "memory_peak_bytes": self.memory.peak,
@@ -665,9 +662,16 @@ class Engine:
         progress_bar: bool = True,
     ) -> "GenerationResult":
         """Run the request's task (txt2img, img2img, inpaint); returns PIL images, seeds and infotexts."""
+        from leansd.engine.device import translate_cuda_error
         from leansd.pipelines import generate
 
-        return generate(self, request, progress=progress, progress_bar=progress_bar)
+        try:
+            return generate(self, request, progress=progress, progress_bar=progress_bar)
+        except RuntimeError as exc:  # "no kernel image is available": say which torch build to install
+            translated = translate_cuda_error(exc, self.device)
+            if translated is exc:
+                raise
+            raise translated from exc
 
 
 AUTO_RESERVE = 512 * 2**20
@@ -682,8 +686,6 @@ def resolve_budget(vram: "str | int | None", device: "torch.device", *, virtual:
     counts only with `virtual` (the CPU then stands in for the budgeted device); else it is ignored
     with a warning, since the CPU simply runs in RAM.
     """
-    import torch
-
     from leansd.engine.planner import parse_size
 
     size = parse_size(vram)

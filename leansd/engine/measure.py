@@ -76,7 +76,7 @@ def _storage_key(t: torch.Tensor) -> int | None:
         return None
 
 
-def _query_value(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, *_: Any, **__: Any):
+def _query_value(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, *_: Any, **__: Any) -> tuple[torch.Tensor, torch.Tensor]:
     return query, value
 
 
@@ -187,7 +187,7 @@ class ActivationTracker(TorchDispatchMode):
         nbytes = round_block(storage.nbytes(), self.block)
         # The Python storage object lives exactly as long as the storage (torch preserves it while
         # any tensor refers to it), so its weakref callback is the moment the memory is freed.
-        ref = weakref.ref(storage, lambda _, key=key: self._free(key))
+        ref = weakref.ref(storage, lambda _: self._free(key))
         self._live[key] = (nbytes, ref)
         self.allocations += 1
         self.current += nbytes

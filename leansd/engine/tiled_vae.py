@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Callable, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Sequence
 
 if TYPE_CHECKING:
     import torch
@@ -85,7 +85,7 @@ class Stats:
         n = values.shape[-1]
         wide = torch.float32 if tile.device.type == "mps" else torch.float64  # MPS has no float64
         mean, m2 = mean.to(wide), var.to(wide) * n
-        if self.mean is None:
+        if self.mean is None or self.m2 is None:
             self.count, self.mean, self.m2 = n, mean, m2
             return
         total = self.count + n
@@ -250,7 +250,7 @@ class TiledRunner:
                 crop = self.load(x[:, :, y0 : y0 + side, x0 : x0 + side])
                 tokens = _to_conv(stats.normalize(crop, attn.group_norm), attn.to_k).flatten(2).transpose(1, 2)  # (B, n, C)
                 k, v = attn.to_k(tokens), attn.to_v(tokens)
-                if key is None:  # filled in place: no second copy of every key and value
+                if key is None or value is None:  # filled in place: no second copy of every key and value
                     key = torch.empty((b, height * width, k.shape[-1]), dtype=k.dtype, device=k.device)
                     value = torch.empty((b, height * width, v.shape[-1]), dtype=v.dtype, device=v.device)
                 key[:, start : start + k.shape[1]] = k  # token order is irrelevant to softmax
@@ -272,12 +272,12 @@ class TiledRunner:
             tokens = _to_conv(stats.normalize(crop, attn.group_norm), attn.to_q).flatten(2).transpose(1, 2)  # (B, n, C)
             query = attn.to_q(tokens).view(b, -1, heads, head_dim).transpose(1, 2)  # (B, heads, n, d)
             if chunk is None:
-                out = F.scaled_dot_product_attention(query, key, value, scale=attn.scale)
+                out = F.scaled_dot_product_attention(query, key, value, scale=attn.scale)  # noqa: F821 - bound above; the del below runs after map()
             else:
                 out = torch.empty_like(query)
                 for start in range(0, query.shape[2], chunk):
                     out[:, :, start : start + chunk] = F.scaled_dot_product_attention(
-                        query[:, :, start : start + chunk], key, value, scale=attn.scale
+                        query[:, :, start : start + chunk], key, value, scale=attn.scale  # noqa: F821 - as above
                     )
             out = out.transpose(1, 2).reshape(b, -1, heads * head_dim)
             out = attn.to_out[1](attn.to_out[0](out.to(query.dtype)))  # (B, n, C)
@@ -371,17 +371,24 @@ def _mid(runner: TiledRunner, x: "torch.Tensor", mid, stats: Stats, next_groups:
             return attentions[i].group_norm.num_groups
         return resnets[i + 1].norm1.num_groups if i + 1 < len(resnets) else next_groups
 
-    x, stats = runner.resnet(x, resnets[0], stats, groups_after(0))
-    for i, (attn, resnet) in enumerate(zip(attentions, resnets[1:])):
+    x, stats = _known(runner.resnet(x, resnets[0], stats, groups_after(0)))
+    for i, (attn, resnet) in enumerate(zip(attentions, resnets[1:], strict=True)):
         if attn is not None:
-            x, stats = runner.attention(x, attn, stats, resnet.norm1.num_groups)
-        x, stats = runner.resnet(x, resnet, stats, groups_after(i + 1))
+            x, stats = _known(runner.attention(x, attn, stats, resnet.norm1.num_groups))
+        x, stats = _known(runner.resnet(x, resnet, stats, groups_after(i + 1)))
+    return x, stats
+
+
+def _known(step: tuple["torch.Tensor", Stats | None]) -> tuple["torch.Tensor", Stats]:
+    """A step told the next norm's groups always returns the statistics for it."""
+    x, stats = step
+    assert stats is not None
     return x, stats
 
 
 def _blocks(runner: TiledRunner, x: "torch.Tensor", blocks, stats: Stats, next_groups: int, *, up: bool) -> tuple["torch.Tensor", Stats]:
     """down_blocks (resnets, then a stride-2 conv) or up_blocks (resnets, then nearest x2 + conv)."""
-    steps: list[tuple[str, object]] = []
+    steps: list[tuple[str, Any]] = []
     for block in blocks:
         steps += [("resnet", r) for r in block.resnets]
         steps += [("resample", s) for s in ((block.upsamplers if up else block.downsamplers) or [])]

@@ -24,5 +24,5 @@ def seamless_tiling(*models: "torch.nn.Module") -> Iterator[None]:
             conv.padding_mode = "circular"  # the image wraps around: left edge continues the right
         yield
     finally:
-        for conv, mode in zip(convs, saved):
+        for conv, mode in zip(convs, saved, strict=True):
             conv.padding_mode = mode

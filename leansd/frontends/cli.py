@@ -13,6 +13,11 @@ import sys
 from pathlib import Path
 from typing import Any, NoReturn, Sequence
 
+from leansd import __version__
+from leansd import request as defaults  # constants only: no torch, no PIL
+from leansd.frontends import limits  # the server's defaults, standard library only
+from leansd.service.queue import DEFAULT_MAX_QUEUE  # standard library only
+
 EXIT_USAGE = 2
 
 SAMPLER_HELP = (
@@ -54,7 +59,7 @@ def build_parser() -> argparse.ArgumentParser:
         prog="leansd",
         description="Stable Diffusion on the hardware you own (CPU, 2-4 GB GPUs, big GPUs at full speed).",
     )
-    parser.add_argument("--version", action="version", version=f"leansd {_version()}")
+    parser.add_argument("--version", action="version", version=f"leansd {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
     for task, (summary, outdir) in TASKS.items():
         command = sub.add_parser(
@@ -86,16 +91,18 @@ def _add_serve_args(sub: "argparse._SubParsersAction", name: str = "serve") -> N
                            help="do not open the web UI in the browser")
     _add_model_args(serve)
     net = serve.add_argument_group("server")
-    net.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1, this machine only)")
-    net.add_argument("--port", type=_int, default=7860, help="port (default 7860)")
+    net.add_argument("--host", default=limits.DEFAULT_HOST,
+                     help=f"address to bind (default {limits.DEFAULT_HOST}, this machine only)")
+    net.add_argument("--port", type=_int, default=limits.DEFAULT_PORT, help=f"port (default {limits.DEFAULT_PORT})")
     net.add_argument("--listen", action="store_true",
                      help="bind 0.0.0.0 (all interfaces); refuses to start without --api-auth")
     net.add_argument("--api-auth", "--api_auth", dest="api_auth", metavar="USER:PASS",
                      help="require HTTP Basic credentials on every route (several: u1:p1,u2:p2)")
-    net.add_argument("--max-queue", "--max_queue", dest="max_queue", type=_int, default=32,
-                     help="jobs allowed to wait; beyond it requests get 503 with Retry-After (default 32)")
-    net.add_argument("--max-size", "--max_size", dest="max_size", type=_int, default=2048,
-                     help="largest width/height a request may ask for, hires pass included (default 2048)")
+    net.add_argument("--max-queue", "--max_queue", dest="max_queue", type=_int, default=DEFAULT_MAX_QUEUE,
+                     help=f"jobs allowed to wait; beyond it requests get 503 with Retry-After (default {DEFAULT_MAX_QUEUE})")
+    net.add_argument("--max-size", "--max_size", dest="max_size", type=_int, default=limits.DEFAULT_MAX_SIZE,
+                     help="largest width/height a request may ask for, hires pass included "
+                     f"(default {limits.DEFAULT_MAX_SIZE})")
     net.add_argument("--save-images", "--save_images", dest="save_images", action="store_true",
                      help="also save every generated image under --outdir")
     net.add_argument("--outdir", default="outputs", help="output folder for --save-images (default outputs)")
@@ -180,8 +187,8 @@ def _add_prompt_args(command: argparse.ArgumentParser) -> None:
         help="what to avoid (negative prompt); default empty",
     )
     prompt.add_argument(
-        "--prompt-syntax", "--prompt_syntax", dest="prompt_syntax", default="auto",
-        help="auto (default), a1111 ((word:1.2), [from:to:when], [a|b], AND, BREAK), "
+        "--prompt-syntax", "--prompt_syntax", dest="prompt_syntax", default=defaults.DEFAULT_PROMPT_SYNTAX,
+        help=f"{defaults.DEFAULT_PROMPT_SYNTAX} (default), a1111 ((word:1.2), [from:to:when], [a|b], AND, BREAK), "
         "blocks (optimizedSD 'tabby cat:0.25 white duck:0.75'), plain (no parsing); see docs/PROMPTS.md",
     )
     prompt.add_argument(
@@ -194,32 +201,36 @@ def _add_image_args(command: argparse.ArgumentParser, *, mask_required: bool) ->
     image = command.add_argument_group("init image and mask")
     image.add_argument("--init-img", "--init_img", "--image", dest="init_img", required=True, metavar="PATH",
                        help="the starting image (PNG/JPEG/WebP; transparency is flattened on white)")
-    image.add_argument("--strength", type=_float, default=0.75,
-                       help="denoising strength 0..1 (default 0.75): 0 returns the image, 1 ignores it")
-    image.add_argument("--resize-mode", "--resize_mode", dest="resize_mode", default="just-resize",
-                       help="how the image fits --W/--H: just-resize (default), crop, fill")
+    image.add_argument("--strength", type=_float, default=defaults.DEFAULT_STRENGTH,
+                       help=f"denoising strength 0..1 (default {defaults.DEFAULT_STRENGTH}): 0 returns the image, "
+                       "1 ignores it")
+    image.add_argument("--resize-mode", "--resize_mode", dest="resize_mode", default=defaults.DEFAULT_RESIZE_MODE,
+                       help=f"how the image fits --W/--H: {_choices(defaults.RESIZE_MODES, defaults.DEFAULT_RESIZE_MODE)}")
     image.add_argument("--mask", required=mask_required, metavar="PATH",
                        help="inpainting mask: white = regenerate, black = keep; grey is soft"
                        + ("" if mask_required else " (makes img2img inpaint)"))
     image.add_argument("--invert-mask", "--invert_mask", dest="invert_mask", action="store_true",
                        help="regenerate the black part instead")
-    image.add_argument("--mask-blur", "--mask_blur", dest="mask_blur", type=_int, default=4,
-                       help="blur of the mask edge in pixels, 0..64 (default 4)")
-    image.add_argument("--inpainting-fill", "--inpainting_fill", dest="inpainting_fill", default="original",
-                       help="what the masked area starts from: original (default), fill, latent-noise, latent-nothing")
+    image.add_argument("--mask-blur", "--mask_blur", dest="mask_blur", type=_int, default=defaults.DEFAULT_MASK_BLUR,
+                       help=f"blur of the mask edge in pixels, 0..{defaults.MAX_MASK_BLUR} "
+                       f"(default {defaults.DEFAULT_MASK_BLUR})")
+    image.add_argument("--inpainting-fill", "--inpainting_fill", dest="inpainting_fill",
+                       default=defaults.DEFAULT_INPAINTING_FILL,
+                       help="what the masked area starts from: "
+                       + _choices(defaults.INPAINTING_FILLS, defaults.DEFAULT_INPAINTING_FILL))
 
 
 def _add_sampling_args(command: argparse.ArgumentParser) -> None:
     gen = command.add_argument_group("sampling")
     gen.add_argument("--H", "--height", dest="height", type=_int, help="image height in pixels, multiple of 8 (default: the model's native size, 512 for SD 1.x; img2img: the init image's)")
     gen.add_argument("--W", "--width", dest="width", type=_int, help="image width in pixels, multiple of 8 (default: the model's native size; img2img: the init image's)")
-    gen.add_argument("--ddim_steps", "--steps", dest="steps", type=_int, default=50, help="sampling steps (default 50; img2img runs steps x strength of them)")
-    gen.add_argument("--scale", "--cfg-scale", "--cfg_scale", dest="scale", type=_float, default=7.5, help="classifier-free guidance scale (default 7.5; <= 1 disables guidance)")
-    gen.add_argument("--sampler", default="PLMS", help=f"sampler (default PLMS): {SAMPLER_HELP}")
-    gen.add_argument("--ddim_eta", "--eta", dest="eta", type=_float, default=0.0, help="DDIM eta, 0 = deterministic (default 0)")
+    gen.add_argument("--ddim_steps", "--steps", dest="steps", type=_int, default=defaults.DEFAULT_STEPS, help=f"sampling steps (default {defaults.DEFAULT_STEPS}; img2img runs steps x strength of them)")
+    gen.add_argument("--scale", "--cfg-scale", "--cfg_scale", dest="scale", type=_float, default=defaults.DEFAULT_GUIDANCE, help=f"classifier-free guidance scale (default {defaults.DEFAULT_GUIDANCE}; <= 1 disables guidance)")
+    gen.add_argument("--sampler", default=defaults.DEFAULT_SAMPLER, help=f"sampler (default {defaults.DEFAULT_SAMPLER}): {SAMPLER_HELP}")
+    gen.add_argument("--ddim_eta", "--eta", dest="eta", type=_float, default=defaults.DEFAULT_ETA, help=f"DDIM eta, 0 = deterministic (default {defaults.DEFAULT_ETA:g})")
     gen.add_argument("--seed", type=_int, default=None, help="seed of the first image; image k uses seed+k (default: random, printed)")
-    gen.add_argument("--n_samples", "--batch-size", "--batch_size", dest="n_samples", type=_int, default=1, help="images per batch (default 1)")
-    gen.add_argument("--n_iter", "--n-iter", dest="n_iter", type=_int, default=1, help="number of batches; the model is loaded once (default 1)")
+    gen.add_argument("--n_samples", "--batch-size", "--batch_size", dest="n_samples", type=_int, default=defaults.DEFAULT_BATCH_SIZE, help=f"images per batch (default {defaults.DEFAULT_BATCH_SIZE})")
+    gen.add_argument("--n_iter", "--n-iter", dest="n_iter", type=_int, default=defaults.DEFAULT_N_ITER, help=f"number of batches; the model is loaded once (default {defaults.DEFAULT_N_ITER})")
     gen.add_argument("--fixed_code", "--fixed-code", dest="fixed_code", action="store_true", help="reuse the first batch's starting noise for every batch and prompt")
     gen.add_argument("--tiling", action="store_true", help="seamless tiling: the image wraps around (textures, wallpapers)")
 
@@ -230,12 +241,20 @@ def _add_hires_args(command: argparse.ArgumentParser) -> None:
     size.add_argument("--hires", dest="hires", metavar="WxH", help="second pass at this size, e.g. 1024x1024")
     size.add_argument("--hires-scale", "--hires_scale", dest="hires_scale", type=_float,
                       help="second pass at the first pass's size times this (1..4), e.g. 2")
-    hires.add_argument("--hires-strength", "--hires_strength", dest="hires_strength", type=_float, default=0.5,
-                       help="denoising strength of the second pass (default 0.5)")
+    hires.add_argument("--hires-strength", "--hires_strength", dest="hires_strength", type=_float,
+                       default=defaults.DEFAULT_HIRES_STRENGTH,
+                       help=f"denoising strength of the second pass (default {defaults.DEFAULT_HIRES_STRENGTH})")
     hires.add_argument("--hires-steps", "--hires_steps", dest="hires_steps", type=_int,
                        help="steps of the second pass (default: --steps)")
-    hires.add_argument("--hires-upscaler", "--hires_upscaler", dest="hires_upscaler", default="lanczos",
-                       help="lanczos (default: resize the pixels) or latent (resize the latents)")
+    hires.add_argument("--hires-upscaler", "--hires_upscaler", dest="hires_upscaler",
+                       default=defaults.DEFAULT_HIRES_UPSCALER,
+                       help="lanczos (resize the pixels) or latent (resize the latents); "
+                       f"default {defaults.DEFAULT_HIRES_UPSCALER}")
+
+
+def _choices(options: Sequence[str], default: str) -> str:
+    """`a (default), b, c`: the options for a help text, the default marked."""
+    return ", ".join(f"{o} (default)" if o == default else o for o in options)
 
 
 def _add_output_args(command: argparse.ArgumentParser, outdir: str) -> None:
@@ -245,12 +264,6 @@ def _add_output_args(command: argparse.ArgumentParser, outdir: str) -> None:
     out.add_argument("--skip_grid", "--skip-grid", dest="skip_grid", action="store_true", help="do not save a grid of each prompt's images")
     out.add_argument("--skip_save", "--skip-save", dest="skip_save", action="store_true", help="do not save individual images (speed runs)")
     out.add_argument("--verbose", "-v", action="store_true", help="log model, device, precision and timings")
-
-
-def _version() -> str:
-    from leansd import __version__
-
-    return __version__
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -264,7 +277,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         format="leansd: %(message)s",
         stream=sys.stderr,
     )
-    from leansd.errors import LeansdError, one_line
+    from leansd.errors import LeansdError, is_out_of_memory, one_line
 
     try:
         if args.command in TASKS:
@@ -281,12 +294,20 @@ def main(argv: Sequence[str] | None = None) -> int:
         sys.stderr.close()
         return 0
     except Exception as exc:  # out of memory is a user-fixable condition, not a crash
-        if type(exc).__name__ == "OutOfMemoryError":
+        if is_out_of_memory(exc):
             print(
                 "leansd: error: the GPU ran out of memory; try a smaller --n_samples or --H/--W, or --device cpu",
                 file=sys.stderr,
             )
             return 1
+        from leansd.engine.device import is_missing_kernel, translate_cuda_error
+
+        if is_missing_kernel(exc):  # outside Engine.generate (loading, placing): the same advice
+            import torch
+
+            advice = translate_cuda_error(exc, torch.device("cuda", torch.cuda.current_device()))
+            print(f"leansd: error: {one_line(advice)}", file=sys.stderr)
+            return EXIT_USAGE
         raise
     return EXIT_USAGE
 
@@ -413,7 +434,7 @@ def run_generate(args: argparse.Namespace) -> int:
             file=sys.stderr,
         )
         if writer is not None and not args.skip_save:
-            for image, seed, info in zip(result.images, result.seeds, result.infotexts):
+            for image, seed, info in zip(result.images, result.seeds, result.infotexts, strict=True):
                 path = writer.save(image, seed=seed, infotext=info)
                 print(path)
         if writer is not None and not args.skip_grid and len(result.images) > 1:
@@ -527,7 +548,7 @@ def _open_browser(url: str, timeout: float = 120.0) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         try:
-            with socket.create_connection((host, parts.port), timeout=1):
+            with socket.create_connection((host, parts.port or 80), timeout=1):
                 break
         except OSError:
             time.sleep(0.2)

@@ -2,39 +2,39 @@
 
 `build_ui(queue)` returns a `gr.Blocks`; `mount_ui(app, queue)` mounts it at `/` of the FastAPI
 app built by `leansd.frontends.http.create_app`, so the page, `/sdapi/v1` and the Basic-auth /
-Origin guard share one process, one worker and one queue. Requests are turned into
-`GenerationRequest`s by the HTTP API's own builders (`txt2img_request`, `img2img_request`), so the
-UI has the API's limits and error messages; an `InvalidRequestError` becomes a `gr.Error` (a
-readable message in the page, and an `AppError` for gradio_client). Every generate action has an
+Origin guard share one process, one worker and one queue. The controls fill the A1111 schema of
+`leansd.frontends.a1111` and its builders (`txt2img_request`, `img2img_request`) make the
+`GenerationRequest`, with uploads passed as PIL images, so the UI has the API's limits and error
+messages; an `InvalidRequestError` becomes a `gr.Error` (a readable message in the page, and an
+`AppError` for gradio_client). Every generate action has an
 `api_name` (`txt2img`, `img2img`, `inpaint`) so it can be scripted with gradio_client.
 Gradio is imported only here, lazily (importing it costs seconds); the page loads no remote fonts.
 """
 
-import base64
-import io
 import logging
 import os
 import tempfile
 import threading
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Iterator
+from typing import TYPE_CHECKING, Any, Callable, Iterator
 
+from leansd import request as defaults
 from leansd.errors import InvalidRequestError, LeansdError, one_line
+from leansd.frontends.a1111 import INPAINTING_FILL, Limits, failure
 from leansd.service.queue import Job, JobCancelledError, JobQueue, JobState
 
 if TYPE_CHECKING:
     import gradio as gr
     from fastapi import FastAPI
 
-    from leansd.frontends.http import Limits
     from leansd.request import GenerationRequest, GenerationResult
 
 logger = logging.getLogger(__name__)
 
 POLL_SECONDS = 0.25
-# The page's "Masked content" labels -> A1111's inpainting_fill numbers (see http.INPAINTING_FILL).
+# The page's "Masked content" labels -> A1111's inpainting_fill numbers (see a1111.INPAINTING_FILL).
 MASKED_CONTENT = {"fill": 0, "original": 1, "latent noise": 2, "latent nothing": 3}
-RESIZE_MODES = ("just resize", "crop and resize", "resize and fill")
+RESIZE_MODES = ("just resize", "crop and resize", "resize and fill")  # A1111's resize_mode 0, 1, 2
 CSS = ".leansd-progress {font-variant-numeric: tabular-nums; min-height: 1.6em}"
 
 
@@ -54,7 +54,7 @@ def theme() -> Any:
 class _Runner:
     """The UI's side of the queue: submit, follow progress, cancel the session's job, save files."""
 
-    def __init__(self, queue: JobQueue, *, model_name: str, limits: "Limits", save_dir: Path | None) -> None:
+    def __init__(self, queue: JobQueue, *, model_name: str, limits: Limits, save_dir: Path | None) -> None:
         self.queue = queue
         self.model_name = model_name
         self.limits = limits
@@ -63,10 +63,11 @@ class _Runner:
         self._sessions: dict[str, str] = {}
         self._lock = threading.Lock()
 
-    def build(self, builder: Any, body: Any) -> "GenerationRequest":
+    def build(self, builder: Callable[..., "GenerationRequest"], body: Any, **extra: Any) -> "GenerationRequest":
+        """`builder(body, ..., **extra)` (a1111's txt2img_request/img2img_request); bad values -> gr.Error."""
         gr = _gradio()
         try:
-            return builder(body, model_name=self.model_name, limits=self.limits)
+            return builder(body, model_name=self.model_name, limits=self.limits, **extra)
         except InvalidRequestError as exc:
             raise gr.Error(one_line(exc), print_exception=False) from None
 
@@ -89,8 +90,7 @@ class _Runner:
             except JobCancelledError:
                 raise gr.Error("cancelled", print_exception=False) from None
             except Exception as exc:  # noqa: BLE001 - the job failed; say why in one line
-                raise gr.Error(f"generation failed: {type(exc).__name__}: {one_line(exc, limit=200)}",
-                               print_exception=False) from None
+                raise gr.Error(failure(exc)[1], print_exception=False) from None
         finally:
             if session:
                 with self._lock:
@@ -116,9 +116,7 @@ class _Runner:
         from leansd.outputs.writer import ImageWriter
 
         folder = (self.save_dir or self._scratch) / f"{task}-images"
-        writer = ImageWriter(folder)
-        return [writer.save(image, seed=seed, infotext=info)
-                for image, seed, info in zip(result.images, result.seeds, result.infotexts)]
+        return ImageWriter(folder).save_all(result.images, seeds=result.seeds, infotexts=result.infotexts)
 
 
 def _wait(future: Any, timeout: float) -> None:
@@ -141,16 +139,6 @@ def progress_text(queue: JobQueue, job: Job) -> str:
     eta = "ETA ..." if p.eta_seconds is None else f"ETA {p.eta_seconds:.1f} s"
     return (f"Step {p.step}/{p.total_steps} · batch {p.batch_index + 1}/{p.n_batches} · "
             f"{p.fraction:.0%} · {eta}")
-
-
-def _file_base64(path: str | os.PathLike[str]) -> str:
-    return base64.b64encode(Path(path).read_bytes()).decode("ascii")
-
-
-def _png_base64(image: Any) -> str:
-    buffer = io.BytesIO()
-    image.save(buffer, format="PNG")
-    return base64.b64encode(buffer.getvalue()).decode("ascii")
 
 
 def editor_mask(value: Any) -> Any:
@@ -196,57 +184,66 @@ def memory_text(queue: JobQueue) -> str:
 def build_ui(
     queue: JobQueue,
     *,
-    limits: "Limits | None" = None,
+    limits: Limits | None = None,
     model_name: str | None = None,
     save_dir: "str | os.PathLike[str] | None" = None,
 ) -> "gr.Blocks":
     """The web UI's Blocks over `queue` (its worker owns the engine); mount it with `mount_ui`."""
     gr = _gradio()
-    from leansd.frontends.http import (
-        DEFAULT_MAX_IMAGES,
-        DEFAULT_MAX_SIZE,
-        DEFAULT_MAX_STEPS,
+    from leansd.frontends.a1111 import (
+        DEFAULT_RESIZE_MODE,
         Img2ImgRequest,
-        Limits,
         Txt2ImgRequest,
         img2img_request,
+        load_upload,
+        native_size,
         txt2img_request,
     )
     from leansd.outputs.infotext import parse_infotext
     from leansd.outputs.writer import read_infotext
     from leansd.sampling.samplers import sampler_names
 
-    limits = limits or Limits(max_size=DEFAULT_MAX_SIZE, max_steps=DEFAULT_MAX_STEPS, max_images=DEFAULT_MAX_IMAGES)
+    limits = limits or Limits()
     bundle = getattr(queue.engine, "bundle", None)
     model_name = model_name or getattr(bundle, "name", None) or "model"
-    default_size = getattr(bundle, "default_size", None) or 512
+    model_size = native_size(queue.engine)  # the library's default size for this model
+    native = model_size or (None, None)
+    masked_content = {number: label for label, number in MASKED_CONTENT.items()}
+    default_fill = masked_content[{v: k for k, v in INPAINTING_FILL.items()}[defaults.DEFAULT_INPAINTING_FILL]]
     runner = _Runner(queue, model_name=model_name, limits=limits,
                      save_dir=None if save_dir is None else Path(save_dir).resolve())
     samplers = sampler_names()
     max_batch = min(8, limits.max_images)
 
-    def settings(prefix: str) -> dict[str, Any]:
-        """The A1111 controls every tab has: prompts, sampler, steps, CFG, size, batches, seed."""
+    def settings(prefix: str, *, from_image: bool = False) -> dict[str, Any]:
+        """The A1111 controls every tab has: prompts, sampler, steps, CFG, size, batches, seed.
+
+        With `from_image` (img2img, inpaint) a size of 0, the default, keeps the init image's size
+        (rounded down to 8), as the library does without width/height; txt2img starts at the
+        model's native size.
+        """
         c: dict[str, Any] = {}
         c["prompt"] = gr.Textbox(label="Prompt", lines=3, placeholder="a photograph of an astronaut riding a horse",
                                  elem_id=f"{prefix}_prompt")
         c["negative"] = gr.Textbox(label="Negative prompt", lines=2, elem_id=f"{prefix}_negative_prompt")
         with gr.Row():
-            c["sampler"] = gr.Dropdown(samplers, value="Euler a" if "Euler a" in samplers else samplers[0],
-                                       label="Sampling method", elem_id=f"{prefix}_sampler")
-            c["steps"] = gr.Slider(1, limits.max_steps, value=20, step=1, label="Sampling steps",
+            c["sampler"] = gr.Dropdown(samplers, value=defaults.DEFAULT_SAMPLER, label="Sampling method",
+                                       elem_id=f"{prefix}_sampler")
+            c["steps"] = gr.Slider(1, limits.max_steps, value=defaults.DEFAULT_STEPS, step=1, label="Sampling steps",
                                    elem_id=f"{prefix}_steps")
         with gr.Row():
-            c["width"] = gr.Slider(64, limits.max_size, value=default_size, step=8, label="Width",
-                                   elem_id=f"{prefix}_width")
-            c["height"] = gr.Slider(64, limits.max_size, value=default_size, step=8, label="Height",
-                                    elem_id=f"{prefix}_height")
+            for side, value in (("width", native[0]), ("height", native[1])):
+                c[side] = gr.Slider(
+                    0 if from_image else defaults.MIN_SIZE, limits.max_size, value=0 if from_image else value, step=8,
+                    label=side.capitalize() + (" (0: the image's)" if from_image else ""), elem_id=f"{prefix}_{side}",
+                )
         with gr.Row():
-            c["n_iter"] = gr.Slider(1, max(1, limits.max_images), value=1, step=1, label="Batch count",
-                                    elem_id=f"{prefix}_batch_count")
-            c["batch_size"] = gr.Slider(1, max_batch, value=1, step=1, label="Batch size",
+            c["n_iter"] = gr.Slider(1, max(1, limits.max_images), value=defaults.DEFAULT_N_ITER, step=1,
+                                    label="Batch count", elem_id=f"{prefix}_batch_count")
+            c["batch_size"] = gr.Slider(1, max_batch, value=defaults.DEFAULT_BATCH_SIZE, step=1, label="Batch size",
                                         elem_id=f"{prefix}_batch_size")
-        c["cfg"] = gr.Slider(1.0, 30.0, value=7.0, step=0.5, label="CFG scale", elem_id=f"{prefix}_cfg_scale")
+        c["cfg"] = gr.Slider(1.0, 30.0, value=defaults.DEFAULT_GUIDANCE, step=0.5, label="CFG scale",
+                             elem_id=f"{prefix}_cfg_scale")
         with gr.Row(equal_height=True):
             c["seed"] = gr.Number(value=-1, precision=0, label="Seed (-1 = random)", elem_id=f"{prefix}_seed",
                                   scale=4)
@@ -286,7 +283,7 @@ def build_ui(
         return runner.cancel(getattr(request, "session_hash", None))
 
     def common_body(prompt: str, negative: str, sampler: str, steps: Any, cfg: Any, width: Any, height: Any,
-                    n_iter: Any, batch_size: Any, seed: Any) -> dict[str, Any]:
+                    n_iter: Any, batch_size: Any, seed: Any, *, from_image: bool = False) -> dict[str, Any]:
         def integer(name: str, value: Any) -> int:
             try:
                 number = float(value)
@@ -296,10 +293,14 @@ def build_ui(
                 raise gr.Error(f"{name} must be a whole number, got {value}", print_exception=False)
             return int(number)
 
+        def size(name: str, value: Any) -> int | None:
+            number = integer(name, value)
+            return None if from_image and number == 0 else number
+
         return dict(
-            prompt=prompt or "", negative_prompt=negative or "", sampler_name=sampler or "Euler",
-            steps=integer("steps", steps), cfg_scale=float(cfg), width=integer("width", width),
-            height=integer("height", height), n_iter=integer("batch count", n_iter),
+            prompt=prompt or "", negative_prompt=negative or "", sampler_name=sampler or None,
+            steps=integer("steps", steps), cfg_scale=float(cfg), width=size("width", width),
+            height=size("height", height), n_iter=integer("batch count", n_iter),
             batch_size=integer("batch size", batch_size), seed=-1 if seed is None else integer("seed", seed),
         )
 
@@ -307,7 +308,7 @@ def build_ui(
                 request: gr.Request):
         body = Txt2ImgRequest(**common_body(prompt, negative, sampler, steps, cfg, width, height, n_iter,
                                             batch_size, seed))
-        gen = runner.build(txt2img_request, body)
+        gen = runner.build(txt2img_request, body, native_size=model_size)
         yield from runner.run(gen, task="txt2img", session=getattr(request, "session_hash", None))
 
     def img2img(init_image, prompt, negative, sampler, steps, cfg, width, height, n_iter, batch_size, seed,
@@ -315,11 +316,12 @@ def build_ui(
         if not init_image:
             raise gr.Error("upload an image to transform first", print_exception=False)
         body = Img2ImgRequest(
-            **common_body(prompt, negative, sampler, steps, cfg, width, height, n_iter, batch_size, seed),
-            init_images=[_file_base64(init_image)], denoising_strength=float(strength),
-            resize_mode=RESIZE_MODES.index(resize_mode) if resize_mode in RESIZE_MODES else 0,
+            **common_body(prompt, negative, sampler, steps, cfg, width, height, n_iter, batch_size, seed,
+                          from_image=True),
+            denoising_strength=float(strength),
+            resize_mode=RESIZE_MODES.index(resize_mode) if resize_mode in RESIZE_MODES else DEFAULT_RESIZE_MODE,
         )
-        gen = runner.build(img2img_request, body)
+        gen = runner.build(img2img_request, body, init_image=upload(init_image, label="image"))
         yield from runner.run(gen, task="img2img", session=getattr(request, "session_hash", None))
 
     def inpaint(editor, mask_upload, prompt, negative, sampler, steps, cfg, width, height, n_iter, batch_size,
@@ -328,23 +330,30 @@ def build_ui(
         if background is None:
             raise gr.Error("upload an image to inpaint first", print_exception=False)
         if mask_upload:
-            mask_b64 = _file_base64(mask_upload)
+            mask = upload(mask_upload, label="mask", mask=True)
         else:
             mask = editor_mask(editor)
             if mask is None:
                 raise gr.Error("paint the area to regenerate on the image with the brush, or upload a mask",
                                print_exception=False)
-            mask_b64 = _png_base64(mask)
-        init_b64 = (_file_base64(background) if isinstance(background, (str, Path))
-                    else _png_base64(background.convert("RGB")))
+        init = (upload(background, label="image") if isinstance(background, (str, Path))
+                else background.convert("RGB"))
         body = Img2ImgRequest(
-            **common_body(prompt, negative, sampler, steps, cfg, width, height, n_iter, batch_size, seed),
-            init_images=[init_b64], mask=mask_b64, denoising_strength=float(strength),
-            mask_blur=int(mask_blur), inpainting_fill=MASKED_CONTENT.get(masked_content, 1),
+            **common_body(prompt, negative, sampler, steps, cfg, width, height, n_iter, batch_size, seed,
+                          from_image=True),
+            denoising_strength=float(strength),
+            mask_blur=int(mask_blur), inpainting_fill=MASKED_CONTENT.get(masked_content, MASKED_CONTENT[default_fill]),
             inpainting_mask_invert=int(bool(invert)),
         )
-        gen = runner.build(img2img_request, body)
+        gen = runner.build(img2img_request, body, init_image=init, mask=mask)
         yield from runner.run(gen, task="inpaint", session=getattr(request, "session_hash", None))
+
+    def upload(path: Any, *, label: str, mask: bool = False) -> Any:
+        """An uploaded file -> a PIL image with the API's checks; a bad upload -> gr.Error."""
+        try:
+            return load_upload(path, label=label, mask=mask)
+        except InvalidRequestError as exc:
+            raise gr.Error(one_line(exc), print_exception=False) from None
 
     def png_info(path: str | None) -> tuple[str, dict]:
         if not path:
@@ -375,12 +384,12 @@ def build_ui(
                     with gr.Column():
                         i_image = gr.Image(label="Image", type="filepath", image_mode=None, sources=["upload", "clipboard"],
                                            elem_id="img2img_image")
-                        i = settings("img2img")
+                        i = settings("img2img", from_image=True)
                         with gr.Row():
-                            i_strength = gr.Slider(0.0, 1.0, value=0.75, step=0.01, label="Denoising strength",
-                                                   elem_id="img2img_denoising_strength")
-                            i_resize = gr.Radio(list(RESIZE_MODES), value=RESIZE_MODES[0], label="Resize mode",
-                                                elem_id="img2img_resize_mode")
+                            i_strength = gr.Slider(0.0, 1.0, value=defaults.DEFAULT_STRENGTH, step=0.01,
+                                                   label="Denoising strength", elem_id="img2img_denoising_strength")
+                            i_resize = gr.Radio(list(RESIZE_MODES), value=RESIZE_MODES[DEFAULT_RESIZE_MODE],
+                                                label="Resize mode", elem_id="img2img_resize_mode")
                     with gr.Column():
                         ir = results("img2img")
                 i_inputs = [i_image, i["prompt"], i["negative"], i["sampler"], i["steps"], i["cfg"], i["width"],
@@ -398,13 +407,14 @@ def build_ui(
                         )
                         p_mask = gr.Image(label="Mask (optional upload: white = regenerate)", type="filepath",
                                           image_mode=None, sources=["upload"], elem_id="inpaint_mask")
-                        p = settings("inpaint")
+                        p = settings("inpaint", from_image=True)
                         with gr.Row():
-                            p_strength = gr.Slider(0.0, 1.0, value=0.75, step=0.01, label="Denoising strength",
-                                                   elem_id="inpaint_denoising_strength")
-                            p_blur = gr.Slider(0, 64, value=4, step=1, label="Mask blur", elem_id="inpaint_mask_blur")
+                            p_strength = gr.Slider(0.0, 1.0, value=defaults.DEFAULT_STRENGTH, step=0.01,
+                                                   label="Denoising strength", elem_id="inpaint_denoising_strength")
+                            p_blur = gr.Slider(0, defaults.MAX_MASK_BLUR, value=defaults.DEFAULT_MASK_BLUR, step=1,
+                                               label="Mask blur", elem_id="inpaint_mask_blur")
                         with gr.Row():
-                            p_fill = gr.Radio(list(MASKED_CONTENT), value="original", label="Masked content",
+                            p_fill = gr.Radio(list(MASKED_CONTENT), value=default_fill, label="Masked content",
                                               elem_id="inpaint_masked_content")
                             p_invert = gr.Checkbox(False, label="Invert mask (regenerate the unpainted part)",
                                                    elem_id="inpaint_invert")
@@ -474,7 +484,7 @@ def build_ui(
     return ui
 
 
-def mount_ui(app: "FastAPI", queue: JobQueue, *, limits: "Limits | None" = None, model_name: str | None = None,
+def mount_ui(app: "FastAPI", queue: JobQueue, *, limits: Limits | None = None, model_name: str | None = None,
              save_dir: "str | os.PathLike[str] | None" = None, path: str = "/") -> "FastAPI":
     """Mount the web UI at `path` of `app` (routes added before it, such as /sdapi/v1, keep precedence)."""
     gr = _gradio()

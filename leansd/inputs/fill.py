@@ -15,8 +15,7 @@ def fill_masked_area(image: "Image.Image", mask: "Image.Image") -> "Image.Image"
     pastes the known pixels back, so colours bleed inward from the mask's border.
     """
     import numpy as np
-    from PIL import Image as PILImage
-    from PIL import ImageFilter
+    from PIL import Image as PILImage, ImageFilter
 
     rgb = np.asarray(image.convert("RGB"), dtype=np.float32)
     hole = np.asarray(mask.convert("L")) >= 128  # (H, W) True where regenerated

@@ -134,8 +134,9 @@ def _open(path: str | os.PathLike[str], *, label: str) -> Image.Image:
             raise InvalidRequestError(
                 f"{label} {name}: the image is {width}x{height} pixels, too small (at least {MIN_SIDE}x{MIN_SIDE})"
             )
-        if getattr(image, "n_frames", 1) > 1:
-            logger.info("%s %s has %d frames; using the first", label, name, image.n_frames)
+        frames = getattr(image, "n_frames", 1)
+        if frames > 1:
+            logger.info("%s %s has %d frames; using the first", label, name, frames)
         image.load()  # decode every pixel now, so a truncated or corrupt file fails here
     except InvalidRequestError:
         image.close()
@@ -193,7 +194,7 @@ def _size_value(name: str, value: object, multiple: int) -> int:
     if isinstance(value, bool):
         raise InvalidRequestError(f"{name} must be an integer, got {value!r}")
     try:
-        number = operator.index(value)
+        number = operator.index(value)  # type: ignore[arg-type]  # a non-integer raises TypeError, handled below
     except TypeError:
         raise InvalidRequestError(f"{name} must be an integer, got {value!r}") from None
     if number % multiple:

@@ -29,6 +29,8 @@ from typing import TYPE_CHECKING, Any
 from leansd.errors import ModelLoadError, UnsafeCheckpointError, one_line
 
 if TYPE_CHECKING:
+    from collections.abc import Mapping
+
     import torch
 
 logger = logging.getLogger(__name__)
@@ -114,7 +116,7 @@ def read_state_dict(path: str | os.PathLike[str]) -> dict[str, "torch.Tensor"]:
     return state
 
 
-def state_dict_summary(state_dict: dict[str, "torch.Tensor"]) -> dict[str, tuple[int, ...]]:
+def state_dict_summary(state_dict: Mapping[str, "torch.Tensor"]) -> dict[str, tuple[int, ...]]:
     """Key -> shape, the view family detection works on."""
     return {key: tuple(int(d) for d in tensor.shape) for key, tensor in state_dict.items()}
 
@@ -279,7 +281,8 @@ def load_weights_only(path: str | os.PathLike[str], *, suffix: str | None = None
             )
         logger.debug("%s is a legacy (non-zip) torch file: read into memory, not mmapped", path)
     try:
-        with _CKPT_LOAD_LOCK, torch.serialization.safe_globals(ckpt_safe_globals()):
+        # torch's stub wants a list of its union type (lists are invariant); ours holds only tuples.
+        with _CKPT_LOAD_LOCK, torch.serialization.safe_globals(ckpt_safe_globals()):  # type: ignore[arg-type]
             obj = torch.load(path, map_location="cpu", weights_only=True, mmap=is_zip)
     except pickle.UnpicklingError as exc:
         refs = _unsafe_references(path, exc, is_zip=is_zip)

@@ -277,8 +277,8 @@ def _hub_errors(repo_id: str, revision: str | None) -> Iterator[None]:
     """Turn huggingface_hub's access and transfer errors into one-line ModelLoadErrors that say what to do."""
     from huggingface_hub.errors import (
         GatedRepoError,
-        HFValidationError,
         HfHubHTTPError,
+        HFValidationError,
         RepositoryNotFoundError,
         RevisionNotFoundError,
     )

@@ -10,7 +10,7 @@ import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from leansd.models.configs import SD1_VAE_SCALING_FACTOR
 
@@ -47,7 +47,7 @@ TINY_VAE_CONFIG = dict(
     sample_size=64,
     scaling_factor=SD1_VAE_SCALING_FACTOR,
 )
-TINY_TEXT_CONFIG = dict(
+TINY_TEXT_CONFIG: dict[str, Any] = dict(
     vocab_size=49408,
     hidden_size=32,
     intermediate_size=37,

@@ -34,7 +34,7 @@ from leansd.errors import ModelLoadError
 
 if TYPE_CHECKING:
     import torch
-    from transformers import CLIPTokenizerFast
+    from transformers import CLIPTokenizerFast  # type: ignore[attr-defined]  # a runtime alias of CLIPTokenizer in transformers 5
 
 logger = logging.getLogger(__name__)
 
@@ -79,13 +79,13 @@ def _bytes_to_unicode() -> dict[int, str]:
             bs.append(b)
             cs.append(256 + n)
             n += 1
-    return dict(zip(bs, (chr(c) for c in cs)))
+    return dict(zip(bs, (chr(c) for c in cs), strict=True))
 
 
 @functools.lru_cache(maxsize=1)
 def _bpe_data() -> tuple[tuple[str, ...], tuple[tuple[str, str], ...]]:
     """Vocabulary (in id order) and merges parsed from the bundled gz file; immutable."""
-    source = resources.files("leansd.models").joinpath("data", BPE_FILE)
+    source = resources.files("leansd.models").joinpath("data").joinpath(BPE_FILE)
     try:
         with source.open("rb") as raw, gzip.open(raw, "rt", encoding="utf-8") as f:
             lines = f.read().split("\n")
@@ -113,7 +113,7 @@ def bundled_tokenizer(*, pad_token: str = EOS_TOKEN) -> "CLIPTokenizerFast":
     ``pad_token`` is ``<|endoftext|>`` for SD 1.x/2.x and SDXL's first encoder; SDXL's
     second tokenizer pads with ``"!"`` (id 0). Each call returns a new object.
     """
-    from transformers import CLIPTokenizerFast
+    from transformers import CLIPTokenizerFast  # type: ignore[attr-defined]  # a runtime alias of CLIPTokenizer in transformers 5
 
     vocab, merges = _bpe_data()
     if pad_token not in (EOS_TOKEN, BOS_TOKEN) and pad_token not in vocab:
@@ -170,7 +170,7 @@ def load_tokenizer(folder: str | os.PathLike[str] | None = None) -> "CLIPTokeniz
             "pass a diffusers model's tokenizer/ subfolder"
         )
 
-    from transformers import CLIPTokenizerFast
+    from transformers import CLIPTokenizerFast  # type: ignore[attr-defined]  # a runtime alias of CLIPTokenizer in transformers 5
 
     try:
         tokenizer = CLIPTokenizerFast.from_pretrained(path, local_files_only=True)

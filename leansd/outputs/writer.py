@@ -166,13 +166,18 @@ def _decode_user_comment(data: bytes, *, little_endian: bool) -> str:
     return data.decode("utf-8", errors="replace")
 
 
+def write_png(image: Image.Image, f: BinaryIO, *, infotext: str | None) -> None:
+    """PNG with A1111's `parameters` text chunk (when `infotext` is given)."""
+    pnginfo = None
+    if infotext is not None:
+        pnginfo = PngImagePlugin.PngInfo()
+        pnginfo.add_text(INFOTEXT_KEY, infotext)  # tEXt if latin-1, else iTXt (UTF-8)
+    image.save(f, format="PNG", pnginfo=pnginfo)
+
+
 def _encode(image: Image.Image, f: BinaryIO, *, fmt: str, infotext: str | None, quality: int) -> None:
     if fmt == "png":
-        pnginfo = None
-        if infotext is not None:
-            pnginfo = PngImagePlugin.PngInfo()
-            pnginfo.add_text(INFOTEXT_KEY, infotext)  # tEXt if latin-1, else iTXt (UTF-8)
-        image.save(f, format="PNG", pnginfo=pnginfo)
+        write_png(image, f, infotext=infotext)
         return
     if image.mode not in ("RGB", "L"):
         image = image.convert("RGB")  # JPEG has no alpha or palette
@@ -346,6 +351,11 @@ class ImageWriter:
         return self._save_numbered(
             image, start, lambda i: image_filename(seed=seed, index=i, fmt=self.fmt), infotext
         )
+
+    def save_all(self, images: Sequence[Image.Image], *, seeds: Sequence[int],
+                 infotexts: Sequence[str | None]) -> list[Path]:
+        """`save` for each image of a result, in order: image k with seeds[k] and infotexts[k]."""
+        return [self.save(image, seed=seed, infotext=info) for image, seed, info in zip(images, seeds, infotexts)]
 
     def save_grid(self, image: Image.Image, *, infotext: str | None) -> Path:
         """Save as `grid-<NNNN>`, NNNN = grids already in the folder."""

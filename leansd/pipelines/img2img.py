@@ -11,7 +11,6 @@ if TYPE_CHECKING:
     import torch
 
     from leansd.engine.engine import Engine
-    from leansd.pipelines.steps import PromptConditioning
     from leansd.request import GenerationRequest, GenerationResult, ProgressEvent
 
 

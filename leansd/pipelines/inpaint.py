@@ -32,7 +32,6 @@ if TYPE_CHECKING:
     import torch
 
     from leansd.engine.engine import Engine
-    from leansd.pipelines.steps import PromptConditioning
     from leansd.request import GenerationRequest, GenerationResult, ProgressEvent
 
 
@@ -55,6 +54,8 @@ def inpaint(
     request = request.validated()
     if request.mask is None:
         raise InvalidRequestError("inpainting needs a mask")
+    if request.init_image is None:
+        raise InvalidRequestError("inpainting needs an init image")
     init, width, height = fit_init_image(engine, request)
     mask = prepare_mask(request.mask, (width, height), invert=request.invert_mask, blur=request.mask_blur,
                         image_size=request.init_image.size, resize_mode=request.resize_mode)
@@ -93,6 +94,7 @@ def inpaint(
             image_latents = apply_latent_fill(engine, request, image_latents, latent_mask, seeds=seeds,
                                               width=width, height=height)
         if len(timesteps) == 0:  # strength 0: nothing to denoise
+            assert image_latents is not None  # encoded above: strength 0 is not full strength
             return image_latents
         if full_strength:
             latents = noise * scheduler.init_noise_sigma

@@ -35,6 +35,8 @@ def fit_init_image(engine: "Engine", request: "GenerationRequest") -> tuple["Ima
     """The init image fitted to the output size (the request's, else its own rounded down to 8)."""
     from leansd.inputs.images import resize_image, target_size
 
+    if request.init_image is None:
+        raise InvalidRequestError(f"{request.task} needs an init image")
     width, height = target_size(request.init_image.size, width=request.width, height=request.height)
     factor = engine.bundle.vae_scale_factor
     if width % factor or height % factor:
@@ -381,9 +383,7 @@ def run_batches(
     import numpy as np
     from tqdm.auto import tqdm
 
-    from leansd.request import GenerationResult, ProgressEvent
-
-    from leansd.request import SkipBatch, StopGeneration
+    from leansd.request import GenerationResult, ProgressEvent, SkipBatch, StopGeneration
 
     seeds = request.image_seeds()
     pixels = []
@@ -398,7 +398,7 @@ def run_batches(
                 bar.total = total
                 bar.update(1)
                 if progress is not None:  # may raise SkipBatch / StopGeneration
-                    progress(ProgressEvent(step=step, total_steps=total, batch_index=b, n_batches=request.n_iter))
+                    progress(ProgressEvent(step=step, total_steps=total, batch_index=b, n_batches=request.n_iter))  # noqa: B023 - called within this batch
 
             t0 = time.perf_counter()
             try:

@@ -81,8 +81,8 @@ def hires_target(request: "GenerationRequest", *, width: int, height: int) -> tu
         w2, h2 = (int(round(side * request.hires_scale / 8)) * 8 for side in (width, height))
     else:
         # One side given: keep the aspect ratio, as AUTOMATIC1111's "Resize width/height to".
-        w2 = request.hires_width or int(round(width * request.hires_height / height / 8)) * 8
-        h2 = request.hires_height or int(round(height * request.hires_width / width / 8)) * 8
+        w2 = request.hires_width or int(round(width * (request.hires_height or height) / height / 8)) * 8
+        h2 = request.hires_height or int(round(height * (request.hires_width or width) / width / 8)) * 8
     if max(w2, h2) > MAX_SIZE or min(w2, h2) < MIN_SIZE:
         raise InvalidRequestError(
             f"the hires pass would be {w2}x{h2}; each side must be between {MIN_SIZE} and {MAX_SIZE}"
@@ -134,6 +134,6 @@ def hires_pass(
         return refine_latents(engine, request, upscaled, scheduler=scheduler, generators=image_generators(seeds),
                               steps=steps, strength=request.hires_strength, text=text, on_step=on_step)
     images = to_pil(decode_latents(engine, latents))
-    pixels = torch.cat([image_to_tensor(im.resize((width, height), Image.LANCZOS)) for im in images])
+    pixels = torch.cat([image_to_tensor(im.resize((width, height), Image.Resampling.LANCZOS)) for im in images])
     return img2img_latents(engine, request, seeds=seeds, pixels=pixels, strength=request.hires_strength,
                            steps=steps, text=text, on_step=on_step)

@@ -92,7 +92,7 @@ def fingerprint_tensors(tensors: Mapping[str, "torch.Tensor"]) -> str:
         header = json.dumps([name, str(t.dtype), list(t.shape)]).encode()
         digest.update(len(header).to_bytes(8, "little") + header)
         data = t.to("cpu").contiguous().reshape(-1).view(torch.uint8)  # raw bytes, any dtype
-        digest.update(data.numpy())
+        digest.update(data.numpy())  # type: ignore[arg-type]  # numpy's stubs declare __buffer__ only for Python >= 3.12
     return digest.hexdigest()
 
 
@@ -129,7 +129,7 @@ def entry_key(fingerprint: str, chunks: "TokenChunks") -> str:
 def _tensor_digest(t: "torch.Tensor") -> str:
     import torch
 
-    return hashlib.sha256(t.contiguous().reshape(-1).view(torch.uint8).numpy()).hexdigest()
+    return hashlib.sha256(t.contiguous().reshape(-1).view(torch.uint8).numpy()).hexdigest()  # type: ignore[arg-type]  # as above
 
 
 class PromptCache:

@@ -47,7 +47,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Callable, Sequence, Union
+from typing import TYPE_CHECKING, Callable, Sequence, Union, cast
 
 from leansd.prompts.cache import CacheStats, PromptCache, entry_key, text_encoder_fingerprint
 from leansd.prompts.encode import CHUNK_LENGTH, TokenChunks, chunk_tokens, encode_chunks, pad_chunks
@@ -55,7 +55,7 @@ from leansd.prompts.parse import ConditioningSpec, Fragment, WeightedText, parse
 
 if TYPE_CHECKING:
     import torch
-    from transformers import CLIPTextModel, CLIPTokenizerFast
+    from transformers import CLIPTextModel, CLIPTokenizerFast  # type: ignore[attr-defined]  # a runtime alias of CLIPTokenizer in transformers 5
 
     from leansd.models.embeddings import EmbeddingMatcher
 
@@ -79,11 +79,12 @@ def combine_guidance(
     if not noise_conds or len(noise_conds) != len(weights):
         raise ValueError(f"need one weight per conditional prediction, got {len(noise_conds)} and {len(weights)}")
     delta = None
-    for noise_cond, weight in zip(noise_conds, weights):
+    for noise_cond, weight in zip(noise_conds, weights, strict=True):
         term = noise_cond - noise_uncond
         if weight != 1.0:
             term = weight * term
         delta = term if delta is None else delta + term
+    assert delta is not None  # noise_conds is not empty
     return noise_uncond + guidance_scale * delta
 
 
@@ -98,7 +99,7 @@ class StepConditioning:
     @property
     def parts(self) -> tuple[tuple["torch.Tensor", float], ...]:
         """(cond, weight) pairs, one per ``AND`` sub-prompt."""
-        return tuple(zip(self.conds, self.weights))
+        return tuple(zip(self.conds, self.weights, strict=True))
 
     def context(self, batch_size: int = 1, *, include_uncond: bool = True) -> "torch.Tensor":
         """UNet ``encoder_hidden_states``: [uncond; cond_1; ...; cond_n], each repeated ``batch_size`` times.
@@ -191,7 +192,7 @@ class _Encoder:
 
         if self._module is None:
             source = self._source
-            self._module = source if isinstance(source, torch.nn.Module) else source()  # type: ignore[operator]
+            self._module = cast("CLIPTextModel", source) if isinstance(source, torch.nn.Module) else source()
         return self._module
 
 
@@ -292,7 +293,7 @@ def build_conditioning(
         k = max(z.shape[1] // CHUNK_LENGTH for z in blocks)
         blocks = [pad_chunks(z, k, empty()) if z.shape[1] != k * CHUNK_LENGTH else z for z in blocks]
         mixed = torch.zeros_like(blocks[0])
-        for z, (_, weight) in zip(blocks, spec.blocks):  # optimizedSD: c += w_i / sum(w) * enc(block_i)
+        for z, (_, weight) in zip(blocks, spec.blocks, strict=True):  # optimizedSD: c += w_i / sum(w) * enc(block_i)
             mixed = torch.add(mixed, z, alpha=weight)
         return mixed
 

@@ -26,7 +26,7 @@ from leansd.prompts.parse import BREAK, Fragment, Piece
 
 if TYPE_CHECKING:
     import torch
-    from transformers import CLIPTextModel, CLIPTokenizerFast
+    from transformers import CLIPTextModel, CLIPTokenizerFast  # type: ignore[attr-defined]  # a runtime alias of CLIPTokenizer in transformers 5
 
     from leansd.models.embeddings import Embedding, EmbeddingMatcher
 

@@ -372,7 +372,7 @@ def _collapse(nodes: list[_Node]) -> tuple[_Node, ...]:
     out: list[_Node] = []
     for node in nodes:
         if isinstance(node, str) and out and isinstance(out[-1], str):
-            out[-1] = out[-1] + node  # type: ignore[operator]
+            out[-1] = out[-1] + node
         elif node != "":
             out.append(node)
     return tuple(out)
@@ -385,12 +385,12 @@ def _text_of(nodes: Sequence[_Node]) -> str | None:
 
 def _as_text(parts: list[tuple[_Node, ...]], seps: list[str]) -> _Node:
     """A ``[...]`` that is neither editing nor alternation: its brackets and separators are text."""
-    body: list[_Node] = []
+    merged: list[_Node] = []
     for i, part in enumerate(parts):
         if i:
-            body.append(seps[i - 1])
-        body.extend(part)
-    flat = _collapse(body)
+            merged.append(seps[i - 1])
+        merged.extend(part)
+    flat = _collapse(merged)
     text = _text_of(flat)
     return f"[{text}]" if text is not None else _Group("[", flat, "]")
 
@@ -682,7 +682,7 @@ def parse_prompt(
     if resolved == "blocks":
         blocks = split_weight_blocks(prompt)
         weights = normalise_weights([w for _, w in blocks])
-        kept = tuple((t, w) for (t, _), w in zip(blocks, weights) if w != 0)
+        kept = tuple((t, w) for (t, _), w in zip(blocks, weights, strict=True) if w != 0)
         spec: ConditioningSpec = WeightedText.plain(kept[0][0]) if len(kept) == 1 else BlockBlend(kept)
         logger.debug("weight blocks %s", kept)
         return _static(prompt, resolved, rows, ((spec, 1.0),))

@@ -69,6 +69,8 @@ class GeneratingEngine(Protocol):
         progress_bar: bool = True,
     ) -> "GenerationResult": ...
 
+    def set_budget(self, vram: "str | int | None") -> int | None: ...
+
 
 @dataclass(frozen=True)
 class JobProgress:

@@ -57,7 +57,7 @@ def test_32_concurrent_mixed_requests(engine, live_server) -> None:
 
     accepted = []
     statuses = [a.status_code for a in answers]
-    for (endpoint, payload, valid), answer in zip(payloads, answers):
+    for (endpoint, payload, valid), answer in zip(payloads, answers, strict=True):
         if not valid:
             assert 400 <= answer.status_code < 500, answer.text
             continue

@@ -40,7 +40,7 @@ def test_txt2img_images_decode_and_metadata_parses(server) -> None:
     assert all(im.size == (64, 64) for im in result.images)
     assert result.info["all_seeds"] == [1234, 1235] and result.info["seed"] == 1234
     assert result.info["sampler_name"] == "Euler a" and result.info["steps"] == 3
-    for image, seed, infotext in zip(result.images, [1234, 1235], result.info["infotexts"]):
+    for image, seed, infotext in zip(result.images, [1234, 1235], result.info["infotexts"], strict=True):
         meta = parse_infotext(image.info["parameters"])
         assert image.info["parameters"] == infotext
         assert meta["Prompt"] == "a red fox in the snow" and meta["Negative prompt"] == "blurry"

@@ -277,7 +277,7 @@ def test_full_cache_hit_never_touches_the_encoder(tokenizer, tmp_path):
     for i in range(3):
         a, b = first.at(i), second.at(i)
         assert torch.equal(a.uncond, b.uncond) and a.weights == b.weights
-        assert all(torch.equal(x, y) for x, y in zip(a.conds, b.conds))
+        assert all(torch.equal(x, y) for x, y in zip(a.conds, b.conds, strict=True))
 
 
 def test_lazy_encoder_is_loaded_only_on_a_miss(tokenizer, tmp_path):

@@ -19,6 +19,7 @@ from leansd.models.configs import (
 from leansd.models.convert import diffusers_to_ldm, ldm_schedule_buffers, ldm_to_diffusers, strip_text_prefix
 from leansd.models.tiny import TINY_TEXT_CONFIG, TINY_UNET_CONFIG, TINY_VAE_CONFIG, build_tiny_components
 
+
 def _meta_models(unet_config, vae_config, text_config):
     import accelerate
     from diffusers import AutoencoderKL, UNet2DConditionModel

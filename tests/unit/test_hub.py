@@ -7,8 +7,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-import huggingface_hub
 import httpx2
+import huggingface_hub
 import pytest
 from huggingface_hub.errors import GatedRepoError, HfHubHTTPError, RepositoryNotFoundError
 

@@ -107,12 +107,12 @@ def test_single_file_outputs_equal_in_process_models(files, reference):
     expected = run(reference.unet, reference.vae, reference.text_encoder)
     # Copies into fresh (aligned) memory: bit for bit the same computation.
     copies = [copy.deepcopy(m) for m in (bundle.unet, bundle.vae, bundle.text_encoder)]
-    for got, want in zip(run(*copies), expected):
+    for got, want in zip(run(*copies), expected, strict=True):
         assert got.abs().sum() > 0
         assert torch.equal(got, want)
     # In place, the parameters live in the file mapping, whose tensors are not 64-byte aligned;
     # CPU kernels may then sum in another order (measured: 1.7e-6 on the tiny UNet).
-    for got, want in zip(run(bundle.unet, bundle.vae, bundle.text_encoder), expected):
+    for got, want in zip(run(bundle.unet, bundle.vae, bundle.text_encoder), expected, strict=True):
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
 
 

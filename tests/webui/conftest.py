@@ -16,8 +16,8 @@ def ui_server() -> Iterator[LiveServer]:
     from leansd.frontends.http import create_app
     from tests.helpers import tiny_bundle
 
-    engine = Engine(tiny_bundle(), device="cpu", precision="full", prompt_cache=False)
-    server = LiveServer(create_app(engine, max_queue=8, max_size=512)).__enter__()
+    tiny_engine = Engine(tiny_bundle(), device="cpu", precision="full", prompt_cache=False)
+    server = LiveServer(create_app(tiny_engine, max_queue=8, max_size=512)).__enter__()
     yield server
     server.__exit__()
 
