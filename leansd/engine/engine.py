@@ -17,8 +17,8 @@ if TYPE_CHECKING:
 
     from leansd.engine.planner import MemoryPlan, ModelSizes
     from leansd.models.bundle import ModelBundle
-    from leansd.models.library import ModelLibrary
     from leansd.models.embeddings import EmbeddingMatcher, EmbeddingStore
+    from leansd.models.library import ModelLibrary
     from leansd.models.lora import ActiveLora, LoraFile, LoraPatch
     from leansd.prompts.cache import PromptCache
     from leansd.request import GenerationRequest, GenerationResult, ProgressEvent
@@ -488,7 +488,8 @@ class Engine:
         if self._embeddings is None:
             from leansd.models.embeddings import EmbeddingStore
 
-            width = int(self.bundle.text_encoder.get_input_embeddings().weight.shape[-1])
+            layer: Any = self.bundle.text_encoder.get_input_embeddings()
+            width = int(layer.weight.shape[-1])
             self._embeddings = EmbeddingStore(self.library, width=width)
         return self._embeddings
 
@@ -540,14 +541,14 @@ class Engine:
         matcher = self.embedding_matcher()
         if matcher is None:
             return {}
-        used: dict[str, Embedding] = {}
+        used: dict[str, Path] = {}
         for text in texts:
             for part in matcher.split(strip_networks(text)):
                 if isinstance(part, Embedding) and part.path is not None:
-                    used.setdefault(part.name, part)
+                    used.setdefault(part.name, part.path)
         if not used:
             return {}
-        return {"TI hashes": ", ".join(f"{name}: {embedding_short_hash(e.path)}" for name, e in used.items())}
+        return {"TI hashes": ", ".join(f"{name}: {embedding_short_hash(path)}" for name, path in used.items())}
 
     @property
     def active_loras(self) -> tuple["ActiveLora", ...]:

@@ -13,8 +13,10 @@ import sys
 from pathlib import Path
 from typing import Any, NoReturn, Sequence
 
-from leansd import __version__
-from leansd import request as defaults  # constants only: no torch, no PIL
+from leansd import (
+    __version__,
+    request as defaults,  # constants only: no torch, no PIL
+)
 from leansd.frontends import limits  # the server's defaults, standard library only
 from leansd.service.queue import DEFAULT_MAX_QUEUE  # standard library only
 

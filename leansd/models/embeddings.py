@@ -26,7 +26,7 @@ import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Iterator, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, Iterator, Mapping, Sequence
 
 from leansd.errors import ModelLoadError
 
@@ -93,9 +93,9 @@ def embedding_from_object(obj: object, *, name: str, where: str, path: Path | No
     elif isinstance(obj.get("emb_params"), torch.Tensor):
         vectors = {"te": obj["emb_params"]}
     else:
-        tensors = {k: v for k, v in obj.items() if isinstance(v, torch.Tensor)}
-        if len(tensors) == 1:  # diffusers learned_embeds: {"<token>": (D,) or (n, D)}
-            vectors = {"te": next(iter(tensors.values()))}
+        found = [v for v in obj.values() if isinstance(v, torch.Tensor)]
+        if len(found) == 1:  # diffusers learned_embeds: {"<token>": (D,) or (n, D)}
+            vectors = {"te": found[0]}
     if not vectors:
         raise ModelLoadError(
             f"{where}: not a textual-inversion embedding (no string_to_param, emb_params, clip_l/clip_g "
@@ -154,8 +154,9 @@ class EmbeddingStore:
         if cached is None or cached[0] != stamp:
             reason = ""
             try:
-                emb: Embedding | None = read_embedding(entry.path, name=entry.name)
-                vectors = emb.for_encoder(self.encoder)
+                read = read_embedding(entry.path, name=entry.name)
+                emb: Embedding | None = read
+                vectors = read.for_encoder(self.encoder)
                 if vectors.shape[-1] != self.width:
                     reason = f"vectors of width {vectors.shape[-1]}, this model's text encoder has {self.width}"
                     emb = None
@@ -230,7 +231,7 @@ def inject(
     if not table:
         yield
         return
-    layer = text_encoder.get_input_embeddings()
+    layer: Any = text_encoder.get_input_embeddings()  # type: ignore[operator]
     vectors = torch.cat([e.for_encoder(encoder) for e in table])  # (total, D)
     state: dict[str, torch.Tensor] = {}
 

@@ -33,7 +33,7 @@ import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Iterable, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, Iterable, Mapping, Sequence
 
 from leansd.errors import ModelLoadError
 
@@ -178,9 +178,9 @@ def _parse_key(key: str) -> tuple[str, str, str] | None:
         path = key[: processor.start()] + "." + (layer + ".0" if layer == "to_out" else layer)
         role = processor.group(2)
     else:
-        for suffix, role in _DOTTED_SUFFIXES:
+        for suffix, suffix_role in _DOTTED_SUFFIXES:
             if key.endswith(suffix):
-                path = key[: -len(suffix)]
+                path, role = key[: -len(suffix)], suffix_role
                 break
         else:
             return None
@@ -202,7 +202,7 @@ def module_index(model: "torch.nn.Module", target: str) -> dict[str, "torch.nn.M
     """Module key (as in LoRA files) -> Linear/Conv2d module of ``model`` (a UNet or a text encoder)."""
     import torch
 
-    index = {}
+    index: dict[str, "torch.nn.Module"] = {}
     for name, module in model.named_modules():
         if isinstance(module, (torch.nn.Linear, torch.nn.Conv2d)):
             key = name.replace(".", "_")
@@ -250,7 +250,7 @@ class _LoraHook:
             self._cache[key] = out
         return self._cache[key]
 
-    def __call__(self, module: "torch.nn.Module", args: tuple, output: "torch.Tensor") -> "torch.Tensor":
+    def __call__(self, module: Any, args: tuple, output: "torch.Tensor") -> "torch.Tensor":
         import torch.nn.functional as F
 
         x = args[0]
@@ -334,7 +334,7 @@ def apply_loras(
     return patch
 
 
-def _expected_shape(module: "torch.nn.Module") -> tuple[int, ...]:
+def _expected_shape(module: Any) -> tuple[int, ...]:
     return tuple(int(d) for d in module.weight.shape)
 
 

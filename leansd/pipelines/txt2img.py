@@ -56,7 +56,7 @@ def txt2img(
         latents = noise_for(engine, generators, width=width, height=height) * scheduler.init_noise_sigma
         latents = run_denoise(engine, request, scheduler=scheduler, latents=latents, generators=generators,
                               text=text, on_step=on_step)
-        if hires_size is not None:
+        if hires_size is not None and second_pass_text is not None:
             latents = hires_pass(engine, request, latents, seeds=seeds, size=hires_size,
                                  text=second_pass_text, on_step=on_step)
         return latents
