@@ -571,3 +571,61 @@ def failure(exc: BaseException) -> tuple[str, str]:
             f"hires size ({one_line(exc, limit=160)})"
         )
     return type(exc).__name__, f"generation failed: {type(exc).__name__}: {one_line(exc, limit=200)}"
+
+
+# ---------------------------------------------------------------------------------------------
+# The model library: checkpoints, LoRAs, embeddings and VAEs as A1111 lists them
+
+
+def library_models(library: Any, *, model_name: str, model_hash: str | None, source: str) -> list[dict[str, Any]]:
+    """`GET /sd-models`: the loaded model first, then every checkpoint of the library.
+
+    A library file's hash is given only once known (A1111 too lists `hash: null` until a file has
+    been hashed); its title is then `relative/path.safetensors [hash]`.
+    """
+    models = sd_models(model_name=model_name, model_hash=model_hash, source=source)
+    loaded = {str(Path(source).resolve())} if source else set()
+    for entry in library.entries("checkpoint"):
+        if str(entry.path.resolve()) in loaded:
+            continue
+        models.append({"title": entry.title(None), "model_name": Path(entry.relative).with_suffix("").as_posix(),
+                       "hash": None, "sha256": None, "filename": str(entry.path), "config": None})
+    return models
+
+
+def lora_list(library: Any) -> list[dict[str, Any]]:
+    """`GET /loras`: name, alias, path and the safetensors metadata of every LoRA, as A1111's Lora extension."""
+    from leansd.models.hashes import safetensors_header
+
+    out = []
+    for entry in library.entries("lora"):
+        metadata: dict[str, Any] = {}
+        if entry.path.suffix.lower() == ".safetensors":
+            try:
+                metadata = dict(safetensors_header(entry.path)[1].get("__metadata__") or {})
+            except (OSError, ValueError):
+                metadata = {}
+        alias = metadata.get("ss_output_name") if isinstance(metadata.get("ss_output_name"), str) else entry.name
+        out.append({"name": entry.name, "alias": alias, "path": str(entry.path), "metadata": metadata})
+    return out
+
+
+def embedding_list(store: Any) -> dict[str, Any]:
+    """`GET /embeddings`: {"loaded": {...}, "skipped": {...}} with A1111's fields per embedding."""
+    loaded, skipped = store.status()
+
+    def item(emb: Any) -> dict[str, Any]:
+        vectors = emb.for_encoder(store.encoder)
+        return {"step": None, "sd_checkpoint": None, "sd_checkpoint_name": None,
+                "shape": int(vectors.shape[-1]), "vectors": int(vectors.shape[0])}
+
+    return {
+        "loaded": {name: item(emb) for name, emb in loaded.items()},
+        "skipped": {name: {"step": None, "sd_checkpoint": None, "sd_checkpoint_name": None, "shape": None,
+                           "vectors": None, "reason": reason} for name, reason in skipped.items()},
+    }
+
+
+def vae_list(library: Any) -> list[dict[str, Any]]:
+    """`GET /sd-vae`: every VAE file, as {"model_name": file name, "filename": path}."""
+    return [{"model_name": entry.path.name, "filename": str(entry.path)} for entry in library.entries("vae")]

@@ -318,15 +318,47 @@ async def cmd_flags() -> dict:
     return {"api": True, "listen": None, "api_auth": None}
 
 
+def _library(request: Request) -> Any:
+    """The engine's model library (None for engines without one, e.g. test doubles)."""
+    return getattr(_server(request).queue.engine, "library", None)
+
+
 @_route("GET", f"{API}/sd-models")
 async def sd_models(request: Request) -> list:
     server = _server(request)
-    return a1111.sd_models(model_name=server.model_name, model_hash=server.model_hash, source=server.model_source)
+    library = _library(request)
+    if library is None:
+        return a1111.sd_models(model_name=server.model_name, model_hash=server.model_hash, source=server.model_source)
+    return await asyncio.to_thread(a1111.library_models, library, model_name=server.model_name,
+                                   model_hash=server.model_hash, source=server.model_source)
 
 
 @_route("POST", f"{API}/refresh-checkpoints")
-async def refresh_checkpoints() -> None:
+async def refresh_checkpoints(request: Request) -> None:
+    library = _library(request)
+    if library is not None:
+        library.refresh("checkpoint")
     return None
+
+
+@_route("GET", f"{API}/loras")
+async def loras(request: Request) -> list:
+    library = _library(request)
+    return [] if library is None else await asyncio.to_thread(a1111.lora_list, library)
+
+
+@_route("POST", f"{API}/refresh-loras")
+async def refresh_loras(request: Request) -> None:
+    library = _library(request)
+    if library is not None:
+        library.refresh("lora")
+    return None
+
+
+@_route("GET", f"{API}/sd-vae")
+async def sd_vae(request: Request) -> list:
+    library = _library(request)
+    return [] if library is None else await asyncio.to_thread(a1111.vae_list, library)
 
 
 @_route("GET", f"{API}/samplers")
@@ -353,14 +385,18 @@ async def _empty_list() -> list:
     return []
 
 
-for _path in ("sd-vae", "loras", "hypernetworks", "face-restorers", "realesrgan-models", "prompt-styles",
+for _path in ("hypernetworks", "face-restorers", "realesrgan-models", "prompt-styles",
               "sd-modules"):
     _ROUTES.append(("GET", f"{API}/{_path}", _empty_list, _path))
 
 
 @_route("GET", f"{API}/embeddings")
-async def embeddings() -> dict:
-    return {"loaded": {}, "skipped": {}}
+async def embeddings(request: Request) -> dict:
+    store = getattr(_server(request).queue.engine, "embeddings", None)
+    if store is None:
+        return {"loaded": {}, "skipped": {}}
+    store.library.refresh("embedding")  # A1111 rescans the folder when asked
+    return await asyncio.to_thread(a1111.embedding_list, store)
 
 
 @_route("GET", f"{API}/scripts")
