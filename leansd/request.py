@@ -98,6 +98,12 @@ class GenerationRequest:
     """Seamless tiling: convolutions pad circularly so the image tiles without seams."""
     prompt_syntax: str = DEFAULT_PROMPT_SYNTAX
     """auto, a1111 ((word:1.2), [a:b:0.5], AND, BREAK), blocks (optimizedSD `a:0.3 b:0.7`), plain."""
+    checkpoint: str | None = None
+    """Checkpoint to generate with: a name (stem, path or A1111 title) from the model library or a
+    file; the engine switches to it before the job (one model in memory). None: the loaded one."""
+    vae: str | None = None
+    """VAE to decode with: a file, a name from the VAE folder, "None" (the checkpoint's own) or
+    "Automatic" (A1111's sd_vae choices); it stays in use afterwards. None: leave it as it is."""
 
     @property
     def task(self) -> str:
@@ -121,6 +127,10 @@ class GenerationRequest:
                 text.encode("utf-8")
             except UnicodeEncodeError:
                 raise InvalidRequestError(f"{name} is not valid text (it holds undecodable bytes)") from None
+        for name in ("checkpoint", "vae"):
+            value = getattr(self, name)
+            if value is not None and (not isinstance(value, str) or not value.strip()):
+                raise InvalidRequestError(f"{name} must be a non-empty name or path, got {value!r}")
         values: dict[str, Any] = {
             name: _as_int(name, getattr(self, name))
             for name in ("num_inference_steps", "batch_size", "n_iter")

@@ -4,14 +4,13 @@ from __future__ import annotations
 
 import contextlib
 import logging
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Iterator, Sequence
 
 from leansd.engine.device import Precision, resolve_device, resolve_precision
 from leansd.engine.memory import MemoryMeter
 
 if TYPE_CHECKING:
-    from pathlib import Path
-
     import torch
     from transformers import CLIPTextModel
 
@@ -120,6 +119,8 @@ class Engine:
         self._own_vae: Any = None
         self.vae_path: "Path | None" = None
         """The VAE file in use (None: the checkpoint's own VAE)."""
+        self.vae_choice = "Automatic"
+        """A1111's sd_vae setting: re-applied when another checkpoint is loaded."""
         # The text encoder is placed only when a prompt is not in the cache (see placed_text_encoder).
         if self.budget is None and memory_policy == "auto" and not vae_on_cpu:
             for name in ("unet", "vae"):  # no budget: resident from the start, as always
@@ -503,8 +504,6 @@ class Engine:
         The checkpoint's VAE is kept aside (on the host) while an override is in use, so going
         back needs no reload. Raises ModelLoadError for a file that does not fit the model.
         """
-        from pathlib import Path
-
         from leansd.models.vae_override import load_vae_file
 
         target = None if path is None else Path(path)
@@ -523,6 +522,85 @@ class Engine:
         else:
             self._cast(new, self._dtype_of("vae"))
         logger.info("VAE: %s", target or "the checkpoint's own")
+
+    def set_vae_choice(self, choice: str) -> None:
+        """Apply an A1111 `sd_vae` choice ("Automatic", "None", a file or a VAE-folder name) and keep it."""
+        from leansd.models.vae_override import resolve_vae
+
+        source = Path(self.bundle.source) if self.bundle.source else None
+        checkpoint = source if source is not None and source.is_file() else None
+        self.set_vae(resolve_vae(choice, library=self.library, checkpoint=checkpoint))
+        self.vae_choice = choice
+
+    def switch_model(self, spec: str) -> bool:
+        """Load checkpoint `spec` (a library name, A1111 title or path) in place of the current model.
+
+        One model in memory at a time: the current one is released first; if the new one fails to
+        load, the previous one is loaded again and the error is raised. LoRAs, the VAE override and
+        every cached plan are reset; the `sd_vae` choice is applied to the new model. Returns False
+        when `spec` is the loaded model already. Raises InvalidRequestError for an unknown name.
+        """
+        import gc
+
+        from leansd.errors import InvalidRequestError
+        from leansd.models.loader import TINY_SPEC, load_model
+
+        if spec == TINY_SPEC or Path(spec).expanduser().exists():
+            target = spec if spec == TINY_SPEC else str(Path(spec).expanduser())
+        else:
+            entry = self.library.find_checkpoint(spec)
+            if entry is None:
+                names = self.library.names("checkpoint")
+                raise InvalidRequestError(
+                    f"no checkpoint named {spec!r} in {self.library.folder('checkpoint')} (--ckpt-dir)"
+                    + (f"; available: {', '.join(names[:10])}" if names else "")
+                )
+            target = str(entry.path)
+
+        def same(a: str, b: str) -> bool:
+            return a == b or (a != TINY_SPEC and b != TINY_SPEC and Path(a).resolve() == Path(b).resolve())
+
+        if same(target, self.bundle.source):
+            return False
+        previous = self.bundle.source
+        self.set_loras([])
+        for name in list(self._on_device):
+            self._evict(name)
+        self._lora_files.clear()
+        self.bundle = None  # type: ignore[assignment]  # released before the next one loads
+        self._own_vae = None
+        gc.collect()
+        try:
+            bundle = load_model(target)
+        except Exception:
+            logger.warning("loading %s failed; loading %s again", target, previous)
+            self._adopt(load_model(previous))
+            raise
+        self._adopt(bundle)
+        logger.info("switched model to %s", bundle.name)
+        self.set_vae_choice(self.vae_choice)
+        return True
+
+    def _adopt(self, bundle: "ModelBundle") -> None:
+        """Make `bundle` this engine's model: fresh plans and memos, placed as at construction."""
+        self.bundle = bundle
+        self.vae_path = None
+        self._own_vae = None
+        self._sizes = None
+        self.plan = None
+        self._fingerprint = None
+        self._embeddings = None
+        self._default_processors = None
+        self._attention_chunk = None
+        self._vae_full_precision = False
+        self._loras = None
+        self._lora_key = ()
+        if self.budget is None and self.memory_policy == "auto" and not self.vae_on_cpu:
+            for name in ("unet", "vae"):
+                self._bring(name)
+        else:
+            for name, module in self._components().items():
+                self._cast(module, self._dtype_of(name))
 
     def vae_infotext(self) -> dict[str, str]:
         """AUTOMATIC1111's `VAE hash` and `VAE` entries when a VAE file is in use."""
