@@ -255,14 +255,20 @@ def _check_size(limits: Limits, width: int | None, height: int | None, *, why: s
             raise InvalidRequestError(f"{name} must be at most {limits.max_size} on this server, got {value}{why}")
 
 
-def _common_fields(body: A1111Request, *, model_name: str, limits: Limits) -> dict[str, Any]:
+def _common_fields(body: A1111Request, *, model_name: str, limits: Limits, library: Any = None) -> dict[str, Any]:
     unsupported(body)
-    checkpoint = (body.override_settings or {}).get("sd_model_checkpoint")
+    overrides = body.override_settings or {}
+    checkpoint = overrides.get("sd_model_checkpoint")
+    switch: dict[str, Any] = {}
     if checkpoint and not same_model(str(checkpoint), model_name):
-        raise InvalidRequestError(
-            f"override_settings.sd_model_checkpoint {checkpoint!r} is not the loaded model {model_name!r}; "
-            "this server serves one model"
-        )
+        if library is None or library.find_checkpoint(str(checkpoint)) is None:
+            raise InvalidRequestError(
+                f"override_settings.sd_model_checkpoint {checkpoint!r} is neither the loaded model {model_name!r} "
+                "nor a checkpoint of the model folder (--ckpt-dir)"
+            )
+        switch["checkpoint"] = str(checkpoint)  # the job loads it before it starts
+    if overrides.get("sd_vae") is not None:
+        switch["vae"] = str(overrides["sd_vae"])
     width, height = body.width, body.height  # None: the library's default (the model's native size)
     steps = defaults.DEFAULT_STEPS if body.steps is None else body.steps
     batch_size = defaults.DEFAULT_BATCH_SIZE if body.batch_size is None else body.batch_size
@@ -288,15 +294,16 @@ def _common_fields(body: A1111Request, *, model_name: str, limits: Limits) -> di
         height=height,
         tiling=bool(body.tiling),
         eta=defaults.DEFAULT_ETA if body.eta is None else body.eta,
+        **switch,
     )
 
 
 def txt2img_request(body: Txt2ImgRequest, *, model_name: str, limits: Limits,
-                    native_size: tuple[int, int] | None = None) -> "GenerationRequest":
+                    native_size: tuple[int, int] | None = None, library: Any = None) -> "GenerationRequest":
     """A txt2img body -> a validated request; `native_size` (see `native_size()`) sizes the hires check."""
     from leansd.request import GenerationRequest
 
-    fields = _common_fields(body, model_name=model_name, limits=limits)
+    fields = _common_fields(body, model_name=model_name, limits=limits, library=library)
     if native_size is not None:
         _check_size(limits, None if body.width is not None else native_size[0],
                     None if body.height is not None else native_size[1], why=" (the model's native size)")
@@ -342,6 +349,7 @@ def img2img_request(
     limits: Limits,
     init_image: "Image.Image | None" = None,
     mask: "Image.Image | None" = None,
+    library: Any = None,
 ) -> "GenerationRequest":
     """An img2img/inpaint body -> a validated request.
 
@@ -352,7 +360,7 @@ def img2img_request(
     from leansd.inputs.images import resize_mode_name, target_size
     from leansd.request import GenerationRequest
 
-    fields = _common_fields(body, model_name=model_name, limits=limits)
+    fields = _common_fields(body, model_name=model_name, limits=limits, library=library)
     images = body.init_images or []
     if init_image is None:
         if not images:
@@ -482,15 +490,23 @@ def initial_options(*, model_name: str, model_hash: str | None, outdir: "Path | 
 READ_ONLY_OPTIONS = ("sd_model_checkpoint", "sd_checkpoint_hash", "outdir_samples", "save_images")
 
 
-def update_options(options: dict[str, Any], body: object, *, model_name: str) -> None:
-    """`POST /options`: store what a client sets; the model, its hash and the output folder stay as served."""
+def update_options(options: dict[str, Any], body: object, *, model_name: str, library: Any = None) -> None:
+    """`POST /options`: store what a client sets; the hash and the output folder stay as served.
+
+    `sd_model_checkpoint` may name a checkpoint of the library: it is stored, and the next job
+    loads it before it starts (the switch is queued like a job, never racing one).
+    """
     if not isinstance(body, dict):
         raise InvalidRequestError("the options body must be a JSON object")
     checkpoint = body.get("sd_model_checkpoint")
     if checkpoint is not None and not same_model(str(checkpoint), model_name):
-        raise InvalidRequestError(
-            f"sd_model_checkpoint {checkpoint!r} is not available; this server serves {model_name!r}"
-        )
+        entry = None if library is None else library.find_checkpoint(str(checkpoint))
+        if entry is None:
+            raise InvalidRequestError(
+                f"sd_model_checkpoint {checkpoint!r} is not available; this server serves {model_name!r}"
+                + ("" if library is None else " and the checkpoints of its model folder (--ckpt-dir)")
+            )
+        options["sd_model_checkpoint"] = entry.title(None)
     for key, value in body.items():
         if key not in READ_ONLY_OPTIONS:
             options[key] = value

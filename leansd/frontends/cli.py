@@ -521,11 +521,10 @@ def _load_engine(args: argparse.Namespace, library: Any, model: str) -> Any:
     from leansd.models.vae_override import resolve_vae
 
     checkpoint = model if Path(model).expanduser().is_file() else None
-    vae = resolve_vae(args.vae, library=library, checkpoint=checkpoint)  # a bad --vae fails before the load
+    resolve_vae(args.vae, library=library, checkpoint=checkpoint)  # a bad --vae fails before the load
     engine = Engine.load(model, device=args.device, precision=args.precision, prompt_cache=args.prompt_cache,
                          library=library, **_memory_options(args))
-    if vae is not None:
-        engine.set_vae(vae)
+    engine.set_vae_choice(args.vae)
     return engine
 
 

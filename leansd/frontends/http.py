@@ -107,11 +107,12 @@ class _Server:
         bundle = getattr(queue.engine, "bundle", None)
         name = getattr(bundle, "name", None) or "model"
         model_hash = getattr(bundle, "hash", None)
+        options = a1111.initial_options(model_name=name, model_hash=model_hash, outdir=outputs)
+        options["sd_vae"] = getattr(queue.engine, "vae_choice", options["sd_vae"])  # e.g. the CLI's --vae
         return cls(
             queue=queue, limits=limits, outputs=outputs, model_name=name, model_hash=model_hash,
             model_source=str(getattr(bundle, "source", name)), native_size=a1111.native_size(queue.engine),
-            options=a1111.initial_options(model_name=name, model_hash=model_hash, outdir=outputs),
-            owns_queue=owns_queue, shutdown_timeout=shutdown_timeout,
+            options=options, owns_queue=owns_queue, shutdown_timeout=shutdown_timeout,
         )
 
 
@@ -261,6 +262,9 @@ async def _generate(http_request: Request, gen: "GenerationRequest", body: A1111
         images = await asyncio.to_thread(
             lambda: [encode_png(im, info) for im, info in zip(result.images, result.infotexts)]
         )
+    bundle = getattr(server.queue.engine, "bundle", None)
+    if bundle is not None and bundle.name != server.model_name:  # a job switched the checkpoint
+        server.model_name, server.model_hash, server.model_source = bundle.name, bundle.hash, str(bundle.source)
     return a1111.response(body, gen, result, images=images, model_name=server.model_name,
                           model_hash=server.model_hash, job_timestamp=job_timestamp, interrupted=job.interrupted)
 
@@ -268,16 +272,18 @@ async def _generate(http_request: Request, gen: "GenerationRequest", body: A1111
 @_route("POST", f"{API}/txt2img")
 async def txt2img(body: Txt2ImgRequest, request: Request) -> dict:
     server = _server(request)
-    gen = txt2img_request(body, model_name=server.model_name, limits=server.limits, native_size=server.native_size)
-    return await _generate(request, gen, body, "txt2img")
+    gen = txt2img_request(body, model_name=server.model_name, limits=server.limits, native_size=server.native_size,
+                          library=_library(request))
+    return await _generate(request, _with_options(server, gen), body, "txt2img")
 
 
 @_route("POST", f"{API}/img2img")
 async def img2img(body: Img2ImgRequest, request: Request) -> dict:
     server = _server(request)
     # Decoding the uploads (CPU work) happens off the event loop.
-    gen = await asyncio.to_thread(img2img_request, body, model_name=server.model_name, limits=server.limits)
-    return await _generate(request, gen, body, "img2img")
+    gen = await asyncio.to_thread(img2img_request, body, model_name=server.model_name, limits=server.limits,
+                                  library=_library(request))
+    return await _generate(request, _with_options(server, gen), body, "img2img")
 
 
 @_route("GET", f"{API}/progress")
@@ -309,13 +315,27 @@ async def set_options(request: Request) -> None:
         body = await request.json()
     except ValueError:
         raise InvalidRequestError("the options body must be a JSON object") from None
-    a1111.update_options(server.options, body, model_name=server.model_name)
+    a1111.update_options(server.options, body, model_name=server.model_name, library=_library(request))
     return None
 
 
 @_route("GET", f"{API}/cmd-flags")
 async def cmd_flags() -> dict:
     return {"api": True, "listen": None, "api_auth": None}
+
+
+def _with_options(server: _Server, gen: "GenerationRequest") -> "GenerationRequest":
+    """The checkpoint and VAE set through /options, for a request that does not override them."""
+    from dataclasses import replace
+
+    engine = server.queue.engine
+    chosen = server.options.get("sd_model_checkpoint")
+    if gen.checkpoint is None and chosen and not a1111.same_model(str(chosen), server.model_name):
+        gen = replace(gen, checkpoint=str(chosen))
+    vae = server.options.get("sd_vae")
+    if gen.vae is None and vae is not None and vae != getattr(engine, "vae_choice", vae):
+        gen = replace(gen, vae=str(vae))
+    return gen
 
 
 def _library(request: Request) -> Any:

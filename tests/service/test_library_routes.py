@@ -20,7 +20,7 @@ webuiapi = pytest.importorskip("webuiapi")
 def library(tmp_path: Path) -> ModelLibrary:
     from leansd.models.tiny import write_tiny_single_file
 
-    write_tiny_single_file(tmp_path / "models" / "Stable-diffusion" / "sd1" / "other.safetensors")
+    write_tiny_single_file(tmp_path / "models" / "Stable-diffusion" / "sd1" / "other.safetensors", seed=1)
     (tmp_path / "models" / "Lora").mkdir(parents=True)
     save_file(tiny_kohya_lora(seed=1), str(tmp_path / "models" / "Lora" / "ink.safetensors"),
               metadata={"ss_output_name": "ink-v1"})
@@ -71,3 +71,32 @@ def test_library_routes_and_a_lora_prompt(library: ModelLibrary, live_server) ->
     missing = api.session.post(f"{api.baseurl}/txt2img", json={"prompt": "x <lora:nope:1>", "steps": 1,
                                                               "width": 64, "height": 64})
     assert missing.status_code in (400, 422) and "no lora named 'nope'" in missing.text
+
+
+def test_checkpoint_switching_through_options_and_override_settings(library: ModelLibrary, live_server) -> None:
+    from leansd.engine.engine import Engine
+    from leansd.frontends.http import create_app
+
+    engine = Engine(tiny_bundle(), device="cpu", precision="full", prompt_cache=False, library=library)
+    server = live_server(create_app(engine, ui=False))
+    api = webuiapi.WebUIApi(host="127.0.0.1", port=server.port, sampler="DDIM", steps=2)
+    first = api.txt2img(prompt="a red fox", seed=3, width=64, height=64)
+    assert first.info["sd_model_name"] == "tiny"
+
+    # Per request: the job loads the checkpoint, and the next plain request goes back (A1111 restores).
+    other = api.txt2img(prompt="a red fox", seed=3, width=64, height=64,
+                        override_settings={"sd_model_checkpoint": "sd1/other.safetensors"})
+    assert parse_infotext(other.images[0].info["parameters"])["Model"] == "other"
+    assert np.abs(np.asarray(other.image, dtype=int) - np.asarray(first.image, dtype=int)).max() > 5
+    back = api.txt2img(prompt="a red fox", seed=3, width=64, height=64)
+    np.testing.assert_array_equal(np.asarray(back.image), np.asarray(first.image))
+
+    # Through /options (webuiapi's util_set_model): stored at once, loaded by the next job.
+    api.util_set_model("sd1/other.safetensors")
+    assert api.get_options()["sd_model_checkpoint"] == "sd1/other.safetensors"
+    switched = api.txt2img(prompt="a red fox", seed=3, width=64, height=64)
+    np.testing.assert_array_equal(np.asarray(switched.image), np.asarray(other.image))
+    assert engine.bundle.name == "other"
+
+    bad = api.session.post(f"{api.baseurl}/options", json={"sd_model_checkpoint": "nothing-like-it"})
+    assert bad.status_code in (400, 422) and "not available" in bad.text
