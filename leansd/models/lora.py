@@ -230,15 +230,16 @@ class _LoraHook:
 
         self.conv = isinstance(module, torch.nn.Conv2d)
         self.terms = terms
-        self._cache: dict[tuple, list[tuple["torch.Tensor", "torch.Tensor"]]] = {}
+        self._cache: dict[tuple, list[tuple["torch.Tensor", "torch.Tensor", float]]] = {}
 
-    def _weights(self, module: "torch.nn.Module", device: "torch.device", dtype: "torch.dtype") -> list:
+    def _weights(self, module: Any, device: "torch.device", dtype: "torch.dtype") -> list:
+        """(down, up, factor) per LoRA on `device` in `dtype`; no copy when the file's tensors already are."""
         key = (device, dtype)
         if key not in self._cache:
             self._cache.clear()  # one placement at a time: keep only the copy the layer uses now
             out = []
             for layer, multiplier in self.terms:
-                down, up = layer.down.float(), layer.up.float() * (multiplier * layer.scale)
+                down, up = layer.down, layer.up
                 if self.conv:
                     if down.dim() == 2:  # a linear LoRA on a 1x1 convolution
                         down = down[:, :, None, None]
@@ -246,7 +247,8 @@ class _LoraHook:
                         up = up[:, :, None, None]  # (out, rank, 1, 1)
                 else:
                     down, up = down.flatten(1), up.flatten(1)  # 1x1 convolution LoRA on a Linear layer
-                out.append((down.to(device=device, dtype=dtype), up.to(device=device, dtype=dtype)))
+                out.append((down.to(device=device, dtype=dtype), up.to(device=device, dtype=dtype),
+                            multiplier * layer.scale))
             self._cache[key] = out
         return self._cache[key]
 
@@ -255,14 +257,14 @@ class _LoraHook:
 
         x = args[0]
         dtype = output.dtype  # under autocast the layer computed in this dtype
-        for down, up in self._weights(module, x.device, dtype):
+        for down, up, factor in self._weights(module, x.device, dtype):
             h = x.to(dtype)
             if self.conv:
                 h = F.conv2d(h, down, None, module.stride, module.padding, module.dilation)
                 h = F.conv2d(h, up)
             else:
                 h = F.linear(F.linear(h, down), up)
-            output = output + h
+            output = output + h * factor  # multiplier * alpha / rank
         return output
 
 
