@@ -175,6 +175,11 @@ def test_infotext_keeps_the_tag_and_writes_lora_hashes(library):
     path = library.require("lora", "ink").path
     assert info["Lora hashes"] == f"ink: {addnet_hash(path)[:12]}"
     assert '"ink: ' in result.infotexts[0]  # quoted, as A1111 writes it
+    # PNG Info (the /png-info route and the web UI's tab) reads it back from the file.
+    from leansd.frontends.a1111 import encode_png, png_info
+
+    parameters = png_info(encode_png(result.images[0], result.infotexts[0]))["parameters"]
+    assert parameters["Lora hashes"] == info["Lora hashes"] and parameters["Prompt"] == "a red fox <lora:ink:0.8>"
 
 
 def test_missing_lora_is_a_clear_error(library):
