@@ -61,18 +61,20 @@ if [ "$rehearsal" = 1 ]; then
   step tests_gpu 120 "$py" -m pytest -q -p no:cacheprovider tests/gpu
   step memory 300 "$py" bench/memory.py --tiny --size 64 --steps 2
   step vae_tiles 120 "$py" bench/vae_tiles.py --size 128 --tiles 64
+  step previews 300 "$py" bench/previews.py --size 64 --steps 1 --repeats 1
 else
   step tests_gpu 150 "$py" -m pytest -q -p no:cacheprovider -m gpu tests/gpu
   # SD 1.5 budgets against diffusers' offload modes in the same run, and the 4 GiB size search.
   step memory 210 "$py" bench/memory.py --plot "$out/memory.png"
   step vae_tiles 60 "$py" bench/vae_tiles.py --device cuda --precision fp16 --size 2048 --tiles 512,256
   step speed 90 "$py" bench/txt2img_speed.py --device cuda --precision full,fp16 --steps 20 --repeats 2
+  step previews 60 "$py" bench/previews.py --device cuda --precision fp16 --steps 10
 fi
 
 echo >> "$summary"
 echo "total: $(( $(date +%s) - start )) s" >> "$summary"
 # The tables: each benchmark prints markdown; collect them in one file for docs/BENCHMARKS.md.
-for f in memory vae_tiles speed; do
+for f in memory vae_tiles speed previews; do
   [ -f "$out/$f.log" ] && { echo; echo "<!-- $f -->"; grep -E '^(#|\||- |largest)' "$out/$f.log"; } >> "$out/tables.md"
 done
 cat "$summary"

@@ -27,6 +27,10 @@ class OfflineError(ModelLoadError):
     """A hub id was given but the model hub cannot be reached and nothing is cached."""
 
 
+class NonFiniteError(LeansdError):
+    """The models produced NaN or infinite values: the job fails rather than return a black image."""
+
+
 class OutputError(LeansdError):
     """Images could not be written (unwritable folder, disk full, ...)."""
 
@@ -43,4 +47,16 @@ def one_line(message: object, *, limit: int | None = None) -> str:
         text = type(message).__name__
     if limit is not None and len(text) > limit:
         text = text[: limit - 3] + "..."
+    return text
+
+
+MAX_ECHO = 80
+"""Characters of a user's value that an error message repeats (a 100 KB value is not sent back whole)."""
+
+
+def brief(value: object, *, limit: int = MAX_ECHO) -> str:
+    """`repr(value)` shortened to `limit` characters, for echoing a bad value in an error message."""
+    text = repr(value)
+    if len(text) > limit:
+        text = f"{text[: limit - 3]}... ({len(text)} characters)"
     return text

@@ -13,7 +13,7 @@ import secrets
 from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any
 
-from leansd.errors import InvalidRequestError
+from leansd.errors import InvalidRequestError, brief
 
 if TYPE_CHECKING:
     import numpy as np
@@ -45,8 +45,23 @@ HIRES_UPSCALERS = ("lanczos", "latent")
 DEFAULT_HIRES_UPSCALER = HIRES_UPSCALERS[0]
 MAX_MASK_BLUR = 64
 MAX_HIRES_SCALE = 4.0
+MAX_GUIDANCE = 30.0
+"""CFG scale bound: the top of AUTOMATIC1111's slider. Far above it the guided prediction overflows
+(1e38 in fp32) and the image comes out black."""
+MAX_ETA = 1.0
+"""DDIM eta bound: AUTOMATIC1111's slider (0 = deterministic DDIM, 1 = DDPM-like noise)."""
 PROMPT_SYNTAXES = ("auto", "a1111", "blocks", "plain")
 DEFAULT_PROMPT_SYNTAX = PROMPT_SYNTAXES[0]
+DEFAULT_PREVIEW_EVERY = 10
+"""Loop steps between live previews when a front end shows them (AUTOMATIC1111's show_progress_every_n_steps)."""
+PREVIEW_METHODS = ("approx-cheap", "taesd", "full")
+"""AUTOMATIC1111's show_progress_type: a linear latent->RGB map, the tiny autoencoder, the full VAE."""
+PREVIEW_CONTENTS = ("combined", "prompt", "negative-prompt")
+"""AUTOMATIC1111's live_preview_content: x0 of the guided prediction, of the prompt's, of the negative's."""
+DEFAULT_PREVIEW_METHOD = PREVIEW_METHODS[0]
+DEFAULT_PREVIEW_CONTENT = PREVIEW_CONTENTS[0]
+VAE_DECODERS = ("full", "taesd")
+DEFAULT_VAE_DECODER = VAE_DECODERS[0]
 
 
 @dataclass
@@ -104,6 +119,15 @@ class GenerationRequest:
     vae: str | None = None
     """VAE to decode with: a file, a name from the VAE folder, "None" (the checkpoint's own) or
     "Automatic" (A1111's sd_vae choices); it stays in use afterwards. None: leave it as it is."""
+    preview_every: int = 0
+    """Decode a live preview every this many loop steps and pass it with the progress event; 0: none.
+    Front ends that show previews use DEFAULT_PREVIEW_EVERY."""
+    preview_method: str = DEFAULT_PREVIEW_METHOD
+    """approx-cheap (linear map of the latents, 1/8 size), taesd (tiny autoencoder), full (the VAE)."""
+    preview_content: str = DEFAULT_PREVIEW_CONTENT
+    """Which prediction a preview shows: combined (guided), prompt, negative-prompt."""
+    vae_decoder: str = DEFAULT_VAE_DECODER
+    """The final decoder: full (the model's VAE) or taesd (the tiny autoencoder: fast, slightly different)."""
 
     @property
     def task(self) -> str:
@@ -142,6 +166,11 @@ class GenerationRequest:
             values[name] = _as_float(name, getattr(self, name))
         values["hires_scale"] = None if self.hires_scale is None else _as_float("hires_scale", self.hires_scale)
         values["mask_blur"] = _as_int("mask_blur", self.mask_blur)
+        values["preview_every"] = _as_int("preview_every", self.preview_every)
+        if not 0 <= values["preview_every"] <= MAX_STEPS:
+            raise InvalidRequestError(
+                f"preview_every must be between 0 (no previews) and {MAX_STEPS} steps, got {values['preview_every']}"
+            )
         checked = replace(
             self,
             negative_prompt=negative,
@@ -152,6 +181,9 @@ class GenerationRequest:
             inpainting_fill=_choice("inpainting_fill", self.inpainting_fill, INPAINTING_FILLS),
             hires_upscaler=_choice("hires_upscaler", self.hires_upscaler, HIRES_UPSCALERS),
             prompt_syntax=_choice("prompt_syntax", self.prompt_syntax, PROMPT_SYNTAXES),
+            preview_method=_choice("preview_method", self.preview_method, PREVIEW_METHODS),
+            preview_content=_choice("preview_content", self.preview_content, PREVIEW_CONTENTS),
+            vae_decoder=_choice("vae_decoder", self.vae_decoder, VAE_DECODERS),
             **values,
         )
         checked._check_images()
@@ -213,10 +245,12 @@ class GenerationRequest:
             raise InvalidRequestError(f"n_samples (batch size) must be between 1 and {MAX_BATCH}, got {self.batch_size}")
         if not 1 <= self.n_iter <= MAX_ITER:
             raise InvalidRequestError(f"n_iter must be between 1 and {MAX_ITER}, got {self.n_iter}")
-        if self.guidance_scale < 0:
-            raise InvalidRequestError(f"scale (CFG) must be >= 0, got {self.guidance_scale}")
-        if self.eta < 0:
-            raise InvalidRequestError(f"ddim_eta must be >= 0, got {self.eta}")
+        if not 0 <= self.guidance_scale <= MAX_GUIDANCE:
+            raise InvalidRequestError(
+                f"scale (CFG) must be between 0 and {MAX_GUIDANCE:g} (AUTOMATIC1111's range), got {self.guidance_scale:g}"
+            )
+        if not 0 <= self.eta <= MAX_ETA:
+            raise InvalidRequestError(f"ddim_eta must be between 0 and {MAX_ETA:g} (AUTOMATIC1111's range), got {self.eta:g}")
         seed = self.seed
         if seed is None or seed == -1:
             seed = random_seed(self.seeds_used)
@@ -253,12 +287,17 @@ class StopGeneration(Exception):
 
 @dataclass
 class ProgressEvent:
-    """One sampler step finished (`total_steps` counts model evaluations: 2N-1 for Heun/DPM2)."""
+    """One sampler step finished (`total_steps` counts model evaluations: 2N-1 for Heun/DPM2).
+
+    `preview` is the live preview of the batch (one image, the batch side by side) on the steps
+    the request's `preview_every` asks for, else None.
+    """
 
     step: int
     total_steps: int
     batch_index: int
     n_batches: int
+    preview: "Image.Image | None" = None
 
 
 @dataclass
@@ -292,18 +331,18 @@ def _choice(name: str, value: object, options: tuple[str, ...]) -> str:
     key = str(value).strip().lower().replace("_", "-").replace(" ", "-")
     key = {"crop-and-resize": "crop", "resize-and-fill": "fill"}.get(key, key)
     if key not in options:
-        raise InvalidRequestError(f"unknown {name} {value!r}; valid: {', '.join(options)}")
+        raise InvalidRequestError(f"unknown {name} {brief(value)}; valid: {', '.join(options)}")
     return key
 
 
 def _as_int(name: str, value: object) -> int:
     """Python or numpy integers -> int; anything else (floats, bools, strings) is an error."""
     if isinstance(value, bool) or not isinstance(value, numbers.Integral):
-        raise InvalidRequestError(f"{name} must be an integer, got {value!r}")
+        raise InvalidRequestError(f"{name} must be an integer, got {brief(value)}")
     return operator.index(value)
 
 
 def _as_float(name: str, value: object) -> float:
     if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(float(value)):
-        raise InvalidRequestError(f"{name} must be a finite number, got {value!r}")
+        raise InvalidRequestError(f"{name} must be a finite number, got {brief(value)}")
     return float(value)

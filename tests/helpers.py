@@ -92,3 +92,26 @@ def tiny_kohya_lora(*, seed: int = 1, rank: int = 4, alpha: float = 2.0, text: b
             if name.endswith(("q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2")):
                 add("lora_te_text_model_" + name.replace(".", "_"), module)
     return out
+
+
+TINY_TAESD_CONFIG = dict(
+    in_channels=3,
+    out_channels=3,
+    encoder_block_out_channels=(8, 8, 8, 8),
+    decoder_block_out_channels=(8, 8, 8, 8),
+    num_encoder_blocks=(1, 1, 1, 1),
+    num_decoder_blocks=(1, 1, 1, 1),
+    latent_channels=4,
+)
+"""A tiny random TAESD (AutoencoderTiny): four levels, so it upsamples 8x as the real one."""
+
+
+def write_tiny_taesd(folder, *, seed: int = 0):
+    """Save a tiny random-weight AutoencoderTiny as a diffusers folder; returns the module (CPU, fp32)."""
+    import torch
+    from diffusers import AutoencoderTiny
+
+    torch.manual_seed(seed)
+    module = AutoencoderTiny(**TINY_TAESD_CONFIG).eval()
+    module.save_pretrained(str(folder))
+    return module

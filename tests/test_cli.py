@@ -179,7 +179,7 @@ BAD_ARGS = [
     (["--W", "100000"], "width must be between 64 and 4096"),
     (["--steps", "0"], "steps must be between 1"),
     (["--n_samples", "0"], "n_samples (batch size) must be between 1"),
-    (["--scale", "-1"], "scale (CFG) must be >= 0"),
+    (["--scale", "-1"], "scale (CFG) must be between 0 and 30"),
     (["--sampler", "nonsense"], "unknown sampler 'nonsense'; valid samplers: DDIM, PLMS"),
     (["--outdir", "{file_as_dir}/sub"], "cannot create output folder"),
     (["--from-file", "/nonexistent/prompts.txt"], "no such file"),

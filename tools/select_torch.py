@@ -30,6 +30,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import platform
 import re
 import shutil
 import subprocess
@@ -187,14 +188,26 @@ def choose(gpus: list[Gpu], problem: str | None = None) -> Choice:
     return Choice(build.name, reason, warnings)
 
 
-def plain_torch(python: str = sys.executable) -> tuple[bool, str, str]:
+def pypi_torch_is_cuda(platform_tag: str | None = None) -> bool:
+    """Whether PyPI's torch for this platform (`sys.platform-machine`, e.g. linux-x86_64) is a CUDA build.
+
+    On Linux x86_64 it is (a multi-GB download with its nvidia-* packages); on macOS, Windows and
+    Linux aarch64 it is not assumed to be.
+    """
+    tag = platform_tag or f"{sys.platform}-{platform.machine()}"
+    return tag.lower() in ("linux-x86_64", "linux-amd64")
+
+
+def plain_torch(python: str = sys.executable, *, platform_tag: str | None = None) -> tuple[bool, str, str]:
     """(CPU build?, exact version, why) for `pip install torch==TORCH_VERSION` from the configured indexes.
 
     Asks pip to resolve it without installing (`--dry-run --report`; only metadata is fetched). A
     CUDA build from PyPI requires nvidia-* packages; a CPU build (macOS, Windows, a local
-    `+cpu` wheel) does not. If pip cannot tell, the answer is (True, TORCH_VERSION): the plain
-    pin is what leansd always installed.
+    `+cpu` wheel) does not. If pip cannot tell (a pip older than 22.2, as in Ubuntu 22.04's venvs,
+    has no `--dry-run`), the platform decides: on Linux x86_64 PyPI's torch is the CUDA build, so
+    the answer is (False, ...) and the CPU index is used; elsewhere (True, TORCH_VERSION).
     """
+    unknown = not pypi_torch_is_cuda(platform_tag)
     with tempfile.TemporaryDirectory() as folder:
         report = os.path.join(folder, "report.json")
         argv = [python, "-m", "pip", "install", "--dry-run", "--ignore-installed", "--no-deps", "--quiet",
@@ -204,15 +217,15 @@ def plain_torch(python: str = sys.executable) -> tuple[bool, str, str]:
             with open(report, encoding="utf-8") as file:
                 installs = json.load(file).get("install", [])
         except (OSError, ValueError, subprocess.TimeoutExpired) as exc:
-            return True, TORCH_VERSION, f"could not ask pip which torch it would install ({' '.join(str(exc).split())[:120]})"
+            return unknown, TORCH_VERSION, f"could not ask pip which torch it would install ({' '.join(str(exc).split())[:120]})"
     if done.returncode != 0 or not installs:
-        return True, TORCH_VERSION, "pip could not resolve torch for a dry run"
+        return unknown, TORCH_VERSION, "pip could not resolve torch for a dry run"
     metadata = installs[0].get("metadata", {})
     version = str(metadata.get("version", ""))
     requires = [str(r) for r in metadata.get("requires_dist", []) or []]
     cuda = [r for r in requires if re.match(r"(nvidia-|cuda-)", r, re.IGNORECASE) and "extra ==" not in r]
     if not re.fullmatch(re.escape(TORCH_VERSION) + r"(\+[A-Za-z0-9.]+)?", version):
-        return True, TORCH_VERSION, f"pip's dry run reported torch {version!r}"
+        return unknown, TORCH_VERSION, f"pip's dry run reported torch {version!r}"
     if version.endswith("+cpu") or not cuda:
         return True, version, f"pip's torch {version} is a CPU build"
     return False, version, f"pip's torch {version} is a CUDA build ({len(cuda)} nvidia packages)"

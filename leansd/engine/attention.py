@@ -4,7 +4,7 @@ memory plan asks for it. Set on our own module instances (`unet.set_attn_process
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any, Callable
 
 if TYPE_CHECKING:
     import torch
@@ -18,10 +18,12 @@ class ChunkedAttnProcessor:
     bounds the materialised score matrix to (B, heads, chunk, N) and gives the same output.
     """
 
-    def __init__(self, chunk: int) -> None:
+    def __init__(self, chunk: int, *, check: Callable[[], None] | None = None) -> None:
         if chunk < 1:
             raise ValueError(f"attention chunk must be positive, got {chunk}")
         self.chunk = chunk
+        self.check = check
+        """Called before every chunk (a job can stop within one attention call)."""
 
     def __call__(
         self,
@@ -70,6 +72,8 @@ class ChunkedAttnProcessor:
 
         out = torch.empty_like(query)
         for start in range(0, query.shape[2], self.chunk):
+            if self.check is not None:
+                self.check()
             stop = start + self.chunk
             mask = None
             if attention_mask is not None:
@@ -85,3 +89,43 @@ class ChunkedAttnProcessor:
         if attn.residual_connection:
             hidden_states = hidden_states + residual
         return hidden_states / attn.rescale_output_factor
+
+
+INTERRUPT_SCORES = 2**24
+"""Interruptible attention: scores per query chunk (about a second of CPU work per chunk and head batch)."""
+
+
+class InterruptibleAttnProcessor:
+    """Wraps a module's attention processor while a job must be stoppable within a step.
+
+    `check()` runs before the attention; an attention with more than 4 * `INTERRUPT_SCORES` scores
+    (self-attention over 8192+ tokens: where one call takes seconds on a CPU) runs in query chunks
+    with `check()` between them. Smaller attention calls go to the wrapped processor unchanged.
+    """
+
+    def __init__(self, inner: Any, check: Callable[[], None], *, max_scores: int = INTERRUPT_SCORES) -> None:
+        self.inner = inner
+        self.check = check
+        self.max_scores = max_scores
+
+    def __call__(
+        self,
+        attn: "Attention",
+        hidden_states: "torch.Tensor",
+        encoder_hidden_states: "torch.Tensor | None" = None,
+        attention_mask: "torch.Tensor | None" = None,
+        temb: "torch.Tensor | None" = None,
+        *args: object,
+        **kwargs: object,
+    ) -> "torch.Tensor":
+        self.check()
+        queries = hidden_states.shape[2] * hidden_states.shape[3] if hidden_states.ndim == 4 else hidden_states.shape[1]
+        keys = queries if encoder_hidden_states is None else encoder_hidden_states.shape[1]
+        if queries * keys <= 4 * self.max_scores or args or kwargs:
+            return self.inner(attn, hidden_states, encoder_hidden_states, attention_mask, temb, *args, **kwargs)
+        chunk = max(1, self.max_scores // keys)
+        if isinstance(self.inner, ChunkedAttnProcessor):
+            chunk = min(chunk, self.inner.chunk)
+        return ChunkedAttnProcessor(chunk, check=self.check)(
+            attn, hidden_states, encoder_hidden_states, attention_mask, temb
+        )

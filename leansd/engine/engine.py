@@ -12,8 +12,10 @@ from leansd.engine.memory import MemoryMeter
 
 if TYPE_CHECKING:
     import torch
+    from diffusers import AutoencoderTiny
     from transformers import CLIPTextModel
 
+    from leansd.engine.estimate import FlopCounter, JobEstimate, SpeedMeter
     from leansd.engine.planner import MemoryPlan, ModelSizes
     from leansd.models.bundle import ModelBundle
     from leansd.models.embeddings import EmbeddingMatcher, EmbeddingStore
@@ -56,6 +58,7 @@ class Engine:
         virtual_device: bool = False,
         efficient_attention: bool | None = None,
         library: "ModelLibrary | None" = None,
+        taesd: "AutoencoderTiny | None" = None,
     ) -> None:
         """`prompt_cache`: True for the on-disk embedding cache in the user cache folder, False for
         none, or a `PromptCache` (e.g. another folder or size bound).
@@ -70,6 +73,9 @@ class Engine:
         backends that only have the math path.
         `library`: where LoRAs, embeddings and VAEs are found by name (default: AUTOMATIC1111's
         folders under the current folder, scanned on first use).
+        `taesd`: the tiny autoencoder (`leansd.models.taesd.load_taesd`) for TAESD previews and the
+        TAESD final decoder; it stays on the CPU and visits the device per decode (see
+        `leansd.engine.previews`).
         """
         import torch
 
@@ -87,6 +93,7 @@ class Engine:
         self.vae_on_cpu = vae_on_cpu
         self.virtual_device = virtual_device
         self.efficient_attention = efficient_attention
+        self.taesd = taesd
         self.budget: int | None = resolve_budget(vram, self.device, virtual=virtual_device)
         self._vram_auto = self._is_auto(vram)
         self.memory = MemoryMeter(self.budget)
@@ -98,6 +105,8 @@ class Engine:
         self._attention_chunk: int | None = None
         self._default_processors: dict | None = None
         self._vae_full_precision = False
+        self._full_precision = False
+        """Set after the UNet produced NaN/inf in a reduced precision: every model runs in fp32 from then on."""
         self._passes = 2
         if self.precision.name == "fp16" and self.device.type == "cpu":
             logger.warning("fp16 on the CPU is emulated and very slow; full (or bf16 on CPUs with native bf16) is faster")
@@ -121,6 +130,8 @@ class Engine:
         """The VAE file in use (None: the checkpoint's own VAE)."""
         self.vae_choice = "Automatic"
         """A1111's sd_vae setting: re-applied when another checkpoint is loaded."""
+        self._flop_counter: "FlopCounter | None" = None
+        self._speed: "SpeedMeter | None" = None
         # The text encoder is placed only when a prompt is not in the cache (see placed_text_encoder).
         if self.budget is None and memory_policy == "auto" and not vae_on_cpu:
             for name in ("unet", "vae"):  # no budget: resident from the start, as always
@@ -146,19 +157,30 @@ class Engine:
         device: str | None = "auto",
         precision: str = "auto",
         prompt_cache: bool = True,
+        taesd: str | None = None,
         **memory: Any,
     ) -> "Engine":
         """Load a .safetensors/.ckpt file, a diffusers folder, a hub id, or "tiny" (random test model).
 
-        `memory`: vram, memory_policy, turbo, vae_on_cpu, virtual_device (see `Engine`).
+        `taesd`: a diffusers AutoencoderTiny folder or hub id (madebyollin/taesd for SD 1.x/2.x) for
+        TAESD previews and `vae_decoder="taesd"`. `memory`: vram, memory_policy, turbo, vae_on_cpu,
+        virtual_device (see `Engine`).
         """
         from leansd.models.loader import load_model
+        from leansd.models.taesd import load_taesd
 
         # Validate device/precision/budget before the (slow) load so a typo fails at once.
         resolved = resolve_device(device)
         resolve_precision(precision, resolved)
         resolve_budget(memory.get("vram", "auto"), resolved, virtual=memory.get("virtual_device", False), probe=False)
-        return cls(load_model(model), device=device, precision=precision, prompt_cache=prompt_cache, **memory)
+        tiny = None if taesd is None else load_taesd(taesd)  # small: a bad path fails before the model loads
+        bundle = load_model(model)
+        if tiny is not None and int(tiny.config.latent_channels) != bundle.latent_channels:
+            from leansd.errors import ModelLoadError
+
+            raise ModelLoadError(f"--taesd {taesd}: it decodes {tiny.config.latent_channels}-channel latents "
+                                 f"but {bundle.name} makes {bundle.latent_channels}")
+        return cls(bundle, device=device, precision=precision, prompt_cache=prompt_cache, taesd=tiny, **memory)
 
     def set_budget(self, vram: "str | int | None") -> int | None:
         """Change the device budget ("4G", "1500M", "auto", "none"); the next stage plans with it.
@@ -196,7 +218,7 @@ class Engine:
     def _dtype_of(self, name: str) -> "torch.dtype":
         import torch
 
-        if name == "vae" and (self._vae_full_precision or self.vae_on_cpu):
+        if self._full_precision or (name == "vae" and (self._vae_full_precision or self.vae_on_cpu)):
             return torch.float32
         return self.precision.weight_dtype
 
@@ -253,7 +275,7 @@ class Engine:
         from diffusers.hooks import apply_group_offloading
 
         unet = self.bundle.unet
-        self._cast(unet, self.precision.weight_dtype, torch.device("cpu"))
+        self._cast(unet, self._dtype_of("unet"), torch.device("cpu"))
         # On CUDA the copies run on a side stream from pinned memory and prefetch the next block;
         # diffusers' hook makes the compute stream wait for each block's copy before it runs.
         # Layer by layer, the hook learns the execution order on the first call and prefetches the
@@ -296,7 +318,7 @@ class Engine:
         from leansd.engine.memory import model_sizes
 
         if self._sizes is None:
-            dtype_bytes = self.precision.weight_dtype.itemsize
+            dtype_bytes = self.dtype.itemsize
             self._sizes = model_sizes(
                 self.bundle, dtype_bytes=dtype_bytes, vae_dtype_bytes=self._dtype_of("vae").itemsize
             )
@@ -400,7 +422,8 @@ class Engine:
             tile = None if self.plan is None else self.plan.vae_tile
             with self._vae_compute(device):
                 image = decode(vae, z, tile, scale=factor, efficient_attention=self._efficient_attention(device))
-            half = dtype != torch.float32 or (self.precision.autocast_dtype is not None and device == self.device)
+            autocast = self.precision.autocast_dtype is not None and not (self._vae_full_precision or self._full_precision)
+            half = dtype != torch.float32 or (autocast and device == self.device)
             if half and not is_finite(image):
                 logger.warning(
                     "the VAE produced NaN/inf in %s; decoding again in fp32 (kept for this session)",
@@ -458,7 +481,8 @@ class Engine:
             from leansd.prompts.cache import text_encoder_fingerprint
 
             weights = text_encoder_fingerprint(self.bundle.text_encoder)
-            self._fingerprint = f"{weights}-{self.precision.name}-{str(self.precision.weight_dtype).split('.')[-1]}"
+            name = "full" if self._full_precision else self.precision.name
+            self._fingerprint = f"{weights}-{name}-{str(self.dtype).split('.')[-1]}"
         if self._loras is not None:
             from leansd.models.lora import lora_identity
 
@@ -593,6 +617,7 @@ class Engine:
         self._default_processors = None
         self._attention_chunk = None
         self._vae_full_precision = False
+        self._full_precision = False
         self._loras = None
         self._lora_key = ()
         if self.budget is None and self.memory_policy == "auto" and not self.vae_on_cpu:
@@ -690,7 +715,33 @@ class Engine:
 
     @property
     def dtype(self) -> "torch.dtype":
-        return self.precision.weight_dtype
+        """The dtype the UNet runs at (and latents and conditioning are kept in)."""
+        import torch
+
+        return torch.float32 if self._full_precision else self.precision.weight_dtype
+
+    @property
+    def reduced_precision(self) -> bool:
+        """Whether the models run below fp32 (fp16/bf16 weights, or autocast), so fp32 may avoid NaN/inf."""
+        return not self._full_precision and self.precision.name != "full"
+
+    def use_full_precision(self, reason: str) -> None:
+        """Run every model in fp32 from now on (after NaN/inf in a reduced precision; logged once).
+
+        The plan is made again for the larger weights; the next stage places each model in fp32.
+        """
+        if self._full_precision:
+            return
+        logger.warning("%s in %s precision; running in fp32 from now on (kept for this session)",
+                       reason, self.precision.name)
+        self._full_precision = True
+        if self._streaming:  # the streamed UNet's groups hold the reduced-precision weights
+            self._stop_streaming()
+            self._on_device.discard("unet")
+            self.memory.release("unet")
+        self._sizes = None
+        self._fingerprint = None
+        self.plan = None
 
     @contextlib.contextmanager
     def compute(self) -> Iterator[None]:
@@ -698,7 +749,7 @@ class Engine:
         import torch
 
         with torch.inference_mode():
-            if self.precision.autocast_dtype is None:
+            if self.precision.autocast_dtype is None or self._full_precision:
                 yield
             else:
                 with torch.autocast(self.device.type, dtype=self.precision.autocast_dtype):
@@ -732,6 +783,80 @@ class Engine:
             "memory_peak_bytes": self.memory.peak,
             "memory_plan": None if self.plan is None else self.plan.describe(),
         }
+
+    # -- stopping within a step, and job time -----------------------------------------------------
+
+    @contextlib.contextmanager
+    def interruptible(self, check: Callable[[], None]) -> Iterator[None]:
+        """While open, `check()` runs before every layer of the UNet and the VAE (forward pre-hooks on
+        their leaf modules) and between query chunks of large attention calls; whatever it raises stops
+        the job there, within one layer's time instead of one step's. The pipelines turn
+        `StopGeneration` / `SkipBatch` into an interrupted result. Outputs are unchanged: attention
+        below 8192 tokens runs as before, larger attention in exact query chunks.
+        """
+        from leansd.engine.attention import InterruptibleAttnProcessor
+
+        def hook(module: object, args: object) -> None:
+            check()
+
+        handles = []
+        wrapped: list[tuple[Any, Any, InterruptibleAttnProcessor]] = []
+        try:
+            for model in (self.bundle.unet, self.bundle.vae):
+                for module in model.modules():
+                    if next(module.children(), None) is None:  # a leaf: conv, linear, norm, activation
+                        handles.append(module.register_forward_pre_hook(hook))
+                    processor = getattr(module, "processor", None)
+                    if processor is not None and hasattr(module, "set_processor"):
+                        # One attention call over many tokens takes seconds: check between query chunks.
+                        wrapper = InterruptibleAttnProcessor(processor, check)
+                        module.processor = wrapper
+                        wrapped.append((module, processor, wrapper))
+            yield
+        finally:
+            for handle in handles:
+                handle.remove()
+            for module, processor, wrapper in wrapped:
+                if module.processor is wrapper:  # a stage may have set the plan's processor meanwhile
+                    module.processor = processor
+
+    @property
+    def flop_counter(self) -> "FlopCounter":
+        """FLOPs of this model's UNet and VAE at any size (counted on a weightless copy)."""
+        from leansd.engine.estimate import FlopCounter
+
+        if self._flop_counter is None:
+            self._flop_counter = FlopCounter(self.bundle.unet, self.bundle.vae)
+        return self._flop_counter
+
+    @property
+    def speed(self) -> "SpeedMeter":
+        """The UNet's measured FLOP/s on this device; measuring starts at the first access."""
+        from leansd.engine.estimate import SpeedMeter
+
+        if self._speed is None:
+            self._speed = SpeedMeter(self.bundle.unet, self.flop_counter, self.device)
+        return self._speed
+
+    def calibrate_speed(self) -> float:
+        """Time one UNet forward at half the native size (a quarter of a real step); returns FLOP/s."""
+
+        from leansd.engine.estimate import calibration_size, unet_inputs
+
+        speed = self.speed
+        size = calibration_size(self)
+        side = size // self.bundle.vae_scale_factor
+        with self.unet_stage(width=size, height=size, batch=1, passes=1) as unet, self.compute():
+            inputs = unet_inputs(self.bundle.unet.config, 1, side, side, device=self.device, dtype=self.dtype)
+            unet(**inputs)
+        logger.info("measured speed: %.1f GFLOP/s (UNet at %dx%d)", (speed.flops_per_second or 0) / 1e9, size, size)
+        return speed.flops_per_second or 0.0
+
+    def estimate(self, request: "GenerationRequest") -> "JobEstimate":
+        """The request's work in FLOPs and, once the speed was measured, its predicted seconds."""
+        from leansd.engine.estimate import estimate
+
+        return estimate(self, request)
 
     def generate(
         self,

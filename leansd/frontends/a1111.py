@@ -15,27 +15,30 @@ import binascii
 import datetime
 import io
 import json
+import logging
 import os
-import tempfile
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Optional
 
 from pydantic import BaseModel, ConfigDict
 
 # leansd.request holds the library's defaults: one per knob, for every front end.
-from leansd import __version__
-from leansd import request as defaults
-from leansd.errors import InvalidRequestError, is_out_of_memory, one_line
-from leansd.frontends.limits import DEFAULT_MAX_IMAGES as DEFAULT_MAX_IMAGES
-from leansd.frontends.limits import DEFAULT_MAX_SIZE as DEFAULT_MAX_SIZE
-from leansd.frontends.limits import DEFAULT_MAX_STEPS as DEFAULT_MAX_STEPS
-from leansd.frontends.limits import Limits
+from leansd import __version__, request as defaults
+from leansd.errors import InvalidRequestError, brief, is_out_of_memory, one_line
+from leansd.frontends.limits import (
+    DEFAULT_MAX_IMAGES as DEFAULT_MAX_IMAGES,
+    DEFAULT_MAX_SIZE as DEFAULT_MAX_SIZE,
+    DEFAULT_MAX_STEPS as DEFAULT_MAX_STEPS,
+    Limits,
+)
 
 if TYPE_CHECKING:
     from PIL import Image
 
     from leansd.request import GenerationRequest, GenerationResult
     from leansd.service.queue import JobQueue
+
+logger = logging.getLogger(__name__)
 
 API = "/sdapi/v1"
 MAX_BODY_IMAGE_BYTES = 64 * 2**20
@@ -149,18 +152,26 @@ def load_upload(path: "str | os.PathLike[str]", *, label: str, mask: bool = Fals
     from leansd.inputs.images import load_image, load_mask
 
     try:
+        size = os.path.getsize(path)
+    except OSError:
+        size = 0  # a missing file: load_image says so
+    if size > MAX_BODY_IMAGE_BYTES:  # the limit a base64 upload has, for the web UI's files too
+        raise InvalidRequestError(f"{label}: the image is larger than {MAX_BODY_IMAGE_BYTES // 2**20} MB")
+    try:
         return (load_mask if mask else load_image)(path, label=label)
     except InvalidRequestError as exc:
         raise InvalidRequestError(str(exc).replace(f"{label} {os.fspath(path)}", label)) from None
 
 
 def decode_base64_image(data: object, *, label: str, mask: bool = False) -> "Image.Image":
-    """A base64 image (with or without a `data:image/...;base64,` prefix) -> RGB (or "L" mask)."""
-    raw = decode_base64(data, label=label)
-    with tempfile.TemporaryDirectory(prefix="leansd-upload-") as folder:
-        path = Path(folder) / "upload"
-        path.write_bytes(raw)
-        return load_upload(path, label=label, mask=mask)
+    """A base64 image (with or without a `data:image/...;base64,` prefix) -> RGB (or "L" mask).
+
+    Decoded in memory with the CLI's checks and formats (`leansd.inputs.images.load_image_bytes`):
+    nothing is written to disk, and messages name the field, never a path.
+    """
+    from leansd.inputs.images import load_image_bytes
+
+    return load_image_bytes(decode_base64(data, label=label), label=label, mask=mask)
 
 
 def encode_png(image: "Image.Image", infotext: str | None) -> str:
@@ -174,19 +185,23 @@ def encode_png(image: "Image.Image", infotext: str | None) -> str:
 
 def png_info(data: str) -> dict[str, Any]:
     """`/png-info`: the infotext of a base64 PNG, its other text chunks, and the parsed parameters."""
-    from PIL import Image
+    from PIL import Image, UnidentifiedImageError
 
     from leansd.outputs.infotext import parse_infotext
     from leansd.outputs.writer import INFOTEXT_KEY
 
     if not data:
         raise InvalidRequestError("image is empty: send a base64-encoded PNG")
+    from leansd.inputs.images import ACCEPTED_FORMATS, ACCEPTED_NAMES
+
     raw = decode_base64(data, label="image")
     try:
-        with Image.open(io.BytesIO(raw)) as image:
+        with Image.open(io.BytesIO(raw), formats=list(ACCEPTED_FORMATS)) as image:
             items = {k: v for k, v in image.info.items() if isinstance(v, (str, int, float))}
+    except UnidentifiedImageError:
+        raise InvalidRequestError(f"image is not an image in an accepted format ({ACCEPTED_NAMES})") from None
     except Exception as exc:  # noqa: BLE001 - any decoder failure is the client's bad image
-        raise InvalidRequestError(f"image is not an image Pillow can read ({one_line(exc, limit=120)})") from None
+        raise InvalidRequestError(f"image cannot be read ({one_line(exc, limit=120)})") from None
     info = items.pop(INFOTEXT_KEY, None)
     if not isinstance(info, str):
         return {"info": "", "items": items, "parameters": {}}
@@ -386,7 +401,7 @@ def img2img_request(
     if fields["width"] is None or fields["height"] is None:
         # Without a size the library keeps the init image's (rounded down to 8): it must fit the limits too.
         width, height = target_size(fields["init_image"].size, width=fields["width"], height=fields["height"])
-        _check_size(limits, width, height, why=" (the init image's size)")
+        _check_size(limits, width, height, why=" (the init image's size; give width and height to resize it)")
     if mask is not None:
         fields["mask"] = mask
     elif body.mask:
@@ -484,32 +499,124 @@ def initial_options(*, model_name: str, model_hash: str | None, outdir: "Path | 
         "samples_format": "png",
         "outdir_samples": str(outdir or ""),
         "save_images": outdir is not None,
+        **preview_options(),
     }
 
 
-READ_ONLY_OPTIONS = ("sd_model_checkpoint", "sd_checkpoint_hash", "outdir_samples", "save_images")
+# ---------------------------------------------------------------------------------------------
+# Live previews: A1111's options <-> the request's preview fields.
+
+PREVIEW_TYPES = {"Approx cheap": "approx-cheap", "TAESD": "taesd", "Full": "full"}
+"""`show_progress_type` labels -> `GenerationRequest.preview_method` (A1111's "Approx NN" is not offered)."""
+PREVIEW_CONTENTS = {"Combined": "combined", "Prompt": "prompt", "Negative prompt": "negative-prompt"}
+"""`live_preview_content` labels -> `GenerationRequest.preview_content`."""
+PREVIEW_OPTIONS = ("live_previews_enable", "show_progress_every_n_steps", "live_preview_content", "show_progress_type")
 
 
-def update_options(options: dict[str, Any], body: object, *, model_name: str, library: Any = None) -> None:
-    """`POST /options`: store what a client sets; the hash and the output folder stay as served.
+def preview_options() -> dict[str, Any]:
+    """The preview options of a fresh server: on, every DEFAULT_PREVIEW_EVERY steps, the library's method/content."""
+    from leansd.request import DEFAULT_PREVIEW_CONTENT, DEFAULT_PREVIEW_EVERY, DEFAULT_PREVIEW_METHOD
 
-    `sd_model_checkpoint` may name a checkpoint of the library: it is stored, and the next job
-    loads it before it starts (the switch is queued like a job, never racing one).
+    return {
+        "live_previews_enable": True,
+        "show_progress_every_n_steps": DEFAULT_PREVIEW_EVERY,
+        "live_preview_content": _label(PREVIEW_CONTENTS, DEFAULT_PREVIEW_CONTENT),
+        "show_progress_type": _label(PREVIEW_TYPES, DEFAULT_PREVIEW_METHOD),
+    }
+
+
+def _label(labels: dict[str, str], value: str) -> str:
+    return next(label for label, ours in labels.items() if ours == value)
+
+
+def _lookup(name: str, value: object, labels: dict[str, str]) -> str:
+    for label, ours in labels.items():
+        if isinstance(value, str) and value.strip().lower() in (label.lower(), ours):
+            return ours
+    raise InvalidRequestError(f"{name} {value!r} is not available; valid: {', '.join(labels)}")
+
+
+def preview_fields(options: dict[str, Any], overrides: dict[str, Any] | None = None, *,
+                   taesd: bool) -> dict[str, Any]:
+    """`GenerationRequest` preview fields from the server's options (and a request's override_settings).
+
+    `show_progress_every_n_steps` <= 0 (A1111's -1: "only at the end") or `live_previews_enable`
+    false turn previews off. `taesd`: whether the engine has TAESD weights.
     """
+    from leansd.request import MAX_STEPS
+
+    values = {**preview_options(), **{k: options[k] for k in PREVIEW_OPTIONS if k in options},
+              **{k: v for k, v in (overrides or {}).items() if k in PREVIEW_OPTIONS}}
+    enable, every = values["live_previews_enable"], values["show_progress_every_n_steps"]
+    if not isinstance(enable, bool):
+        raise InvalidRequestError(f"live_previews_enable must be true or false, got {enable!r}")
+    if isinstance(every, bool) or not isinstance(every, int) or not -1 <= every <= MAX_STEPS:
+        raise InvalidRequestError(
+            f"show_progress_every_n_steps must be an integer from -1 (previews off) to {MAX_STEPS}, got {every!r}"
+        )
+    method = _lookup("show_progress_type", values["show_progress_type"], PREVIEW_TYPES)
+    content = _lookup("live_preview_content", values["live_preview_content"], PREVIEW_CONTENTS)
+    on = enable and every > 0
+    if on and method == "taesd" and not taesd:
+        raise InvalidRequestError("show_progress_type TAESD needs TAESD weights: start the server with --taesd PATH|ID")
+    return {"preview_every": every if on else 0, "preview_method": method, "preview_content": content}
+
+
+READ_ONLY_OPTIONS = ("sd_model_checkpoint", "sd_checkpoint_hash", "outdir_samples", "save_images")
+SETTABLE_OPTIONS = (
+    "sd_vae", "samples_format", "jpeg_quality", "CLIP_stop_at_last_layers", "eta_ddim", "eta_ancestral",
+    "live_previews_enable", "show_progress_every_n_steps", "samples_save", "grid_save", "return_grid",
+    "enable_pnginfo", "add_model_hash_to_info", "add_model_name_to_info", "img2img_fix_steps",
+    "do_not_show_images", "sd_vae_as_default", "live_preview_content", "show_progress_type",
+)
+"""A1111 options a client may set; they are kept and returned by GET /options. Other keys are ignored
+(never stored, so a client cannot grow the server's memory), as are the read-only ones."""
+MAX_OPTION_TEXT = 1000
+
+
+def update_options(options: dict[str, Any], body: object, *, model_name: str, taesd: bool = False,
+                   library: Any = None) -> list[str]:
+    """`POST /options`: keep the known settable options; the hash and the output folder stay as served.
+    Returns the keys that were ignored (unknown to this server).
+
+    The live preview options are checked first (`preview_fields`): a bad value changes nothing.
+    `sd_model_checkpoint` may name a checkpoint of the library: it is stored, and the next job
+    loads it before it starts (the switch is queued like a job, never racing one)."""
     if not isinstance(body, dict):
         raise InvalidRequestError("the options body must be a JSON object")
+    preview_fields({**options, **body}, taesd=taesd)
     checkpoint = body.get("sd_model_checkpoint")
     if checkpoint is not None and not same_model(str(checkpoint), model_name):
         entry = None if library is None else library.find_checkpoint(str(checkpoint))
         if entry is None:
             raise InvalidRequestError(
-                f"sd_model_checkpoint {checkpoint!r} is not available; this server serves {model_name!r}"
+                f"sd_model_checkpoint {brief(checkpoint)} is not available; this server serves {model_name!r}"
                 + ("" if library is None else " and the checkpoints of its model folder (--ckpt-dir)")
             )
-        options["sd_model_checkpoint"] = entry.title(None)
+        chosen = entry.title(None)
+    else:
+        chosen = None
+    accepted: dict[str, Any] = {}
+    ignored = []
     for key, value in body.items():
-        if key not in READ_ONLY_OPTIONS:
-            options[key] = value
+        if key in READ_ONLY_OPTIONS:
+            continue
+        if key not in SETTABLE_OPTIONS:
+            ignored.append(key)
+            continue
+        if not (value is None or isinstance(value, (bool, int, float)) or
+                (isinstance(value, str) and len(value) <= MAX_OPTION_TEXT)):
+            raise InvalidRequestError(
+                f"option {key} must be a number, true/false or a text of at most {MAX_OPTION_TEXT} characters, "
+                f"got {brief(value)}"
+            )
+        accepted[key] = value
+    options.update(accepted)
+    if chosen is not None:
+        options["sd_model_checkpoint"] = chosen
+    if ignored:
+        logger.info("options ignored (unknown to this server): %s", brief(ignored, limit=200))
+    return ignored
 
 
 def sd_models(*, model_name: str, model_hash: str | None, source: str) -> list[dict[str, Any]]:
@@ -543,8 +650,11 @@ def latent_upscale_modes() -> list[dict[str, Any]]:
     return [{"name": name} for name in LATENT_UPSCALERS]
 
 
-def progress(queue: "JobQueue", *, skip_current_image: bool = False) -> dict[str, Any]:
-    """`GET /progress`: the running job's step, fraction and ETA, and the queue behind it."""
+def progress(queue: "JobQueue", *, skip_current_image: bool = False,
+             cache: dict[str, Any] | None = None) -> dict[str, Any]:
+    """`GET /progress`: the running job's step, fraction and ETA, the queue behind it, and (unless
+    `skip_current_image`) its latest live preview as base64 PNG in `current_image`. `cache` (a dict
+    the caller keeps) holds the last encoding, so clients polling often do not re-encode a preview."""
     job = queue.current
     waiting = queue.waiting()
     p = None if job is None else job.progress
@@ -561,11 +671,21 @@ def progress(queue: "JobQueue", *, skip_current_image: bool = False) -> dict[str
         "job_id": None if job is None else job.id,
         "queue": [j.id for j in waiting],
     }
+    preview = None if job is None or skip_current_image else job.preview
+    current_image = None
+    if job is not None and preview is not None:
+        key = (job.id, job.preview_id)
+        if cache is not None and cache.get("key") == key:
+            current_image = cache["png"]
+        else:
+            current_image = encode_png(preview, None)
+            if cache is not None:
+                cache.update(key=key, png=current_image)
     return {
         "progress": 0.0 if p is None else p.fraction,
         "eta_relative": 0.0 if p is None or p.eta_seconds is None else p.eta_seconds,
         "state": state,
-        "current_image": None,
+        "current_image": current_image,
         "textinfo": None if p is None else f"step {p.step}/{p.total_steps}, batch {p.batch_index + 1}/{p.n_batches}",
     }
 

@@ -7,20 +7,23 @@ diffusers load when a command runs.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import os
 import sys
 from pathlib import Path
-from typing import Any, NoReturn, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Iterator, NoReturn, Sequence
 
-from leansd import (
-    __version__,
-    request as defaults,  # constants only: no torch, no PIL
-)
+# leansd.request: constants only (no torch, no PIL)
+from leansd import __version__, request as defaults
 from leansd.frontends import limits  # the server's defaults, standard library only
 from leansd.service.queue import DEFAULT_MAX_QUEUE  # standard library only
 
+if TYPE_CHECKING:
+    from leansd.request import GenerationRequest, ProgressEvent
+
 EXIT_USAGE = 2
+EXIT_TERMINATED = 143  # 128 + SIGTERM, as a shell reports a process the signal ended
 
 SAMPLER_HELP = (
     "DDIM, PLMS, Euler, Euler a, Heun, DPM2, DPM2 a, LMS, DPM++ 2M, DPM++ 2M Karras, "
@@ -75,6 +78,7 @@ def build_parser() -> argparse.ArgumentParser:
         _add_sampling_args(command)
         if task == "txt2img":
             _add_hires_args(command)
+        _add_preview_args(command)
         _add_output_args(command, outdir)
     _add_serve_args(sub)
     _add_serve_args(sub, name="ui")
@@ -105,6 +109,21 @@ def _add_serve_args(sub: "argparse._SubParsersAction", name: str = "serve") -> N
     net.add_argument("--max-size", "--max_size", dest="max_size", type=_int, default=limits.DEFAULT_MAX_SIZE,
                      help="largest width/height a request may ask for, hires pass included "
                      f"(default {limits.DEFAULT_MAX_SIZE})")
+    net.add_argument("--allowed-hosts", "--allowed_hosts", dest="allowed_hosts", metavar="NAME[,NAME]",
+                     help="Host names the server answers to besides IP addresses, localhost and --host "
+                          "(DNS-rebinding defence; '.example.org' allows its subdomains, '*' any name)")
+    net.add_argument("--max-body", "--max_body", dest="max_body", metavar="SIZE",
+                     default=f"{limits.DEFAULT_MAX_BODY >> 20}M",
+                     help=f"largest request body, e.g. 100M (default {limits.DEFAULT_MAX_BODY >> 20}M: a few 4K PNGs); "
+                          "larger ones get 413")
+    net.add_argument("--max-job-seconds", "--max_job_seconds", dest="max_job_seconds", type=_float,
+                     default=limits.DEFAULT_MAX_JOB_SECONDS,
+                     help="refuse jobs estimated (from the measured speed of this device) to run longer "
+                          f"(default {limits.DEFAULT_MAX_JOB_SECONDS:g}; 0 = no limit)")
+    net.add_argument("--shutdown-timeout", "--shutdown_timeout", dest="shutdown_timeout", type=_float,
+                     default=limits.DEFAULT_SHUTDOWN_SECONDS,
+                     help="on SIGTERM/Ctrl+C, seconds the running job may finish before it is cancelled "
+                          f"(default {limits.DEFAULT_SHUTDOWN_SECONDS:g})")
     net.add_argument("--save-images", "--save_images", dest="save_images", action="store_true",
                      help="also save every generated image under --outdir")
     net.add_argument("--outdir", default="outputs", help="output folder for --save-images (default outputs)")
@@ -156,6 +175,9 @@ def _add_model_args(command: argparse.ArgumentParser) -> None:
                         help="prefer speed within the budget: plan against all of it (no 10%% safety margin)")
     memory.add_argument("--vae-on-cpu", "--vae_on_cpu", dest="vae_on_cpu", action="store_true",
                         help="decode/encode with the VAE on the CPU in fp32 (slow; frees its GPU memory)")
+    model.add_argument("--taesd", metavar="PATH|ID",
+                       help="TAESD weights (a diffusers AutoencoderTiny folder, or a hub id such as madebyollin/taesd "
+                       "for SD 1.x/2.x, needs network) for TAESD previews and --vae-decoder taesd")
 
 
 def _vram(text: str) -> str:
@@ -227,9 +249,9 @@ def _add_sampling_args(command: argparse.ArgumentParser) -> None:
     gen.add_argument("--H", "--height", dest="height", type=_int, help="image height in pixels, multiple of 8 (default: the model's native size, 512 for SD 1.x; img2img: the init image's)")
     gen.add_argument("--W", "--width", dest="width", type=_int, help="image width in pixels, multiple of 8 (default: the model's native size; img2img: the init image's)")
     gen.add_argument("--ddim_steps", "--steps", dest="steps", type=_int, default=defaults.DEFAULT_STEPS, help=f"sampling steps (default {defaults.DEFAULT_STEPS}; img2img runs steps x strength of them)")
-    gen.add_argument("--scale", "--cfg-scale", "--cfg_scale", dest="scale", type=_float, default=defaults.DEFAULT_GUIDANCE, help=f"classifier-free guidance scale (default {defaults.DEFAULT_GUIDANCE}; <= 1 disables guidance)")
+    gen.add_argument("--scale", "--cfg-scale", "--cfg_scale", dest="scale", type=_float, default=defaults.DEFAULT_GUIDANCE, help=f"classifier-free guidance scale, 0..{defaults.MAX_GUIDANCE:g} (default {defaults.DEFAULT_GUIDANCE}; <= 1 disables guidance)")
     gen.add_argument("--sampler", default=defaults.DEFAULT_SAMPLER, help=f"sampler (default {defaults.DEFAULT_SAMPLER}): {SAMPLER_HELP}")
-    gen.add_argument("--ddim_eta", "--eta", dest="eta", type=_float, default=defaults.DEFAULT_ETA, help=f"DDIM eta, 0 = deterministic (default {defaults.DEFAULT_ETA:g})")
+    gen.add_argument("--ddim_eta", "--eta", dest="eta", type=_float, default=defaults.DEFAULT_ETA, help=f"DDIM eta, 0..{defaults.MAX_ETA:g}, 0 = deterministic (default {defaults.DEFAULT_ETA:g})")
     gen.add_argument("--seed", type=_int, default=None, help="seed of the first image; image k uses seed+k (default: random, printed)")
     gen.add_argument("--n_samples", "--batch-size", "--batch_size", dest="n_samples", type=_int, default=defaults.DEFAULT_BATCH_SIZE, help=f"images per batch (default {defaults.DEFAULT_BATCH_SIZE})")
     gen.add_argument("--n_iter", "--n-iter", dest="n_iter", type=_int, default=defaults.DEFAULT_N_ITER, help=f"number of batches; the model is loaded once (default {defaults.DEFAULT_N_ITER})")
@@ -259,6 +281,59 @@ def _choices(options: Sequence[str], default: str) -> str:
     return ", ".join(f"{o} (default)" if o == default else o for o in options)
 
 
+def _add_preview_args(command: argparse.ArgumentParser) -> None:
+    preview = command.add_argument_group("live previews and decoder")
+    preview.add_argument("--preview-dir", "--preview_dir", dest="preview_dir", metavar="DIR",
+                         help="write live preview PNGs of the sampling to DIR (off by default)")
+    preview.add_argument("--preview-every", "--preview_every", dest="preview_every", type=_int, metavar="N",
+                         help=f"a preview every N sampling steps (default {defaults.DEFAULT_PREVIEW_EVERY}; "
+                         "needs --preview-dir)")
+    preview.add_argument("--preview-method", "--preview_method", dest="preview_method",
+                         default=defaults.DEFAULT_PREVIEW_METHOD,
+                         help=f"{_choices(defaults.PREVIEW_METHODS, defaults.DEFAULT_PREVIEW_METHOD)}: approx-cheap is a "
+                         "linear latent->RGB map at 1/8 size (no weights), taesd needs --taesd, full uses the model's VAE")
+    preview.add_argument("--vae-decoder", "--vae_decoder", dest="vae_decoder", default=defaults.DEFAULT_VAE_DECODER,
+                         help=f"final decoder: {_choices(defaults.VAE_DECODERS, defaults.DEFAULT_VAE_DECODER)}; taesd "
+                         "needs --taesd, is far faster on a CPU and changes the picture slightly (the infotext says so)")
+
+
+def _preview_fields(args: argparse.Namespace) -> dict:
+    from leansd.errors import InvalidRequestError
+
+    fields: dict = {"preview_method": args.preview_method, "vae_decoder": args.vae_decoder}
+    if args.preview_dir is None:
+        if args.preview_every is not None:
+            raise InvalidRequestError("--preview-every needs --preview-dir DIR (where the previews go)")
+        return fields
+    every = defaults.DEFAULT_PREVIEW_EVERY if args.preview_every is None else args.preview_every
+    if every < 1:
+        raise InvalidRequestError(f"--preview-every must be at least 1 step, got {every}")
+    return {**fields, "preview_every": every}
+
+
+class _PreviewFiles:
+    """Writes each live preview as DIR/preview-NNNNN-seed<S>-step<K>.png (NNNNN counts on across runs)."""
+
+    def __init__(self, folder: Path) -> None:
+        self.folder = folder
+        self.count = len(list(folder.glob("preview-*.png"))) if folder.is_dir() else 0
+
+    def progress(self, request: "GenerationRequest") -> "Callable[[ProgressEvent], None]":
+        """The progress callback for one (validated) request."""
+        seeds = request.image_seeds()
+        return lambda event: self.write(event, seed=seeds[event.batch_index * request.batch_size])
+
+    def write(self, event: "ProgressEvent", *, seed: int) -> None:
+        if event.preview is None:
+            return
+        from leansd.outputs.writer import save_image
+
+        self.folder.mkdir(parents=True, exist_ok=True)
+        save_image(event.preview, self.folder / f"preview-{self.count:05d}-seed{seed}-step{event.step:04d}.png",
+                   infotext=None)
+        self.count += 1
+
+
 def _add_output_args(command: argparse.ArgumentParser, outdir: str) -> None:
     out = command.add_argument_group("output")
     out.add_argument("--outdir", default=outdir, help=f"output folder (default {outdir})")
@@ -283,9 +358,13 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     try:
         if args.command in TASKS:
-            return run_generate(args)
+            with _terminate_as_exception():
+                return run_generate(args)
         if args.command in ("serve", "ui"):
             return run_serve(args)
+    except Terminated:
+        print("leansd: terminated (SIGTERM); images already saved are complete", file=sys.stderr)
+        return EXIT_TERMINATED
     except LeansdError as exc:
         print(f"leansd: error: {one_line(exc)}", file=sys.stderr)
         return EXIT_USAGE
@@ -312,6 +391,30 @@ def main(argv: Sequence[str] | None = None) -> int:
             return EXIT_USAGE
         raise
     return EXIT_USAGE
+
+
+class Terminated(BaseException):
+    """SIGTERM arrived: unwinds like KeyboardInterrupt, so a file being written removes its temp file."""
+
+
+@contextlib.contextmanager
+def _terminate_as_exception() -> Iterator[None]:
+    """While generating, turn SIGTERM into `Terminated` (the default action would kill the process
+    at once and leave a half-written hidden temp file behind); the old handler comes back after."""
+    import signal
+
+    def raise_terminated(signum: int, frame: object) -> None:
+        raise Terminated()
+
+    try:
+        previous = signal.signal(signal.SIGTERM, raise_terminated)
+    except ValueError:  # not the main thread: signals cannot be handled here
+        yield
+        return
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def _read_prompts(args: argparse.Namespace) -> list[str]:
@@ -381,6 +484,15 @@ def run_generate(args: argparse.Namespace) -> int:
     prompts = _read_prompts(args)
     _check_loras(prompts, library)
     images = _read_images(args)
+    previews = _preview_fields(args)
+    if (previews["vae_decoder"] == "taesd" or (previews.get("preview_every") and previews["preview_method"] == "taesd")) \
+            and not args.taesd:
+        raise InvalidRequestError("TAESD previews and --vae-decoder taesd need --taesd PATH|ID")
+    preview_files = None
+    if args.preview_dir is not None:
+        from leansd.outputs.writer import preflight_outdir
+
+        preview_files = _PreviewFiles(preflight_outdir(Path(args.preview_dir)))
     per_prompt = args.n_samples if args.fixed_code else args.n_samples * args.n_iter
     seed = args.seed
     random_seed_chosen = seed is None or seed == -1
@@ -411,6 +523,7 @@ def run_generate(args: argparse.Namespace) -> int:
                 prompt_syntax=args.prompt_syntax,
                 **images,
                 **_hires_fields(args),
+                **previews,
             ).validated()
         )
     writer = None
@@ -428,7 +541,8 @@ def run_generate(args: argparse.Namespace) -> int:
     # 3. Generate and save, prompt by prompt.
     show_bar = sys.stderr.isatty()
     for request in requests:
-        result = engine.generate(request, progress_bar=show_bar)
+        progress = None if preview_files is None else preview_files.progress(request)
+        result = engine.generate(request, progress=progress, progress_bar=show_bar)
         chunks = result.info.get("prompt_chunks", 1)
         print(
             f"prompt: {request.prompt!r} ({result.info.get('prompt_syntax', 'plain')} syntax, "
@@ -463,7 +577,7 @@ def run_serve(args: argparse.Namespace) -> int:
         raise InvalidRequestError("no model given: pass --model PATH|owner/name|tiny (or set LEANSD_MODEL)")
     library, model = _library_and_model(args)
     host = "0.0.0.0" if args.listen else args.host
-    loopback = host in ("127.0.0.1", "localhost", "::1") or host.startswith("127.")
+    loopback = is_loopback_host(host)
     if not loopback and not args.api_auth:
         raise InvalidRequestError(
             f"refusing to serve on {host} without authentication: add --api-auth USER:PASS (or bind 127.0.0.1)"
@@ -472,6 +586,7 @@ def run_serve(args: argparse.Namespace) -> int:
         raise InvalidRequestError(f"--port must be between 1 and 65535, got {args.port}")
     if args.max_queue < 1:
         raise InvalidRequestError(f"--max-queue must be at least 1, got {args.max_queue}")
+    server_options = _server_options(args, host)
     from leansd.frontends.http import parse_credentials, serve
 
     credentials = parse_credentials(args.api_auth) if args.api_auth else None
@@ -486,6 +601,7 @@ def run_serve(args: argparse.Namespace) -> int:
         engine, host=host, port=args.port, auth=credentials, max_queue=args.max_queue, max_size=args.max_size,
         save_dir=Path(args.outdir) if args.save_images else None, log_level="info" if args.verbose else "warning",
         on_ready=lambda url: _on_ready(url, engine.bundle.name, browser=getattr(args, "browser", False)),
+        **server_options,
     )
 
 
@@ -523,9 +639,58 @@ def _load_engine(args: argparse.Namespace, library: Any, model: str) -> Any:
     checkpoint = model if Path(model).expanduser().is_file() else None
     resolve_vae(args.vae, library=library, checkpoint=checkpoint)  # a bad --vae fails before the load
     engine = Engine.load(model, device=args.device, precision=args.precision, prompt_cache=args.prompt_cache,
-                         library=library, **_memory_options(args))
+                         taesd=args.taesd, library=library, **_memory_options(args))
     engine.set_vae_choice(args.vae)
     return engine
+
+
+def _server_options(args: argparse.Namespace, host: str) -> dict:
+    """--allowed-hosts, --max-body, --max-job-seconds, --shutdown-timeout, checked before the model loads."""
+    import math
+
+    from leansd.engine.planner import parse_size
+    from leansd.errors import InvalidRequestError
+
+    allowed = [name.strip() for name in (args.allowed_hosts or "").split(",") if name.strip()]
+    if host not in ("0.0.0.0", "::"):
+        allowed.append(host)  # the name it was asked to bind answers too
+    try:
+        max_body = parse_size(args.max_body)
+    except InvalidRequestError:
+        raise InvalidRequestError(f"--max-body expects a size such as 100M or 1G, got {args.max_body!r}") from None
+    if not isinstance(max_body, int) or max_body < 2**20:
+        raise InvalidRequestError(f"--max-body must be at least 1M, got {args.max_body!r}")
+    seconds = args.max_job_seconds
+    if not math.isfinite(seconds) or seconds < 0:
+        raise InvalidRequestError(f"--max-job-seconds must be 0 (no limit) or a positive number, got {seconds:g}")
+    if not math.isfinite(args.shutdown_timeout) or args.shutdown_timeout < 0:
+        raise InvalidRequestError(f"--shutdown-timeout must be a number of seconds >= 0, got {args.shutdown_timeout:g}")
+    return {"allowed_hosts": allowed, "max_body": max_body, "max_job_seconds": seconds or None,
+            "shutdown_timeout": args.shutdown_timeout}
+
+
+def is_loopback_host(host: str) -> bool:
+    """True when every address `host` resolves to is a loopback address (127.0.0.0/8, ::1).
+
+    The name is resolved, not matched as text: "127.0.0.1.invalid" or "127.evil.example" are names
+    that could point anywhere. A name that does not resolve raises InvalidRequestError.
+    """
+    import ipaddress
+    import socket
+
+    from leansd.errors import InvalidRequestError
+
+    text = host.strip("[]")
+    try:
+        return ipaddress.ip_address(text).is_loopback
+    except ValueError:
+        pass
+    try:
+        infos = socket.getaddrinfo(text, None, proto=socket.IPPROTO_TCP)
+    except (OSError, UnicodeError) as exc:
+        raise InvalidRequestError(f"--host {host}: cannot resolve this name ({exc.strerror if isinstance(exc, OSError) and exc.strerror else exc})") from None
+    addresses = {str(info[4][0]).split("%")[0] for info in infos}
+    return bool(addresses) and all(ipaddress.ip_address(a).is_loopback for a in addresses)
 
 
 def _on_ready(url: str, model_name: str, *, browser: bool) -> None:

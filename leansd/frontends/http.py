@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import sys
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -50,7 +51,13 @@ from leansd.frontends.a1111 import (
     txt2img_request,
 )
 from leansd.frontends.guard import GuardMiddleware, error_response, parse_credentials
-from leansd.frontends.limits import DEFAULT_HOST, DEFAULT_PORT, DEFAULT_SHUTDOWN_SECONDS
+from leansd.frontends.limits import (
+    DEFAULT_HOST,
+    DEFAULT_MAX_BODY,
+    DEFAULT_MAX_JOB_SECONDS,
+    DEFAULT_PORT,
+    DEFAULT_SHUTDOWN_SECONDS,
+)
 from leansd.service.queue import (
     DEFAULT_MAX_QUEUE,
     Job,
@@ -99,6 +106,17 @@ class _Server:
     options: dict[str, Any] = field(default_factory=dict)
     owns_queue: bool = False
     shutdown_timeout: float = DEFAULT_SHUTDOWN_SECONDS
+    taesd: bool = False
+    """Whether the engine has TAESD weights (TAESD previews)."""
+    preview_png: dict[str, Any] = field(default_factory=dict)
+    """The running job's latest preview as base64 PNG, kept for `/progress` (see a1111.progress)."""
+
+    def with_previews(self, gen: "GenerationRequest", body: A1111Request) -> "GenerationRequest":
+        """The request with the live preview fields the options (and its override_settings) ask for."""
+        import dataclasses
+
+        fields = a1111.preview_fields(self.options, body.override_settings, taesd=self.taesd)
+        return dataclasses.replace(gen, **fields)
 
     @classmethod
     def over(cls, queue: JobQueue, *, limits: Limits, outputs: Path | None, owns_queue: bool,
@@ -113,6 +131,7 @@ class _Server:
             queue=queue, limits=limits, outputs=outputs, model_name=name, model_hash=model_hash,
             model_source=str(getattr(bundle, "source", name)), native_size=a1111.native_size(queue.engine),
             options=options, owns_queue=owns_queue, shutdown_timeout=shutdown_timeout,
+            taesd=getattr(queue.engine, "taesd", None) is not None,
         )
 
 
@@ -131,6 +150,8 @@ async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
     finally:
         if server.owns_queue:
             await asyncio.to_thread(server.queue.shutdown, server.shutdown_timeout)
+        for cleanup in app.state.cleanups:  # e.g. the web UI's scratch folder
+            cleanup()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -147,6 +168,9 @@ def create_app(
     max_steps: int = DEFAULT_MAX_STEPS,
     max_images: int = DEFAULT_MAX_IMAGES,
     allowed_origins: Sequence[str] = (),
+    allowed_hosts: "Sequence[str] | None" = (),
+    max_body: int | None = DEFAULT_MAX_BODY,
+    max_job_seconds: float | None = DEFAULT_MAX_JOB_SECONDS,
     shutdown_timeout: float = DEFAULT_SHUTDOWN_SECONDS,
     ui: bool = True,
 ) -> FastAPI:
@@ -158,9 +182,14 @@ def create_app(
     also written there (`txt2img-images/`, `img2img-images/`) with the usual names; no request
     field can change where. `ui`: also serve the Gradio web UI at `/` (leansd.frontends.webui),
     over the same queue and behind the same auth and Origin checks.
+    `allowed_hosts`: Host names accepted besides IP addresses and localhost (None: any Host);
+    `max_body`: request body limit in bytes (413 beyond it); `max_job_seconds`: jobs estimated to
+    run longer on this device are refused (None: no limit; only for a queue the app builds).
+    See `leansd.frontends.guard`.
     """
     owns_queue = not isinstance(engine_or_queue, JobQueue)
-    queue = JobQueue(engine_or_queue, max_queue=max_queue) if owns_queue else engine_or_queue
+    queue = (JobQueue(engine_or_queue, max_queue=max_queue, max_job_seconds=max_job_seconds) if owns_queue
+             else engine_or_queue)
     server = _Server.over(
         queue, limits=Limits(max_size=max_size, max_steps=max_steps, max_images=max_images),
         outputs=None if save_dir is None else Path(save_dir).resolve(), owns_queue=owns_queue,
@@ -170,9 +199,11 @@ def create_app(
                   description="AUTOMATIC1111-compatible /sdapi/v1 API served by leansd")
     app.state.server = server
     app.state.queue = queue
+    app.state.cleanups = []
     app.state.limits = server.limits
     credentials = parse_credentials(auth) if isinstance(auth, str) else auth
-    app.add_middleware(GuardMiddleware, credentials=credentials, allowed_origins=allowed_origins)
+    app.add_middleware(GuardMiddleware, credentials=credentials, allowed_origins=allowed_origins,
+                       allowed_hosts=None if allowed_hosts is None else list(allowed_hosts), max_body=max_body)
     for exc_class, handler in _EXCEPTION_HANDLERS.items():
         app.add_exception_handler(exc_class, handler)
     for method, path, endpoint, name in _ROUTES:
@@ -180,7 +211,8 @@ def create_app(
     if ui:  # last: the UI is mounted at "/", so every route above keeps precedence
         from leansd.frontends.webui import mount_ui
 
-        mount_ui(app, queue, limits=server.limits, model_name=server.model_name, save_dir=server.outputs)
+        mount_ui(app, queue, limits=server.limits, model_name=server.model_name, save_dir=server.outputs,
+                 max_file_size=max_body, options=server.options)
     return app
 
 
@@ -214,6 +246,15 @@ async def _http(request: Request, exc: Exception) -> JSONResponse:
     return error_response(exc.status, exc.name or type(exc).__name__, str(exc), headers=exc.headers)
 
 
+async def _failed(request: Request, exc: Exception) -> JSONResponse:
+    """Anything else (a job that failed, a bug): 500 with the JSON error shape, never plain text."""
+    if isinstance(exc, LeansdError):
+        return error_response(500, type(exc).__name__, str(exc))
+    logger.error("unexpected error on %s %s: %s: %s", request.method, request.url.path, type(exc).__name__, exc)
+    name, message = a1111.failure(exc)
+    return error_response(500, name, message)
+
+
 _EXCEPTION_HANDLERS: dict[type[Exception], Any] = {
     RequestValidationError: _validation,
     InvalidRequestError: _invalid,
@@ -221,6 +262,8 @@ _EXCEPTION_HANDLERS: dict[type[Exception], Any] = {
     QueueClosedError: _unavailable,
     JobCancelledError: _unavailable,
     HTTPError: _http,
+    LeansdError: _failed,
+    Exception: _failed,
 }
 
 
@@ -247,7 +290,7 @@ async def _generate(http_request: Request, gen: "GenerationRequest", body: A1111
     server = _server(http_request)
     if body.save_images and server.outputs is None:
         raise InvalidRequestError("save_images needs the server started with --save-images")
-    job = server.queue.submit(gen)
+    job = await asyncio.to_thread(server.queue.submit, gen)  # the job-time estimate counts FLOPs: off the loop
     job_timestamp = a1111.job_timestamp()
     try:
         result = await _await_job(http_request, server.queue, job)
@@ -256,17 +299,25 @@ async def _generate(http_request: Request, gen: "GenerationRequest", body: A1111
     except Exception as exc:  # noqa: BLE001 - a failed job answers 500 with one line, the server lives on
         raise _job_failed(exc) from exc
     images: list[str] = []
+    save_error = None
     if server.outputs is not None and result.images:
-        await asyncio.to_thread(_save, server.outputs / f"{task}-images", result)
-    if body.send_images is not False:
+        try:
+            await asyncio.to_thread(_save, server.outputs / f"{task}-images", result)
+        except (LeansdError, OSError) as exc:  # a full disk, a folder replaced by a file: keep the images
+            save_error = f"saving the images failed: {one_line(exc, limit=300)}"
+            logger.warning("%s", save_error)
+    if body.send_images is not False or save_error is not None:  # never lose a computed image
         images = await asyncio.to_thread(
-            lambda: [encode_png(im, info) for im, info in zip(result.images, result.infotexts)]
+            lambda: [encode_png(im, info) for im, info in zip(result.images, result.infotexts, strict=True)]
         )
     bundle = getattr(server.queue.engine, "bundle", None)
     if bundle is not None and bundle.name != server.model_name:  # a job switched the checkpoint
         server.model_name, server.model_hash, server.model_source = bundle.name, bundle.hash, str(bundle.source)
-    return a1111.response(body, gen, result, images=images, model_name=server.model_name,
-                          model_hash=server.model_hash, job_timestamp=job_timestamp, interrupted=job.interrupted)
+    answer = a1111.response(body, gen, result, images=images, model_name=server.model_name,
+                            model_hash=server.model_hash, job_timestamp=job_timestamp, interrupted=job.interrupted)
+    if save_error is not None:
+        answer["warning"] = save_error
+    return answer
 
 
 @_route("POST", f"{API}/txt2img")
@@ -274,6 +325,7 @@ async def txt2img(body: Txt2ImgRequest, request: Request) -> dict:
     server = _server(request)
     gen = txt2img_request(body, model_name=server.model_name, limits=server.limits, native_size=server.native_size,
                           library=_library(request))
+    gen = server.with_previews(gen, body)
     return await _generate(request, _with_options(server, gen), body, "txt2img")
 
 
@@ -283,12 +335,15 @@ async def img2img(body: Img2ImgRequest, request: Request) -> dict:
     # Decoding the uploads (CPU work) happens off the event loop.
     gen = await asyncio.to_thread(img2img_request, body, model_name=server.model_name, limits=server.limits,
                                   library=_library(request))
-    return await _generate(request, _with_options(server, gen), body, "img2img")
+    return await _generate(request, _with_options(server, server.with_previews(gen, body)), body, "img2img")
 
 
 @_route("GET", f"{API}/progress")
 async def progress(request: Request, skip_current_image: bool = False) -> dict:
-    return a1111.progress(_server(request).queue, skip_current_image=skip_current_image)
+    # PNG-encoding a full-size preview is CPU work: off the event loop.
+    server = _server(request)
+    return await asyncio.to_thread(a1111.progress, server.queue, skip_current_image=skip_current_image,
+                                   cache=server.preview_png)
 
 
 @_route("POST", f"{API}/interrupt")
@@ -315,7 +370,8 @@ async def set_options(request: Request) -> None:
         body = await request.json()
     except ValueError:
         raise InvalidRequestError("the options body must be a JSON object") from None
-    a1111.update_options(server.options, body, model_name=server.model_name, library=_library(request))
+    a1111.update_options(server.options, body, model_name=server.model_name, taesd=server.taesd,
+                         library=_library(request))
     return None
 
 
@@ -497,7 +553,9 @@ def serve(
 
     import uvicorn
 
-    queue = engine_or_queue if isinstance(engine_or_queue, JobQueue) else JobQueue(engine_or_queue, max_queue=max_queue)
+    max_job_seconds = app_options.pop("max_job_seconds", DEFAULT_MAX_JOB_SECONDS)
+    queue = (engine_or_queue if isinstance(engine_or_queue, JobQueue)
+             else JobQueue(engine_or_queue, max_queue=max_queue, max_job_seconds=max_job_seconds))
     app = create_app(queue, **app_options)
     queue.start()
 
@@ -531,8 +589,16 @@ def serve(
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
-        queue.shutdown(shutdown_timeout)
-    return 0 if server.started else 1
+        stopped = queue.shutdown(shutdown_timeout)
+    code = 0 if server.started else 1
+    if not stopped:
+        # The worker is still inside one long model call. Letting the interpreter finalise under a
+        # thread that runs a torch kernel aborts the process (exit 134); everything else is done.
+        logger.warning("the worker is still inside a model call; exiting without waiting for it")
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+    return code
 
 
 class _Stopped(Exception):

@@ -15,6 +15,10 @@ DEFAULT_MAX_STEPS = 150
 DEFAULT_MAX_IMAGES = 16
 DEFAULT_SHUTDOWN_SECONDS = 30.0
 """How long a running job may finish once the server is asked to stop."""
+DEFAULT_MAX_BODY = 100 * 2**20
+"""Request bodies above this get 413 before they are read: room for a few 4K PNGs in base64."""
+DEFAULT_MAX_JOB_SECONDS = 3600.0
+"""Jobs estimated to run longer on the server's device are refused up front."""
 
 
 @dataclass(frozen=True, kw_only=True)

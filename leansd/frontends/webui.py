@@ -11,8 +11,10 @@ messages; an `InvalidRequestError` becomes a `gr.Error` (a readable message in t
 Gradio is imported only here, lazily (importing it costs seconds); the page loads no remote fonts.
 """
 
+import dataclasses
 import logging
 import os
+import shutil
 import tempfile
 import threading
 from pathlib import Path
@@ -20,7 +22,7 @@ from typing import TYPE_CHECKING, Any, Callable, Iterator
 
 from leansd import request as defaults
 from leansd.errors import InvalidRequestError, LeansdError, one_line
-from leansd.frontends.a1111 import INPAINTING_FILL, Limits, failure
+from leansd.frontends.a1111 import INPAINTING_FILL, Limits, failure, preview_fields
 from leansd.service.queue import Job, JobCancelledError, JobQueue, JobState
 
 if TYPE_CHECKING:
@@ -54,12 +56,16 @@ def theme() -> Any:
 class _Runner:
     """The UI's side of the queue: submit, follow progress, cancel the session's job, save files."""
 
-    def __init__(self, queue: JobQueue, *, model_name: str, limits: Limits, save_dir: Path | None) -> None:
+    def __init__(self, queue: JobQueue, *, model_name: str, limits: Limits, save_dir: Path | None,
+                 options: dict[str, Any] | None = None) -> None:
         self.queue = queue
+        self.options = {} if options is None else options  # shared with /sdapi/v1/options when served together
+        self.taesd = getattr(queue.engine, "taesd", None) is not None
         self.model_name = model_name
         self.limits = limits
         self.save_dir = save_dir
-        self._scratch = Path(tempfile.mkdtemp(prefix="leansd-webui-"))
+        self._scratch: Path | None = None
+        """Where downloads go when the server does not save (made at the first image, removed by cleanup)."""
         self._sessions: dict[str, str] = {}
         self._lock = threading.Lock()
 
@@ -67,12 +73,17 @@ class _Runner:
         """`builder(body, ..., **extra)` (a1111's txt2img_request/img2img_request); bad values -> gr.Error."""
         gr = _gradio()
         try:
-            return builder(body, model_name=self.model_name, limits=self.limits, **extra)
+            request = builder(body, model_name=self.model_name, limits=self.limits, **extra)
+            return dataclasses.replace(request, **preview_fields(self.options, taesd=self.taesd))
         except InvalidRequestError as exc:
             raise gr.Error(one_line(exc), print_exception=False) from None
 
     def run(self, request: "GenerationRequest", *, task: str, session: str | None) -> Iterator[tuple]:
-        """Yield (gallery, infotext, files, progress) updates until the job ends; errors -> gr.Error."""
+        """Yield (gallery, infotext, files, progress) updates until the job ends; errors -> gr.Error.
+
+        While the job runs the gallery shows its latest live preview (only this session's job is
+        followed, so a session never sees another's); when it ends the preview goes: the results
+        replace it, or on failure and cancel the gallery is emptied before the error is shown."""
         gr = _gradio()
         try:
             job = self.queue.submit(request)
@@ -81,28 +92,46 @@ class _Runner:
         if session:
             with self._lock:
                 self._sessions[session] = job.id
+        shown = 0  # preview_id of the preview in the gallery (0: none)
         try:
             while not job.future.done():
-                yield gr.skip(), gr.skip(), gr.skip(), progress_text(self.queue, job)
+                preview, preview_id = job.preview, job.preview_id
+                gallery = gr.skip()
+                if preview is not None and preview_id != shown:
+                    gallery, shown = [(preview, f"Preview, step {job.progress.step}/{job.progress.total_steps}")], preview_id
+                yield gallery, gr.skip(), gr.skip(), progress_text(self.queue, job)
                 _wait(job.future, POLL_SECONDS)
             try:
                 result = job.future.result()
-            except JobCancelledError:
-                raise gr.Error("cancelled", print_exception=False) from None
-            except Exception as exc:  # noqa: BLE001 - the job failed; say why in one line
-                raise gr.Error(failure(exc)[1], print_exception=False) from None
+            except Exception as exc:  # noqa: BLE001 - the job failed or was cancelled; say why in one line
+                if shown:  # a preview never outlives its job
+                    yield [], gr.skip(), gr.skip(), ""
+                message = "cancelled" if isinstance(exc, JobCancelledError) else failure(exc)[1]
+                raise gr.Error(message, print_exception=False) from None
         finally:
+            if not job.future.done():
+                # The browser closed its stream (the generator was closed): stop the job, as the
+                # HTTP API does when its client goes away.
+                self.queue.cancel(job.id)
+                logger.info("web UI client went away: cancelled job %s", job.id)
             if session:
                 with self._lock:
                     if self._sessions.get(session) == job.id:
                         del self._sessions[session]
         paths = self.save(result, task=task)
-        gallery = [(str(path), info) for path, info in zip(paths, result.infotexts)]
+        gallery = [(str(path), info) for path, info in zip(paths, result.infotexts, strict=True)]
         seconds = result.timings.get("total")
         done = f"{len(paths)} image{'s' * (len(paths) != 1)}" + (f" in {seconds:.1f} s" if seconds else "")
         if job.interrupted:
             done += " (interrupted)"
         yield gallery, "\n\n".join(result.infotexts), [str(p) for p in paths], done
+
+    def cleanup(self) -> None:
+        """Remove the scratch folder of this UI's downloads (at server shutdown)."""
+        with self._lock:
+            scratch, self._scratch = self._scratch, None
+        if scratch is not None:
+            shutil.rmtree(scratch, ignore_errors=True)
 
     def cancel(self, session: str | None) -> str:
         with self._lock:
@@ -115,7 +144,13 @@ class _Runner:
         """PNGs with their infotext (downloads keep the parameters); into save_dir when the server saves."""
         from leansd.outputs.writer import ImageWriter
 
-        folder = (self.save_dir or self._scratch) / f"{task}-images"
+        base = self.save_dir
+        if base is None:
+            with self._lock:
+                if self._scratch is None:
+                    self._scratch = Path(tempfile.mkdtemp(prefix="leansd-webui-"))
+                base = self._scratch
+        folder = base / f"{task}-images"
         return ImageWriter(folder).save_all(result.images, seeds=result.seeds, infotexts=result.infotexts)
 
 
@@ -206,9 +241,17 @@ def build_ui(
     limits: Limits | None = None,
     model_name: str | None = None,
     save_dir: "str | os.PathLike[str] | None" = None,
+    options: dict[str, Any] | None = None,
+    cleanups: "list[Callable[[], None]] | None" = None,
 ) -> "gr.Blocks":
-    """The web UI's Blocks over `queue` (its worker owns the engine); mount it with `mount_ui`."""
-    gr = _gradio()
+    """The web UI's Blocks over `queue` (its worker owns the engine); mount it with `mount_ui`.
+
+    Live previews follow `options` (A1111's preview options; default: A1111's defaults).
+    `cleanups`: a list to which the UI adds what must run at server shutdown (removing its
+    scratch folder of downloads)."""
+    _gradio()
+    import gradio as gr  # the module itself: handlers' `gr.Request` annotations are read by gradio
+
     from leansd.frontends.a1111 import (
         DEFAULT_RESIZE_MODE,
         Img2ImgRequest,
@@ -230,7 +273,7 @@ def build_ui(
     masked_content = {number: label for label, number in MASKED_CONTENT.items()}
     default_fill = masked_content[{v: k for k, v in INPAINTING_FILL.items()}[defaults.DEFAULT_INPAINTING_FILL]]
     runner = _Runner(queue, model_name=model_name, limits=limits,
-                     save_dir=None if save_dir is None else Path(save_dir).resolve())
+                     save_dir=None if save_dir is None else Path(save_dir).resolve(), options=options)
     samplers = sampler_names()
     max_batch = min(8, limits.max_images)
 
@@ -318,9 +361,9 @@ def build_ui(
         return c
 
     def wire_common(c: dict[str, Any], r: dict[str, Any], event: Any) -> None:
-        c["random_seed"].click(lambda: -1, None, c["seed"], api_name=False, queue=False)
-        c["reuse_seed"].click(reuse_seed, r["infotext"], c["seed"], api_name=False, queue=False)
-        r["cancel"].click(cancel, None, r["progress"], api_name=False, queue=False)
+        c["random_seed"].click(lambda: -1, None, c["seed"], api_visibility="private", queue=False)
+        c["reuse_seed"].click(reuse_seed, r["infotext"], c["seed"], api_visibility="private", queue=False)
+        r["cancel"].click(cancel, None, r["progress"], api_visibility="private", queue=False)
 
     def reuse_seed(infotext: str) -> int:
         if not infotext:
@@ -416,7 +459,8 @@ def build_ui(
 
     outputs_of = lambda r: [r["gallery"], r["infotext"], r["files"], r["progress"]]  # noqa: E731
 
-    with gr.Blocks(title="leansd", analytics_enabled=False) as ui:
+    # delete_cache: Gradio's copies of uploads are removed after an hour and when the server stops.
+    with gr.Blocks(title="leansd", analytics_enabled=False, delete_cache=(3600, 3600)) as ui:
         gr.Markdown(f"## leansd · `{model_name}`")
         with gr.Tabs() as tabs:
             with gr.Tab("txt2img", id="txt2img"):
@@ -495,7 +539,7 @@ def build_ui(
                 vram_box = gr.Textbox(label="VRAM budget", placeholder="e.g. 4G, 1500M, auto, none",
                                       elem_id="vram_budget", scale=3)
                 apply_vram = gr.Button("Apply", size="sm", elem_id="vram_apply", scale=1)
-            gr.Button("Refresh", size="sm").click(lambda: memory_text(queue), None, memory, api_name=False,
+            gr.Button("Refresh", size="sm").click(lambda: memory_text(queue), None, memory, api_visibility="private",
                                                   queue=False)
 
             def set_vram(text):
@@ -529,19 +573,28 @@ def build_ui(
                 updates += [gr.skip(), gr.skip()]
             return updates + [gr.Tabs(selected=tab)]
 
-        to_txt2img.click(lambda parsed: send_values(parsed, "txt2img"), n_json, send(t) + [tabs], api_name=False)
+        to_txt2img.click(lambda parsed: send_values(parsed, "txt2img"), n_json, send(t) + [tabs], api_visibility="private")
         to_img2img.click(lambda parsed, path: send_values(parsed, "img2img") + [path], [n_json, n_image],
-                         send(i) + [tabs, i_image], api_name=False)
+                         send(i) + [tabs, i_image], api_visibility="private")
+    if cleanups is not None:
+        cleanups.append(runner.cleanup)  # removes the scratch folder of downloads
     return ui
 
 
 def mount_ui(app: "FastAPI", queue: JobQueue, *, limits: Limits | None = None, model_name: str | None = None,
-             save_dir: "str | os.PathLike[str] | None" = None, path: str = "/") -> "FastAPI":
-    """Mount the web UI at `path` of `app` (routes added before it, such as /sdapi/v1, keep precedence)."""
+             save_dir: "str | os.PathLike[str] | None" = None, path: str = "/",
+             max_file_size: int | None = None, options: dict[str, Any] | None = None) -> "FastAPI":
+    """Mount the web UI at `path` of `app` (routes added before it, such as /sdapi/v1, keep precedence).
+
+    `max_file_size`: uploads above it (bytes) are refused. The UI's temporary files are removed at
+    shutdown when `app.state.cleanups` exists (apps from `create_app` run that list). `options`: the
+    server's A1111 options (shared with `/sdapi/v1/options`: the live preview settings).
+    """
     gr = _gradio()
-    ui = build_ui(queue, limits=limits, model_name=model_name, save_dir=save_dir)
+    ui = build_ui(queue, limits=limits, model_name=model_name, save_dir=save_dir, options=options,
+                  cleanups=getattr(app.state, "cleanups", None))
     ui.queue(default_concurrency_limit=None, max_size=None)
     return gr.mount_gradio_app(
         app, ui, path=path, theme=theme(), css=CSS, ssr_mode=False, mcp_server=False, pwa=False,
-        footer_links=["api"], show_error=True,
+        footer_links=["api"], show_error=True, max_file_size=max_file_size,
     )

@@ -15,6 +15,7 @@ Pillow is imported here; torch only inside the tensor converters.
 
 from __future__ import annotations
 
+import io
 import logging
 import math
 import numbers
@@ -26,7 +27,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 from PIL import Image, ImageFilter, ImageOps, UnidentifiedImageError
 
-from leansd.errors import InvalidRequestError, one_line
+from leansd.errors import InvalidRequestError, brief, one_line
 from leansd.request import MAX_SIZE, MIN_SIZE
 
 if TYPE_CHECKING:
@@ -57,42 +58,55 @@ _SIXTEEN_BIT_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I")
 # Loading
 
 
+ACCEPTED_FORMATS = ("PNG", "JPEG", "WEBP", "BMP", "TIFF", "GIF")
+"""Pillow decoders allowed for init images and masks. Every other format is refused before decoding:
+some of Pillow's plugins hand the file to outside programs (EPS and PDF run Ghostscript)."""
+_OPENED_FORMATS = ACCEPTED_FORMATS + ("MPO",)  # the JPEG decoder names many phones' JPEG files MPO
+ACCEPTED_NAMES = "PNG, JPEG, WebP, BMP, TIFF, GIF (first frame)"
+
+
 def load_image(path: str | os.PathLike[str], *, label: str = "image") -> Image.Image:
     """Read an init image as RGB: transparency on white, any mode converted, EXIF orientation applied.
 
     `label` names the file's role in error messages ("image photo.png: no such file").
+    Only `ACCEPTED_FORMATS` are decoded.
     """
-    with _open(path, label=label) as image:
-        name = os.fspath(path)
-        try:
-            image = ImageOps.exif_transpose(image)
-            rgb = _to_rgb(image)
-        except InvalidRequestError:
-            raise
-        except Exception as exc:
-            raise InvalidRequestError(f"{label} {name}: cannot convert it to RGB ({one_line(exc, limit=160)})") from exc
-    logger.debug("loaded %s %s: %dx%d", label, name, *rgb.size)
-    return rgb
+    name = _checked_path(path, label=label)
+    return _decode(name, label=f"{label} {name}", mask=False)
 
 
 def load_mask(path: str | os.PathLike[str], *, label: str = "mask") -> Image.Image:
     """Read a mask as "L" (white = regenerate, black = keep, grey = soft); see the module notes for alpha."""
-    with _open(path, label=label) as image:
-        name = os.fspath(path)
+    name = _checked_path(path, label=label)
+    return _decode(name, label=f"{label} {name}", mask=True)
+
+
+def load_image_bytes(data: bytes, *, label: str = "image", mask: bool = False) -> Image.Image:
+    """`load_image` (or `load_mask` with `mask=True`) for an encoded image held in memory (an upload).
+
+    Nothing is written to disk; messages start with `label` alone, so they never show a path.
+    """
+    if not data:
+        raise InvalidRequestError(f"{label}: the image is empty (0 bytes)")
+    return _decode(io.BytesIO(data), label=label, mask=mask)
+
+
+def _decode(source: "str | io.BytesIO", *, label: str, mask: bool) -> Image.Image:
+    with _open(source, label=label) as image:
         try:
             image = ImageOps.exif_transpose(image)
-            mask = _to_mask(image)
+            out = _to_mask(image) if mask else _to_rgb(image)
         except InvalidRequestError:
             raise
         except Exception as exc:
-            reason = one_line(exc, limit=160)
-            raise InvalidRequestError(f"{label} {name}: cannot convert it to grayscale ({reason})") from exc
-    logger.debug("loaded %s %s: %dx%d", label, name, *mask.size)
-    return mask
+            what = "grayscale" if mask else "RGB"
+            raise InvalidRequestError(f"{label}: cannot convert it to {what} ({one_line(exc, limit=160)})") from exc
+    logger.debug("loaded %s: %dx%d", label, *out.size)
+    return out
 
 
-def _open(path: str | os.PathLike[str], *, label: str) -> Image.Image:
-    """Open and fully decode an image file, refusing oversized images before any pixel is decoded."""
+def _checked_path(path: str | os.PathLike[str], *, label: str) -> str:
+    """The file's name, after the checks that need no decoding (exists, not a folder, not empty)."""
     name = os.fspath(path)
     if isinstance(name, bytes):
         name = os.fsdecode(name)
@@ -106,37 +120,45 @@ def _open(path: str | os.PathLike[str], *, label: str) -> Image.Image:
         raise InvalidRequestError(f"{label} {name}: cannot read it ({one_line(exc.strerror or exc)})") from exc
     if nbytes == 0:
         raise InvalidRequestError(f"{label} {name}: the file is empty (0 bytes)")
+    return name
 
+
+def _open(source: "str | io.BytesIO", *, label: str) -> Image.Image:
+    """Open and fully decode an image, refusing other formats and oversized images before any pixel is decoded."""
     too_large = (
-        f"{label} {name}: the image is too large; the limit is {MAX_SIDE} pixels a side "
+        f"{label}: the image is too large; the limit is {MAX_SIDE} pixels a side "
         f"and {MAX_PIXELS} pixels in all (8192x8192)"
     )
+    refused = f"{label}: is not an image in an accepted format ({ACCEPTED_NAMES})"
     try:
         # Pillow's own decompression-bomb check runs in open(), from the header alone; make its
-        # warning an error too, so a huge header never reaches the decoder.
+        # warning an error too, so a huge header never reaches the decoder. `formats` keeps every
+        # other plugin (EPS -> Ghostscript, ...) from even looking at the file.
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
-            image = Image.open(name)
+            image = Image.open(source, formats=list(ACCEPTED_FORMATS))
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
         raise InvalidRequestError(too_large) from exc
     except UnidentifiedImageError as exc:
-        raise InvalidRequestError(f"{label} {name}: is not an image Pillow can read") from exc
+        raise InvalidRequestError(refused) from exc
     except PermissionError as exc:
-        raise InvalidRequestError(f"{label} {name}: cannot read it (permission denied)") from exc
+        raise InvalidRequestError(f"{label}: cannot read it (permission denied)") from exc
     except Exception as exc:
-        raise InvalidRequestError(f"{label} {name}: cannot read it ({one_line(exc, limit=160)})") from exc
+        raise InvalidRequestError(f"{label}: cannot read it ({_safe_reason(exc, source)})") from exc
 
     try:
+        if image.format not in _OPENED_FORMATS:  # belt and braces: open() honoured `formats`
+            raise InvalidRequestError(refused)
         width, height = image.size
         if width > MAX_SIDE or height > MAX_SIDE or width * height > MAX_PIXELS:
             raise InvalidRequestError(f"{too_large}; this one is {width}x{height}")
         if width < MIN_SIDE or height < MIN_SIDE:
             raise InvalidRequestError(
-                f"{label} {name}: the image is {width}x{height} pixels, too small (at least {MIN_SIDE}x{MIN_SIDE})"
+                f"{label}: the image is {width}x{height} pixels, too small (at least {MIN_SIDE}x{MIN_SIDE})"
             )
         frames = getattr(image, "n_frames", 1)
         if frames > 1:
-            logger.info("%s %s has %d frames; using the first", label, name, frames)
+            logger.info("%s has %d frames; using the first", label, frames)
         image.load()  # decode every pixel now, so a truncated or corrupt file fails here
     except InvalidRequestError:
         image.close()
@@ -144,9 +166,15 @@ def _open(path: str | os.PathLike[str], *, label: str) -> Image.Image:
     except Exception as exc:
         image.close()
         raise InvalidRequestError(
-            f"{label} {name}: the image is truncated or corrupt ({one_line(exc, limit=160)})"
+            f"{label}: the image is truncated or corrupt ({_safe_reason(exc, source)})"
         ) from exc
     return image
+
+
+def _safe_reason(exc: BaseException, source: "str | io.BytesIO") -> str:
+    """A decoder's message in one short line, without the file's name (the label already says it)."""
+    text = one_line(exc, limit=160)
+    return text.replace(source, "the file") if isinstance(source, str) else text
 
 
 def _has_alpha(image: Image.Image) -> bool:
@@ -192,11 +220,11 @@ def _to_mask(image: Image.Image) -> Image.Image:
 
 def _size_value(name: str, value: object, multiple: int) -> int:
     if isinstance(value, bool):
-        raise InvalidRequestError(f"{name} must be an integer, got {value!r}")
+        raise InvalidRequestError(f"{name} must be an integer, got {brief(value)}")
     try:
         number = operator.index(value)  # type: ignore[arg-type]  # a non-integer raises TypeError, handled below
     except TypeError:
-        raise InvalidRequestError(f"{name} must be an integer, got {value!r}") from None
+        raise InvalidRequestError(f"{name} must be an integer, got {brief(value)}") from None
     if number % multiple:
         raise InvalidRequestError(f"{name} must be a multiple of {multiple}, got {number}")
     if not MIN_SIZE <= number <= MAX_SIZE:
@@ -265,7 +293,7 @@ def resize_mode_name(mode: str | int) -> str:
         if key in _RESIZE_ALIASES:
             return _RESIZE_ALIASES[key]
     raise InvalidRequestError(
-        f"unknown resize mode {mode!r}; valid: {', '.join(RESIZE_MODES)} "
+        f"unknown resize mode {brief(mode)}; valid: {', '.join(RESIZE_MODES)} "
         f"(or A1111's 'Just resize', 'Crop and resize', 'Resize and fill')"
     )
 
@@ -361,7 +389,7 @@ def prepare_mask(
     """
     label = f"mask {name}" if name else "mask"
     if isinstance(blur, bool) or not isinstance(blur, numbers.Integral) or not 0 <= blur <= MAX_MASK_BLUR:
-        raise InvalidRequestError(f"mask blur must be an integer from 0 to {MAX_MASK_BLUR} pixels, got {blur!r}")
+        raise InvalidRequestError(f"mask blur must be an integer from 0 to {MAX_MASK_BLUR} pixels, got {brief(blur)}")
     out_w, out_h = size
     pixels = mask if mask.mode == "L" else _to_mask(mask)
     bilinear = Image.Resampling.BILINEAR
@@ -416,7 +444,7 @@ def mask_to_tensor(mask: Image.Image) -> "torch.Tensor":
 def validate_strength(strength: float) -> float:
     """Denoising strength as a float in 0..1 (inclusive); anything else raises."""
     if isinstance(strength, bool) or not isinstance(strength, numbers.Real):
-        raise InvalidRequestError(f"strength must be a number between 0 and 1, got {strength!r}")
+        raise InvalidRequestError(f"strength must be a number between 0 and 1, got {brief(strength)}")
     value = float(strength)
     if not math.isfinite(value) or not 0.0 <= value <= 1.0:
         raise InvalidRequestError(f"strength must be between 0 and 1, got {strength}")

@@ -294,6 +294,12 @@ def load_weights_only(path: str | os.PathLike[str], *, suffix: str | None = None
         raise ModelLoadError(f"{path}: is truncated (unexpected end of file)") from exc
     except (RuntimeError, ValueError, KeyError, IndexError, OSError, zipfile.BadZipFile) as exc:
         raise ModelLoadError(f"{path}: is truncated or corrupt ({_one_line(exc)})") from exc
+    except Exception as exc:  # noqa: BLE001 - a hostile pickle can make the safe unpickler raise anything
+        # (a stand-in class called with arguments: TypeError; deep nesting: RecursionError; ...)
+        raise UnsafeCheckpointError(
+            f"{path}: this {suffix} file cannot be read as plain weights ({type(exc).__name__}: {_one_line(exc)});"
+            " leansd refuses it. Convert it to .safetensors with a tool you trust."
+        ) from None
     return obj
 
 
@@ -320,7 +326,7 @@ def _unsafe_references(path: Path, exc: BaseException, *, is_zip: bool) -> str:
         allowed = {name for _, name in ckpt_safe_globals()}
         try:
             found = torch.serialization.get_unsafe_globals_in_checkpoint(str(path))
-        except (RuntimeError, ValueError, OSError):
+        except Exception:  # noqa: BLE001 - only a better message is lost (e.g. opcodes its scanner does not know)
             found = []
         names = [n for n in found if n not in allowed]
     if not names:
@@ -333,7 +339,9 @@ def _unsafe_references(path: Path, exc: BaseException, *, is_zip: bool) -> str:
         if not names:
             m = re.search(r"Unsupported operand (\d+)", inner)
             if m:
-                return f"it uses pickle opcode {int(m.group(1))}, outside the safe subset"
+                code = int(m.group(1))
+                char = f" ({chr(code)!r})" if 32 < code < 127 else ""
+                return f"it uses pickle opcode {code}{char}, outside the safe subset"
             return "it uses pickle features outside the safe subset"
     shown = [re.sub(r"^(posix|nt)\.", "os.", n) for n in dict.fromkeys(names)]
     return "it references " + ", ".join(shown)

@@ -13,6 +13,7 @@ import json
 import os
 import re
 from collections.abc import Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -41,6 +42,11 @@ class ModelFamily(str, enum.Enum):
         """Human name for messages and metadata, e.g. "SD 1.x inpainting (9-channel)"."""
         return _LABELS[self]
 
+    @property
+    def latent_preview(self) -> "LatentPreview":
+        """How this family's latents are previewed: the cheap linear RGB map and the matching TAESD."""
+        return _LATENT_PREVIEWS.get(self, SD_LATENT_PREVIEW)
+
 
 _LABELS = {
     ModelFamily.SD1: "SD 1.x",
@@ -50,6 +56,51 @@ _LABELS = {
     ModelFamily.SDXL: "SDXL",
     ModelFamily.SDXL_REFINER: "SDXL refiner",
     ModelFamily.UNKNOWN: "unrecognised Stable Diffusion variant",
+}
+
+
+
+@dataclass(frozen=True)
+class LatentPreview:
+    """Preview data of a latent space (one per VAE family).
+
+    `rgb_factors` (C x 3) and `rgb_bias` (3) map the scaled latents (as the UNet sees them) linearly
+    to RGB in [-1, 1]: AUTOMATIC1111's "Approx cheap" preview. `taesd_repo` is the hub id of the
+    tiny autoencoder (TAESD) trained on this latent space.
+    """
+
+    rgb_factors: tuple[tuple[float, float, float], ...]
+    rgb_bias: tuple[float, float, float]
+    taesd_repo: str
+
+
+# AUTOMATIC1111's "Approx cheap" coefficients (modules/sd_vae_approx.py, cheap_approximation(),
+# from https://discuss.huggingface.co/t/decoding-latents-to-rgb-without-upscaling/23204/2): rows are
+# the 4 latent channels, columns R, G, B. SD 2.x shares SD 1.x's VAE, so its latent space too.
+SD_LATENT_PREVIEW = LatentPreview(
+    rgb_factors=(
+        (0.298, 0.207, 0.208),
+        (0.187, 0.286, 0.173),
+        (-0.158, 0.189, 0.264),
+        (-0.184, -0.271, -0.473),
+    ),
+    rgb_bias=(0.0, 0.0, 0.0),
+    taesd_repo="madebyollin/taesd",
+)
+# The SDXL VAE's latent space: AUTOMATIC1111's SDXL coefficients (same function, `is_sdxl` branch).
+SDXL_LATENT_PREVIEW = LatentPreview(
+    rgb_factors=(
+        (0.3448, 0.4168, 0.4395),
+        (-0.1953, -0.0290, 0.0250),
+        (0.1074, 0.0886, -0.0163),
+        (-0.3730, -0.2499, -0.2088),
+    ),
+    rgb_bias=(0.0, 0.0, 0.0),
+    taesd_repo="madebyollin/taesdxl",
+)
+_LATENT_PREVIEWS = {
+    ModelFamily.SDXL: SDXL_LATENT_PREVIEW,
+    ModelFamily.SDXL_REFINER: SDXL_LATENT_PREVIEW,
 }
 
 SUPPORTED_FAMILIES = (ModelFamily.SD1, ModelFamily.SD1_INPAINT)

@@ -81,7 +81,11 @@ def check_outdir(outdir: Path) -> Path:
 
 
 def preflight_outdir(outdir: Path) -> Path:
-    """Check, creating nothing, that `outdir` is a writable folder or can be created as one."""
+    """Check, leaving nothing behind, that `outdir` is a writable folder or can be created as one.
+
+    A file is really created (and removed) in the folder, or in its nearest existing parent, so
+    permissions are proven rather than guessed (`os.access` says yes to root on a read-only mount).
+    """
     outdir = Path(outdir)
     if outdir.exists() and not outdir.is_dir():
         raise OutputError(f"output folder {outdir} exists and is not a folder")
@@ -90,8 +94,15 @@ def preflight_outdir(outdir: Path) -> Path:
         existing = existing.parent
     if not existing.is_dir():
         raise OutputError(f"cannot create output folder {outdir}: {existing} is not a folder")
-    if not os.access(existing, os.W_OK | os.X_OK):
-        raise OutputError(f"cannot write to output folder {outdir}: {existing} is not writable")
+    try:
+        fd, probe = tempfile.mkstemp(prefix=".leansd-probe-", suffix=".tmp", dir=existing)
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as exc:
+        what = "write to" if existing == outdir else "create"
+        raise OutputError(
+            one_line(f"cannot {what} output folder {outdir}: {existing} is not writable ({_reason(exc)})")
+        ) from exc
     return outdir
 
 
@@ -355,7 +366,7 @@ class ImageWriter:
     def save_all(self, images: Sequence[Image.Image], *, seeds: Sequence[int],
                  infotexts: Sequence[str | None]) -> list[Path]:
         """`save` for each image of a result, in order: image k with seeds[k] and infotexts[k]."""
-        return [self.save(image, seed=seed, infotext=info) for image, seed, info in zip(images, seeds, infotexts)]
+        return [self.save(image, seed=seed, infotext=info) for image, seed, info in zip(images, seeds, infotexts, strict=True)]
 
     def save_grid(self, image: Image.Image, *, infotext: str | None) -> Path:
         """Save as `grid-<NNNN>`, NNNN = grids already in the folder."""

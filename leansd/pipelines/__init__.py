@@ -29,8 +29,22 @@ def generate(
     if request.vae is not None:
         engine.set_vae_choice(request.vae)
     engine.apply_prompt_networks(request.prompt)  # <lora:...> tags: applied before any weight is used
+    check_decoders(engine, request)
     task = {"txt2img": txt2img, "img2img": img2img, "inpaint": inpaint}[request.task]
     bundle = engine.bundle
     tiling = seamless_tiling(bundle.unet, bundle.vae) if request.tiling else contextlib.nullcontext()
     with tiling:
         return task(engine, request, progress=progress, progress_bar=progress_bar)
+
+
+def check_decoders(engine: "Engine", request: "GenerationRequest") -> None:
+    """TAESD previews or the TAESD decoder need the engine's TAESD weights: say so before any work."""
+    from leansd.errors import InvalidRequestError
+
+    wants = request.vae_decoder == "taesd" or (request.preview_every > 0 and request.preview_method == "taesd")
+    if wants and getattr(engine, "taesd", None) is None:
+        what = "the TAESD decoder" if request.vae_decoder == "taesd" else "TAESD previews"
+        raise InvalidRequestError(
+            f"{what} need TAESD weights: load them with --taesd PATH (a diffusers AutoencoderTiny folder) "
+            "or a hub id such as madebyollin/taesd"
+        )

@@ -12,6 +12,7 @@ if TYPE_CHECKING:
 
     from leansd.engine.engine import Engine
     from leansd.request import GenerationRequest, GenerationResult, ProgressEvent
+    from leansd.sampling.loop import StepState
 
 
 def img2img(
@@ -37,7 +38,7 @@ def img2img(
     encoded = time.perf_counter()
 
     # 3. Per batch: encode, noise to the strength's start step, denoise the remaining steps.
-    def sample_batch(seeds: list[int], on_step: Callable[[int, int], None]) -> "torch.Tensor":
+    def sample_batch(seeds: list[int], on_step: Callable[["StepState"], None]) -> "torch.Tensor":
         return img2img_latents(engine, request, seeds=seeds, pixels=pixels, strength=request.strength,
                                steps=request.num_inference_steps, text=text, on_step=on_step)
 

@@ -33,6 +33,7 @@ if TYPE_CHECKING:
 
     from leansd.engine.engine import Engine
     from leansd.request import GenerationRequest, GenerationResult, ProgressEvent
+    from leansd.sampling.loop import StepState
 
 
 def inpaint(
@@ -75,7 +76,7 @@ def inpaint(
     encoded = time.perf_counter()
 
     # 3. Per batch: the same draw order as diffusers (image latents, noise, masked-image latents).
-    def sample_batch(seeds: list[int], on_step: Callable[[int, int], None]) -> "torch.Tensor":
+    def sample_batch(seeds: list[int], on_step: Callable[["StepState"], None]) -> "torch.Tensor":
         batch = len(seeds)
         steps = request.num_inference_steps
         generators = image_generators(seeds)

@@ -15,8 +15,10 @@ if TYPE_CHECKING:
     from PIL import Image
 
     from leansd.engine.engine import Engine
+    from leansd.errors import NonFiniteError
     from leansd.prompts.conditioning import ConditioningPlan
     from leansd.request import GenerationRequest, GenerationResult, ProgressEvent
+    from leansd.sampling.loop import StepState
 
 logger = logging.getLogger(__name__)
 
@@ -106,6 +108,10 @@ class PromptConditioning:
                 plan.syntax, plan.chunks, plan.cache_stats if engine.prompt_cache else "off",
             )
         return self._plans[key]
+
+    def clear(self) -> None:
+        """Forget the encoded plans (the engine's dtype changed): the next `plan` encodes again."""
+        self._plans.clear()
 
     def summary(self) -> dict[str, object]:
         """What the CLI reports: syntax, 77-token chunks used, prompt-cache hits/misses."""
@@ -205,7 +211,7 @@ def run_denoise(
     timesteps: "torch.Tensor | None" = None,
     extra_channels: "torch.Tensor | None" = None,
     after_step: Callable[[int, "torch.Tensor"], "torch.Tensor"] | None = None,
-    on_step: Callable[[int, int], None] | None = None,
+    on_step: Callable[["StepState"], None] | None = None,
 ) -> "torch.Tensor":
     """The sampling loop for one batch (its size is len(generators)); returns clean latents."""
     from leansd.sampling.loop import denoise, uses_guidance
@@ -262,7 +268,7 @@ def img2img_latents(
     strength: float,
     steps: int,
     text: PromptConditioning,
-    on_step: Callable[[int, int], None] | None = None,
+    on_step: Callable[["StepState"], None] | None = None,
 ) -> "torch.Tensor":
     """img2img for one batch, as diffusers' img2img: encode (posterior sample), noise to the start step, denoise.
 
@@ -293,7 +299,7 @@ def refine_latents(
     steps: int,
     strength: float,
     text: PromptConditioning,
-    on_step: Callable[[int, int], None] | None = None,
+    on_step: Callable[["StepState"], None] | None = None,
 ) -> "torch.Tensor":
     """Noise clean latents (B, 4, h, w) to the start step `strength` implies and denoise the rest."""
     timesteps = strength_timesteps(scheduler, steps=steps, strength=strength)
@@ -306,9 +312,53 @@ def refine_latents(
                        text=text, timesteps=timesteps, on_step=on_step)
 
 
-def decode_latents(engine: "Engine", latents: "torch.Tensor") -> "np.ndarray":
-    """VAE decode to float32 RGB in [0, 1], (B, H, W, 3) on the CPU."""
-    image = engine.vae_decode(latents)  # placed, tiled or on the CPU per plan; fp16 NaN guard
+def non_finite_error(what: str, precision: str) -> "NonFiniteError":
+    """The error for NaN/inf that fp32 cannot avoid (or that appeared in fp32 already)."""
+    from leansd.errors import NonFiniteError
+
+    return NonFiniteError(
+        f"the model produced NaN or infinite values in the {what} ({precision}); "
+        "no image was made. The weights may be damaged, or the settings too extreme for this model"
+    )
+
+
+def sample_finite(
+    engine: "Engine",
+    sample_batch: Callable[[list[int], Callable[["StepState"], None]], "torch.Tensor"],
+    seeds: list[int],
+    on_step: Callable[["StepState"], None],
+    text: PromptConditioning,
+) -> "torch.Tensor":
+    """`sample_batch(seeds, on_step)`, checked for NaN/inf: redone once in fp32 if the engine ran in a
+    reduced precision (fp16 overflow), else NonFiniteError. A black image is never returned."""
+    from leansd.engine.vae import is_finite
+
+    latents = sample_batch(seeds, on_step)
+    if is_finite(latents):
+        return latents
+    if not engine.reduced_precision:
+        raise non_finite_error("latents", "fp32")
+    engine.use_full_precision("the sampler produced NaN/inf latents")
+    text.clear()  # the conditioning was kept at the reduced dtype
+    latents = sample_batch(seeds, on_step)
+    if not is_finite(latents):
+        raise non_finite_error("latents", "fp32")
+    return latents
+
+
+def decode_latents(engine: "Engine", latents: "torch.Tensor", *, decoder: str = "full") -> "np.ndarray":
+    """Decode to float32 RGB in [0, 1], (B, H, W, 3) on the CPU, with the VAE or ("taesd") TAESD;
+    NonFiniteError for NaN/inf pixels."""
+    from leansd.engine.vae import is_finite
+
+    if decoder == "taesd":
+        from leansd.engine.previews import taesd_decode
+
+        image = taesd_decode(engine, latents)  # on the device if it fits the budget, else the CPU
+    else:
+        image = engine.vae_decode(latents)  # placed, tiled or on the CPU per plan; redone in fp32 on NaN/inf
+    if not is_finite(image):  # vae_decode redoes a reduced-precision decode in fp32 before it returns
+        raise non_finite_error("decoded pixels", "fp32")
     image = (image.float() / 2 + 0.5).clamp(0, 1)  # (B, 3, H, W) from [-1, 1] to [0, 1]
     return image.permute(0, 2, 3, 1).cpu().numpy()  # (B, H, W, 3)
 
@@ -341,6 +391,8 @@ def infotext_for(
     entries.update(engine.embedding_infotext(request.prompt, request.negative_prompt))
     entries.update(engine.lora_infotext())
     entries.update(engine.vae_infotext())
+    if request.vae_decoder == "taesd":
+        entries["VAE decoder"] = "TAESD (approximate)"
     if engine.bundle.is_random:
         entries["Note"] = "random test model, noise image"
     entries["Version"] = f"leansd {leansd.__version__}"
@@ -365,7 +417,7 @@ def run_batches(
     *,
     width: int,
     height: int,
-    sample_batch: Callable[[list[int], Callable[[int, int], None]], "torch.Tensor"],
+    sample_batch: Callable[[list[int], Callable[["StepState"], None]], "torch.Tensor"],
     text: PromptConditioning,
     finish: Callable[["np.ndarray"], "np.ndarray"] | None = None,
     extra_info: dict[str, object] | None = None,
@@ -376,14 +428,18 @@ def run_batches(
 ) -> "GenerationResult":
     """Run `sample_batch(seeds, on_step) -> latents` for each of the n_iter batches, decode, package.
 
-    `finish(pixels)` post-processes decoded float pixels (the inpainting composite).
+    `finish(pixels)` post-processes decoded float pixels (the inpainting composite). Every
+    `request.preview_every` loop steps a live preview rides along with the progress event.
     """
     import time
 
     import numpy as np
     from tqdm.auto import tqdm
 
+    from leansd.engine.previews import Previewer
     from leansd.request import GenerationResult, ProgressEvent, SkipBatch, StopGeneration
+
+    previewer = Previewer(engine, request) if request.preview_every and progress is not None else None
 
     seeds = request.image_seeds()
     pixels = []
@@ -394,15 +450,17 @@ def run_batches(
         batch_seeds = seeds[b * request.batch_size : (b + 1) * request.batch_size]
         with tqdm(total=None, desc=f"batch {b + 1}/{request.n_iter}", disable=not progress_bar, leave=False) as bar:
 
-            def on_step(step: int, total: int) -> None:
-                bar.total = total
+            def on_step(state: "StepState") -> None:
+                bar.total = state.total
                 bar.update(1)
                 if progress is not None:  # may raise SkipBatch / StopGeneration
-                    progress(ProgressEvent(step=step, total_steps=total, batch_index=b, n_batches=request.n_iter))  # noqa: B023 - called within this batch
+                    preview = previewer(state) if previewer is not None and previewer.due(state.step) else None
+                    progress(ProgressEvent(step=state.step, total_steps=state.total, batch_index=b,  # noqa: B023 - called within this batch
+                                           n_batches=request.n_iter, preview=preview))
 
             t0 = time.perf_counter()
             try:
-                latents = sample_batch(batch_seeds, on_step)
+                latents = sample_finite(engine, sample_batch, batch_seeds, on_step, text)
             except SkipBatch:
                 continue
             except StopGeneration:
@@ -410,7 +468,13 @@ def run_batches(
                 break
             engine.synchronize()  # CUDA runs asynchronously: wait before reading the clock
             t1 = time.perf_counter()
-        decoded = decode_latents(engine, latents)
+        try:
+            decoded = decode_latents(engine, latents, decoder=request.vae_decoder)
+        except SkipBatch:  # raised within the decode by an interruptible engine's check
+            continue
+        except StopGeneration:
+            interrupted = True
+            break
         pixels.append(decoded if finish is None else finish(decoded))
         done_seeds += batch_seeds
         sample_seconds += t1 - t0

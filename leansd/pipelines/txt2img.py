@@ -25,6 +25,7 @@ if TYPE_CHECKING:
     from leansd.engine.engine import Engine
     from leansd.pipelines.steps import PromptConditioning
     from leansd.request import GenerationRequest, GenerationResult, ProgressEvent
+    from leansd.sampling.loop import StepState
 
 
 def txt2img(
@@ -50,7 +51,7 @@ def txt2img(
     encoded = time.perf_counter()
 
     # 3. Per batch: denoise from each seed's noise; optionally upscale and refine (second pass).
-    def sample_batch(seeds: list[int], on_step: Callable[[int, int], None]) -> "torch.Tensor":
+    def sample_batch(seeds: list[int], on_step: Callable[["StepState"], None]) -> "torch.Tensor":
         generators = image_generators(seeds)
         scheduler = make_scheduler(engine, request, seeds=seeds, steps=request.num_inference_steps)
         latents = noise_for(engine, generators, width=width, height=height) * scheduler.init_noise_sigma
@@ -109,7 +110,7 @@ def hires_pass(
     seeds: list[int],
     size: tuple[int, int],
     text: "PromptConditioning",
-    on_step: Callable[[int, int], None],
+    on_step: Callable[["StepState"], None],
 ) -> "torch.Tensor":
     """Second pass: upscale the first pass and run img2img on it at `hires_strength`.
 

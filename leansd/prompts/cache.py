@@ -27,11 +27,13 @@ never fail a generation.
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import logging
 import os
 import re
+import stat
 import tempfile
 import time
 import weakref
@@ -163,7 +165,7 @@ class PromptCache:
         """The stored (1, 77k, D) CPU tensor, or None (missing or corrupt); a hit refreshes its LRU time."""
         path = self.path_for(key)
         try:
-            data = path.read_bytes()
+            data = _read_regular_file(path)
         except FileNotFoundError:
             self.stats.misses += 1
             return None
@@ -236,7 +238,9 @@ class PromptCache:
             if not (name.endswith(ENTRY_SUFFIX) and _RE_KEY.fullmatch(name[: -len(ENTRY_SUFFIX)])):
                 continue
             try:
-                st = entry.stat()
+                if not entry.is_file(follow_symlinks=False):  # links, FIFOs, sockets: never ours
+                    continue
+                st = entry.stat(follow_symlinks=False)
             except OSError:  # removed by another process meanwhile
                 continue
             out.append((Path(entry.path), st.st_size, st.st_mtime_ns))
@@ -293,6 +297,25 @@ class PromptCache:
                 path.unlink()
             except OSError:
                 pass
+
+
+def _read_regular_file(path: Path) -> bytes:
+    """The bytes of `path` if it is a regular file; OSError for anything else.
+
+    Opened without following a link and without blocking, so a FIFO (which would block a plain
+    open until a writer appears), a device or a link planted in the folder is refused, not read.
+    """
+    flags = os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_BINARY", 0)
+    fd = os.open(path, flags)
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise OSError(errno.EINVAL, "not a regular file")
+        chunks = []
+        while chunk := os.read(fd, 1 << 20):
+            chunks.append(chunk)
+        return b"".join(chunks)
+    finally:
+        os.close(fd)
 
 
 def _decode(data: bytes, key: str) -> "tuple[torch.Tensor | None, str]":

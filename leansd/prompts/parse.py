@@ -36,7 +36,7 @@ import re
 from dataclasses import dataclass
 from typing import Sequence, Union
 
-from leansd.errors import InvalidRequestError
+from leansd.errors import InvalidRequestError, brief
 
 logger = logging.getLogger(__name__)
 
@@ -605,7 +605,7 @@ def resolve_syntax(prompt: str, syntax: str) -> str:
     """
     if syntax not in PROMPT_SYNTAXES:
         raise InvalidRequestError(
-            f"unknown prompt syntax {syntax!r}; valid values: {', '.join(PROMPT_SYNTAXES)}"
+            f"unknown prompt syntax {brief(syntax)}; valid values: {', '.join(PROMPT_SYNTAXES)}"
         )
     if syntax != "auto":
         return syntax

@@ -9,7 +9,7 @@ import re
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from leansd.errors import InvalidRequestError
+from leansd.errors import InvalidRequestError, brief
 
 if TYPE_CHECKING:
     from diffusers import SchedulerMixin
@@ -80,7 +80,7 @@ def sampler_names() -> list[str]:
 def get_sampler(name: str) -> SamplerSpec:
     if not isinstance(name, str) or _normalise(name) not in _BY_KEY:
         raise InvalidRequestError(
-            f"unknown sampler {name!r}; valid samplers: {', '.join(sampler_names())}"
+            f"unknown sampler {brief(name)}; valid samplers: {', '.join(sampler_names())}"
         )
     return _BY_KEY[_normalise(name)]
 

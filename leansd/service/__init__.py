@@ -7,6 +7,7 @@ from leansd.service.queue import (
     JobProgress,
     JobQueue,
     JobState,
+    JobTooLongError,
     QueueClosedError,
     QueueFullError,
 )
@@ -18,6 +19,7 @@ __all__ = [
     "JobProgress",
     "JobQueue",
     "JobState",
+    "JobTooLongError",
     "QueueClosedError",
     "QueueFullError",
 ]

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import collections
 import concurrent.futures
+import contextlib
 import enum
 import gc
 import logging
@@ -20,9 +21,11 @@ import uuid
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Callable, Protocol
 
-from leansd.errors import LeansdError
+from leansd.errors import InvalidRequestError, LeansdError
 
 if TYPE_CHECKING:
+    from PIL import Image
+
     from leansd.request import GenerationRequest, GenerationResult, ProgressEvent
 
 logger = logging.getLogger(__name__)
@@ -40,6 +43,10 @@ class QueueFullError(LeansdError):
 
 class QueueClosedError(LeansdError):
     """The queue is shutting down and takes no new jobs."""
+
+
+class JobTooLongError(InvalidRequestError):
+    """The job's estimated time on this device exceeds the server's `max_job_seconds`."""
 
 
 class JobCancelledError(LeansdError):
@@ -105,6 +112,10 @@ class Job:
         self._stop = False
         self._skip = False
         self._first_step: tuple[float, int] | None = None
+        self.preview: "Image.Image | None" = None
+        """The latest live preview while the job runs (the request's `preview_every`); None once it ends."""
+        self.preview_id = 0
+        """Counts the previews so far: front ends poll it to see whether `preview` changed."""
 
     def __repr__(self) -> str:
         return f"Job({self.id[:8]}, {self.state.value})"
@@ -139,6 +150,18 @@ class Job:
             "error": None if self.error is None else str(self.error) or type(self.error).__name__,
         }
 
+    def _check(self) -> None:
+        """Called within a step (before each UNet/VAE layer): honour cancel, interrupt and skip at once."""
+        if self._cancel or self._stop:
+            from leansd.request import StopGeneration
+
+            raise StopGeneration()
+        if self._skip:
+            from leansd.request import SkipBatch
+
+            self._skip = False
+            raise SkipBatch()
+
     def _on_progress(self, event: "ProgressEvent") -> None:
         """Progress callback of the running job (worker thread): record, then honour cancel/skip."""
         from leansd.request import SkipBatch, StopGeneration
@@ -161,6 +184,9 @@ class Job:
             fraction=min(done / total, 1.0),
             eta_seconds=eta,
         )
+        if event.preview is not None:
+            self.preview = event.preview
+            self.preview_id += 1
         if self._cancel or self._stop:
             raise StopGeneration()
         if self._skip:
@@ -174,6 +200,12 @@ class JobQueue:
     `max_queue` bounds the jobs *waiting* (the running one is not counted); `submit` beyond it
     raises `QueueFullError` at once, never blocks. Create, `start()`, `submit()`, and finally
     `shutdown()`. `on_progress(job)` (optional) is called from the worker after every step.
+
+    With an engine that offers `interruptible` (`leansd.Engine` does), cancel, interrupt, skip and
+    shutdown take effect within a step, before the next UNet or VAE layer. `max_job_seconds`
+    (engines with `estimate` and `calibrate_speed`): the worker first measures the device's speed,
+    then a job whose estimated time exceeds the limit is refused with `JobTooLongError`, at `submit`
+    once the speed is known, else when the worker takes it. None: no limit.
     """
 
     def __init__(
@@ -182,11 +214,15 @@ class JobQueue:
         *,
         max_queue: int = DEFAULT_MAX_QUEUE,
         history: int = 256,
+        max_job_seconds: float | None = None,
     ) -> None:
         if not isinstance(max_queue, int) or isinstance(max_queue, bool) or max_queue < 1:
             raise ValueError(f"max_queue must be an integer >= 1, got {max_queue!r}")
+        if max_job_seconds is not None and (isinstance(max_job_seconds, bool) or not max_job_seconds > 0):
+            raise ValueError(f"max_job_seconds must be a positive number of seconds or None, got {max_job_seconds!r}")
         self.engine = engine
         self.max_queue = max_queue
+        self.max_job_seconds = max_job_seconds if hasattr(engine, "estimate") else None
         self._waiting: collections.deque[Job] = collections.deque()
         self._jobs: collections.OrderedDict[str, Job] = collections.OrderedDict()
         self._history = history
@@ -255,7 +291,9 @@ class JobQueue:
     # ---- submitting and inspecting -----------------------------------------------------------
 
     def submit(self, request: "GenerationRequest") -> Job:
-        """Queue a (validated) request; QueueFullError if `max_queue` jobs already wait."""
+        """Queue a (validated) request; QueueFullError if `max_queue` jobs already wait, JobTooLongError
+        if it would run longer than `max_job_seconds` (when the device's speed is known)."""
+        self._check_time(request)
         with self._lock:
             if self._closed:
                 raise QueueClosedError("the server is shutting down and takes no new jobs")
@@ -337,7 +375,37 @@ class JobQueue:
 
     # ---- the worker -----------------------------------------------------------------------
 
+    def _check_time(self, request: "GenerationRequest") -> None:
+        """JobTooLongError if the request's estimated time exceeds `max_job_seconds`."""
+        estimate_of = getattr(self.engine, "estimate", None)
+        if self.max_job_seconds is None or estimate_of is None:
+            return
+        try:
+            estimate = estimate_of(request)
+        except InvalidRequestError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - an estimator problem must not stop the service
+            logger.warning("cannot estimate the job's time (%s: %s); running it", type(exc).__name__, exc)
+            return
+        if estimate.seconds is not None and estimate.seconds > self.max_job_seconds:
+            raise JobTooLongError(
+                f"this job would take {estimate.describe()} on {getattr(self.engine, 'device', 'this device')}, "
+                f"more than this server's limit of {self.max_job_seconds:g} s (--max-job-seconds); "
+                "ask for a smaller size, fewer steps or fewer images"
+            )
+
+    def _calibrate(self) -> None:
+        """Measure the device's speed once, before the first job, so estimates exist from the start."""
+        if self.max_job_seconds is None or not hasattr(self.engine, "calibrate_speed"):
+            return
+        try:
+            self.engine.calibrate_speed()
+        except Exception as exc:  # noqa: BLE001 - without a speed, jobs run unestimated
+            logger.warning("could not measure the device's speed (%s: %s)", type(exc).__name__, exc)
+            self._free_memory()
+
     def _run(self) -> None:
+        self._calibrate()
         while True:
             with self._lock:
                 while not self._waiting and not self._closed:
@@ -358,9 +426,21 @@ class JobQueue:
                         self._durations.append(time.time() - job.started)
 
     def _execute(self, job: Job) -> None:
+        interruptible = getattr(self.engine, "interruptible", None)
         try:
-            result = self.engine.generate(job.request, progress=job._on_progress, progress_bar=False)
+            self._check_time(job.request)
+            within_steps = interruptible(job._check) if callable(interruptible) else contextlib.nullcontext()
+            with within_steps:
+                result = self.engine.generate(job.request, progress=job._on_progress, progress_bar=False)
         except BaseException as exc:  # noqa: BLE001 - one job's failure must never stop the worker
+            job.preview = None  # a preview never outlives its job
+            if job._cancel:
+                job.finished = time.time()
+                job.error = JobCancelledError(f"job {job.id} was cancelled while running")
+                job.state = JobState.CANCELLED
+                job.future.set_exception(job.error)
+                self._free_memory()
+                return
             job.error = exc
             job.state = JobState.FAILED
             job.finished = time.time()
@@ -369,6 +449,7 @@ class JobQueue:
             self._free_memory()
             return
         job.finished = time.time()
+        job.preview = None  # a preview never outlives its job
         if job._cancel:
             job.error = JobCancelledError(f"job {job.id} was cancelled while running")
             job.state = JobState.CANCELLED

@@ -49,9 +49,22 @@ def test_upload_errors_do_not_show_the_server_side_file_name(tmp_path) -> None:
     path.write_bytes(b"not a picture")
     with pytest.raises(InvalidRequestError) as caught:
         a1111.load_upload(path, label="image")
-    assert str(caught.value) == "image: is not an image Pillow can read"
+    assert str(caught.value) == "image: is not an image in an accepted format (PNG, JPEG, WebP, BMP, TIFF, GIF (first frame))"
     with pytest.raises(InvalidRequestError, match=r"^init_images\[0\] is not valid base64$"):
         a1111.decode_base64_image("@@@", label="init_images[0]")
+
+
+def test_an_uploaded_file_has_the_base64_uploads_byte_limit(tmp_path) -> None:
+    path = tmp_path / "huge.png"
+    with path.open("wb") as file:  # sparse: a PNG header, then zeros up to one byte over the limit
+        file.write(base64.b64decode(_b64(INIT))[:16])
+        file.truncate(a1111.MAX_BODY_IMAGE_BYTES + 1)
+    with pytest.raises(InvalidRequestError) as caught:
+        a1111.load_upload(path, label="image")
+    assert str(caught.value) == "image: the image is larger than 64 MB"
+    too_long = "A" * (a1111.MAX_BODY_IMAGE_BYTES * 4 // 3 + 8)
+    with pytest.raises(InvalidRequestError, match=r"^init_images\[0\]: the image is larger than 64 MB$"):
+        a1111.decode_base64_image(too_long, label="init_images[0]")
 
 
 def test_sizes_left_out_are_checked_against_the_server_limits() -> None:

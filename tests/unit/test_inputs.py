@@ -361,7 +361,7 @@ def bad_files(tmp_path):
     (tmp_path / "empty.png").write_bytes(b"")
     files["zero-byte"] = (tmp_path / "empty.png", "empty (0 bytes)")
     (tmp_path / "notes.txt").write_text("a red fox in the snow\n")
-    files["text"] = (tmp_path / "notes.txt", "is not an image Pillow can read")
+    files["text"] = (tmp_path / "notes.txt", "is not an image in an accepted format (PNG, JPEG, WebP, BMP, TIFF, GIF")
     noise = np.random.default_rng(0).integers(0, 256, (64, 64, 3), dtype=np.uint8)
     Image.fromarray(noise).save(tmp_path / "full.png")
     data = (tmp_path / "full.png").read_bytes()

@@ -242,3 +242,57 @@ def test_two_processes_writing_the_same_key(tmp_path):
     got = PromptCache(tmp_path).get(key)
     assert any(torch.equal(got, _embedding(s)) for s in (100, 101))
     assert sorted(os.listdir(tmp_path)) == [key + ".safetensors"]
+
+
+def _run_with_timeout(fn, seconds: float):
+    """Run fn in a daemon thread; fail the test (rather than hang the suite) if it blocks."""
+    import threading
+
+    out: dict = {}
+    thread = threading.Thread(target=lambda: out.setdefault("value", fn()), daemon=True)
+    thread.start()
+    thread.join(seconds)
+    assert not thread.is_alive(), "the prompt cache blocked"
+    return out["value"]
+
+
+@pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="FIFOs are POSIX")
+def test_fifo_entry_is_skipped_without_blocking(tmp_path, caplog):
+    cache = PromptCache(tmp_path, max_bytes=10 * 2**20)
+    key = _key(1)
+    os.mkfifo(cache.path_for(key))  # a plain open() of a FIFO waits for a writer forever
+    assert _run_with_timeout(lambda: cache.get(key), 10) is None
+    assert cache.stats.misses == 1 and "not a regular file" in caplog.text
+    assert cache.entries() == []  # never counted, never evicted as an entry
+    assert _run_with_timeout(lambda: cache.put(key, _embedding(1)), 10)
+    assert torch.equal(cache.get(key), _embedding(1))  # the FIFO was replaced by a real entry
+
+
+def test_symlinked_entry_is_not_followed(tmp_path, caplog):
+    cache = PromptCache(tmp_path / "cache", max_bytes=10 * 2**20)
+    other = PromptCache(tmp_path / "elsewhere", max_bytes=10 * 2**20)
+    key = _key(2)
+    other.put(key, _embedding(2))
+    cache.directory.mkdir()
+    cache.path_for(key).symlink_to(other.path_for(key))
+    assert cache.get(key) is None and cache.stats.misses == 1
+    assert cache.entries() == []
+
+
+@pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="FIFOs are POSIX")
+def test_pipeline_with_a_fifo_in_the_cache_does_not_block(tmp_path):
+    from leansd.engine.engine import Engine
+    from leansd.request import GenerationRequest
+    from tests.helpers import tiny_bundle
+
+    cache = PromptCache(tmp_path, max_bytes=10 * 2**20)
+    engine = Engine(tiny_bundle(), device="cpu", precision="full", prompt_cache=cache)
+    request = GenerationRequest(prompt="a fox", num_inference_steps=2, width=64, height=64, seed=3)
+    first = _run_with_timeout(lambda: engine.generate(request, progress_bar=False), 60)
+    entries = [path for path, _, _ in cache.entries()]
+    assert entries
+    for path in entries:  # every entry becomes a FIFO
+        path.unlink()
+        os.mkfifo(path)
+    second = _run_with_timeout(lambda: engine.generate(request, progress_bar=False), 60)
+    assert (first.pixels == second.pixels).all()

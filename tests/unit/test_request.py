@@ -20,9 +20,12 @@ from leansd.sampling.samplers import canonical_sampler_name, sampler_names
         ({"num_inference_steps": 5000}, "steps must be between 1"),
         ({"batch_size": 0}, "n_samples (batch size) must be between 1"),
         ({"n_iter": 0}, "n_iter must be between 1"),
-        ({"guidance_scale": -1.0}, "scale (CFG) must be >= 0"),
+        ({"guidance_scale": -1.0}, "scale (CFG) must be between 0 and 30"),
+        ({"guidance_scale": 1e38}, "scale (CFG) must be between 0 and 30 (AUTOMATIC1111's range), got 1e+38"),
+        ({"guidance_scale": 30.5}, "scale (CFG) must be between 0 and 30"),
+        ({"eta": 1e300}, "ddim_eta must be between 0 and 1"),
         ({"guidance_scale": float("nan")}, "guidance_scale must be a finite number"),
-        ({"eta": -0.1}, "ddim_eta must be >= 0"),
+        ({"eta": -0.1}, "ddim_eta must be between 0 and 1"),
         ({"sampler": "Euler b"}, "unknown sampler 'Euler b'; valid samplers: DDIM, PLMS, Euler, Euler a"),
         ({"seed": -5}, "seed must be between 0 and 4294967295"),
         ({"prompt": "a \udcff fox"}, "prompt is not valid text"),
@@ -127,3 +130,12 @@ def test_engine_precision_and_device_validation() -> None:
         resolve_precision("fp8", cpu)
     with pytest.raises(InvalidRequestError, match="unknown device"):
         resolve_device("tpu9")
+
+
+@pytest.mark.parametrize("field", ["sampler", "resize_mode", "inpainting_fill", "prompt_syntax", "num_inference_steps"])
+def test_long_bad_values_are_not_echoed_whole(field: str) -> None:
+    value = "x" * 100_000
+    with pytest.raises(InvalidRequestError) as info:
+        GenerationRequest(prompt="x", **{field: value}).validated()
+    message = str(info.value)
+    assert len(message) < 400 and "(100002 characters)" in message, message[:400]

@@ -280,9 +280,29 @@ CUDA_METADATA = {"version": V, "requires_dist": [
 ])
 def test_plain_torch(tmp_path, report, status, is_cpu, version, why):
     python = _fake_python(tmp_path, report, status)
-    got_cpu, got_version, reason = st.plain_torch(str(python))
+    got_cpu, got_version, reason = st.plain_torch(str(python), platform_tag="darwin-arm64")
     assert (got_cpu, got_version) == (is_cpu, version)
     assert reason.startswith(why)
+
+
+@pytest.mark.parametrize(("report", "status"), [
+    (None, 2),  # pip 22.0 (Ubuntu 22.04's venv): "no such option: --dry-run", no report
+    ({"install": []}, 1),
+    ({"install": [{"metadata": {"version": "2.99.0", "requires_dist": []}}]}, 0),
+])
+def test_plain_torch_on_linux_x86_64_falls_back_to_the_cpu_index(tmp_path, report, status):
+    # There PyPI's torch is the multi-GB CUDA build: when pip cannot tell, the CPU index is used.
+    python = _fake_python(tmp_path, report, status)
+    assert st.plain_torch(str(python), platform_tag="linux-x86_64")[:2] == (False, V)
+    assert st.plain_torch(str(python), platform_tag="linux-aarch64")[:2] == (True, V)
+    assert st.pip_arguments("cpu", plain=None) == [f"torch=={V}+cpu", "--index-url", "https://download.pytorch.org/whl/cpu"]
+
+
+@pytest.mark.parametrize(("tag", "cuda"), [
+    ("linux-x86_64", True), ("linux-aarch64", False), ("darwin-arm64", False), ("win32-AMD64", False),
+])
+def test_pypi_torch_is_cuda(tag, cuda):
+    assert st.pypi_torch_is_cuda(tag) is cuda
 
 
 def test_script_cpu_uses_the_cpu_index_when_pip_would_pull_cuda(fake_path, tmp_path):
@@ -299,3 +319,15 @@ def test_script_cpu_keeps_a_local_cpu_wheel_exact(fake_path, tmp_path):
     assert done.returncode == 0
     assert done.stdout.split() == [f"torch=={V}+cpu"]
     assert "installing from the default indexes" in done.stderr
+
+
+def test_the_installer_and_the_runtime_check_share_one_table():
+    # leansd's arch check (leansd.engine.device) names the build that tools/select_torch.py installs:
+    # the same GPUs per build, the same index, and the torch pin of constraints.txt.
+    from leansd.engine import device
+
+    assert device.CUDA_BUILDS == tuple((b.name, b.min_capability, b.max_major) for b in st.BUILDS)
+    assert device.TORCH_INDEX == st.INDEX_BASE
+    pins = [line.split("==", 1)[1].strip() for line in (ROOT / "constraints.txt").read_text().splitlines()
+            if line.startswith("torch==")]
+    assert pins == [st.TORCH_VERSION]

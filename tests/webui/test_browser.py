@@ -44,6 +44,9 @@ def test_generate_in_the_browser(ui_server, browser, tmp_path) -> None:
     page.locator("#txt2img_prompt textarea").fill("a lighthouse at dusk, oil painting")
     page.locator("#txt2img_negative_prompt textarea").fill("blurry")
     page.locator("#txt2img_generate").click()
+    # The job ends when its infotext arrives (live previews may show in the gallery before that)
+    page.wait_for_function(
+        "() => document.querySelector('#txt2img_infotext textarea').value.includes('Seed:')", timeout=60_000)
     image = page.locator("#txt2img_gallery img").first
     image.wait_for(state="visible", timeout=60_000)
     page.wait_for_function(
