@@ -118,6 +118,12 @@ class GenerationRequest:
     """0..1: rescale the guided prediction towards the conditional one's standard deviation (Lin et al.
     2023, "Common Diffusion Noise Schedules and Sample Steps are Flawed", eq. 15-16; diffusers' formula);
     0 (default) is plain guidance. Helps v-prediction / zero-terminal-SNR models at high CFG."""
+    checkpoint: str | None = None
+    """Checkpoint to generate with: a name (stem, path or A1111 title) from the model library or a
+    file; the engine switches to it before the job (one model in memory). None: the loaded one."""
+    vae: str | None = None
+    """VAE to decode with: a file, a name from the VAE folder, "None" (the checkpoint's own) or
+    "Automatic" (A1111's sd_vae choices); it stays in use afterwards. None: leave it as it is."""
     preview_every: int = 0
     """Decode a live preview every this many loop steps and pass it with the progress event; 0: none.
     Front ends that show previews use DEFAULT_PREVIEW_EVERY."""
@@ -150,6 +156,10 @@ class GenerationRequest:
                 text.encode("utf-8")
             except UnicodeEncodeError:
                 raise InvalidRequestError(f"{name} is not valid text (it holds undecodable bytes)") from None
+        for name in ("checkpoint", "vae"):
+            value = getattr(self, name)
+            if value is not None and (not isinstance(value, str) or not value.strip()):
+                raise InvalidRequestError(f"{name} must be a non-empty name or path, got {value!r}")
         values: dict[str, Any] = {
             name: _as_int(name, getattr(self, name))
             for name in ("num_inference_steps", "batch_size", "n_iter")

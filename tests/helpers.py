@@ -58,6 +58,42 @@ def tiny_inpaint_bundle() -> ModelBundle:
     return bundle
 
 
+def tiny_kohya_lora(*, seed: int = 1, rank: int = 4, alpha: float = 2.0, text: bool = True, scale: float = 0.2) -> dict:
+    """A random kohya-format LoRA for the tiny SD 1.x model (alpha != rank), as a state dict.
+
+    Covers attention projections (Linear), ``proj_in``/``proj_out`` (1x1 convolutions), a resnet
+    3x3 convolution (LoCon), and the text encoder's attention and MLP when ``text``.
+    """
+    import torch
+
+    c = _tiny_components()
+    g = torch.Generator().manual_seed(seed)
+    out: dict = {}
+
+    def add(prefix: str, module: "torch.nn.Module") -> None:
+        w = module.weight
+        if w.dim() == 4:
+            down = torch.randn((rank, w.shape[1], w.shape[2], w.shape[3]), generator=g) * scale
+            up = torch.randn((w.shape[0], rank, 1, 1), generator=g) * scale
+        else:
+            down = torch.randn((rank, w.shape[1]), generator=g) * scale
+            up = torch.randn((w.shape[0], rank), generator=g) * scale
+        out[f"{prefix}.lora_down.weight"] = down
+        out[f"{prefix}.lora_up.weight"] = up
+        out[f"{prefix}.alpha"] = torch.tensor(alpha)
+
+    for name, module in c.unet.named_modules():
+        if name.endswith(("attn1.to_q", "attn1.to_k", "attn1.to_v", "attn1.to_out.0", "attn2.to_q", "attn2.to_k",
+                          "attn2.to_v", "attn2.to_out.0", "proj_in", "proj_out", "ff.net.2")) or name.endswith(
+                              "resnets.0.conv1"):
+            add("lora_unet_" + name.replace(".", "_"), module)
+    if text:
+        for name, module in c.text_encoder.named_modules():
+            if name.endswith(("q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2")):
+                add("lora_te_text_model_" + name.replace(".", "_"), module)
+    return out
+
+
 TINY_TAESD_CONFIG = dict(
     in_channels=3,
     out_channels=3,

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import contextlib
 import logging
-from typing import TYPE_CHECKING, Any, Callable, Iterator
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Callable, Iterator, Sequence
 
 from leansd.engine.device import Precision, resolve_device, resolve_precision
 from leansd.engine.memory import MemoryMeter
@@ -18,7 +19,10 @@ if TYPE_CHECKING:
     from leansd.engine.estimate import FlopCounter, JobEstimate, SpeedMeter
     from leansd.engine.planner import MemoryPlan, ModelSizes
     from leansd.models.bundle import ModelBundle
+    from leansd.models.embeddings import EmbeddingMatcher, EmbeddingStore
     from leansd.models.family import ModelFamily
+    from leansd.models.library import ModelLibrary
+    from leansd.models.lora import ActiveLora, LoraFile, LoraPatch
     from leansd.prompts.cache import PromptCache
     from leansd.request import GenerationRequest, GenerationResult, ProgressEvent
 
@@ -55,6 +59,7 @@ class Engine:
         vae_on_cpu: bool = False,
         virtual_device: bool = False,
         efficient_attention: bool | None = None,
+        library: "ModelLibrary | None" = None,
         taesd: "AutoencoderTiny | None" = None,
     ) -> None:
         """`prompt_cache`: True for the on-disk embedding cache in the user cache folder, False for
@@ -68,6 +73,8 @@ class Engine:
         `efficient_attention`: whether SDPA runs a kernel without a score matrix (None: detect; True
         on CUDA and the CPU). False makes the planner count scores and chunk attention, as on
         backends that only have the math path.
+        `library`: where LoRAs, embeddings and VAEs are found by name (default: AUTOMATIC1111's
+        folders under the current folder, scanned on first use).
         `taesd`: the tiny autoencoder (`leansd.models.taesd.load_taesd`) for TAESD previews and the
         TAESD final decoder; it stays on the CPU and visits the device per decode (see
         `leansd.engine.previews`).
@@ -118,6 +125,16 @@ class Engine:
         self._fingerprint: str | None = None
         self._text_modules: "torch.nn.Module | None" = None
         self._text_pair: Any = None
+        self._library = library
+        self._loras: "LoraPatch | None" = None
+        self._lora_key: tuple = ()
+        self._lora_files: dict[str, tuple[tuple[int, int], "LoraFile"]] = {}
+        self._embeddings: "EmbeddingStore | None" = None
+        self._own_vae: Any = None
+        self.vae_path: "Path | None" = None
+        """The VAE file in use (None: the checkpoint's own VAE)."""
+        self.vae_choice = "Automatic"
+        """A1111's sd_vae setting: re-applied when another checkpoint is loaded."""
         self._flop_counter: "FlopCounter | None" = None
         self._speed: "SpeedMeter | None" = None
         # The text encoder is placed only when a prompt is not in the cache (see placed_text_encoder).
@@ -493,7 +510,11 @@ class Engine:
                 yield
 
     def text_encoder_fingerprint(self) -> str:
-        """Identity of the text encoder's output for the prompt cache: its weights and our dtype."""
+        """Identity of the text encoder's output for the prompt cache: its weights, our dtype and its LoRAs.
+
+        The weights' hash is memoised: LoRAs never write the weights (they run as hooks), and the
+        active text-encoder LoRAs (file hashes and multipliers) are added to the key on every call.
+        """
         if self._fingerprint is None:
             from leansd.prompts.cache import text_encoder_fingerprint
 
@@ -503,7 +524,248 @@ class Engine:
             layer, final_norm = self.bundle.text_layer, self.bundle.description.text_encoders[0].final_norm
             if (layer, final_norm) != (-1, True):  # another hidden layer is another embedding
                 self._fingerprint += f"-layer{layer}{'' if final_norm else '-nonorm'}"
+        if self._loras is not None:
+            from leansd.models.lora import lora_identity
+
+            applied = lora_identity(self._loras.active, "te")
+            if applied:
+                return f"{self._fingerprint}-lora:{applied}"
         return self._fingerprint
+
+    # -- LoRAs and the model library --------------------------------------------------------------
+
+    @property
+    def library(self) -> "ModelLibrary":
+        """Where names in prompts and options are looked up (created on first use)."""
+        if self._library is None:
+            from leansd.models.library import ModelLibrary
+
+            self._library = ModelLibrary()
+        return self._library
+
+    @library.setter
+    def library(self, library: "ModelLibrary") -> None:
+        self._library = library
+        self._embeddings = None
+
+    @property
+    def embeddings(self) -> "EmbeddingStore":
+        """The library's textual-inversion embeddings for this model's text encoder."""
+        if self._embeddings is None:
+            from leansd.models.embeddings import EmbeddingStore
+
+            def width(encoder: Any) -> int:
+                return int(encoder.get_input_embeddings().weight.shape[-1])
+
+            if self.bundle.text_encoder_2 is None:
+                self._embeddings = EmbeddingStore(self.library, width=width(self.bundle.text_encoder))
+            else:  # SDXL: clip_l and clip_g vectors, one set per encoder
+                self._embeddings = EmbeddingStore(
+                    self.library, width=width(self.bundle.text_encoder), encoder="clip_l",
+                    also=(("clip_g", width(self.bundle.text_encoder_2)),),
+                )
+        return self._embeddings
+
+    def embedding_matcher(self) -> "EmbeddingMatcher | None":
+        """Finds this library's embedding names in prompts (None when the folder has none)."""
+        return self.embeddings.matcher()
+
+    def set_vae(self, path: "Path | str | None") -> None:
+        """Use the VAE file `path` (None: the checkpoint's own VAE again); see `leansd.models.vae_override`.
+
+        The checkpoint's VAE is kept aside (on the host) while an override is in use, so going
+        back needs no reload. Raises ModelLoadError for a file that does not fit the model.
+        """
+        from leansd.models.vae_override import load_vae_file
+
+        target = None if path is None else Path(path)
+        if target == self.vae_path and (target is None or target.is_file()):
+            return
+        own = self._own_vae if self._own_vae is not None else self.bundle.vae
+        new = own if target is None else load_vae_file(target, like=own)
+        self._evict("vae")
+        self.bundle.vae = new  # a previous override is dropped
+        self._own_vae = None if new is own else own
+        self.vae_path = target
+        self._sizes = None
+        self._vae_full_precision = False
+        if self.budget is None and self.memory_policy == "auto" and not self.vae_on_cpu:
+            self._bring("vae")  # no budget: resident, as at load
+        else:
+            self._cast(new, self._dtype_of("vae"))
+        logger.info("VAE: %s", target or "the checkpoint's own")
+
+    def set_vae_choice(self, choice: str) -> None:
+        """Apply an A1111 `sd_vae` choice ("Automatic", "None", a file or a VAE-folder name) and keep it."""
+        from leansd.models.vae_override import resolve_vae
+
+        source = Path(self.bundle.source) if self.bundle.source else None
+        checkpoint = source if source is not None and source.is_file() else None
+        self.set_vae(resolve_vae(choice, library=self.library, checkpoint=checkpoint))
+        self.vae_choice = choice
+
+    def switch_model(self, spec: str) -> bool:
+        """Load checkpoint `spec` (a library name, A1111 title or path) in place of the current model.
+
+        One model in memory at a time: the current one is released first; if the new one fails to
+        load, the previous one is loaded again and the error is raised. LoRAs, the VAE override and
+        every cached plan are reset; the `sd_vae` choice is applied to the new model. Returns False
+        when `spec` is the loaded model already. Raises InvalidRequestError for an unknown name.
+        """
+        import gc
+
+        from leansd.errors import InvalidRequestError
+        from leansd.models.loader import TINY_SPEC, load_model
+
+        if spec == TINY_SPEC or Path(spec).expanduser().exists():
+            target = spec if spec == TINY_SPEC else str(Path(spec).expanduser())
+        else:
+            entry = self.library.find_checkpoint(spec)
+            if entry is None:
+                names = self.library.names("checkpoint")
+                raise InvalidRequestError(
+                    f"no checkpoint named {spec!r} in {self.library.folder('checkpoint')} (--ckpt-dir)"
+                    + (f"; available: {', '.join(names[:10])}" if names else "")
+                )
+            target = str(entry.path)
+
+        def same(a: str, b: str) -> bool:
+            return a == b or (a != TINY_SPEC and b != TINY_SPEC and Path(a).resolve() == Path(b).resolve())
+
+        if same(target, self.bundle.source):
+            return False
+        previous = self.bundle.source
+        self.set_loras([])
+        for name in list(self._on_device):
+            self._evict(name)
+        self._lora_files.clear()
+        self.bundle = None  # type: ignore[assignment]  # released before the next one loads
+        self._own_vae = None
+        gc.collect()
+        try:
+            bundle = load_model(target)
+        except Exception:
+            logger.warning("loading %s failed; loading %s again", target, previous)
+            self._adopt(load_model(previous))
+            raise
+        self._adopt(bundle)
+        logger.info("switched model to %s", bundle.name)
+        self.set_vae_choice(self.vae_choice)
+        return True
+
+    def _adopt(self, bundle: "ModelBundle") -> None:
+        """Make `bundle` this engine's model: fresh plans and memos, placed as at construction."""
+        self.bundle = bundle
+        self.vae_path = None
+        self._own_vae = None
+        self._sizes = None
+        self.plan = None
+        self._fingerprint = None
+        self._embeddings = None
+        self._text_modules = None
+        self._text_pair = None
+        self._default_processors = None
+        self._attention_chunk = None
+        self._vae_full_precision = False
+        self._full_precision = False
+        self._loras = None
+        self._lora_key = ()
+        if self.budget is None and self.memory_policy == "auto" and not self.vae_on_cpu:
+            for name in ("unet", "vae"):
+                self._bring(name)
+        else:
+            for name, module in self._components().items():
+                self._cast(module, self._dtype_of(name))
+
+    def vae_infotext(self) -> dict[str, str]:
+        """AUTOMATIC1111's `VAE hash` and `VAE` entries when a VAE file is in use."""
+        from leansd.models.hashes import vae_short_hash
+
+        if self.vae_path is None:
+            return {}
+        return {"VAE hash": vae_short_hash(self.vae_path), "VAE": self.vae_path.name}
+
+    def embedding_infotext(self, *texts: str) -> dict[str, str]:
+        """AUTOMATIC1111's `TI hashes: "NAME: HASH, ..."` for the embeddings these prompts use."""
+        from leansd.models.embeddings import Embedding
+        from leansd.models.hashes import embedding_short_hash
+        from leansd.prompts.extra_networks import strip_networks
+
+        matcher = self.embedding_matcher()
+        if matcher is None:
+            return {}
+        used: dict[str, Path] = {}
+        for text in texts:
+            for part in matcher.split(strip_networks(text)):
+                if isinstance(part, Embedding) and part.path is not None:
+                    used.setdefault(part.name, part.path)
+        if not used:
+            return {}
+        return {"TI hashes": ", ".join(f"{name}: {embedding_short_hash(path)}" for name, path in used.items())}
+
+    @property
+    def active_loras(self) -> tuple["ActiveLora", ...]:
+        return () if self._loras is None else self._loras.active
+
+    def load_lora(self, name: str) -> "LoraFile":
+        """The LoRA called `name` in the library, read once and kept while the file is unchanged."""
+        from leansd.models.lora import read_lora
+
+        entry = self.library.require("lora", name)
+        st = entry.path.stat()
+        stamp = (st.st_size, st.st_mtime_ns)
+        cached = self._lora_files.get(str(entry.path))
+        if cached is None or cached[0] != stamp:
+            if len(self._lora_files) >= 8:  # keep recent files only; the active ones stay referenced
+                self._lora_files.pop(next(iter(self._lora_files)))
+            cached = (stamp, read_lora(entry.path, name=entry.name))
+            self._lora_files[str(entry.path)] = cached
+        return cached[1]
+
+    def set_loras(self, active: "Sequence[ActiveLora]") -> None:
+        """Make `active` the applied LoRA set (replacing the previous one; empty: none).
+
+        The weights are never written (the LoRAs run as forward hooks), so the previous set is
+        gone exactly and at once, under every memory plan. Raises ModelLoadError for a LoRA of
+        another model family.
+        """
+        from leansd.models.lora import apply_loras
+
+        key = tuple((str(a.lora.path), id(a.lora), a.te, a.unet) for a in active)
+        if key == self._lora_key:
+            return
+        if self._loras is not None:
+            self._loras.remove()
+            self._loras = None
+        self._lora_key = ()
+        if active:
+            components: dict[str, Any] = {"unet": self.bundle.unet}
+            if self.bundle.text_encoder_2 is None:
+                components["te"] = self.bundle.text_encoder
+            else:  # SDXL: kohya's lora_te1_ / lora_te2_ (a plain lora_te_ goes to the first)
+                components.update(te1=self.bundle.text_encoder, te2=self.bundle.text_encoder_2)
+            self._loras = apply_loras(components, active, family=self.bundle.family.label)
+            logger.info("LoRAs: %s", ", ".join(f"{a.lora.name} (te {a.te:g}, unet {a.unet:g})" for a in active))
+        self._lora_key = key
+
+    def apply_prompt_networks(self, prompt: str) -> None:
+        """Apply the LoRAs a positive prompt asks for (`<lora:NAME:MULT>`), and only those."""
+        from leansd.models.lora import ActiveLora
+        from leansd.prompts.extra_networks import lora_tags
+
+        active = [ActiveLora(self.load_lora(tag.name), te=tag.te, unet=tag.unet) for tag in lora_tags(prompt)]
+        self.set_loras(active)
+
+    def lora_infotext(self) -> dict[str, str]:
+        """AUTOMATIC1111's `Lora hashes: "NAME: HASH, ..."` entry for the applied LoRAs (empty if none)."""
+        from leansd.models.hashes import addnet_short_hash
+
+        if not self.active_loras:
+            return {}
+        seen: dict[str, "LoraFile"] = {}
+        for item in self.active_loras:
+            seen.setdefault(item.lora.name.replace(":", "").replace(",", ""), item.lora)  # as A1111 writes names
+        return {"Lora hashes": ", ".join(f"{name}: {addnet_short_hash(lora.path)}" for name, lora in seen.items())}
 
     @property
     def dtype(self) -> "torch.dtype":

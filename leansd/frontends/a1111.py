@@ -271,14 +271,20 @@ def _check_size(limits: Limits, width: int | None, height: int | None, *, why: s
             raise InvalidRequestError(f"{name} must be at most {limits.max_size} on this server, got {value}{why}")
 
 
-def _common_fields(body: A1111Request, *, model_name: str, limits: Limits) -> dict[str, Any]:
+def _common_fields(body: A1111Request, *, model_name: str, limits: Limits, library: Any = None) -> dict[str, Any]:
     unsupported(body)
-    checkpoint = (body.override_settings or {}).get("sd_model_checkpoint")
+    overrides = body.override_settings or {}
+    checkpoint = overrides.get("sd_model_checkpoint")
+    switch: dict[str, Any] = {}
     if checkpoint and not same_model(str(checkpoint), model_name):
-        raise InvalidRequestError(
-            f"override_settings.sd_model_checkpoint {checkpoint!r} is not the loaded model {model_name!r}; "
-            "this server serves one model"
-        )
+        if library is None or library.find_checkpoint(str(checkpoint)) is None:
+            raise InvalidRequestError(
+                f"override_settings.sd_model_checkpoint {checkpoint!r} is neither the loaded model {model_name!r} "
+                "nor a checkpoint of the model folder (--ckpt-dir)"
+            )
+        switch["checkpoint"] = str(checkpoint)  # the job loads it before it starts
+    if overrides.get("sd_vae") is not None:
+        switch["vae"] = str(overrides["sd_vae"])
     width, height = body.width, body.height  # None: the library's default (the model's native size)
     steps = defaults.DEFAULT_STEPS if body.steps is None else body.steps
     batch_size = defaults.DEFAULT_BATCH_SIZE if body.batch_size is None else body.batch_size
@@ -304,15 +310,16 @@ def _common_fields(body: A1111Request, *, model_name: str, limits: Limits) -> di
         height=height,
         tiling=bool(body.tiling),
         eta=defaults.DEFAULT_ETA if body.eta is None else body.eta,
+        **switch,
     )
 
 
 def txt2img_request(body: Txt2ImgRequest, *, model_name: str, limits: Limits,
-                    native_size: tuple[int, int] | None = None) -> "GenerationRequest":
+                    native_size: tuple[int, int] | None = None, library: Any = None) -> "GenerationRequest":
     """A txt2img body -> a validated request; `native_size` (see `native_size()`) sizes the hires check."""
     from leansd.request import GenerationRequest
 
-    fields = _common_fields(body, model_name=model_name, limits=limits)
+    fields = _common_fields(body, model_name=model_name, limits=limits, library=library)
     if native_size is not None:
         _check_size(limits, None if body.width is not None else native_size[0],
                     None if body.height is not None else native_size[1], why=" (the model's native size)")
@@ -358,6 +365,7 @@ def img2img_request(
     limits: Limits,
     init_image: "Image.Image | None" = None,
     mask: "Image.Image | None" = None,
+    library: Any = None,
 ) -> "GenerationRequest":
     """An img2img/inpaint body -> a validated request.
 
@@ -368,7 +376,7 @@ def img2img_request(
     from leansd.inputs.images import resize_mode_name, target_size
     from leansd.request import GenerationRequest
 
-    fields = _common_fields(body, model_name=model_name, limits=limits)
+    fields = _common_fields(body, model_name=model_name, limits=limits, library=library)
     images = body.init_images or []
     if init_image is None:
         if not images:
@@ -567,19 +575,28 @@ SETTABLE_OPTIONS = (
 MAX_OPTION_TEXT = 1000
 
 
-def update_options(options: dict[str, Any], body: object, *, model_name: str, taesd: bool = False) -> list[str]:
-    """`POST /options`: keep the known settable options; the model, its hash and the output folder stay
-    as served. Returns the keys that were ignored (unknown to this server).
+def update_options(options: dict[str, Any], body: object, *, model_name: str, taesd: bool = False,
+                   library: Any = None) -> list[str]:
+    """`POST /options`: keep the known settable options; the hash and the output folder stay as served.
+    Returns the keys that were ignored (unknown to this server).
 
-    The live preview options are checked first (`preview_fields`): a bad value changes nothing."""
+    The live preview options are checked first (`preview_fields`): a bad value changes nothing.
+    `sd_model_checkpoint` may name a checkpoint of the library: it is stored, and the next job
+    loads it before it starts (the switch is queued like a job, never racing one)."""
     if not isinstance(body, dict):
         raise InvalidRequestError("the options body must be a JSON object")
     preview_fields({**options, **body}, taesd=taesd)
     checkpoint = body.get("sd_model_checkpoint")
     if checkpoint is not None and not same_model(str(checkpoint), model_name):
-        raise InvalidRequestError(
-            f"sd_model_checkpoint {brief(checkpoint)} is not available; this server serves {model_name!r}"
-        )
+        entry = None if library is None else library.find_checkpoint(str(checkpoint))
+        if entry is None:
+            raise InvalidRequestError(
+                f"sd_model_checkpoint {brief(checkpoint)} is not available; this server serves {model_name!r}"
+                + ("" if library is None else " and the checkpoints of its model folder (--ckpt-dir)")
+            )
+        chosen = entry.title(None)
+    else:
+        chosen = None
     accepted: dict[str, Any] = {}
     ignored = []
     for key, value in body.items():
@@ -596,6 +613,8 @@ def update_options(options: dict[str, Any], body: object, *, model_name: str, ta
             )
         accepted[key] = value
     options.update(accepted)
+    if chosen is not None:
+        options["sd_model_checkpoint"] = chosen
     if ignored:
         logger.info("options ignored (unknown to this server): %s", brief(ignored, limit=200))
     return ignored
@@ -689,3 +708,61 @@ def failure(exc: BaseException) -> tuple[str, str]:
             f"hires size ({one_line(exc, limit=160)})"
         )
     return type(exc).__name__, f"generation failed: {type(exc).__name__}: {one_line(exc, limit=200)}"
+
+
+# ---------------------------------------------------------------------------------------------
+# The model library: checkpoints, LoRAs, embeddings and VAEs as A1111 lists them
+
+
+def library_models(library: Any, *, model_name: str, model_hash: str | None, source: str) -> list[dict[str, Any]]:
+    """`GET /sd-models`: the loaded model first, then every checkpoint of the library.
+
+    A library file's hash is given only once known (A1111 too lists `hash: null` until a file has
+    been hashed); its title is then `relative/path.safetensors [hash]`.
+    """
+    models = sd_models(model_name=model_name, model_hash=model_hash, source=source)
+    loaded = {str(Path(source).resolve())} if source else set()
+    for entry in library.entries("checkpoint"):
+        if str(entry.path.resolve()) in loaded:
+            continue
+        models.append({"title": entry.title(None), "model_name": Path(entry.relative).with_suffix("").as_posix(),
+                       "hash": None, "sha256": None, "filename": str(entry.path), "config": None})
+    return models
+
+
+def lora_list(library: Any) -> list[dict[str, Any]]:
+    """`GET /loras`: name, alias, path and the safetensors metadata of every LoRA, as A1111's Lora extension."""
+    from leansd.models.hashes import safetensors_header
+
+    out = []
+    for entry in library.entries("lora"):
+        metadata: dict[str, Any] = {}
+        if entry.path.suffix.lower() == ".safetensors":
+            try:
+                metadata = dict(safetensors_header(entry.path)[1].get("__metadata__") or {})
+            except (OSError, ValueError):
+                metadata = {}
+        alias = metadata.get("ss_output_name") if isinstance(metadata.get("ss_output_name"), str) else entry.name
+        out.append({"name": entry.name, "alias": alias, "path": str(entry.path), "metadata": metadata})
+    return out
+
+
+def embedding_list(store: Any) -> dict[str, Any]:
+    """`GET /embeddings`: {"loaded": {...}, "skipped": {...}} with A1111's fields per embedding."""
+    loaded, skipped = store.status()
+
+    def item(emb: Any) -> dict[str, Any]:
+        vectors = emb.for_encoder(store.encoder)
+        return {"step": None, "sd_checkpoint": None, "sd_checkpoint_name": None,
+                "shape": int(vectors.shape[-1]), "vectors": int(vectors.shape[0])}
+
+    return {
+        "loaded": {name: item(emb) for name, emb in loaded.items()},
+        "skipped": {name: {"step": None, "sd_checkpoint": None, "sd_checkpoint_name": None, "shape": None,
+                           "vectors": None, "reason": reason} for name, reason in skipped.items()},
+    }
+
+
+def vae_list(library: Any) -> list[dict[str, Any]]:
+    """`GET /sd-vae`: every VAE file, as {"model_name": file name, "filename": path}."""
+    return [{"model_name": entry.path.name, "filename": str(entry.path)} for entry in library.entries("vae")]

@@ -195,6 +195,22 @@ def _add_model_args(command: argparse.ArgumentParser) -> None:
         metavar="TYPE", help="what the model predicts: epsilon or v_prediction (SD 2.x 768-v). Default: the "
         ".yaml beside the checkpoint, a diffusers folder's scheduler config, v_pred marker keys, else detected",
     )
+    library = command.add_argument_group("model library (AUTOMATIC1111's folders)")
+    library.add_argument("--data-dir", "--data_dir", dest="data_dir", metavar="DIR",
+                         help="folder holding models/Stable-diffusion, models/Lora, models/VAE and embeddings "
+                         "(default: the current folder)")
+    library.add_argument("--ckpt-dir", "--ckpt_dir", dest="ckpt_dir", metavar="DIR",
+                         help="checkpoints, scanned with subfolders; --model NAME picks one by file stem or "
+                         "AUTOMATIC1111 title (default: DATA_DIR/models/Stable-diffusion)")
+    library.add_argument("--lora-dir", "--lora_dir", dest="lora_dir", metavar="DIR",
+                         help="LoRAs used by <lora:NAME:MULT> in prompts (default: DATA_DIR/models/Lora)")
+    library.add_argument("--vae-dir", "--vae_dir", dest="vae_dir", metavar="DIR",
+                         help="VAEs for --vae NAME (default: DATA_DIR/models/VAE)")
+    library.add_argument("--embeddings-dir", "--embeddings_dir", dest="embeddings_dir", metavar="DIR",
+                         help="textual-inversion embeddings, used by name in prompts (default: DATA_DIR/embeddings)")
+    library.add_argument("--vae", "--vae-path", "--vae_path", dest="vae", default="Automatic", metavar="FILE|NAME",
+                         help="VAE to decode with: a file, a name from --vae-dir, 'None' (the checkpoint's own) or "
+                         "'Automatic' (default: <checkpoint stem>.vae.safetensors beside the checkpoint if present)")
     memory = model  # the memory flags, see README "Memory"
     memory.add_argument(
         "--vram", default="auto", type=_vram, metavar="SIZE",
@@ -538,7 +554,9 @@ def run_generate(args: argparse.Namespace) -> int:
     # 1. Validate everything cheap before the (slow) model load.
     if not args.model:
         raise InvalidRequestError("no model given: pass --model PATH|owner/name|tiny (or set LEANSD_MODEL)")
+    library, model = _library_and_model(args)
     prompts = _read_prompts(args)
+    _check_loras(prompts, library)
     images = _read_images(args)
     previews = _preview_fields(args)
     if (previews["vae_decoder"] == "taesd" or (previews.get("preview_every") and previews["preview_method"] == "taesd")) \
@@ -591,10 +609,7 @@ def run_generate(args: argparse.Namespace) -> int:
         writer = ImageWriter(Path(args.outdir), fmt=args.fmt)
 
     # 2. Load the model once.
-    from leansd.engine.engine import Engine
-
-    engine = Engine.load(args.model, device=args.device, precision=args.precision, prompt_cache=args.prompt_cache,
-                         taesd=args.taesd, **_memory_options(args))
+    engine = _load_engine(args, library, model)
     if random_seed_chosen:
         print(f"leansd: seed {seed} (random)", file=sys.stderr)
 
@@ -635,6 +650,7 @@ def run_serve(args: argparse.Namespace) -> int:
     # 1. Refuse unsafe or bad flags before the (slow) model load.
     if not args.model:
         raise InvalidRequestError("no model given: pass --model PATH|owner/name|tiny (or set LEANSD_MODEL)")
+    library, model = _library_and_model(args)
     host = "0.0.0.0" if args.listen else args.host
     loopback = is_loopback_host(host)
     if not loopback and not args.api_auth:
@@ -658,18 +674,21 @@ def run_serve(args: argparse.Namespace) -> int:
         raise InvalidRequestError("--replicas is for Ray Serve: add --ray [ADDRESS]")
 
     # 2. Load the model once (or once per Ray Serve replica), then serve.
-    options = dict(device=args.device, precision=args.precision, prompt_cache=args.prompt_cache,
-                   taesd=args.taesd, **_memory_options(args))
     if args.ray is not None:
+        from leansd.models.vae_override import resolve_vae
         from leansd.service.ray_serve import start_ray_queue
 
-        engine: object = start_ray_queue(args.ray, model=args.model, replicas=args.replicas or 1,
-                                         engine_options=options, max_queue=args.max_queue)
-        model_name = engine.engine.bundle.name  # type: ignore[attr-defined]
+        # The replicas get the library (LoRAs, embeddings by name) and the --vae choice; the
+        # folders must be readable on every node, as the --model path is.
+        checkpoint = model if Path(model).expanduser().is_file() else None
+        resolve_vae(args.vae, library=library, checkpoint=checkpoint)  # a bad --vae fails before the load
+        options = dict(device=args.device, precision=args.precision, prompt_cache=args.prompt_cache,
+                       taesd=args.taesd, library=library, **_memory_options(args))
+        engine: Any = start_ray_queue(args.ray, model=model, replicas=args.replicas or 1,
+                                      engine_options=options, max_queue=args.max_queue, vae=args.vae)
+        model_name = engine.engine.bundle.name
     else:
-        from leansd.engine.engine import Engine
-
-        engine = Engine.load(args.model, **options)
+        engine = _load_engine(args, library, model)
         model_name = engine.bundle.name
     return serve(
         engine, host=host, port=args.port, auth=credentials, max_queue=args.max_queue, max_size=args.max_size,
@@ -677,6 +696,45 @@ def run_serve(args: argparse.Namespace) -> int:
         on_ready=lambda url: _on_ready(url, model_name, browser=getattr(args, "browser", False)),
         **server_options,
     )
+
+
+def _library_and_model(args: argparse.Namespace) -> tuple[Any, str]:
+    """The model library from the folder flags, and --model resolved: a checkpoint name becomes its path."""
+    from leansd.models.library import ModelLibrary
+    from leansd.models.loader import TINY_SPEC
+
+    library = ModelLibrary.from_options(
+        data_dir=args.data_dir, ckpt_dir=args.ckpt_dir, lora_dir=args.lora_dir, vae_dir=args.vae_dir,
+        embeddings_dir=args.embeddings_dir,
+    )
+    model = args.model
+    if model != TINY_SPEC and not Path(model).expanduser().exists():
+        entry = library.find_checkpoint(model)
+        if entry is not None:
+            model = str(entry.path)
+    return library, model
+
+
+def _check_loras(prompts: Sequence[str], library: Any) -> None:
+    """Every <lora:NAME:...> of the prompts names one LoRA file (checked before the model loads)."""
+    from leansd.prompts.extra_networks import lora_tags
+
+    for prompt in prompts:
+        for tag in lora_tags(prompt):
+            library.require("lora", tag.name)
+
+
+def _load_engine(args: argparse.Namespace, library: Any, model: str) -> Any:
+    """Load the model once, with the library and the VAE choice."""
+    from leansd.engine.engine import Engine
+    from leansd.models.vae_override import resolve_vae
+
+    checkpoint = model if Path(model).expanduser().is_file() else None
+    resolve_vae(args.vae, library=library, checkpoint=checkpoint)  # a bad --vae fails before the load
+    engine = Engine.load(model, device=args.device, precision=args.precision, prompt_cache=args.prompt_cache,
+                         taesd=args.taesd, library=library, **_memory_options(args))
+    engine.set_vae_choice(args.vae)
+    return engine
 
 
 def _server_options(args: argparse.Namespace, host: str) -> dict:

@@ -125,11 +125,12 @@ class _Server:
         bundle = getattr(queue.engine, "bundle", None)
         name = getattr(bundle, "name", None) or "model"
         model_hash = getattr(bundle, "hash", None)
+        options = a1111.initial_options(model_name=name, model_hash=model_hash, outdir=outputs)
+        options["sd_vae"] = getattr(queue.engine, "vae_choice", options["sd_vae"])  # e.g. the CLI's --vae
         return cls(
             queue=queue, limits=limits, outputs=outputs, model_name=name, model_hash=model_hash,
             model_source=str(getattr(bundle, "source", name)), native_size=a1111.native_size(queue.engine),
-            options=a1111.initial_options(model_name=name, model_hash=model_hash, outdir=outputs),
-            owns_queue=owns_queue, shutdown_timeout=shutdown_timeout,
+            options=options, owns_queue=owns_queue, shutdown_timeout=shutdown_timeout,
             taesd=getattr(queue.engine, "taesd", None) is not None,
         )
 
@@ -311,6 +312,9 @@ async def _generate(http_request: Request, gen: "GenerationRequest", body: A1111
         images = await asyncio.to_thread(
             lambda: [encode_png(im, info) for im, info in zip(result.images, result.infotexts, strict=True)]
         )
+    bundle = getattr(server.queue.engine, "bundle", None)
+    if bundle is not None and bundle.name != server.model_name:  # a job switched the checkpoint
+        server.model_name, server.model_hash, server.model_source = bundle.name, bundle.hash, str(bundle.source)
     answer = a1111.response(body, gen, result, images=images, model_name=server.model_name,
                             model_hash=server.model_hash, job_timestamp=job_timestamp, interrupted=job.interrupted)
     if save_error is not None:
@@ -321,17 +325,19 @@ async def _generate(http_request: Request, gen: "GenerationRequest", body: A1111
 @_route("POST", f"{API}/txt2img")
 async def txt2img(body: Txt2ImgRequest, request: Request) -> dict:
     server = _server(request)
-    gen = txt2img_request(body, model_name=server.model_name, limits=server.limits, native_size=server.native_size)
+    gen = txt2img_request(body, model_name=server.model_name, limits=server.limits, native_size=server.native_size,
+                          library=_library(request))
     gen = server.with_previews(gen, body)
-    return await _generate(request, gen, body, "txt2img")
+    return await _generate(request, _with_options(server, gen), body, "txt2img")
 
 
 @_route("POST", f"{API}/img2img")
 async def img2img(body: Img2ImgRequest, request: Request) -> dict:
     server = _server(request)
     # Decoding the uploads (CPU work) happens off the event loop.
-    gen = await asyncio.to_thread(img2img_request, body, model_name=server.model_name, limits=server.limits)
-    return await _generate(request, server.with_previews(gen, body), body, "img2img")
+    gen = await asyncio.to_thread(img2img_request, body, model_name=server.model_name, limits=server.limits,
+                                  library=_library(request))
+    return await _generate(request, _with_options(server, server.with_previews(gen, body)), body, "img2img")
 
 
 @_route("GET", f"{API}/progress")
@@ -366,7 +372,8 @@ async def set_options(request: Request) -> None:
         body = await request.json()
     except (ValueError, RecursionError):  # RecursionError: arrays or objects nested thousands deep
         raise InvalidRequestError("the options body must be a JSON object") from None
-    a1111.update_options(server.options, body, model_name=server.model_name, taesd=server.taesd)
+    a1111.update_options(server.options, body, model_name=server.model_name, taesd=server.taesd,
+                         library=_library(request))
     return None
 
 
@@ -375,15 +382,61 @@ async def cmd_flags() -> dict:
     return {"api": True, "listen": None, "api_auth": None}
 
 
+def _with_options(server: _Server, gen: "GenerationRequest") -> "GenerationRequest":
+    """The checkpoint and VAE set through /options, for a request that does not override them."""
+    from dataclasses import replace
+
+    engine = server.queue.engine
+    chosen = server.options.get("sd_model_checkpoint")
+    if gen.checkpoint is None and chosen and not a1111.same_model(str(chosen), server.model_name):
+        gen = replace(gen, checkpoint=str(chosen))
+    vae = server.options.get("sd_vae")
+    if gen.vae is None and vae is not None and vae != getattr(engine, "vae_choice", vae):
+        gen = replace(gen, vae=str(vae))
+    return gen
+
+
+def _library(request: Request) -> Any:
+    """The engine's model library (None for engines without one, e.g. test doubles)."""
+    return getattr(_server(request).queue.engine, "library", None)
+
+
 @_route("GET", f"{API}/sd-models")
 async def sd_models(request: Request) -> list:
     server = _server(request)
-    return a1111.sd_models(model_name=server.model_name, model_hash=server.model_hash, source=server.model_source)
+    library = _library(request)
+    if library is None:
+        return a1111.sd_models(model_name=server.model_name, model_hash=server.model_hash, source=server.model_source)
+    return await asyncio.to_thread(a1111.library_models, library, model_name=server.model_name,
+                                   model_hash=server.model_hash, source=server.model_source)
 
 
 @_route("POST", f"{API}/refresh-checkpoints")
-async def refresh_checkpoints() -> None:
+async def refresh_checkpoints(request: Request) -> None:
+    library = _library(request)
+    if library is not None:
+        library.refresh("checkpoint")
     return None
+
+
+@_route("GET", f"{API}/loras")
+async def loras(request: Request) -> list:
+    library = _library(request)
+    return [] if library is None else await asyncio.to_thread(a1111.lora_list, library)
+
+
+@_route("POST", f"{API}/refresh-loras")
+async def refresh_loras(request: Request) -> None:
+    library = _library(request)
+    if library is not None:
+        library.refresh("lora")
+    return None
+
+
+@_route("GET", f"{API}/sd-vae")
+async def sd_vae(request: Request) -> list:
+    library = _library(request)
+    return [] if library is None else await asyncio.to_thread(a1111.vae_list, library)
 
 
 @_route("GET", f"{API}/samplers")
@@ -410,14 +463,18 @@ async def _empty_list() -> list:
     return []
 
 
-for _path in ("sd-vae", "loras", "hypernetworks", "face-restorers", "realesrgan-models", "prompt-styles",
+for _path in ("hypernetworks", "face-restorers", "realesrgan-models", "prompt-styles",
               "sd-modules"):
     _ROUTES.append(("GET", f"{API}/{_path}", _empty_list, _path))
 
 
 @_route("GET", f"{API}/embeddings")
-async def embeddings() -> dict:
-    return {"loaded": {}, "skipped": {}}
+async def embeddings(request: Request) -> dict:
+    store = getattr(_server(request).queue.engine, "embeddings", None)
+    if store is None:
+        return {"loaded": {}, "skipped": {}}
+    store.library.refresh("embedding")  # A1111 rescans the folder when asked
+    return await asyncio.to_thread(a1111.embedding_list, store)
 
 
 @_route("GET", f"{API}/scripts")

@@ -216,6 +216,25 @@ def memory_text(queue: JobQueue) -> str:
     return "\n".join(lines)
 
 
+def add_to_prompt(prompt: str | None, text: str) -> str:
+    """`prompt` with `text` appended (a LoRA tag or an embedding name), separated by ", " when needed."""
+    prompt = prompt or ""
+    if not text:
+        return prompt
+    if not prompt.strip():
+        return text
+    return prompt + ("" if prompt.rstrip().endswith(",") and prompt.endswith(" ") else
+                     " " if prompt.rstrip().endswith(",") else ", ") + text
+
+
+def library_choices(engine: Any) -> tuple[list[str], list[str]]:
+    """(LoRA names, embedding names) of the engine's model library; empty without one."""
+    library = getattr(engine, "library", None)
+    if library is None:
+        return [], []
+    return library.names("lora"), library.names("embedding")
+
+
 def build_ui(
     queue: JobQueue,
     *,
@@ -269,6 +288,38 @@ def build_ui(
         c["prompt"] = gr.Textbox(label="Prompt", lines=3, placeholder="a photograph of an astronaut riding a horse",
                                  elem_id=f"{prefix}_prompt")
         c["negative"] = gr.Textbox(label="Negative prompt", lines=2, elem_id=f"{prefix}_negative_prompt")
+        loras, embeddings = library_choices(queue.engine)
+        with gr.Accordion("LoRA and embeddings", open=False):
+            with gr.Row(equal_height=True):
+                c["lora"] = gr.Dropdown(loras, value=None, label="LoRA (adds <lora:NAME:1>)",
+                                        elem_id=f"{prefix}_lora", scale=3)
+                c["add_lora"] = gr.Button("Add to prompt", size="sm", elem_id=f"{prefix}_add_lora", scale=1)
+            with gr.Row(equal_height=True):
+                c["embedding"] = gr.Dropdown(embeddings, value=None, label="Embedding",
+                                             elem_id=f"{prefix}_embedding", scale=3)
+                c["add_embedding"] = gr.Button("Add to prompt", size="sm", elem_id=f"{prefix}_add_embedding",
+                                               scale=1)
+                c["add_negative_embedding"] = gr.Button("Add to negative", size="sm",
+                                                        elem_id=f"{prefix}_add_negative_embedding", scale=1)
+            c["refresh_networks"] = gr.Button("Refresh lists", size="sm", elem_id=f"{prefix}_refresh_networks")
+        c["add_lora"].click(lambda p, name: add_to_prompt(p, f"<lora:{name}:1>" if name else ""),
+                            [c["prompt"], c["lora"]], c["prompt"], api_name=False, queue=False)
+        c["add_embedding"].click(lambda p, name: add_to_prompt(p, name or ""), [c["prompt"], c["embedding"]],
+                                 c["prompt"], api_name=False, queue=False)
+        c["add_negative_embedding"].click(lambda p, name: add_to_prompt(p, name or ""),
+                                          [c["negative"], c["embedding"]], c["negative"], api_name=False,
+                                          queue=False)
+
+        def refresh_networks() -> tuple:
+            library = getattr(queue.engine, "library", None)
+            if library is not None:
+                library.refresh("lora")
+                library.refresh("embedding")
+            new_loras, new_embeddings = library_choices(queue.engine)
+            return gr.update(choices=new_loras), gr.update(choices=new_embeddings)
+
+        c["refresh_networks"].click(refresh_networks, None, [c["lora"], c["embedding"]], api_name=False,
+                                    queue=False)
         with gr.Row():
             c["sampler"] = gr.Dropdown(samplers, value=defaults.DEFAULT_SAMPLER, label="Sampling method",
                                        elem_id=f"{prefix}_sampler")

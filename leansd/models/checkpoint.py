@@ -249,10 +249,23 @@ def _read_safetensors(path: Path) -> dict[str, "torch.Tensor"]:
 
 
 def _read_pickle(path: Path, suffix: str) -> dict[str, "torch.Tensor"]:
+    return _tensors_only(path, load_weights_only(path, suffix=suffix))
+
+
+def load_weights_only(path: str | os.PathLike[str], *, suffix: str | None = None) -> object:
+    """``torch.load(weights_only=True)`` of a pickle-based file, returning the object as stored.
+
+    For files whose tensors sit in nested dicts (textual-inversion ``.pt``: ``string_to_param``).
+    Same checks and errors as :func:`read_state_dict`.
+    """
     import pickle
     import zipfile
 
     import torch
+
+    path = Path(path)
+    if suffix is None:
+        suffix = _check_file(path)
 
     with open(path, "rb") as f:
         head = f.read(32)
@@ -287,7 +300,7 @@ def _read_pickle(path: Path, suffix: str) -> dict[str, "torch.Tensor"]:
             f"{path}: this {suffix} file cannot be read as plain weights ({type(exc).__name__}: {_one_line(exc)});"
             " leansd refuses it. Convert it to .safetensors with a tool you trust."
         ) from None
-    return _tensors_only(path, obj)
+    return obj
 
 
 def _tensors_only(path: Path, obj: object) -> dict[str, "torch.Tensor"]:

@@ -132,9 +132,14 @@ def bundled_tokenizer(*, pad_token: str = EOS_TOKEN) -> "CLIPTokenizerFast":
 
 
 def _check(tokenizer: "CLIPTokenizerFast", what: str) -> None:
-    """Raise ModelLoadError unless ``tokenizer`` is CLIP's 49,408-entry BPE with CLIP's bos/eos."""
+    """Raise ModelLoadError unless ``tokenizer`` is CLIP's 49,408-entry BPE with CLIP's bos/eos.
+
+    Added tokens on top of the BPE vocabulary (a folder saved after loading textual-inversion
+    embeddings) are accepted: the base vocabulary must still be CLIP's 49,408 entries.
+    """
     size = len(tokenizer)
-    if size != CLIP_VOCAB_SIZE:
+    base = getattr(tokenizer, "vocab_size", size)
+    if base != CLIP_VOCAB_SIZE or size < CLIP_VOCAB_SIZE:
         raise ModelLoadError(
             f"{what} has {size} entries, expected {CLIP_VOCAB_SIZE} (CLIP BPE); "
             "the folder is incomplete or not a CLIP tokenizer"

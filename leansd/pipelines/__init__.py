@@ -24,6 +24,11 @@ def generate(
     from leansd.pipelines.txt2img import txt2img
 
     request = request.validated()
+    if request.checkpoint is not None:
+        engine.switch_model(request.checkpoint)  # in the job: a switch never races a generation
+    if request.vae is not None:
+        engine.set_vae_choice(request.vae)
+    engine.apply_prompt_networks(request.prompt)  # <lora:...> tags: applied before any weight is used
     check_decoders(engine, request)
     task = {"txt2img": txt2img, "img2img": img2img, "inpaint": inpaint}[request.task]
     bundle = engine.bundle

@@ -57,18 +57,44 @@ class PromptConditioning:
     def __init__(self, engine: "Engine", request: "GenerationRequest") -> None:
         self.engine = engine
         self.request = request
-        self._plans: dict[int, "ConditioningPlan"] = {}
+        self._plans: dict[tuple[int, int, int | None], "ConditioningPlan"] = {}
+        self.base_steps: int | None = None
+        """Set on the copy a hires-fix second pass uses (:meth:`for_second_pass`)."""
 
-    def plan(self, steps: int) -> "ConditioningPlan":
+    def for_second_pass(self) -> "PromptConditioning":
+        """The same prompts for a hires-fix second pass: A1111 counts its edits on from the first pass."""
+        from leansd.prompts.parse import schedule_steps
+        from leansd.sampling.samplers import get_sampler
+
+        second = PromptConditioning(self.engine, self.request)
+        second._plans = self._plans  # one store, so summary() covers both passes (keys differ)
+        second.base_steps = schedule_steps(
+            self.request.num_inference_steps, second_order=get_sampler(self.request.sampler).second_order
+        )
+        return second
+
+    def plan(self, calls: int, *, steps: int | None = None) -> "ConditioningPlan":
+        """The conditioning of `calls` loop steps of a run of `steps` sampler steps (default: the request's)."""
         from leansd.prompts.conditioning import build_conditioning
+        from leansd.prompts.parse import schedule_steps
+        from leansd.sampling.samplers import get_sampler
 
-        if steps not in self._plans:
+        counted = schedule_steps(
+            steps or self.request.num_inference_steps, second_order=get_sampler(self.request.sampler).second_order
+        )
+        key = (calls, counted, self.base_steps)
+        if key not in self._plans:
             engine, request = self.engine, self.request
+            from leansd.prompts.extra_networks import strip_networks
+
             with engine.compute():
                 plan = build_conditioning(
-                    request.prompt,
+                    strip_networks(request.prompt),  # <lora:...> tags are not text (A1111: positive prompt only)
                     request.negative_prompt,
-                    steps=steps,
+                    steps=counted,
+                    calls=calls,
+                    base_steps=self.base_steps,
+                    embeddings=engine.embedding_matcher(),
                     syntax=request.prompt_syntax,
                     tokenizer=engine.bundle.tokenizer,
                     text_encoder=engine.placed_text_encoder,  # placed only if something must be encoded
@@ -80,12 +106,12 @@ class PromptConditioning:
                     pooled_width=pooled_width(engine),
                     zero_empty_negative=engine.bundle.description.zero_empty_negative,
                 )
-            self._plans[steps] = plan.to(device=engine.device, dtype=engine.dtype)
+            self._plans[key] = plan.to(device=engine.device, dtype=engine.dtype)
             logger.info(
                 "prompt: %s syntax, %d chunk(s) of 77 tokens; cache %s",
                 plan.syntax, plan.chunks, plan.cache_stats if engine.prompt_cache else "off",
             )
-        return self._plans[steps]
+        return self._plans[key]
 
     def clear(self) -> None:
         """Forget the encoded plans (the engine's dtype changed): the next `plan` encodes again."""
@@ -218,7 +244,9 @@ def run_denoise(
 
     if extra_channels is None and engine.bundle.is_inpainting:
         extra_channels = whole_image_conditioning(engine, latents)
-    plan = text.plan(len(scheduler.timesteps if timesteps is None else timesteps))
+    # A1111 schedules prompt edits over all the run's steps, counted from the first loop step.
+    plan = text.plan(len(scheduler.timesteps if timesteps is None else timesteps),
+                     steps=getattr(scheduler, "num_inference_steps", None))
     # UNet passes per step: the negative plus every AND part when guided (as the loop batches them).
     guided = uses_guidance(request.guidance_scale, engine.bundle.unet) or plan.is_composable
     passes = 1 + plan.max_parts if guided else plan.max_parts
@@ -388,6 +416,9 @@ def infotext_for(
     entries.update(extra or {})
     if request.tiling:
         entries["Tiling"] = "True"
+    entries.update(engine.embedding_infotext(request.prompt, request.negative_prompt))
+    entries.update(engine.lora_infotext())
+    entries.update(engine.vae_infotext())
     if request.vae_decoder == "taesd":
         entries["VAE decoder"] = "TAESD (approximate)"
     if engine.bundle.is_random:

@@ -46,6 +46,7 @@ def txt2img(
 
     # 2. Text conditioning, shared by every image of the request.
     text = encode_conditioning(engine, request, steps=loop_length(engine, request, steps=request.num_inference_steps))
+    second_pass_text = text.for_second_pass() if hires_size is not None else None
     engine.synchronize()  # CUDA runs asynchronously: wait so the encode time is its own
     encoded = time.perf_counter()
 
@@ -56,9 +57,9 @@ def txt2img(
         latents = noise_for(engine, generators, width=width, height=height) * scheduler.init_noise_sigma
         latents = run_denoise(engine, request, scheduler=scheduler, latents=latents, generators=generators,
                               text=text, on_step=on_step)
-        if hires_size is not None:
-            latents = hires_pass(engine, request, latents, seeds=seeds, size=hires_size, text=text,
-                                 on_step=on_step)
+        if hires_size is not None and second_pass_text is not None:
+            latents = hires_pass(engine, request, latents, seeds=seeds, size=hires_size,
+                                 text=second_pass_text, on_step=on_step)
         return latents
 
     # 4. Decode each batch and package images, seeds, metadata and timings.

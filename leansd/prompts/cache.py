@@ -114,17 +114,17 @@ def text_encoder_fingerprint(text_encoder: "torch.nn.Module") -> str:
 
 def entry_key(fingerprint: str, chunks: "TokenChunks") -> str:
     """Cache key of one encoded text: sha256 hex of encoder fingerprint, ids and multipliers."""
-    payload = json.dumps(
-        {
-            "format": FORMAT,
-            "version": FORMAT_VERSION,
-            "emphasis": EMPHASIS_RULE,
-            "encoder": fingerprint,
-            "ids": chunks.ids,
-            "multipliers": [[float.hex(float(m)) for m in row] for row in chunks.multipliers],
-        },
-        separators=(",", ":"),
-    )
+    fields = {
+        "format": FORMAT,
+        "version": FORMAT_VERSION,
+        "emphasis": EMPHASIS_RULE,
+        "encoder": fingerprint,
+        "ids": chunks.ids,
+        "multipliers": [[float.hex(float(m)) for m in row] for row in chunks.multipliers],
+    }
+    if chunks.embeddings:  # placeholder ids stand for these vectors: key them by content
+        fields["embeddings"] = [e.digest for e in chunks.embeddings]
+    payload = json.dumps(fields, separators=(",", ":"))
     return hashlib.sha256(payload.encode()).hexdigest()
 
 

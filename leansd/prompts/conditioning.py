@@ -11,7 +11,7 @@ classifier-free guidance generalised to several parts (composable diffusion).
 
 Usage in the loop (``B`` images per batch)::
 
-    plan = build_conditioning(prompt, negative_prompt, steps=len(scheduler.timesteps),
+    plan = build_conditioning(prompt, negative_prompt, steps=num_inference_steps, calls=len(scheduler.timesteps),
                               syntax="auto", tokenizer=tokenizer, text_encoder=load_encoder,
                               device=device, cache=PromptCache()).to(dtype=unet.dtype)
     context, last = None, None
@@ -30,9 +30,9 @@ With guidance off (one UNet pass per step) and ``not plan.is_composable``, use
 ``step.context(B, include_uncond=False)`` and the single prediction as is; a composable plan
 needs the unconditional pass even then (``combine_guidance`` with the given scale).
 
-Steps: ``steps`` is the number of loop iterations that will call ``plan.at`` (for most
-samplers ``num_inference_steps``; ``len(scheduler.timesteps)`` for samplers that evaluate the
-model twice per step). Prompt editing ``[a:b:0.5]`` switches after half of them.
+Steps: ``steps`` is the step count prompt editing counts, as AUTOMATIC1111 counts it
+(``num_inference_steps``, doubled for second-order samplers; ``schedule_steps``), and
+``calls`` the number of loop iterations that will call ``plan.at`` (``len(timesteps)``).
 
 The text encoder is touched only on a cache miss: ``text_encoder`` may be the module or a
 zero-argument callable that loads/places it and is called at most once, on the first miss.
@@ -56,6 +56,8 @@ from leansd.prompts.parse import ConditioningSpec, Fragment, WeightedText, parse
 if TYPE_CHECKING:
     import torch
     from transformers import CLIPTextModel, CLIPTokenizerFast  # type: ignore[attr-defined]  # a runtime alias of CLIPTokenizer in transformers 5
+
+    from leansd.models.embeddings import EmbeddingMatcher
 
 logger = logging.getLogger(__name__)
 
@@ -291,8 +293,17 @@ def build_conditioning(
     final_norm: bool = True,
     pooled_width: int | None = None,
     zero_empty_negative: bool = False,
+    calls: int | None = None,
+    base_steps: int | None = None,
+    embeddings: "EmbeddingMatcher | None" = None,
 ) -> ConditioningPlan:
     """Parse and encode ``prompt`` and ``negative_prompt`` for ``steps`` loop steps.
+
+    ``steps`` is what prompt editing counts (AUTOMATIC1111's count,
+    :func:`~leansd.prompts.parse.schedule_steps`); ``calls`` is the number of loop steps
+    the plan covers (default ``steps``); ``base_steps`` marks a hires-fix second pass
+    (:func:`~leansd.prompts.parse.switch_step`). ``embeddings``: textual-inversion names
+    to replace by their vectors (in both prompts and every syntax).
 
     ``syntax``: ``auto``, ``a1111``, ``blocks`` or ``plain``, applied to each prompt
     (``auto`` decides per prompt). Tensors are on ``device`` in the encoder's dtype (a cached
@@ -310,8 +321,9 @@ def build_conditioning(
     """
     import torch
 
-    positive = parse_prompt(prompt, syntax=syntax, steps=steps)
-    negative = parse_prompt(negative_prompt, syntax=syntax, steps=steps, negative=True)
+    positive = parse_prompt(prompt, syntax=syntax, steps=steps, calls=calls, base_steps=base_steps)
+    negative = parse_prompt(negative_prompt, syntax=syntax, steps=steps, negative=True, calls=calls,
+                            base_steps=base_steps)
 
     encoder = _Encoder(text_encoder)
     fingerprint = encoder_fingerprint
@@ -333,12 +345,13 @@ def build_conditioning(
 
     def encode_spec(spec: ConditioningSpec) -> "torch.Tensor":
         if isinstance(spec, WeightedText):
-            token_chunks = chunk_tokens(tokenizer, spec.pieces)
+            token_chunks = chunk_tokens(tokenizer, spec.pieces, embeddings=embeddings)
             z = units.get(token_chunks, spec.text)
             if token_chunks in units.pooled:
                 pooled[spec] = units.pooled[token_chunks]
             return z
-        block_chunks = [chunk_tokens(tokenizer, WeightedText.plain(t).pieces) for t, _ in spec.blocks]
+        block_chunks = [chunk_tokens(tokenizer, WeightedText.plain(t).pieces, embeddings=embeddings)
+                        for t, _ in spec.blocks]
         blocks = [units.get(c, t) for c, (t, _) in zip(block_chunks, spec.blocks, strict=True)]
         k = max(z.shape[1] // CHUNK_LENGTH for z in blocks)
         blocks = [pad_chunks(z, k, empty()) if z.shape[1] != k * CHUNK_LENGTH else z for z in blocks]
@@ -372,7 +385,7 @@ def build_conditioning(
 
     shared: dict[tuple, StepConditioning] = {}
     per_step = []
-    for i in range(steps):
+    for i in range(positive.steps):
         [(neg_spec, _)] = negative.at(i)  # a negative prompt is one part of weight 1
         parts = positive.at(i)
         key = (neg_spec, parts)
@@ -387,7 +400,7 @@ def build_conditioning(
 
     stats = cache.stats - before if cache is not None else CacheStats()
     plan = ConditioningPlan(
-        steps=steps,
+        steps=positive.steps,
         chunks=chunks,
         syntax=positive.syntax,
         negative_syntax=negative.syntax,

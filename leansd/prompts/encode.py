@@ -28,6 +28,8 @@ if TYPE_CHECKING:
     import torch
     from transformers import CLIPTextModel, CLIPTokenizerFast  # type: ignore[attr-defined]  # a runtime alias of CLIPTokenizer in transformers 5
 
+    from leansd.models.embeddings import Embedding, EmbeddingMatcher
+
 logger = logging.getLogger(__name__)
 
 MAX_CONTENT_TOKENS = 75
@@ -43,6 +45,9 @@ class TokenChunks:
 
     ids: tuple[tuple[int, ...], ...]
     multipliers: tuple[tuple[float, ...], ...]
+    embeddings: tuple["Embedding", ...] = ()
+    """Textual-inversion embeddings used, in order: ids from ``embedding_base`` on are their vectors."""
+    embedding_base: int = 0
 
     @property
     def count(self) -> int:
@@ -56,9 +61,18 @@ class TokenChunks:
 
 
 def chunk_tokens(
-    tokenizer: "CLIPTokenizerFast", pieces: Sequence[Piece], *, comma_backtrack: int = COMMA_BACKTRACK
+    tokenizer: "CLIPTokenizerFast",
+    pieces: Sequence[Piece],
+    *,
+    comma_backtrack: int = COMMA_BACKTRACK,
+    embeddings: "EmbeddingMatcher | None" = None,
 ) -> TokenChunks:
-    """Tokenise fragments into 77-id chunks with per-token multipliers (see the module docstring)."""
+    """Tokenise fragments into 77-id chunks with per-token multipliers (see the module docstring).
+
+    ``embeddings``: textual-inversion names to look for; each one found takes as many positions
+    as it has vectors (placeholder ids from ``len(tokenizer)`` on), carries its fragment's
+    emphasis, and starts a new chunk when it does not fit in the current one (A1111).
+    """
     from leansd.models.tokenizer import clean_text
 
     bos, eos = tokenizer.bos_token_id, tokenizer.eos_token_id
@@ -67,11 +81,34 @@ def chunk_tokens(
     if comma == tokenizer.unk_token_id:
         comma = None
 
+    base = len(tokenizer)
+    table: list["Embedding"] = []
+    offsets: dict[int, int] = {}  # id(embedding) -> first placeholder offset
+    # Per fragment: units of ids that stay together (a token, or an embedding's placeholders).
     texts = [clean_text(p.text) for p in pieces if isinstance(p, Fragment)]
-    encoded = (
-        tokenizer(texts, add_special_tokens=False, truncation=False, verbose=False).input_ids if texts else []
+    split_texts = [embeddings.split(t) if embeddings is not None else [t] for t in texts]
+    plain = [part for parts in split_texts for part in parts if isinstance(part, str)]
+    encoded = iter(
+        tokenizer(plain, add_special_tokens=False, truncation=False, verbose=False).input_ids if plain else []
     )
-    token_lists = iter(encoded)
+    fragment_units: list[list[list[int]]] = []
+    for parts in split_texts:
+        units: list[list[int]] = []
+        for part in parts:
+            if isinstance(part, str):
+                units.extend([token] for token in next(encoded))
+                continue
+            if id(part) not in offsets:
+                offsets[id(part)] = sum(e.count for e in table)
+                table.append(part)
+            start = base + offsets[id(part)]
+            placeholders = list(range(start, start + part.count))
+            if len(placeholders) > MAX_CONTENT_TOKENS:  # cannot stay in one chunk: flows like text
+                units.extend([i] for i in placeholders)
+            else:
+                units.append(placeholders)
+        fragment_units.append(units)
+    unit_lists = iter(fragment_units)
 
     ids: list[tuple[int, ...]] = []
     mults: list[tuple[float, ...]] = []
@@ -95,7 +132,14 @@ def chunk_tokens(
             close_chunk()
             continue
         weight = piece.weight  # type: ignore[union-attr]
-        for token in next(token_lists):
+        for unit in next(unit_lists):
+            if len(unit) > 1 or unit[0] >= base:  # an embedding: whole, in one chunk
+                if len(tokens) + len(unit) > MAX_CONTENT_TOKENS:
+                    close_chunk()
+                tokens.extend(unit)
+                weights.extend([weight] * len(unit))
+                continue
+            token = unit[0]
             if token == comma:
                 last_comma = len(tokens)
             elif (
@@ -115,7 +159,7 @@ def chunk_tokens(
             weights.append(weight)
     if tokens or not ids:
         close_chunk()
-    return TokenChunks(tuple(ids), tuple(mults))
+    return TokenChunks(tuple(ids), tuple(mults), tuple(table), base if table else 0)
 
 
 def apply_emphasis(z: "torch.Tensor", multipliers: Sequence[Sequence[float]]) -> "torch.Tensor":
@@ -204,8 +248,15 @@ def encode_chunks_pooled(
 
     if not isinstance(text_encoder, TextEncoderPair):
         return encode_chunks(chunks, text_encoder=text_encoder, device=device, layer=layer, final_norm=final_norm), None
+    from leansd.models.embeddings import inject
+
     ids = torch.tensor(chunks.ids, dtype=torch.long, device=device)  # (k, 77)
-    with torch.inference_mode():
+    table, base = chunks.embeddings, chunks.embedding_base
+    with (
+        torch.inference_mode(),
+        inject(text_encoder.first, table, base=base, encoder="clip_l"),
+        inject(text_encoder.second, table, base=base, encoder="clip_g"),
+    ):
         z, pooled = text_encoder.encode(ids, chunks.multipliers)
     return z.reshape(1, -1, z.shape[-1]), pooled[:1]  # (1, 77k, D), (1, P)
 
@@ -224,8 +275,10 @@ def encode_chunks(
     """
     import torch
 
+    from leansd.models.embeddings import inject
+
     ids = torch.tensor(chunks.ids, dtype=torch.long, device=device)  # (k, 77)
-    with torch.inference_mode():
+    with torch.inference_mode(), inject(text_encoder, chunks.embeddings, base=chunks.embedding_base):
         z = hidden_states(text_encoder, ids, layer=layer, final_norm=final_norm)  # (k, 77, D)
         z = apply_emphasis(z, chunks.multipliers)
     return z.reshape(1, -1, z.shape[-1])  # (1, 77k, D)

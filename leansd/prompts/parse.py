@@ -288,16 +288,18 @@ class _Group:
 
 @dataclass(frozen=True)
 class _Edit:
-    """``[before:after:when]``: ``before`` for the first ``switch_step(when)`` steps."""
+    """``[before:after:when]``: ``before`` while the step is at most :func:`switch_step` of ``when``."""
 
     before: tuple["_Node", ...]
     after: tuple["_Node", ...]
     when: float
+    fraction: bool
+    """True if ``when`` was written with a decimal point (``0.5``, ``1.``, ``.5``): a fraction of the steps."""
 
 
 @dataclass(frozen=True)
 class _Alternate:
-    """``[a|b|...]``: option ``step % len(options)``."""
+    """``[a|b|...]``: option ``(max(step, 1) - 1) % len(options)`` (see :meth:`PromptTree.text_at`)."""
 
     options: tuple[tuple["_Node", ...], ...]
 
@@ -305,16 +307,24 @@ class _Alternate:
 _Node = Union[str, _Group, _Edit, _Alternate]
 
 
-def switch_step(when: float, steps: int) -> int:
-    """How many steps use the ``from`` text of ``[from:to:when]`` (0..steps).
+def switch_step(when: float, steps: int, *, fraction: bool, base_steps: int | None = None) -> int:
+    """AUTOMATIC1111's switch point of ``[from:to:when]``: ``from`` is used while A1111's step is <= this.
 
-    ``when < 1`` is a fraction of the steps, else a step number; the result is truncated
-    to an integer and clamped: ``[a:b:0.5]`` at 25 steps -> 12, ``[a:b:10]`` -> 10.
+    ``fraction`` (``when`` written with a decimal point): ``int(when * steps)``; otherwise the step
+    number ``int(when)``; capped at ``steps`` (``int`` truncates toward zero, as A1111). For a
+    hires-fix second pass (``base_steps`` = the first pass's step count) A1111 counts on from
+    the first pass: ``int((when - 1) * steps)`` for a fraction, ``int(when - base_steps)`` for a
+    step number. A result below 1 means ``to`` from the first step. (A1111 >= 1.6 scheduling,
+    ``modules/prompt_parser.py``; 20 steps: ``[a:b:10]`` -> 10, ``[a:b:0.5]`` -> 10,
+    ``[a:b:1.5]`` -> 20.)
     """
-    value = when * steps if when < 1 else when
+    if base_steps is None:
+        value = when * steps if fraction else when
+    else:
+        value = (when - 1) * steps if fraction else when - base_steps
     if not value < steps:  # also inf
         return steps
-    if not value > 0:
+    if not value > -1:  # also -inf: int() would fail; any value below 1 means "never from"
         return 0
     return int(value)
 
@@ -326,10 +336,19 @@ class PromptTree:
         self.nodes = nodes
         self.is_static = all(isinstance(n, str) for n in nodes)
 
-    def text_at(self, step: int, steps: int) -> str:
-        """The text used at 0-based sampling step ``step`` of ``steps`` (emphasis syntax kept)."""
+    def text_at(self, step: int, steps: int, *, base_steps: int | None = None) -> str:
+        """The text used at 0-based loop step ``step`` of a ``steps``-step schedule (emphasis kept).
+
+        As AUTOMATIC1111: its denoiser counts model calls from 0 and uses the first schedule
+        entry whose end step ``t`` is >= the count; its schedule ends at every switch point, and
+        at every step when the prompt alternates. That entry's text is the expansion at
+        ``t = max(step, 1)``: an edit shows ``from`` while ``t <= switch_step(when)``, an
+        alternation shows option ``(t - 1) % n``. So at 10 steps ``[a:b:5]`` is ``a`` for loop
+        steps 0-5 and ``[a|b]`` gives a, a, b, a, b, ... ``base_steps``: see :func:`switch_step`.
+        """
         if self.is_static:
             return "".join(self.nodes)  # type: ignore[arg-type]
+        t = min(max(step, 1), steps)
         out: list[str] = []
         stack: list[_Node] = list(reversed(self.nodes))
         while stack:  # iterative: deeply nested edits must not hit the recursion limit
@@ -341,10 +360,10 @@ class PromptTree:
                 stack.append(node.close)
                 stack.extend(reversed(node.body))
             elif isinstance(node, _Edit):
-                chosen = node.before if step < switch_step(node.when, steps) else node.after
-                stack.extend(reversed(chosen))
+                switch = switch_step(node.when, steps, fraction=node.fraction, base_steps=base_steps)
+                stack.extend(reversed(node.before if t <= switch else node.after))
             else:
-                stack.extend(reversed(node.options[step % len(node.options)]))
+                stack.extend(reversed(node.options[(t - 1) % len(node.options)]))
         return "".join(out)
 
 
@@ -364,22 +383,8 @@ def _text_of(nodes: Sequence[_Node]) -> str | None:
     return "".join(nodes) if all(isinstance(n, str) for n in nodes) else None  # type: ignore[arg-type]
 
 
-def _close_square(parts: list[tuple[_Node, ...]], seps: list[str]) -> _Node:
-    """Classify a matched ``[...]`` by its top-level separators."""
-    if not seps:
-        body = parts[0]
-        text = _text_of(body)
-        return f"[{text}]" if text is not None else _Group("[", body, "]")
-    if all(s == "|" for s in seps):
-        return _Alternate(tuple(parts))
-    if all(s == ":" for s in seps) and len(seps) <= 2:
-        when_text = _text_of(parts[-1])
-        if when_text is not None and _RE_NUMBER.fullmatch(when_text.strip()):
-            when = float(when_text.strip())
-            before = parts[0] if len(seps) == 2 else ()
-            return _Edit(before, parts[-2], when)
-    # Mixed or unknown separators: the bracket is text (A1111 fails to parse and keeps the
-    # whole prompt as text; here only this bracket is, so other edits still work).
+def _as_text(parts: list[tuple[_Node, ...]], seps: list[str]) -> _Node:
+    """A ``[...]`` that is neither editing nor alternation: its brackets and separators are text."""
     merged: list[_Node] = []
     for i, part in enumerate(parts):
         if i:
@@ -390,27 +395,56 @@ def _close_square(parts: list[tuple[_Node, ...]], seps: list[str]) -> _Node:
     return f"[{text}]" if text is not None else _Group("[", flat, "]")
 
 
+def _close_square(parts: list[tuple[_Node, ...]], seps: list[str], valid: list[bool]) -> tuple[_Node, bool]:
+    """Classify a matched ``[...]`` by its top-level separators; also say if A1111's grammar accepts it.
+
+    ``valid[i]``: part ``i`` is a well-formed A1111 prompt (balanced brackets, no stray ``:``
+    or ``|``). Editing and alternation need well-formed parts; otherwise the bracket is text.
+    """
+    if not seps:
+        body = parts[0]
+        text = _text_of(body)
+        return (f"[{text}]" if text is not None else _Group("[", body, "]")), valid[0]
+    if all(s == "|" for s in seps):
+        return _Alternate(tuple(parts)), all(valid)
+    if all(s == ":" for s in seps) and len(seps) <= 2 and all(valid[:-1]):
+        when_text = _text_of(parts[-1])
+        if when_text is not None and _RE_NUMBER.fullmatch(when_text.strip()):
+            when = float(when_text.strip())
+            before = parts[0] if len(seps) == 2 else ()
+            return _Edit(before, parts[-2], when, "." in when_text), True
+    return _as_text(parts, seps), False
+
+
 def parse_schedule(text: str) -> PromptTree:
     """Parse prompt editing ``[from:to:when]``, ``[to:when]``, ``[from::when]`` and ``[a|b]``.
 
-    Everything else (emphasis brackets, escapes, stray ``:``/``|``, unbalanced brackets)
-    is kept verbatim for :func:`parse_attention`. Colons and bars inside ``(...)`` belong to
-    the parentheses, not to an enclosing ``[...]``. ``when`` is a number (``0.5``, ``10``,
-    ``.25``, ``1e1``), optionally with spaces around it.
+    Everything else (emphasis brackets, escapes, stray ``:``, unbalanced brackets) is kept
+    verbatim for :func:`parse_attention`. Colons and bars inside ``(...)`` belong to the
+    parentheses, not to an enclosing ``[...]``. ``when`` is a number (``0.5``, ``10``,
+    ``.25``, ``1e1``), optionally with spaces around it. The parts of an edit or alternation
+    must be well-formed (balanced brackets, no stray ``:``; ``(a:b)`` may hold one ``:``), else
+    the bracket is text. As in AUTOMATIC1111, whose grammar has no other place for it, a ``|``
+    outside a well-formed alternation, or a lone ``\\`` at the end, makes the whole prompt
+    plain text: no editing or alternation anywhere (emphasis still applies).
     """
+    if text.endswith("\\") and (len(text) - len(text.rstrip("\\"))) % 2:
+        return PromptTree((text,))
     pairs = _bracket_pairs(text)
-    # Frames: (kind, closer index, parts, seps); kind "" is the top level.
-    frames: list[tuple[str, int, list[list[_Node]], list[str]]] = [("", -1, [[]], [])]
+    # Frames: (kind, closer index, parts, seps, per-part well-formedness, colons inside "(").
+    frames: list[tuple[str, int, list[list[_Node]], list[str], list[bool], list[int]]] = [
+        ("", -1, [[]], [], [True], [0])
+    ]
     i = 0
     n = len(text)
     while i < n:
-        kind, closer, parts, seps = frames[-1]
+        kind, closer, parts, seps, valid, colons = frames[-1]
         c = text[i]
         if c == "\\":
             parts[-1].append(text[i : i + 2])
             i += 2
         elif i in pairs:
-            frames.append((c, pairs[i], [[]], []))
+            frames.append((c, pairs[i], [[]], [], [True], [0]))
             i += 1
         elif kind and i == closer:
             frames.pop()
@@ -419,24 +453,51 @@ def parse_schedule(text: str) -> PromptTree:
                 body = collapsed[0]
                 body_text = _text_of(body)
                 node: _Node = f"({body_text})" if body_text is not None else _Group("(", body, ")")
+                ok = valid[0] and colons[0] <= 1
             else:
-                node = _close_square(collapsed, seps)
+                node, ok = _close_square(collapsed, seps, valid)
+                if not ok and "|" in seps:  # a bar A1111's grammar cannot place
+                    return PromptTree((text,))
             frames[-1][2][-1].append(node)
+            frames[-1][4][-1] = frames[-1][4][-1] and ok
             i += 1
         elif kind == "[" and c in ":|":
             seps.append(c)
             parts.append([])
+            valid.append(True)
             i += 1
         else:
+            if c == "|":  # outside any [...]: no alternation can hold it
+                return PromptTree((text,))
+            if c in "()[]":  # unmatched
+                valid[-1] = False
+            elif c == ":":
+                colons[0] += 1
+                if kind != "(":
+                    valid[-1] = False
             parts[-1].append(c)
             i += 1
     return PromptTree(_collapse(frames[0][2][0]))
 
 
-def scheduled_texts(text: str, steps: int) -> list[str]:
-    """The text used at each of ``steps`` sampling steps (0-based), after editing and alternation."""
+def scheduled_texts(text: str, steps: int, *, calls: int | None = None, base_steps: int | None = None) -> list[str]:
+    """The text used at each loop step (0-based), after editing and alternation.
+
+    ``steps``: the schedule's step count as AUTOMATIC1111 counts it (:func:`schedule_steps`);
+    ``calls``: how many loop steps read it (default ``steps``); ``base_steps``: see :func:`switch_step`.
+    """
     tree = parse_schedule(text)
-    return [tree.text_at(i, steps) for i in range(steps)]
+    return [tree.text_at(i, steps, base_steps=base_steps) for i in range(steps if calls is None else calls)]
+
+
+def schedule_steps(steps: int, *, second_order: bool = False) -> int:
+    """AUTOMATIC1111's step count for prompt schedules: ``2 * steps`` for second-order samplers.
+
+    A1111 (``SamplerData.total_steps``) doubles the steps of Heun, DPM2, DPM2 a, DPM++ 2S a and
+    DPM++ SDE, whose loop evaluates the model about twice per step, and its denoiser counts
+    every evaluation: ``[a:b:0.5]`` at 10 Heun steps switches after 10 of the 19 evaluations.
+    """
+    return 2 * steps if second_order else steps
 
 
 # --------------------------------------------------------------------------- blocks
@@ -568,6 +629,7 @@ class PromptSchedule:
     prompt: str
     syntax: str
     steps: int
+    """Loop steps covered (``len(per_step)``)."""
     per_step: tuple[Parts, ...]
 
     def at(self, step: int) -> Parts:
@@ -590,25 +652,40 @@ class PromptSchedule:
         return len(set(self.per_step)) == 1
 
 
-def parse_prompt(prompt: str, *, syntax: str = "auto", steps: int, negative: bool = False) -> PromptSchedule:
-    """Parse ``prompt`` for ``steps`` sampling steps into a :class:`PromptSchedule`.
+def parse_prompt(
+    prompt: str,
+    *,
+    syntax: str = "auto",
+    steps: int,
+    negative: bool = False,
+    calls: int | None = None,
+    base_steps: int | None = None,
+) -> PromptSchedule:
+    """Parse ``prompt`` for a ``steps``-step schedule into a :class:`PromptSchedule`.
 
+    ``steps`` is the step count prompt editing counts, as AUTOMATIC1111 counts it
+    (:func:`schedule_steps`); ``calls`` is how many loop steps will read the schedule (default
+    ``steps``; fewer for img2img, which A1111 schedules over all its steps but runs the tail
+    of); ``base_steps`` marks a hires-fix second pass (:func:`switch_step`).
     ``negative=True`` parses a negative prompt: as in A1111, ``AND`` and the trailing
     ``:weight`` are not special there (editing, alternation and emphasis are); blocks work.
     Raises InvalidRequestError for an unknown syntax, ``steps < 1`` or overflowing weights.
     """
     if steps < 1:
         raise InvalidRequestError(f"steps must be at least 1 to schedule a prompt, got {steps}")
+    rows = steps if calls is None else calls
+    if rows < 1:
+        raise InvalidRequestError(f"a prompt schedule needs at least 1 loop step, got {rows}")
     resolved = resolve_syntax(prompt, syntax)
     if resolved == "plain":
-        return _static(prompt, resolved, steps, ((WeightedText.plain(prompt), 1.0),))
+        return _static(prompt, resolved, rows, ((WeightedText.plain(prompt), 1.0),))
     if resolved == "blocks":
         blocks = split_weight_blocks(prompt)
         weights = normalise_weights([w for _, w in blocks])
         kept = tuple((t, w) for (t, _), w in zip(blocks, weights, strict=True) if w != 0)
         spec: ConditioningSpec = WeightedText.plain(kept[0][0]) if len(kept) == 1 else BlockBlend(kept)
         logger.debug("weight blocks %s", kept)
-        return _static(prompt, resolved, steps, ((spec, 1.0),))
+        return _static(prompt, resolved, rows, ((spec, 1.0),))
 
     subprompts = [(prompt, 1.0)] if negative else split_and(prompt)
     attention: dict[str, WeightedText] = {}
@@ -621,13 +698,13 @@ def parse_prompt(prompt: str, *, syntax: str = "auto", steps: int, negative: boo
     trees = [(parse_schedule(text), weight) for text, weight in subprompts]
     if all(tree.is_static for tree, _ in trees):
         parts = tuple((spec_of(tree.text_at(0, steps)), w) for tree, w in trees)
-        return _static(prompt, resolved, steps, parts)
+        return _static(prompt, resolved, rows, parts)
     per_step: dict[Parts, Parts] = {}
-    rows = []
-    for i in range(steps):
-        row = tuple((spec_of(tree.text_at(i, steps)), w) for tree, w in trees)
-        rows.append(per_step.setdefault(row, row))
-    return PromptSchedule(prompt, resolved, steps, tuple(rows))
+    out = []
+    for i in range(rows):
+        row = tuple((spec_of(tree.text_at(i, steps, base_steps=base_steps)), w) for tree, w in trees)
+        out.append(per_step.setdefault(row, row))
+    return PromptSchedule(prompt, resolved, rows, tuple(out))
 
 
 def _static(prompt: str, syntax: str, steps: int, parts: Parts) -> PromptSchedule:

@@ -26,6 +26,8 @@ class SamplerSpec:
     """Other spellings, e.g. optimizedSD's `euler_a`."""
     max_steps: int | None = None
     """Most steps the scheduler can place (None: the request's general limit)."""
+    second_order: bool = False
+    """Evaluates the model about twice per step; AUTOMATIC1111 then counts prompt-editing steps twice."""
 
 
 # DDIM/PLMS keep the CompVis "leading" timestep placement (steps_offset=1 in the base config);
@@ -38,16 +40,19 @@ SAMPLERS: tuple[SamplerSpec, ...] = (
     ),
     SamplerSpec("Euler", "EulerDiscreteScheduler", {}, ("euler", "k_euler")),
     SamplerSpec("Euler a", "EulerAncestralDiscreteScheduler", {}, ("euler_a", "k_euler_a", "euler_ancestral")),
-    SamplerSpec("Heun", "HeunDiscreteScheduler", {}, ("heun", "k_heun")),
-    SamplerSpec("DPM2", "KDPM2DiscreteScheduler", {}, ("dpm2", "k_dpm_2")),
-    SamplerSpec("DPM2 a", "KDPM2AncestralDiscreteScheduler", {}, ("dpm2_a", "k_dpm_2_a", "dpm2_ancestral")),
+    SamplerSpec("Heun", "HeunDiscreteScheduler", {}, ("heun", "k_heun"), second_order=True),
+    SamplerSpec("DPM2", "KDPM2DiscreteScheduler", {}, ("dpm2", "k_dpm_2"), second_order=True),
+    SamplerSpec(
+        "DPM2 a", "KDPM2AncestralDiscreteScheduler", {}, ("dpm2_a", "k_dpm_2_a", "dpm2_ancestral"), second_order=True
+    ),
     SamplerSpec("LMS", "LMSDiscreteScheduler", {}, ("lms", "k_lms")),
     SamplerSpec("DPM++ 2M", "DPMSolverMultistepScheduler", {}, ("dpmpp_2m", "dpm_solver++")),
     SamplerSpec(
         "DPM++ 2M Karras", "DPMSolverMultistepScheduler", {"use_karras_sigmas": True}, ("dpmpp_2m_karras",)
     ),
     SamplerSpec(
-        "DPM++ SDE Karras", "DPMSolverSDEScheduler", {"use_karras_sigmas": True}, ("dpmpp_sde_karras",)
+        "DPM++ SDE Karras", "DPMSolverSDEScheduler", {"use_karras_sigmas": True}, ("dpmpp_sde_karras",),
+        second_order=True,
     ),
     SamplerSpec("UniPC", "UniPCMultistepScheduler", {}, ("unipc",)),
     # LCM places its steps on a 50-step "original" schedule.

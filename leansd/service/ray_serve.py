@@ -76,7 +76,7 @@ class EngineReplica:
     """One Ray Serve replica: one Engine, one request at a time."""
 
     def __init__(self, model: str, engine_options: dict[str, Any], board: Any, threads: int | None = None,
-                 load: "Callable[..., Any] | None" = None) -> None:
+                 load: "Callable[..., Any] | None" = None, vae: str | None = None) -> None:
         if threads:
             import torch
 
@@ -86,6 +86,8 @@ class EngineReplica:
 
             load = Engine.load
         self.engine = load(model, **engine_options)
+        if vae is not None:  # the server's --vae choice (A1111's sd_vae), as a local engine gets it
+            self.engine.set_vae_choice(vae)
         self.board = board
         self.name = f"{os.uname().nodename}:{os.getpid()}"
 
@@ -154,6 +156,10 @@ class RemoteEngine:
 
         from leansd.request import ProgressEvent, SkipBatch, StopGeneration
 
+        if request.checkpoint is not None or request.vae is not None:  # one replica would differ from the rest
+            raise InvalidRequestError(
+                "Ray Serve replicas keep the server's checkpoint and VAE: restart with --model/--vae to change them"
+            )
         key = uuid.uuid4().hex
         response = self.handle.generate.remote(key, request)
         last = None
@@ -268,6 +274,7 @@ def start_ray_queue(
     engine_options: dict[str, Any],
     max_queue: int = DEFAULT_MAX_QUEUE,
     load: "Callable[..., Any] | None" = None,
+    vae: str | None = None,
 ) -> RayJobQueue:
     """Join the Ray cluster at `address`, deploy `replicas` EngineReplicas of `model`, return the queue.
 
@@ -298,7 +305,7 @@ def start_ray_queue(
     deployment = serve.deployment(EngineReplica, name="EngineReplica").options(
         num_replicas=replicas, max_ongoing_requests=1, ray_actor_options=actor_options)
     serve.start(proxy_location="Disabled")
-    handle = serve.run(deployment.bind(model, engine_options, board, max(1, int(per_cpu)), load), name=APP_NAME,
+    handle = serve.run(deployment.bind(model, engine_options, board, max(1, int(per_cpu)), load, vae), name=APP_NAME,
                        route_prefix=None)
     info = handle.describe.remote().result()
     logger.info("Ray Serve: %d replicas of %s (%s)", replicas, info["name"], actor_options)

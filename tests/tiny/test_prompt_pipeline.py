@@ -46,7 +46,9 @@ def test_prompt_editing_switches_during_sampling(engine: Engine) -> None:
     fox, whale = pixels(engine, "a red fox"), pixels(engine, "a blue whale")
     np.testing.assert_array_equal(pixels(engine, "[a red fox:a blue whale:0]"), whale)  # switch at once
     np.testing.assert_array_equal(pixels(engine, "[a red fox:a blue whale:1000]"), fox)  # never switch
-    half = pixels(engine, "[a red fox:a blue whale:0.5]")
+    # As A1111: 0.25 of 4 steps -> switch point 1: the fox for loop steps 0 and 1, the whale for 2 and 3.
+    half = pixels(engine, "[a red fox:a blue whale:0.25]")
+    np.testing.assert_array_equal(half, pixels(engine, "[a red fox:a blue whale:1]"))
     assert np.abs(half - fox).max() > 1e-3 and np.abs(half - whale).max() > 1e-3
 
 

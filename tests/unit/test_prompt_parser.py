@@ -19,6 +19,7 @@ from leansd.prompts.parse import (
     parse_prompt,
     parse_schedule,
     resolve_syntax,
+    schedule_steps,
     scheduled_texts,
     split_and,
     split_weight_blocks,
@@ -102,62 +103,138 @@ def test_attention_weight_that_is_not_finite_is_text():
 
 # ------------------------------------------------------------------ prompt editing and alternation
 
-SCHEDULE_CASES = [
-    # A1111's doctests (steps=10), with this module's step rule: ``from`` for the first
-    # switch_step(when) steps (A1111 keeps it one step longer).
-    ("test", ["test"] * 10),
-    ("a [b:3]", ["a "] * 3 + ["a b"] * 7),
-    ("a [b: 3]", ["a "] * 3 + ["a b"] * 7),
-    ("a [[[b]]:2]", ["a "] * 2 + ["a [[b]]"] * 8),
-    ("[(a:2):3]", [""] * 3 + ["(a:2)"] * 7),
-    ("a [b : c : 1] d", ["a b  d"] + ["a  c  d"] * 9),
-    ("a[b:[c:d:2]:1]e", ["abe", "ace"] + ["ade"] * 8),
-    ("a [unbalanced", ["a [unbalanced"] * 10),
-    ("a [b:.5] c", ["a  c"] * 5 + ["a b c"] * 5),
-    ("((a][:b:c [d:3]", ["((a][:b:c "] * 3 + ["((a][:b:c d"] * 7),
-    ("[a|(b:1.1)]", ["a", "(b:1.1)"] * 5),
-    # editing
-    ("[a:b:0.5]", ["a"] * 5 + ["b"] * 5),
-    ("[a:b:0.25]", ["a"] * 2 + ["b"] * 8),  # 2.5 steps -> 2
-    ("[a:b:0]", ["b"] * 10),
-    ("[a:b:-1]", ["b"] * 10),
-    ("[a:b:10]", ["a"] * 10),
-    ("[a:b:20]", ["a"] * 10),
-    ("[a:b:1e1]", ["a"] * 10),
-    ("[a:b:1]", ["a"] + ["b"] * 9),  # 1 is a step number, not a fraction
-    ("x [a::3] y", ["x a y"] * 3 + ["x  y"] * 7),
-    ("x [:b:3] y", ["x  y"] * 3 + ["x b y"] * 7),
-    ("[a (b:1.2) c:d:2]", ["a (b:1.2) c"] * 2 + ["d"] * 8),  # the ':' inside (...) is not a separator
-    ("(a [b:c:2])", ["(a b)"] * 2 + ["(a c)"] * 8),
-    ("[[a:b:2]]", ["[a]"] * 2 + ["[b]"] * 8),
-    ("[a:b:c:2]", ["[a:b:c:2]"] * 10),  # too many parts: text
-    ("[a:b]", ["[a:b]"] * 10),  # no number: emphasis text
-    ("[a:b:3", ["[a:b:3"] * 10),  # unclosed
-    ("\\[a:b:3\\]", ["\\[a:b:3\\]"] * 10),  # escaped brackets are text
-    # alternation
-    ("[a|b|c]", ["a", "b", "c", "a", "b", "c", "a", "b", "c", "a"]),
-    ("[a|]", ["a", ""] * 5),
-    ("[a|b] [c|d|e]", ["a c", "b d", "a e", "b c", "a d", "b e", "a c", "b d", "a e", "b c"]),
-    ("a|b", ["a|b"] * 10),  # a bar outside brackets is text
-    ("[a|b:c:3]", ["[a|b:c:3]"] * 10),  # mixed separators: text
-    ("[x [a|b]:y:2]", ["x a", "x b"] + ["y"] * 8),
-    ("a [b:c:0.3] [d|e]", ["a b d", "a b e", "a b d", "a c e", "a c d", "a c e", "a c d", "a c e", "a c d", "a c e"]),
-    ("猫 [犬|鳥]", ["猫 犬", "猫 鳥"] * 5),
+# Prompt -> schedule exactly as AUTOMATIC1111's prompt parser returns it for 10 steps
+# (``get_learned_conditioning_prompt_schedules``, A1111 >= 1.6 scheduling, lark 1.3): a list of
+# [end_at_step, text]. A1111's sampler then uses, at 0-based model call i, the first entry whose
+# end_at_step >= i (``reconstruct_cond_batch``); :func:`a1111_per_call` applies that rule.
+A1111_SCHEDULES = [
+    ('test', [[10, 'test']]),
+    ('a [b:3]', [[3, 'a '], [10, 'a b']]),
+    ('a [b: 3]', [[3, 'a '], [10, 'a b']]),
+    ('a [[[b]]:2]', [[2, 'a '], [10, 'a [[b]]']]),
+    ('[(a:2):3]', [[3, ''], [10, '(a:2)']]),
+    ('a [b : c : 1] d', [[1, 'a b  d'], [10, 'a  c  d']]),
+    ('a[b:[c:d:2]:1]e', [[1, 'abe'], [2, 'ace'], [10, 'ade']]),
+    ('a [unbalanced', [[10, 'a [unbalanced']]),
+    ('a [b:.5] c', [[5, 'a  c'], [10, 'a b c']]),
+    ('((a][:b:c [d:3]', [[3, '((a][:b:c '], [10, '((a][:b:c d']]),
+    ('[a|(b:1.1)]', [[1, 'a'], [2, '(b:1.1)'], [3, 'a'], [4, '(b:1.1)'], [5, 'a'], [6, '(b:1.1)'], [7, 'a'], [8, '(b:1.1)'], [9, 'a'], [10, '(b:1.1)']]),
+    ('[fe|]male', [[1, 'female'], [2, 'male'], [3, 'female'], [4, 'male'], [5, 'female'], [6, 'male'], [7, 'female'], [8, 'male'], [9, 'female'], [10, 'male']]),
+    ('[fe|||]male', [[1, 'female'], [2, 'male'], [3, 'male'], [4, 'male'], [5, 'female'], [6, 'male'], [7, 'male'], [8, 'male'], [9, 'female'], [10, 'male']]),
+    ('[a:b:0.5]', [[5, 'a'], [10, 'b']]),
+    ('[a:b:0.25]', [[2, 'a'], [10, 'b']]),
+    ('[a:b:0]', [[10, 'b']]),
+    ('[a:b:-1]', [[10, 'b']]),
+    ('[a:b:10]', [[10, 'a']]),
+    ('[a:b:20]', [[10, 'a']]),
+    ('[a:b:1e1]', [[10, 'a']]),
+    ('[a:b:1]', [[1, 'a'], [10, 'b']]),
+    ('[a:b:1.5]', [[10, 'a']]),
+    ('[a:b:1.]', [[10, 'a']]),
+    ('[a:b: 4 ]', [[4, 'a'], [10, 'b']]),
+    ('[a:b:-0.5]', [[10, 'b']]),
+    ('x [a::3] y', [[3, 'x a y'], [10, 'x  y']]),
+    ('x [:b:3] y', [[3, 'x  y'], [10, 'x b y']]),
+    ('[a (b:1.2) c:d:2]', [[2, 'a (b:1.2) c'], [10, 'd']]),
+    ('(a [b:c:2])', [[2, '(a b)'], [10, '(a c)']]),
+    ('[[a:b:2]]', [[2, '[a]'], [10, '[b]']]),
+    ('[a:b:c:2]', [[10, '[a:b:c:2]']]),
+    ('[a:b]', [[10, '[a:b]']]),
+    ('[a:b:3', [[10, '[a:b:3']]),
+    ('\\[a:b:3\\]', [[10, '\\[a:b:3\\]']]),
+    ('[a|b|c]', [[1, 'a'], [2, 'b'], [3, 'c'], [4, 'a'], [5, 'b'], [6, 'c'], [7, 'a'], [8, 'b'], [9, 'c'], [10, 'a']]),
+    ('[a|]', [[1, 'a'], [2, ''], [3, 'a'], [4, ''], [5, 'a'], [6, ''], [7, 'a'], [8, ''], [9, 'a'], [10, '']]),
+    ('[a|b] [c|d|e]', [[1, 'a c'], [2, 'b d'], [3, 'a e'], [4, 'b c'], [5, 'a d'], [6, 'b e'], [7, 'a c'], [8, 'b d'], [9, 'a e'], [10, 'b c']]),
+    ('[x [a|b]:y:2]', [[1, 'x a'], [2, 'x b'], [3, 'y'], [4, 'y'], [5, 'y'], [6, 'y'], [7, 'y'], [8, 'y'], [9, 'y'], [10, 'y']]),
+    ('a [b:c:0.3] [d|e]', [[1, 'a b d'], [2, 'a b e'], [3, 'a b d'], [4, 'a c e'], [5, 'a c d'], [6, 'a c e'], [7, 'a c d'], [8, 'a c e'], [9, 'a c d'], [10, 'a c e']]),
+    ('猫 [犬|鳥]', [[1, '猫 犬'], [2, '猫 鳥'], [3, '猫 犬'], [4, '猫 鳥'], [5, '猫 犬'], [6, '猫 鳥'], [7, '猫 犬'], [8, '猫 鳥'], [9, '猫 犬'], [10, '猫 鳥']]),
+    ('a|b', [[10, 'a|b']]),
+    ('[a|b:c:3]', [[10, '[a|b:c:3]']]),
+    ('x [a:b:2] y|z', [[10, 'x [a:b:2] y|z']]),
+    ('[(a:b:c):d:2]', [[10, '[(a:b:c):d:2]']]),
+    ('[(a|b)]', [[10, '[(a|b)]']]),
+    ('[a:b:2] \\', [[10, '[a:b:2] \\']]),
+    ('[a:b:2] \\\\', [[2, 'a \\\\'], [10, 'b \\\\']]),
+    ('[(a:2]:b:3]', [[10, '[(a:2]:b:3]']]),
+    ('[[a:b]:c:2]', [[10, '[[a:b]:c:2]']]),
+    ('[[x|y]:b]', [[1, '[x:b]'], [2, '[y:b]'], [3, '[x:b]'], [4, '[y:b]'], [5, '[x:b]'], [6, '[y:b]'], [7, '[x:b]'], [8, '[y:b]'], [9, '[x:b]'], [10, '[y:b]']]),
+    ('([a:b:2]:c:d)', [[2, '(a:c:d)'], [10, '(b:c:d)']]),
+    ('[a:b:2][c:d:5]', [[2, 'ac'], [5, 'bc'], [10, 'bd']]),
 ]
 
 
-@pytest.mark.parametrize(("text", "expected"), SCHEDULE_CASES)
-def test_scheduled_texts(text, expected):
-    assert scheduled_texts(text, 10) == expected
+def a1111_per_call(schedule, calls):
+    """The text A1111 conditions on at each 0-based model call (first entry with i <= end_at_step)."""
+    return [next((text for end, text in schedule if i <= end), schedule[0][1]) for i in range(calls)]
+
+
+@pytest.mark.parametrize(("text", "schedule"), A1111_SCHEDULES)
+def test_schedules_match_a1111(text, schedule):
+    assert scheduled_texts(text, 10) == a1111_per_call(schedule, 10)
+
+
+def test_a1111_switch_step_and_alternation_order():
+    # The three places leansd used to differ: [a:b:10] keeps `a` through step 10 (11 steps of 20),
+    # alternation starts a, a, b, ... and a decimal point always means a fraction.
+    assert scheduled_texts("[a:b:10]", 20) == ["a"] * 11 + ["b"] * 9
+    assert scheduled_texts("[a|b]", 5) == ["a", "a", "b", "a", "b"]
+    assert scheduled_texts("[a:b:0.5]", 20) == ["a"] * 11 + ["b"] * 9
+    assert scheduled_texts("[a:b:1.5]", 20) == ["a"] * 20
+
+
+# Second-order samplers: A1111 doubles the schedule (SamplerData.total_steps) and counts every
+# model call; 10 Heun steps are 19 calls on a 20-step schedule.
+HEUN_CASES = [
+    ("[a:b:0.5]", ["a"] * 11 + ["b"] * 8),
+    ("[a:b:5]", ["a"] * 6 + ["b"] * 13),
+    ("[a|b]", ["a", "a"] + ["b", "a"] * 8 + ["b"]),
+]
+
+
+@pytest.mark.parametrize(("text", "expected"), HEUN_CASES)
+def test_second_order_samplers_count_model_calls(text, expected):
+    steps = schedule_steps(10, second_order=True)
+    assert steps == 20
+    assert scheduled_texts(text, steps, calls=19) == expected
+
+
+# Hires-fix second pass (A1111's hires_steps scheduling): a step number counts on from the first
+# pass, a fraction covers both passes. Base 20 steps, hires 10: [a:b:25] switches at hires step 5.
+HIRES_CASES = [
+    ("[a:b:25]", [[5, "a"], [10, "b"]]),
+    ("[a:b:1.5]", [[5, "a"], [10, "b"]]),
+    ("[a:b:0.5]", [[10, "b"]]),
+    ("[a:b:10]", [[10, "b"]]),
+    ("[a:b:40]", [[10, "a"]]),
+]
+
+
+@pytest.mark.parametrize(("text", "schedule"), HIRES_CASES)
+def test_hires_pass_counts_on_from_the_first_pass(text, schedule):
+    assert scheduled_texts(text, 10, base_steps=20) == a1111_per_call(schedule, 10)
+
+
+def test_img2img_reads_the_head_of_the_full_schedule():
+    # A1111 schedules over all 20 steps and its img2img run (strength 0.5) makes 10 calls from 0.
+    assert scheduled_texts("[a:b:0.25]", 20, calls=10) == ["a"] * 6 + ["b"] * 4
+    schedule = parse_prompt("[a:b:0.25]", syntax="a1111", steps=20, calls=10)
+    assert schedule.steps == 10 and len(schedule.per_step) == 10
 
 
 @pytest.mark.parametrize(
-    ("when", "steps", "expected"),
-    [(0.5, 25, 12), (0.5, 20, 10), (0.99, 10, 9), (10, 25, 10), (10.7, 25, 10), (30, 25, 25), (0, 25, 0),
-     (-3, 25, 0), (math.inf, 5, 5), (1, 1, 1), (0.5, 1, 0)],
+    ("when", "fraction", "steps", "expected"),
+    [(0.5, True, 25, 12), (0.5, True, 20, 10), (0.99, True, 10, 9), (10, False, 25, 10), (10.7, False, 25, 10),
+     (30, False, 25, 25), (0, False, 25, 0), (-3, False, 25, 0), (math.inf, False, 5, 5), (1, False, 1, 1),
+     (0.5, True, 1, 0), (1.5, True, 20, 20), (1.0, True, 20, 20), (-math.inf, True, 5, 0)],
 )
-def test_switch_step(when, steps, expected):
-    assert switch_step(when, steps) == expected
+def test_switch_step(when, fraction, steps, expected):
+    assert switch_step(when, steps, fraction=fraction) == expected
+
+
+def test_switch_step_hires():
+    assert switch_step(25, 10, fraction=False, base_steps=20) == 5
+    assert switch_step(1.5, 10, fraction=True, base_steps=20) == 5
+    assert switch_step(0.5, 10, fraction=True, base_steps=20) == 0
 
 
 def test_deeply_nested_schedule_does_not_recurse():
@@ -165,7 +242,7 @@ def test_deeply_nested_schedule_does_not_recurse():
     text = "[" * depth + "a:b:1" + "]" * depth
     tree = parse_schedule(text)
     assert tree.text_at(0, 5) == "[" * (depth - 1) + "a" + "]" * (depth - 1)
-    assert tree.text_at(1, 5) == "[" * (depth - 1) + "b" + "]" * (depth - 1)
+    assert tree.text_at(2, 5) == "[" * (depth - 1) + "b" + "]" * (depth - 1)
     deep = "(" * depth + "x" + ")" * depth
     assert parse_attention(deep)[0].text == "x"
 
@@ -324,10 +401,10 @@ def test_and_with_editing_and_alternation():
 
     cat, dog = WeightedText.plain("a cat "), WeightedText.plain("a dog ")
     assert [schedule.at(i) for i in range(4)] == [
+        ((cat, 1.0), (tree(" x"), 0.5)),  # A1111: alternation a, a, b, a; [x:y:0.5] of 4 steps: x through step 2
         ((cat, 1.0), (tree(" x"), 0.5)),
         ((dog, 1.0), (tree(" x"), 0.5)),
         ((cat, 1.0), (tree(" y"), 0.5)),
-        ((dog, 1.0), (tree(" y"), 0.5)),
     ]
     assert not schedule.is_static
     assert schedule.distinct_specs() == [cat, tree(" x"), dog, tree(" y")]
@@ -336,8 +413,8 @@ def test_and_with_editing_and_alternation():
 def test_negative_prompt_has_no_and_or_weight():
     schedule = parse_prompt("ugly AND blurry:0.5", syntax="a1111", steps=2, negative=True)
     assert schedule.at(0) == ((WeightedText((F("ugly AND blurry:0.5", 1.0),)), 1.0),)
-    edited = parse_prompt("[ugly:pretty:1]", syntax="a1111", steps=2, negative=True)
-    assert [edited.at(i)[0][0].pieces[0].text for i in range(2)] == ["ugly", "pretty"]
+    edited = parse_prompt("[ugly:pretty:1]", syntax="a1111", steps=3, negative=True)
+    assert [edited.at(i)[0][0].pieces[0].text for i in range(3)] == ["ugly", "ugly", "pretty"]
 
 
 def test_steps_must_be_positive():

@@ -103,6 +103,15 @@ def test_save_and_reload_offline(tok, tmp_path):
     assert torch.equal(tk.tokenize(again, texts), tk.tokenize(tok, texts))
 
 
+def test_folder_with_added_tokens_loads(tmp_path):
+    tok = tk.bundled_tokenizer()
+    tok.add_tokens(["<my-embedding>", "<my-embedding>_1"])  # what a textual-inversion save leaves
+    tk.save_tokenizer(tok, tmp_path / "tokenizer")
+    again = tk.load_tokenizer(tmp_path / "tokenizer")
+    assert len(again) == 49410 and again.vocab_size == 49408
+    assert ids_of(again, ASTRONAUT) == ids_of(tk.bundled_tokenizer(), ASTRONAUT)
+
+
 def test_old_style_vocab_and_merges_folder(tok, tmp_path):
     vocab, merges = tk._bpe_data()
     (tmp_path / "vocab.json").write_text(json.dumps({t: i for i, t in enumerate(vocab)}), encoding="utf-8")

@@ -1,0 +1,102 @@
+"""The model library over HTTP with the real `webuiapi` client: checkpoints, LoRAs, embeddings, VAEs."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from leansd.models.library import ModelLibrary
+from leansd.outputs.infotext import parse_infotext
+from tests.helpers import tiny_bundle, tiny_kohya_lora
+
+webuiapi = pytest.importorskip("webuiapi")
+
+
+@pytest.fixture()
+def library(tmp_path: Path) -> ModelLibrary:
+    from leansd.models.tiny import write_tiny_single_file
+
+    write_tiny_single_file(tmp_path / "models" / "Stable-diffusion" / "sd1" / "other.safetensors", seed=1)
+    (tmp_path / "models" / "Lora").mkdir(parents=True)
+    save_file(tiny_kohya_lora(seed=1), str(tmp_path / "models" / "Lora" / "ink.safetensors"),
+              metadata={"ss_output_name": "ink-v1"})
+    (tmp_path / "embeddings").mkdir()
+    torch.save({"string_to_param": {"*": torch.randn(3, 32)}}, tmp_path / "embeddings" / "badhands.pt")
+    save_file({"emb_params": torch.randn(2, 768)}, str(tmp_path / "embeddings" / "sd15only.safetensors"))
+    (tmp_path / "models" / "VAE").mkdir(parents=True)
+    (tmp_path / "models" / "VAE" / "ft-mse.vae.safetensors").write_bytes(b"listed, not read")
+    return ModelLibrary(data_dir=tmp_path)
+
+
+def test_library_routes_and_a_lora_prompt(library: ModelLibrary, live_server) -> None:
+    from leansd.engine.engine import Engine
+    from leansd.frontends.http import create_app
+
+    engine = Engine(tiny_bundle(), device="cpu", precision="full", prompt_cache=False, library=library)
+    server = live_server(create_app(engine, ui=False))
+    api = webuiapi.WebUIApi(host="127.0.0.1", port=server.port, sampler="DDIM", steps=2)
+
+    models = api.get_sd_models()
+    assert [m["model_name"] for m in models] == ["tiny", "sd1/other"]
+    assert models[1]["title"] == "sd1/other.safetensors" and models[1]["hash"] is None
+    assert api.util_get_model_names() == ["sd1/other.safetensors", "tiny"]
+
+    [lora] = api.get_loras()
+    assert lora["name"] == "ink" and lora["alias"] == "ink-v1" and lora["metadata"] == {"ss_output_name": "ink-v1"}
+    assert api.get_sd_vae() == [{"model_name": "ft-mse.vae.safetensors",
+                                 "filename": str(library.folder("vae") / "ft-mse.vae.safetensors")}]
+    embeddings = api.get_embeddings()
+    assert embeddings["loaded"] == {"badhands": {"step": None, "sd_checkpoint": None, "sd_checkpoint_name": None,
+                                                 "shape": 32, "vectors": 3}}
+    assert list(embeddings["skipped"]) == ["sd15only"]
+
+    # New files appear after a refresh, as in A1111.
+    save_file(tiny_kohya_lora(seed=2), str(library.folder("lora") / "second.safetensors"))
+    assert [x["name"] for x in api.get_loras()] == ["ink"]
+    assert api.session.post(f"{api.baseurl}/refresh-loras").status_code == 200
+    assert [x["name"] for x in api.get_loras()] == ["ink", "second"]
+    api.refresh_checkpoints()
+
+    plain = api.txt2img(prompt="a red fox", seed=3, width=64, height=64)
+    tagged = api.txt2img(prompt="a red fox <lora:ink:0.8>, badhands", seed=3, width=64, height=64)
+    info = parse_infotext(tagged.images[0].info["parameters"])
+    assert info["Prompt"] == "a red fox <lora:ink:0.8>, badhands"
+    assert info["Lora hashes"].startswith("ink: ") and info["TI hashes"].startswith("badhands: ")
+    assert np.abs(np.asarray(plain.image, dtype=int) - np.asarray(tagged.image, dtype=int)).max() > 5
+
+    missing = api.session.post(f"{api.baseurl}/txt2img", json={"prompt": "x <lora:nope:1>", "steps": 1,
+                                                              "width": 64, "height": 64})
+    assert missing.status_code in (400, 422) and "no lora named 'nope'" in missing.text
+
+
+def test_checkpoint_switching_through_options_and_override_settings(library: ModelLibrary, live_server) -> None:
+    from leansd.engine.engine import Engine
+    from leansd.frontends.http import create_app
+
+    engine = Engine(tiny_bundle(), device="cpu", precision="full", prompt_cache=False, library=library)
+    server = live_server(create_app(engine, ui=False))
+    api = webuiapi.WebUIApi(host="127.0.0.1", port=server.port, sampler="DDIM", steps=2)
+    first = api.txt2img(prompt="a red fox", seed=3, width=64, height=64)
+    assert first.info["sd_model_name"] == "tiny"
+
+    # Per request: the job loads the checkpoint, and the next plain request goes back (A1111 restores).
+    other = api.txt2img(prompt="a red fox", seed=3, width=64, height=64,
+                        override_settings={"sd_model_checkpoint": "sd1/other.safetensors"})
+    assert parse_infotext(other.images[0].info["parameters"])["Model"] == "other"
+    assert np.abs(np.asarray(other.image, dtype=int) - np.asarray(first.image, dtype=int)).max() > 5
+    back = api.txt2img(prompt="a red fox", seed=3, width=64, height=64)
+    np.testing.assert_array_equal(np.asarray(back.image), np.asarray(first.image))
+
+    # Through /options (webuiapi's util_set_model): stored at once, loaded by the next job.
+    api.util_set_model("sd1/other.safetensors")
+    assert api.get_options()["sd_model_checkpoint"] == "sd1/other.safetensors"
+    switched = api.txt2img(prompt="a red fox", seed=3, width=64, height=64)
+    np.testing.assert_array_equal(np.asarray(switched.image), np.asarray(other.image))
+    assert engine.bundle.name == "other"
+
+    bad = api.session.post(f"{api.baseurl}/options", json={"sd_model_checkpoint": "nothing-like-it"})
+    assert bad.status_code in (400, 422) and "not available" in bad.text
