@@ -5,8 +5,6 @@ dropdown must give exactly the pixels of an engine loaded from the other checkpo
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import numpy as np
 import pytest
 from PIL import Image
