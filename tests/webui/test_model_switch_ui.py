@@ -122,3 +122,20 @@ def test_the_vae_dropdown_changes_the_decode(served, library) -> None:
     client.predict("None", api_name="/set_vae")
     np.testing.assert_array_equal(ui_pixels(client), plain)
     assert engine.vae_path is None
+
+
+def test_a_refreshed_list_offers_a_new_file_and_an_unlisted_name_is_refused(served, library) -> None:
+    from gradio_client.exceptions import AppError
+
+    from leansd.models.tiny import write_tiny_single_file
+
+    engine, server, client = served
+    with pytest.raises(AppError) as refused:
+        client.predict("gamma.safetensors", api_name="/set_checkpoint")
+    assert "gamma.safetensors" in str(refused.value) and "\n" not in str(refused.value).strip()
+    before = engine.bundle.name
+    write_tiny_single_file(library.folder("checkpoint") / "gamma.safetensors", seed=2)
+    models, _vaes = client.predict(api_name="/refresh_checkpoints")
+    assert "gamma.safetensors" in [c[0] for c in models["choices"]]
+    status, _value = client.predict("gamma.safetensors", api_name="/set_checkpoint")
+    assert status.startswith("Loaded: gamma") and engine.bundle.name == "gamma" != before
