@@ -8,6 +8,9 @@ Origin guard share one process, one worker and one queue. The controls fill the 
 messages; an `InvalidRequestError` becomes a `gr.Error` (a readable message in the page, and an
 `AppError` for gradio_client). Every generate action has an
 `api_name` (`txt2img`, `img2img`, `inpaint`) so it can be scripted with gradio_client.
+The checkpoint and SD VAE dropdowns (`set_checkpoint`, `set_vae`, `refresh_checkpoints`) set A1111's
+`sd_model_checkpoint` and `sd_vae` options as `POST /sdapi/v1/options` does: a checkpoint is loaded
+at once by a job of the queue, the VAE by the following jobs.
 Gradio is imported only here, lazily (importing it costs seconds); the page loads no remote fonts.
 """
 
