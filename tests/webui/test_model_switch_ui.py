@@ -137,5 +137,8 @@ def test_a_refreshed_list_offers_a_new_file_and_an_unlisted_name_is_refused(serv
     write_tiny_single_file(library.folder("checkpoint") / "gamma.safetensors", seed=2)
     models, _vaes = client.predict(api_name="/refresh_checkpoints")
     assert "gamma.safetensors" in [c[0] for c in models["choices"]]
-    status, _value = client.predict("gamma.safetensors", api_name="/set_checkpoint")
+    job = client.submit("gamma.safetensors", api_name="/set_checkpoint")
+    status, _value = job.result()
     assert status.startswith("Loaded: gamma") and engine.bundle.name == "gamma" != before
+    lines = [out[0] for out in job.outputs()]
+    assert lines[0].startswith("Loading gamma.safetensors")  # the status line while it loads
