@@ -8,6 +8,9 @@ Origin guard share one process, one worker and one queue. The controls fill the 
 messages; an `InvalidRequestError` becomes a `gr.Error` (a readable message in the page, and an
 `AppError` for gradio_client). Every generate action has an
 `api_name` (`txt2img`, `img2img`, `inpaint`) so it can be scripted with gradio_client.
+The checkpoint and SD VAE dropdowns (`set_checkpoint`, `set_vae`, `refresh_checkpoints`) set A1111's
+`sd_model_checkpoint` and `sd_vae` options as `POST /sdapi/v1/options` does: a checkpoint is loaded
+at once by a job of the queue, the VAE by the following jobs.
 Gradio is imported only here, lazily (importing it costs seconds); the page loads no remote fonts.
 """
 
@@ -73,10 +76,67 @@ class _Runner:
         """`builder(body, ..., **extra)` (a1111's txt2img_request/img2img_request); bad values -> gr.Error."""
         gr = _gradio()
         try:
-            request = builder(body, model_name=self.model_name, limits=self.limits, **extra)
-            return dataclasses.replace(request, **preview_fields(self.options, taesd=self.taesd))
+            request = builder(body, model_name=self.current_model(), limits=self.limits, **extra)
+            request = dataclasses.replace(request, **preview_fields(self.options, taesd=self.taesd))
+            return self.with_options(request)
         except InvalidRequestError as exc:
             raise gr.Error(one_line(exc), print_exception=False) from None
+
+    def current_model(self) -> str:
+        """The loaded model's name (a job may have switched the checkpoint since the UI was built)."""
+        return getattr(getattr(self.queue.engine, "bundle", None), "name", None) or self.model_name
+
+    def with_options(self, request: "GenerationRequest") -> "GenerationRequest":
+        """`request` with the checkpoint and VAE of the A1111 options (`sd_model_checkpoint`, `sd_vae`),
+        exactly as the HTTP API applies them: the engine switches inside the job."""
+        from types import SimpleNamespace
+
+        from leansd.frontends.http import _with_options
+
+        server = SimpleNamespace(queue=self.queue, options=self.options, model_name=self.current_model())
+        return _with_options(server, request)
+
+    def set_checkpoint(self, choice: str | None) -> Iterator[str]:
+        """Switch to checkpoint `choice` now: stored as /sdapi/v1/options stores `sd_model_checkpoint`,
+        then loaded by a one-step job of the queue (never racing a job); yields status lines.
+
+        A failure raises gr.Error with one line; the previous model is loaded again by the engine and
+        the option goes back to it, so the following jobs use it."""
+        from leansd.frontends.a1111 import model_title, same_model, update_options
+        from leansd.request import MIN_SIZE, GenerationRequest
+
+        gr = _gradio()
+        engine = self.queue.engine
+        loaded = self.current_model()
+        if not choice or same_model(str(choice), loaded):
+            yield f"Loaded: {loaded}"
+            return
+        bundle = getattr(engine, "bundle", None)
+        previous = self.options.get("sd_model_checkpoint")
+        try:
+            update_options(self.options, {"sd_model_checkpoint": str(choice)}, model_name=loaded,
+                           taesd=self.taesd, library=getattr(engine, "library", None))
+            request = self.with_options(GenerationRequest(prompt="", width=MIN_SIZE, height=MIN_SIZE,
+                                                          num_inference_steps=1, seed=0))
+            job = self.queue.submit(request)
+        except LeansdError as exc:
+            self.options["sd_model_checkpoint"] = previous
+            raise gr.Error(one_line(exc), print_exception=False) from None
+        try:
+            while not job.future.done():
+                if job.state is JobState.QUEUED:
+                    yield f"Loading {choice}: " + progress_text(self.queue, job).lower()
+                else:
+                    yield f"Loading {choice}..."
+                _wait(job.future, POLL_SECONDS)
+            job.future.result()
+        except Exception as exc:  # noqa: BLE001 - the load failed or was cancelled: say why in one line
+            now = getattr(engine, "bundle", None) or bundle
+            self.options["sd_model_checkpoint"] = model_title(now.name, now.hash) if now is not None else previous
+            message = "cancelled" if isinstance(exc, JobCancelledError) else failure(exc)[1]
+            raise gr.Error(f"loading {choice} failed: {message}", print_exception=False) from None
+        seconds = (job.finished or 0) - (job.started or 0)
+        yield f"Loaded: {self.current_model()}" + (f" ({seconds:.1f} s)" if seconds > 0 else "")
 
     def run(self, request: "GenerationRequest", *, task: str, session: str | None) -> Iterator[tuple]:
         """Yield (gallery, infotext, files, progress) updates until the job ends; errors -> gr.Error.
@@ -233,6 +293,30 @@ def library_choices(engine: Any) -> tuple[list[str], list[str]]:
     if library is None:
         return [], []
     return library.names("lora"), library.names("embedding")
+
+
+def checkpoint_choices(engine: Any) -> tuple[list[str], str]:
+    """(A1111 titles of the loaded model and the library's checkpoints, the loaded one's title), as
+    `GET /sdapi/v1/sd-models` lists them."""
+    from leansd.frontends.a1111 import library_models, sd_models
+
+    bundle = getattr(engine, "bundle", None)
+    name, model_hash = getattr(bundle, "name", None) or "model", getattr(bundle, "hash", None)
+    source = str(getattr(bundle, "source", None) or name)
+    library = getattr(engine, "library", None)
+    if library is None:
+        models = sd_models(model_name=name, model_hash=model_hash, source=source)
+    else:
+        models = library_models(library, model_name=name, model_hash=model_hash, source=source)
+    return [m["title"] for m in models], models[0]["title"]
+
+
+def vae_choices(engine: Any) -> list[str]:
+    """A1111's `sd_vae` choices: "Automatic", "None" and the VAE folder's files (as `GET /sd-vae`)."""
+    from leansd.frontends.a1111 import vae_list
+
+    library = getattr(engine, "library", None)
+    return ["Automatic", "None"] + ([] if library is None else [v["model_name"] for v in vae_list(library)])
 
 
 def build_ui(
@@ -462,6 +546,58 @@ def build_ui(
     # delete_cache: Gradio's copies of uploads are removed after an hour and when the server stops.
     with gr.Blocks(title="leansd", analytics_enabled=False, delete_cache=(3600, 3600)) as ui:
         gr.Markdown(f"## leansd · `{model_name}`")
+        titles, loaded_title = checkpoint_choices(queue.engine)
+        vae_now = str(runner.options.get("sd_vae") or getattr(queue.engine, "vae_choice", "Automatic"))
+        with gr.Row(equal_height=True):
+            checkpoint = gr.Dropdown(titles, value=loaded_title, label="Stable Diffusion checkpoint",
+                                     elem_id="setting_sd_model_checkpoint", scale=4)
+            refresh_models = gr.Button("Refresh", size="sm", elem_id="refresh_sd_model_checkpoint", scale=1)
+            vae = gr.Dropdown(vae_choices(queue.engine), value=vae_now, label="SD VAE (used from the next job)",
+                              elem_id="setting_sd_vae", scale=3)
+        model_status = gr.Markdown("", elem_id="sd_model_status", elem_classes="leansd-progress")
+
+        def model_lists() -> tuple:
+            titles, loaded_title = checkpoint_choices(queue.engine)
+            vae_now = str(runner.options.get("sd_vae") or getattr(queue.engine, "vae_choice", "Automatic"))
+            return gr.update(choices=titles, value=loaded_title), gr.update(choices=vae_choices(queue.engine),
+                                                                            value=vae_now)
+
+        def refresh_model_lists() -> tuple:
+            library = getattr(queue.engine, "library", None)
+            if library is not None:
+                library.refresh("checkpoint")
+                library.refresh("vae")
+            return model_lists()
+
+        def switch_checkpoint(choice: str | None) -> Iterator[tuple]:
+            line = ""
+            try:
+                for line in runner.set_checkpoint(choice):
+                    yield line, gr.skip()
+            except gr.Error:
+                yield "", model_lists()[0]  # the dropdown shows the model in use again
+                raise
+            yield line, model_lists()[0]
+
+        def set_vae(choice: str | None) -> str:
+            from leansd.frontends.a1111 import update_options
+
+            if choice not in vae_choices(queue.engine):
+                raise gr.Error(f"unknown VAE {choice!r}: choose Automatic, None or a file of the VAE folder",
+                               print_exception=False)
+            try:
+                update_options(runner.options, {"sd_vae": choice}, model_name=runner.current_model(),
+                               taesd=runner.taesd)
+            except InvalidRequestError as exc:
+                raise gr.Error(one_line(exc), print_exception=False) from None
+            return f"VAE: {choice} (from the next job)"
+
+        checkpoint.input(switch_checkpoint, checkpoint, [model_status, checkpoint], api_name="set_checkpoint",
+                         show_progress="minimal", concurrency_limit=None)
+        vae.input(set_vae, vae, model_status, api_name="set_vae", queue=False)
+        refresh_models.click(refresh_model_lists, None, [checkpoint, vae], api_name="refresh_checkpoints",
+                             queue=False)
+        ui.load(model_lists, None, [checkpoint, vae], api_visibility="private", queue=False)
         with gr.Tabs() as tabs:
             with gr.Tab("txt2img", id="txt2img"):
                 with gr.Row():
