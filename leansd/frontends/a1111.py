@@ -766,3 +766,19 @@ def embedding_list(store: Any) -> dict[str, Any]:
 def vae_list(library: Any) -> list[dict[str, Any]]:
     """`GET /sd-vae`: every VAE file, as {"model_name": file name, "filename": path}."""
     return [{"model_name": entry.path.name, "filename": str(entry.path)} for entry in library.entries("vae")]
+
+
+def with_model_options(gen: GenerationRequest, *, options: dict[str, Any], engine: object,
+                       model_name: str) -> GenerationRequest:
+    """`gen` with the checkpoint and VAE chosen through the A1111 options (`sd_model_checkpoint`,
+    `sd_vae`) where the request does not name its own; the engine switches inside the job. One rule
+    for the HTTP API and the web UI."""
+    from dataclasses import replace
+
+    chosen = options.get("sd_model_checkpoint")
+    if gen.checkpoint is None and chosen and not same_model(str(chosen), model_name):
+        gen = replace(gen, checkpoint=str(chosen))
+    vae = options.get("sd_vae")
+    if gen.vae is None and vae is not None and vae != getattr(engine, "vae_choice", vae):
+        gen = replace(gen, vae=str(vae))
+    return gen

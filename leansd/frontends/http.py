@@ -384,16 +384,8 @@ async def cmd_flags() -> dict:
 
 def _with_options(server: _Server, gen: "GenerationRequest") -> "GenerationRequest":
     """The checkpoint and VAE set through /options, for a request that does not override them."""
-    from dataclasses import replace
-
-    engine = server.queue.engine
-    chosen = server.options.get("sd_model_checkpoint")
-    if gen.checkpoint is None and chosen and not a1111.same_model(str(chosen), server.model_name):
-        gen = replace(gen, checkpoint=str(chosen))
-    vae = server.options.get("sd_vae")
-    if gen.vae is None and vae is not None and vae != getattr(engine, "vae_choice", vae):
-        gen = replace(gen, vae=str(vae))
-    return gen
+    return a1111.with_model_options(gen, options=server.options, engine=server.queue.engine,
+                                    model_name=server.model_name)
 
 
 def _library(request: Request) -> Any:

@@ -89,12 +89,10 @@ class _Runner:
     def with_options(self, request: "GenerationRequest") -> "GenerationRequest":
         """`request` with the checkpoint and VAE of the A1111 options (`sd_model_checkpoint`, `sd_vae`),
         exactly as the HTTP API applies them: the engine switches inside the job."""
-        from types import SimpleNamespace
+        from leansd.frontends.a1111 import with_model_options
 
-        from leansd.frontends.http import _with_options
-
-        server = SimpleNamespace(queue=self.queue, options=self.options, model_name=self.current_model())
-        return _with_options(server, request)
+        return with_model_options(request, options=self.options, engine=self.queue.engine,
+                                  model_name=self.current_model())
 
     def set_checkpoint(self, choice: str | None) -> Iterator[str]:
         """Switch to checkpoint `choice` now: stored as /sdapi/v1/options stores `sd_model_checkpoint`,
