@@ -141,3 +141,14 @@ def test_a_line_needs_a_model(tmp_path: Path) -> None:
     jobs = read_jobs(write_jsonl(tmp_path / "j2.jsonl", [
         {"prompt": "x", "override_settings": {"sd_model_checkpoint": "tiny"}, **SIZE}]), model=None, seed=0)
     assert jobs.lines[0].model == "tiny"
+
+
+def test_ids_differing_only_in_case_are_one_id(tmp_path: Path) -> None:
+    # "Cat-0.png" and "cat-0.png" are one file on case-insensitive file systems (macOS, Windows).
+    path = write_jsonl(tmp_path / "jobs.jsonl", [
+        {"id": "Cat", "prompt": "one", **SIZE},
+        {"id": "cat", "prompt": "two", **SIZE},
+    ])
+    with pytest.raises(InvalidRequestError) as caught:
+        read_jobs(path, model="tiny", seed=1)
+    assert "line 2: id 'cat' is already used by line 1" in str(caught.value)
