@@ -181,3 +181,24 @@ def test_serve_ray_flags_without_ray(capsys: pytest.CaptureFixture, monkeypatch:
     monkeypatch.setitem(sys.modules, "ray", None)  # as if Ray were not installed
     assert main(["serve", "--model", "tiny", "--ray", "--replicas", "2"]) == 2
     assert "pip install 'leansd[ray]'" in capsys.readouterr().err
+
+
+def test_two_runs_on_one_outdir_cannot_interleave(tmp_path: Path, worker: BatchWorker) -> None:
+    from leansd.batch.manifest import OutdirLock
+
+    jobs = read_jobs(write_jsonl(tmp_path / "jobs.jsonl", [{"id": "one", "prompt": "a cat", **SIZE}]),
+                     model="tiny", seed=3)
+    outdir = tmp_path / "out"
+    held = OutdirLock(outdir).acquire()  # another run is working in this folder
+    try:
+        with pytest.raises(InvalidRequestError, match="another batch run is writing to .*out"):
+            run_batch(jobs, outdir=outdir, backend=_Keep(worker), model="tiny")
+        assert list(outdir.iterdir()) == []  # nothing made, nothing recorded
+        with pytest.raises(InvalidRequestError, match="another batch run"):
+            run_batch(jobs, outdir=outdir, backend=_Keep(worker), resume=True, model="tiny")
+    finally:
+        held.release()
+    summary = run_batch(jobs, outdir=outdir, backend=_Keep(worker), model="tiny")
+    assert (summary.written, summary.exit_code) == (1, 0)
+    assert sorted(p.name for p in outdir.iterdir()) == ["manifest.jsonl", "one-0.png"]  # no lock file left
+    assert [r["id"] for r in records(outdir)] == ["one"]
