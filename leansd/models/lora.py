@@ -311,7 +311,9 @@ def apply_loras(
                 continue
             expected = _expected_shape(module)
             got = layer.delta_shape()
-            if got[:2] != expected[:2] or (len(got) == 4 and len(expected) == 4 and got[2:] != expected[2:]):
+            # A 2-D LoRA (or a Linear layer) counts as a 1x1 kernel: a 3x3 LoCon on a Linear, or a
+            # linear LoRA on a 3x3 convolution, cannot be applied (its output would not fit).
+            if got[:2] != expected[:2] or _kernel(got) != _kernel(expected):
                 raise ModelLoadError(
                     f"LoRA {lora.name!r} ({lora.path}) is for another model family: layer {target}:{key} "
                     f"is {got}, {family} has {expected}"
@@ -334,6 +336,10 @@ def apply_loras(
             len(unmatched), family, ", ".join(modules), ", ".join(unmatched[:3]),
         )
     return patch
+
+
+def _kernel(shape: tuple[int, ...]) -> tuple[int, ...]:
+    return shape[2:] if len(shape) == 4 else (1, 1)
 
 
 def _expected_shape(module: Any) -> tuple[int, ...]:
