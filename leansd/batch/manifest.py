@@ -165,8 +165,14 @@ class Manifest:
                 continue
             if record.get("type") != "image":
                 continue
-            key = (str(record.get("id")), int(record.get("k", -1)))
-            if record.get("error") is None and record.get("file"):
+            k = record.get("k")
+            if isinstance(k, bool) or not isinstance(k, int):
+                logger.warning("%s: an image record without a whole-number k is ignored", self.path)
+                continue
+            key = (str(record.get("id")), k)
+            # Only the file this run would write counts: a record naming another path ("../x.png",
+            # a file of another id) is not an image of this folder.
+            if record.get("error") is None and record.get("file") == image_name(*key):
                 done[key] = record
             else:
                 done.pop(key, None)  # a later failure replaces an earlier record for the image
