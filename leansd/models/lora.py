@@ -350,13 +350,22 @@ def lora_identity(active: Iterable[ActiveLora], target_prefix: str) -> str:
     """A stable id of what the active LoRAs do to the components whose name starts with ``target_prefix``.
 
     Used in the prompt-cache key (``te``): names, file hashes and multipliers of every LoRA that
-    adapts a text encoder with a non-zero multiplier. Empty when none does.
+    adapts a text encoder with a non-zero multiplier (the hash of the weights, not the
+    ``sshs_model_hash`` a file's metadata may carry). Empty when none does.
     """
     parts = []
     for item in active:
         if any(t.startswith(target_prefix) for t in item.lora.targets) and item.multiplier(target_prefix) != 0:
-            parts.append(f"{lora_short_hash(item.lora.path)}*{item.multiplier(target_prefix)!r}")
+            parts.append(f"{_content_hash(item.lora.path)[:16]}*{item.multiplier(target_prefix)!r}")
     return "+".join(parts)
+
+
+def _content_hash(path: str | os.PathLike[str]) -> str:
+    """A hash of the LoRA's weights themselves (never a hash copied into the file's metadata, which
+    can be stale): kohya's addnet hash for ``.safetensors``, else the file's sha256; memoised."""
+    from leansd.models.hashes import addnet_hash, file_sha256
+
+    return addnet_hash(path) if Path(path).suffix.lower() == ".safetensors" else file_sha256(path)
 
 
 def lora_short_hash(path: str | os.PathLike[str]) -> str:

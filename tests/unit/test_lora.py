@@ -367,3 +367,20 @@ def test_kernel_size_mismatch_is_a_clear_error_not_a_crash_mid_generation():
     delta = (ok["lora_unet_one.lora_up.weight"] @ ok["lora_unet_one.lora_down.weight"])[:, :, None, None]
     torch.testing.assert_close(one(img), before + torch.nn.functional.conv2d(img, delta), rtol=1e-5, atol=1e-5)
     patch.remove()
+
+
+def test_prompt_cache_key_hashes_the_weights_not_the_metadata_hash(tmp_path):
+    # Two LoRAs carrying the same (copied, stale) sshs_model_hash but different text-encoder
+    # weights must not share prompt-cache entries.
+    from leansd.models.lora import lora_identity
+
+    te = _te_only(tiny_kohya_lora())
+    stale = {"sshs_model_hash": "ab" * 32}
+    one, two = tmp_path / "one.safetensors", tmp_path / "two.safetensors"
+    save_file(te, str(one), metadata=stale)
+    save_file({k: v * 2 if k.endswith("lora_up.weight") else v for k, v in te.items()}, str(two), metadata=stale)
+    assert addnet_short_hash(one) == addnet_short_hash(two) == "ab" * 6  # A1111's infotext hash: as stored
+    first = lora_identity([ActiveLora(read_lora(one))], "te")
+    second = lora_identity([ActiveLora(read_lora(two))], "te")
+    assert first and second and first != second
+    assert first.split("*")[0] == addnet_hash(one)[:16]
