@@ -580,6 +580,8 @@ def check_vae_option(value: object, *, library: Any, label: str) -> str:
     from leansd.models.vae_override import AUTOMATIC, NONE, resolve_vae
 
     text = str(value)
+    if len(text) > MAX_OPTION_TEXT:
+        raise InvalidRequestError(f"{label} must be a text of at most {MAX_OPTION_TEXT} characters, got {brief(value)}")
     if text.strip().lower() in (AUTOMATIC.lower(), NONE.lower()):
         return text
     if library is None:
@@ -587,7 +589,7 @@ def check_vae_option(value: object, *, library: Any, label: str) -> str:
     try:
         resolve_vae(text, library=library, checkpoint=None, allow_paths=False)
     except InvalidRequestError as exc:
-        raise InvalidRequestError(f"{label}: {exc}") from exc
+        raise InvalidRequestError(f"{label}: {one_line(exc, limit=400)}") from exc
     return text
 
 
