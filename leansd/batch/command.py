@@ -28,7 +28,16 @@ def defaults_from(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def engine_options(args: argparse.Namespace, memory: dict[str, Any]) -> dict[str, Any]:
-    return {"device": args.device, "precision": args.precision, "prompt_cache": args.prompt_cache, **memory}
+    from leansd.models.library import ModelLibrary
+
+    # The folder flags (--data-dir, --lora-dir, ...) name where <lora:...> tags and embeddings are found.
+    library = ModelLibrary.from_options(
+        data_dir=getattr(args, "data_dir", None), ckpt_dir=getattr(args, "ckpt_dir", None),
+        lora_dir=getattr(args, "lora_dir", None), vae_dir=getattr(args, "vae_dir", None),
+        embeddings_dir=getattr(args, "embeddings_dir", None),
+    )
+    return {"device": args.device, "precision": args.precision, "prompt_cache": args.prompt_cache,
+            "library": library, **memory}
 
 
 def run(args: argparse.Namespace, *, memory: dict[str, Any]) -> int:

@@ -221,10 +221,11 @@ def read_jobs(
         except InvalidRequestError as exc:
             errors.append(f"line {number}: {one_line(exc)}")
         else:
-            if job.id in seen:
-                errors.append(f"line {number}: id {job.id!r} is already used by line {seen[job.id]}")
+            # Case-insensitive: "A" and "a" would name the same image file on macOS and Windows.
+            if job.id.lower() in seen:
+                errors.append(f"line {number}: id {job.id!r} is already used by line {seen[job.id.lower()]}")
             else:
-                seen[job.id] = number
+                seen[job.id.lower()] = number
                 lines.append(job)
         offset += used
     if errors:

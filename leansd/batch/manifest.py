@@ -5,7 +5,9 @@ every other record is one image: id, k, seed, file, sha256, model, timings, erro
 one `write` of one whole line on a file opened for appending, followed by an fsync, so a crash
 leaves at most one torn last line, which readers skip. An image file is written (temporary file,
 then rename) before its record, so a record always points at a complete file; `--resume` trusts a
-record only when the file is still there with the recorded sha256.
+record only when the file is still there with the recorded sha256. One run at a time writes to a
+folder: a run holds an exclusive lock on the OUTDIR folder itself while it works, and a second
+run there stops at once with an error instead of making and recording the same images twice.
 """
 
 from __future__ import annotations
@@ -79,6 +81,39 @@ def write_file_atomic(path: Path, data: bytes) -> None:
         raise
 
 
+class OutdirLock:
+    """An exclusive, non-blocking lock on OUTDIR for one batch run (released on close or process exit)."""
+
+    def __init__(self, outdir: Path) -> None:
+        self.path = Path(outdir)
+        self._fd: int | None = None
+
+    def acquire(self) -> "OutdirLock":
+        try:
+            import fcntl
+        except ImportError:  # Windows: no advisory locks here; runs are not guarded against each other
+            return self
+        try:
+            self.path.mkdir(parents=True, exist_ok=True)
+            fd = os.open(self.path, os.O_RDONLY)  # the folder itself: no lock file is left behind
+        except OSError as exc:
+            raise OutputError(one_line(f"cannot open output folder {self.path}: {exc.strerror or exc}")) from exc
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as exc:
+            os.close(fd)
+            raise InvalidRequestError(
+                f"another batch run is writing to {self.path}: wait for it to finish, or choose another --outdir"
+            ) from exc
+        self._fd = fd
+        return self
+
+    def release(self) -> None:
+        if self._fd is not None:
+            os.close(self._fd)  # closing the descriptor drops the lock
+            self._fd = None
+
+
 @dataclass
 class Resume:
     """What an existing manifest says: the run record and the images already done (by (id, k))."""
@@ -130,8 +165,14 @@ class Manifest:
                 continue
             if record.get("type") != "image":
                 continue
-            key = (str(record.get("id")), int(record.get("k", -1)))
-            if record.get("error") is None and record.get("file"):
+            k = record.get("k")
+            if isinstance(k, bool) or not isinstance(k, int):
+                logger.warning("%s: an image record without a whole-number k is ignored", self.path)
+                continue
+            key = (str(record.get("id")), k)
+            # Only the file this run would write counts: a record naming another path ("../x.png",
+            # a file of another id) is not an image of this folder.
+            if record.get("error") is None and record.get("file") == image_name(*key):
                 done[key] = record
             else:
                 done.pop(key, None)  # a later failure replaces an earlier record for the image

@@ -16,6 +16,7 @@ from typing import Any, Callable, Iterator, Protocol
 from leansd.batch.jobs import JobFile, JobLine, group_lines
 from leansd.batch.manifest import (
     Manifest,
+    OutdirLock,
     Resume,
     image_name,
     run_record,
@@ -121,6 +122,30 @@ def run_batch(
     already recorded stays valid and `--resume` finishes the rest.
     """
     outdir = Path(outdir)
+    from leansd.outputs.writer import preflight_outdir
+
+    lock: OutdirLock | None = None
+    try:
+        preflight_outdir(outdir)
+        lock = OutdirLock(outdir).acquire()  # before the manifest is read: one run per folder
+        return _run_locked(jobs, outdir=outdir, backend=backend, resume=resume, model=model, progress=progress,
+                           on_image=on_image)
+    finally:
+        backend.close()  # also when the folder is refused (closing twice is harmless)
+        if lock is not None:
+            lock.release()
+
+
+def _run_locked(
+    jobs: JobFile,
+    *,
+    outdir: Path,
+    backend: Backend,
+    resume: bool,
+    model: str | None,
+    progress: bool,
+    on_image: "Callable[[dict[str, Any]], None] | None",
+) -> BatchSummary:
     manifest, state = prepare_outdir(outdir, resume=resume)
     done: dict[tuple[str, int], dict[str, Any]] = {} if state is None else dict(state.done)
     _check_unchanged(jobs, done)

@@ -284,7 +284,7 @@ def _common_fields(body: A1111Request, *, model_name: str, limits: Limits, libra
             )
         switch["checkpoint"] = str(checkpoint)  # the job loads it before it starts
     if overrides.get("sd_vae") is not None:
-        switch["vae"] = str(overrides["sd_vae"])
+        switch["vae"] = check_vae_option(overrides["sd_vae"], library=library, label="override_settings.sd_vae")
     width, height = body.width, body.height  # None: the library's default (the model's native size)
     steps = defaults.DEFAULT_STEPS if body.steps is None else body.steps
     batch_size = defaults.DEFAULT_BATCH_SIZE if body.batch_size is None else body.batch_size
@@ -575,6 +575,24 @@ SETTABLE_OPTIONS = (
 MAX_OPTION_TEXT = 1000
 
 
+def check_vae_option(value: object, *, library: Any, label: str) -> str:
+    """An `sd_vae` from a client: Automatic, None or a VAE of the library, never a path on the server."""
+    from leansd.models.vae_override import AUTOMATIC, NONE, resolve_vae
+
+    text = str(value)
+    if len(text) > MAX_OPTION_TEXT:
+        raise InvalidRequestError(f"{label} must be a text of at most {MAX_OPTION_TEXT} characters, got {brief(value)}")
+    if text.strip().lower() in (AUTOMATIC.lower(), NONE.lower()):
+        return text
+    if library is None:
+        raise InvalidRequestError(f"{label} {brief(value)}: this server has no VAE folder; valid: {AUTOMATIC}, {NONE}")
+    try:
+        resolve_vae(text, library=library, checkpoint=None, allow_paths=False)
+    except InvalidRequestError as exc:
+        raise InvalidRequestError(f"{label}: {one_line(exc, limit=400)}") from exc
+    return text
+
+
 def update_options(options: dict[str, Any], body: object, *, model_name: str, taesd: bool = False,
                    library: Any = None) -> list[str]:
     """`POST /options`: keep the known settable options; the hash and the output folder stay as served.
@@ -597,6 +615,8 @@ def update_options(options: dict[str, Any], body: object, *, model_name: str, ta
         chosen = entry.title(None)
     else:
         chosen = None
+    if body.get("sd_vae") is not None:
+        check_vae_option(body["sd_vae"], library=library, label="sd_vae")
     accepted: dict[str, Any] = {}
     ignored = []
     for key, value in body.items():

@@ -585,7 +585,7 @@ def build_ui(
                                print_exception=False)
             try:
                 update_options(runner.options, {"sd_vae": choice}, model_name=runner.current_model(),
-                               taesd=runner.taesd)
+                               taesd=runner.taesd, library=getattr(queue.engine, "library", None))
             except InvalidRequestError as exc:
                 raise gr.Error(one_line(exc), print_exception=False) from None
             return f"VAE: {choice} (from the next job)"

@@ -311,7 +311,9 @@ def apply_loras(
                 continue
             expected = _expected_shape(module)
             got = layer.delta_shape()
-            if got[:2] != expected[:2] or (len(got) == 4 and len(expected) == 4 and got[2:] != expected[2:]):
+            # A 2-D LoRA (or a Linear layer) counts as a 1x1 kernel: a 3x3 LoCon on a Linear, or a
+            # linear LoRA on a 3x3 convolution, cannot be applied (its output would not fit).
+            if got[:2] != expected[:2] or _kernel(got) != _kernel(expected):
                 raise ModelLoadError(
                     f"LoRA {lora.name!r} ({lora.path}) is for another model family: layer {target}:{key} "
                     f"is {got}, {family} has {expected}"
@@ -336,6 +338,10 @@ def apply_loras(
     return patch
 
 
+def _kernel(shape: tuple[int, ...]) -> tuple[int, ...]:
+    return shape[2:] if len(shape) == 4 else (1, 1)
+
+
 def _expected_shape(module: Any) -> tuple[int, ...]:
     return tuple(int(d) for d in module.weight.shape)
 
@@ -344,13 +350,22 @@ def lora_identity(active: Iterable[ActiveLora], target_prefix: str) -> str:
     """A stable id of what the active LoRAs do to the components whose name starts with ``target_prefix``.
 
     Used in the prompt-cache key (``te``): names, file hashes and multipliers of every LoRA that
-    adapts a text encoder with a non-zero multiplier. Empty when none does.
+    adapts a text encoder with a non-zero multiplier (the hash of the weights, not the
+    ``sshs_model_hash`` a file's metadata may carry). Empty when none does.
     """
     parts = []
     for item in active:
         if any(t.startswith(target_prefix) for t in item.lora.targets) and item.multiplier(target_prefix) != 0:
-            parts.append(f"{lora_short_hash(item.lora.path)}*{item.multiplier(target_prefix)!r}")
+            parts.append(f"{_content_hash(item.lora.path)[:16]}*{item.multiplier(target_prefix)!r}")
     return "+".join(parts)
+
+
+def _content_hash(path: str | os.PathLike[str]) -> str:
+    """A hash of the LoRA's weights themselves (never a hash copied into the file's metadata, which
+    can be stale): kohya's addnet hash for ``.safetensors``, else the file's sha256; memoised."""
+    from leansd.models.hashes import addnet_hash, file_sha256
+
+    return addnet_hash(path) if Path(path).suffix.lower() == ".safetensors" else file_sha256(path)
 
 
 def lora_short_hash(path: str | os.PathLike[str]) -> str:

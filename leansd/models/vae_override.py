@@ -30,8 +30,18 @@ NONE = "None"
 _PARTS = ("encoder.", "decoder.", "quant_conv.", "post_quant_conv.")
 
 
-def resolve_vae(choice: str | None, *, library: "ModelLibrary", checkpoint: str | os.PathLike[str] | None) -> Path | None:
-    """The VAE file ``choice`` means (None: the checkpoint's own VAE). Raises InvalidRequestError."""
+def resolve_vae(
+    choice: str | None,
+    *,
+    library: "ModelLibrary",
+    checkpoint: str | os.PathLike[str] | None,
+    allow_paths: bool = True,
+) -> Path | None:
+    """The VAE file ``choice`` means (None: the checkpoint's own VAE). Raises InvalidRequestError.
+
+    ``allow_paths=False`` (network front ends) accepts only Automatic, None and the library's VAEs,
+    never a file path on the server.
+    """
     from leansd.models.library import automatic_vae
 
     text = (choice or AUTOMATIC).strip()
@@ -39,9 +49,10 @@ def resolve_vae(choice: str | None, *, library: "ModelLibrary", checkpoint: str 
         return automatic_vae(checkpoint) if checkpoint is not None else None
     if text.lower() == NONE.lower():
         return None
-    path = Path(text).expanduser()
-    if path.is_file():
-        return path
+    if allow_paths:
+        path = Path(text).expanduser()
+        if path.is_file():
+            return path
     entry = library.get("vae", text)
     if entry is None:
         matches = [e for e in library.entries("vae") if e.path.name == text]
@@ -49,7 +60,7 @@ def resolve_vae(choice: str | None, *, library: "ModelLibrary", checkpoint: str 
     if entry is None:
         names = library.names("vae")
         raise InvalidRequestError(
-            f"VAE {text!r}: no such file, and no VAE of that name in {library.folder('vae')} (--vae-dir); "
+            f"VAE {text!r}: {'no such file, and ' if allow_paths else ''}no VAE of that name in {library.folder('vae')} (--vae-dir); "
             f"valid: {', '.join([AUTOMATIC, NONE, *names])}"
         )
     return entry.path

@@ -141,3 +141,37 @@ def test_a_line_needs_a_model(tmp_path: Path) -> None:
     jobs = read_jobs(write_jsonl(tmp_path / "j2.jsonl", [
         {"prompt": "x", "override_settings": {"sd_model_checkpoint": "tiny"}, **SIZE}]), model=None, seed=0)
     assert jobs.lines[0].model == "tiny"
+
+
+def test_ids_differing_only_in_case_are_one_id(tmp_path: Path) -> None:
+    # "Cat-0.png" and "cat-0.png" are one file on case-insensitive file systems (macOS, Windows).
+    path = write_jsonl(tmp_path / "jobs.jsonl", [
+        {"id": "Cat", "prompt": "one", **SIZE},
+        {"id": "cat", "prompt": "two", **SIZE},
+    ])
+    with pytest.raises(InvalidRequestError) as caught:
+        read_jobs(path, model="tiny", seed=1)
+    assert "line 2: id 'cat' is already used by line 1" in str(caught.value)
+
+
+def test_resume_trusts_only_this_folders_own_image_files(tmp_path: Path) -> None:
+    from leansd.batch.manifest import Manifest, sha256_file
+
+    outdir = tmp_path / "out"
+    outdir.mkdir()
+    outside = tmp_path / "elsewhere.png"
+    outside.write_bytes(b"not ours")
+    (outdir / "a-0.png").write_bytes(b"png a")
+    (outdir / "b-0.png").write_bytes(b"png b")
+    manifest = Manifest(outdir)
+    manifest.append({"type": "run", "seed": 1})
+    manifest.append({"type": "image", "id": "a", "k": 0, "file": "a-0.png", "sha256": sha256_file(outdir / "a-0.png"),
+                     "error": None})
+    # A record pointing outside the folder, one naming another id's file, one with a k that is no number.
+    manifest.append({"type": "image", "id": "x", "k": 0, "file": "../elsewhere.png", "sha256": sha256_file(outside),
+                     "error": None})
+    manifest.append({"type": "image", "id": "c", "k": 0, "file": "b-0.png", "sha256": sha256_file(outdir / "b-0.png"),
+                     "error": None})
+    manifest.append({"type": "image", "id": "b", "k": "zero", "file": "b-0.png", "error": None})
+    resume = manifest.load_resume()
+    assert sorted(resume.done) == [("a", 0)] and resume.run == {"type": "run", "seed": 1}

@@ -181,3 +181,39 @@ def test_serve_ray_flags_without_ray(capsys: pytest.CaptureFixture, monkeypatch:
     monkeypatch.setitem(sys.modules, "ray", None)  # as if Ray were not installed
     assert main(["serve", "--model", "tiny", "--ray", "--replicas", "2"]) == 2
     assert "pip install 'leansd[ray]'" in capsys.readouterr().err
+
+
+def test_two_runs_on_one_outdir_cannot_interleave(tmp_path: Path, worker: BatchWorker) -> None:
+    from leansd.batch.manifest import OutdirLock
+
+    jobs = read_jobs(write_jsonl(tmp_path / "jobs.jsonl", [{"id": "one", "prompt": "a cat", **SIZE}]),
+                     model="tiny", seed=3)
+    outdir = tmp_path / "out"
+    held = OutdirLock(outdir).acquire()  # another run is working in this folder
+    try:
+        with pytest.raises(InvalidRequestError, match="another batch run is writing to .*out"):
+            run_batch(jobs, outdir=outdir, backend=_Keep(worker), model="tiny")
+        assert list(outdir.iterdir()) == []  # nothing made, nothing recorded
+        with pytest.raises(InvalidRequestError, match="another batch run"):
+            run_batch(jobs, outdir=outdir, backend=_Keep(worker), resume=True, model="tiny")
+    finally:
+        held.release()
+    summary = run_batch(jobs, outdir=outdir, backend=_Keep(worker), model="tiny")
+    assert (summary.written, summary.exit_code) == (1, 0)
+    assert sorted(p.name for p in outdir.iterdir()) == ["manifest.jsonl", "one-0.png"]  # no lock file left
+    assert [r["id"] for r in records(outdir)] == ["one"]
+
+
+def test_cli_batch_finds_loras_in_the_lora_dir_flag(tmp_path: Path) -> None:
+    from safetensors.torch import save_file
+
+    from tests.helpers import tiny_kohya_lora
+
+    loras = tmp_path / "my-loras"
+    loras.mkdir()
+    save_file(tiny_kohya_lora(seed=1), str(loras / "ink.safetensors"))
+    jobs = write_jsonl(tmp_path / "jobs.jsonl", [{"id": "ink", "prompt": "a red fox <lora:ink:1>", "steps": 2, **SIZE}])
+    outdir = tmp_path / "out"
+    out = _cli(str(jobs), "--model", "tiny", "--outdir", str(outdir), "--lora-dir", str(loras), "--no-prompt-cache")
+    assert out.returncode == 0, out.stderr
+    assert parse_infotext(read_infotext(outdir / "ink-0.png"))["Lora hashes"].startswith("ink: ")

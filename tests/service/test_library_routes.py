@@ -100,3 +100,26 @@ def test_checkpoint_switching_through_options_and_override_settings(library: Mod
 
     bad = api.session.post(f"{api.baseurl}/options", json={"sd_model_checkpoint": "nothing-like-it"})
     assert bad.status_code in (400, 422) and "not available" in bad.text
+
+
+def test_sd_vae_from_a_client_names_a_library_vae_never_a_server_path(library: ModelLibrary, live_server,
+                                                                       tmp_path: Path) -> None:
+    from leansd.engine.engine import Engine
+    from leansd.frontends.http import create_app
+
+    outside = tmp_path / "private" / "secret.safetensors"
+    outside.parent.mkdir()
+    save_file({"x": torch.zeros(1)}, str(outside))
+    engine = Engine(tiny_bundle(), device="cpu", precision="full", prompt_cache=False, library=library)
+    server = live_server(create_app(engine, ui=False))
+    base = f"http://127.0.0.1:{server.port}/sdapi/v1"
+    import requests
+
+    bad = requests.post(f"{base}/options", json={"sd_vae": str(outside)}, timeout=30)
+    assert bad.status_code == 400 and "no VAE of that name" in bad.text and "no such file" not in bad.text
+    assert requests.get(f"{base}/options", timeout=30).json()["sd_vae"] == "Automatic"  # nothing stored
+    job = requests.post(f"{base}/txt2img", json={"prompt": "x", "steps": 1, "width": 64, "height": 64,
+                                                 "override_settings": {"sd_vae": str(outside)}}, timeout=60)
+    assert job.status_code == 400 and "override_settings.sd_vae" in job.text
+    for good in ("Automatic", "None", "ft-mse.vae.safetensors"):
+        assert requests.post(f"{base}/options", json={"sd_vae": good}, timeout=30).status_code == 200, good

@@ -344,3 +344,43 @@ def test_automatic_vae_beside_the_checkpoint(tmp_path):
     assert automatic_vae(ckpt) == vae
     preferred = _touch(tmp_path / "m.vae.safetensors")
     assert automatic_vae(ckpt) == preferred
+
+
+def test_kernel_size_mismatch_is_a_clear_error_not_a_crash_mid_generation():
+    # A linear LoRA on a 3x3 convolution, and a 3x3 LoCon on a Linear layer: their outputs would not
+    # fit the layer's, so they are refused when applied, naming the layer.
+    model = torch.nn.ModuleDict({"lin": torch.nn.Linear(6, 5), "conv": torch.nn.Conv2d(3, 4, 3, padding=1)})
+    linear_on_conv = {"lora_unet_conv.lora_down.weight": torch.randn(2, 3), "lora_unet_conv.lora_up.weight": torch.randn(4, 2)}
+    conv_on_linear = {"lora_unet_lin.lora_down.weight": torch.randn(2, 6, 3, 3),
+                      "lora_unet_lin.lora_up.weight": torch.randn(5, 2, 1, 1)}
+    for state, layer in ((linear_on_conv, "unet:conv"), (conv_on_linear, "unet:lin")):
+        with pytest.raises(ModelLoadError, match=f"another model family: layer {layer} is"):
+            apply_loras({"unet": model}, [ActiveLora(lora_from_state_dict(state, name="k"))], family="SD 1.x")
+    # A 1x1 LoCon on a Linear and a linear LoRA on a 1x1 convolution still apply.
+    one = torch.nn.Conv2d(3, 4, 1)
+    ok = {"lora_unet_lin.lora_down.weight": torch.randn(2, 6, 1, 1), "lora_unet_lin.lora_up.weight": torch.randn(5, 2, 1, 1),
+          "lora_unet_one.lora_down.weight": torch.randn(2, 3), "lora_unet_one.lora_up.weight": torch.randn(4, 2)}
+    model = torch.nn.ModuleDict({"lin": torch.nn.Linear(6, 5), "one": one})
+    img = torch.randn(1, 3, 4, 4)
+    before = one(img)
+    patch = apply_loras({"unet": model}, [ActiveLora(lora_from_state_dict(ok, name="ok"))])
+    delta = (ok["lora_unet_one.lora_up.weight"] @ ok["lora_unet_one.lora_down.weight"])[:, :, None, None]
+    torch.testing.assert_close(one(img), before + torch.nn.functional.conv2d(img, delta), rtol=1e-5, atol=1e-5)
+    patch.remove()
+
+
+def test_prompt_cache_key_hashes_the_weights_not_the_metadata_hash(tmp_path):
+    # Two LoRAs carrying the same (copied, stale) sshs_model_hash but different text-encoder
+    # weights must not share prompt-cache entries.
+    from leansd.models.lora import lora_identity
+
+    te = _te_only(tiny_kohya_lora())
+    stale = {"sshs_model_hash": "ab" * 32}
+    one, two = tmp_path / "one.safetensors", tmp_path / "two.safetensors"
+    save_file(te, str(one), metadata=stale)
+    save_file({k: v * 2 if k.endswith("lora_up.weight") else v for k, v in te.items()}, str(two), metadata=stale)
+    assert addnet_short_hash(one) == addnet_short_hash(two) == "ab" * 6  # A1111's infotext hash: as stored
+    first = lora_identity([ActiveLora(read_lora(one))], "te")
+    second = lora_identity([ActiveLora(read_lora(two))], "te")
+    assert first and second and first != second
+    assert first.split("*")[0] == addnet_hash(one)[:16]
