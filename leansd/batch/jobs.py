@@ -111,14 +111,9 @@ def detect_format(path: Path, fmt: str = "auto") -> str:
 
 def _raw_lines(path: Path, fmt: str) -> Iterable[tuple[int, "dict[str, Any] | str"]]:
     """(line number, fields or an error message) for every non-blank line."""
-    try:
-        text = path.read_text(encoding="utf-8-sig")  # -sig: a Windows byte-order mark is not data
-    except FileNotFoundError:
-        raise InvalidRequestError(f"job file {path}: no such file") from None
-    except IsADirectoryError:
-        raise InvalidRequestError(f"job file {path}: is a folder, expected a file") from None
-    except (OSError, UnicodeDecodeError) as exc:
-        raise InvalidRequestError(f"job file {path}: cannot read it ({one_line(exc, limit=160)})") from None
+    from leansd.inputs.text import read_text_file
+
+    text = read_text_file(path, label="job file")
     if fmt == "txt":
         for number, line in enumerate(text.splitlines(), 1):
             if line.strip():

@@ -496,14 +496,9 @@ def _read_prompts(args: argparse.Namespace) -> list[str]:
 
     if args.from_file:
         path = Path(args.from_file)
-        try:
-            text = path.read_text(encoding="utf-8-sig")  # -sig: a Windows byte-order mark is not a prompt
-        except FileNotFoundError:
-            raise InvalidRequestError(f"--from-file {path}: no such file") from None
-        except IsADirectoryError:
-            raise InvalidRequestError(f"--from-file {path}: is a folder, expected a text file") from None
-        except (OSError, UnicodeDecodeError) as exc:
-            raise InvalidRequestError(f"--from-file {path}: cannot read it ({exc})") from None
+        from leansd.inputs.text import read_text_file
+
+        text = read_text_file(path, label="--from-file")
         prompts = [line.strip() for line in text.splitlines() if line.strip()]
         if not prompts:
             raise InvalidRequestError(f"--from-file {path}: the file holds no prompts (it is empty)")
