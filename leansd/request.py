@@ -134,6 +134,19 @@ class GenerationRequest:
     vae_decoder: str = DEFAULT_VAE_DECODER
     """The final decoder: full (the model's VAE) or taesd (the tiny autoencoder: fast, slightly different)."""
 
+    _validated: bool = field(default=False, init=False, repr=False, compare=False)
+    """Set on the copy `validated()` returns; any later change of a field clears it."""
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        if name != "_validated":  # a changed value must be checked again
+            object.__setattr__(self, "_validated", False)
+        object.__setattr__(self, name, value)
+
+    @property
+    def is_validated(self) -> bool:
+        """True for the request `validated()` returned, as long as none of its fields changed since."""
+        return self._validated
+
     @property
     def task(self) -> str:
         if self.init_image is None:
@@ -145,9 +158,16 @@ class GenerationRequest:
         return self.hires_scale is not None or self.hires_width is not None or self.hires_height is not None
 
     def validated(self) -> "GenerationRequest":
-        """Check every value; return a copy with the sampler name canonicalised and a concrete seed."""
+        """Check every value; return a copy with the sampler name canonicalised and a concrete seed.
+
+        The one validation of a request: `Engine.generate` calls it on entry, and front ends that
+        want their errors before a model loads call it too. A request it returned (and nobody changed
+        since) is returned as it is, so the checks (and the random seed) happen once.
+        """
         from leansd.sampling.samplers import get_sampler
 
+        if self._validated:
+            return self
         negative = "" if self.negative_prompt is None else self.negative_prompt
         for name, text in (("prompt", self.prompt), ("negative_prompt", negative)):
             if not isinstance(text, str):
@@ -192,7 +212,9 @@ class GenerationRequest:
             **values,
         )
         checked._check_images()
-        return checked._check_ranges(get_sampler(self.sampler))
+        checked = checked._check_ranges(get_sampler(self.sampler))
+        checked._validated = True
+        return checked
 
     def _check_images(self) -> None:
         from PIL import Image

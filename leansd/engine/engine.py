@@ -916,10 +916,15 @@ class Engine:
         progress: Callable[["ProgressEvent"], None] | None = None,
         progress_bar: bool = True,
     ) -> "GenerationResult":
-        """Run the request's task (txt2img, img2img, inpaint); returns PIL images, seeds and infotexts."""
+        """Run the request's task (txt2img, img2img, inpaint); returns PIL images, seeds and infotexts.
+
+        The request is validated here, once (`GenerationRequest.validated`; a request a front end
+        validated already passes through unchanged); the pipelines take it as it is.
+        """
         from leansd.engine.device import translate_cuda_error
         from leansd.pipelines import generate
 
+        request = request.validated()
         try:
             return generate(self, request, progress=progress, progress_bar=progress_bar)
         except RuntimeError as exc:  # "no kernel image is available": say which torch build to install

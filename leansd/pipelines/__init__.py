@@ -17,13 +17,17 @@ def generate(
     progress: Callable[["ProgressEvent"], None] | None = None,
     progress_bar: bool = True,
 ) -> "GenerationResult":
-    """Validate, then run txt2img, img2img or inpaint (with seamless tiling if asked)."""
+    """Run txt2img, img2img or inpaint (with seamless tiling if asked) for a validated request.
+
+    `Engine.generate` validates the request on entry; this takes it as it is.
+    """
     from leansd.engine.tiling import seamless_tiling
     from leansd.pipelines.img2img import img2img
     from leansd.pipelines.inpaint import inpaint
     from leansd.pipelines.txt2img import txt2img
 
-    request = request.validated()
+    if not request.is_validated:
+        raise ValueError("pipelines take a validated request (GenerationRequest.validated); call Engine.generate")
     if request.checkpoint is not None:
         engine.switch_model(request.checkpoint)  # in the job: a switch never races a generation
     if request.vae is not None:

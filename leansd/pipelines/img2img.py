@@ -26,8 +26,7 @@ def img2img(
 
     started = time.perf_counter()
     engine.reset_peak_memory()
-    # 1. Validate; fit the init image to the output size (resize mode) and make it a tensor.
-    request = request.validated()
+    # 1. Fit the init image to the output size (resize mode) and make it a tensor.
     init, width, height = fit_init_image(engine, request)
     pixels = image_to_tensor(init)  # (1, 3, H, W) in [-1, 1]
 

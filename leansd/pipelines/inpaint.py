@@ -51,8 +51,7 @@ def inpaint(
 
     started = time.perf_counter()
     engine.reset_peak_memory()
-    # 1. Validate; fit image and mask to the output size; soft (blurred) and binary masks.
-    request = request.validated()
+    # 1. Fit image and mask to the output size; soft (blurred) and binary masks.
     if request.mask is None:
         raise InvalidRequestError("inpainting needs a mask")
     if request.init_image is None:

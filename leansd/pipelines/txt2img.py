@@ -39,8 +39,7 @@ def txt2img(
 
     started = time.perf_counter()
     engine.reset_peak_memory()
-    # 1. Validate once (fixes the sampler spelling and a random seed); sizes of both passes.
-    request = request.validated()
+    # 1. Sizes of both passes (the request was validated on entry to Engine.generate).
     width, height = resolve_size(engine, request)
     hires_size = hires_target(request, width=width, height=height)
 

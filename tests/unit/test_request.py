@@ -139,3 +139,43 @@ def test_long_bad_values_are_not_echoed_whole(field: str) -> None:
         GenerationRequest(prompt="x", **{field: value}).validated()
     message = str(info.value)
     assert len(message) < 400 and "(100002 characters)" in message, message[:400]
+
+
+def test_validated_request_is_checked_once_and_changes_clear_it() -> None:
+    request = GenerationRequest(prompt="x", seed=None, sampler="euler_a")
+    assert not request.is_validated
+    checked = request.validated()
+    assert checked.is_validated and checked.sampler == "Euler a" and checked.seed is not None
+    # Validating again returns the very same request: same random seed, no second pass over the checks.
+    assert checked.validated() is checked
+    # Any later change must be checked again, and a bad one is refused as on the first validation.
+    checked.width = 100
+    assert not checked.is_validated
+    with pytest.raises(InvalidRequestError, match="width must be a multiple of 8, got 100"):
+        checked.validated()
+    # A copy made with dataclasses.replace is a new, unchecked request.
+    from dataclasses import replace
+
+    assert not replace(request.validated(), width=64).is_validated
+
+
+def test_engine_generate_validates_once_on_entry() -> None:
+    from leansd import Engine
+    from tests.helpers import tiny_bundle
+
+    engine = Engine(tiny_bundle(), device="cpu", precision="full", prompt_cache=False)
+    request = GenerationRequest(prompt="a fox", num_inference_steps=2, width=64, height=64, seed=3)
+    result = engine.generate(request)
+    assert result.request.is_validated and result.request.seed == 3
+    # A request a front end validated passes through unchanged (the result holds that very object).
+    checked = request.validated()
+    assert engine.generate(checked).request is checked
+    # The pipelines take only validated requests; they do not check (or copy) a request again.
+    from leansd.pipelines import generate
+
+    with pytest.raises(ValueError, match="pipelines take a validated request"):
+        generate(engine, request)
+    bad = request.validated()
+    bad.num_inference_steps = 0
+    with pytest.raises(InvalidRequestError, match="steps must be between 1"):
+        engine.generate(bad)
