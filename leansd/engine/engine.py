@@ -100,6 +100,11 @@ class Engine:
         self._vram_auto = self._is_auto(vram)
         self.memory = MemoryMeter(self.budget)
         self.plan: "MemoryPlan | None" = None
+        """The last memory plan made (within a generation: the running batch's)."""
+        self.plans_made = 0
+        """How many memory plans this engine made: one per batch of a generation (again only when the
+        model's sizes change within it, after an fp32 fallback); a stage run on its own plans for itself."""
+        self._job: _BatchPlans | None = None
         self._sizes: "ModelSizes | None" = None
         self._on_device: set[str] = set()
         self._streaming = False
@@ -110,7 +115,6 @@ class Engine:
         self._vae_full_precision = False
         self._full_precision = False
         """Set after the UNet produced NaN/inf in a reduced precision: every model runs in fp32 from then on."""
-        self._passes = 2
         if self.precision.name == "fp16" and self.device.type == "cpu":
             logger.warning("fp16 on the CPU is emulated and very slow; full (or bf16 on CPUs with native bf16) is faster")
         if self.device.type == "cpu" and torch.bfloat16 in (self.precision.weight_dtype, self.precision.autocast_dtype):
@@ -349,14 +353,18 @@ class Engine:
             )
         return self._sizes
 
-    def plan_for(self, *, width: int, height: int, batch: int = 1, passes: int = 2) -> "MemoryPlan":
-        """The memory plan for a UNet/VAE run at this size; logged when it changes."""
+    def plan_for(self, *, width: int, height: int, batch: int = 1, passes: int = 2,
+                 hires: tuple[int, int] | None = None) -> "MemoryPlan":
+        """The memory plan for a UNet/VAE run at this size (and a hires pass at `hires`); logged when it changes."""
         from leansd.engine.planner import PlanRequest, candidate_plans, plan_memory
         from leansd.errors import InvalidRequestError
 
         self._refresh_budget()
         request = PlanRequest(width=width, height=height, batch=batch, passes=passes,
-                              efficient_attention=self._efficient_attention(self.device), vae_on_cpu=self.vae_on_cpu)
+                              efficient_attention=self._efficient_attention(self.device), vae_on_cpu=self.vae_on_cpu,
+                              hires_width=None if hires is None else hires[0],
+                              hires_height=None if hires is None else hires[1])
+        self.plans_made += 1
         try:
             plan = plan_memory(self.sizes, request, self.budget, prefer_speed=self.turbo, policy=self.memory_policy)
         except InvalidRequestError:
@@ -373,14 +381,67 @@ class Engine:
         self.plan = plan
         return plan
 
+    @contextlib.contextmanager
+    def planned_batches(self) -> Iterator[None]:
+        """While open (one generation), every stage runs by the plan `plan_batch` made for its batch.
+
+        A stage inside that runs before the batch's plan, or needs more than it was made for (a larger
+        size, batch or UNet passes), is an error, not a silent second plan. Closing it forgets the
+        plan's request: no stage of a later generation reads it.
+        """
+        outer = self._job
+        self._job = _BatchPlans()
+        try:
+            yield
+        finally:
+            self._job = outer
+
+    def plan_batch(self, *, width: int, height: int, batch: int, passes: int,
+                   hires: tuple[int, int] | None = None) -> "MemoryPlan":
+        """Make the one memory plan of a batch: the text encoders, the UNet (both passes of a hires fix),
+        VAE decode/encode and previews all run by it. Call it at the start of every batch, within
+        `planned_batches`; the budget (--vram auto) is read again each time."""
+        if self._job is None:
+            raise RuntimeError("plan_batch is for a generation: open Engine.planned_batches first")
+        self._job.shape = dict(width=width, height=height, batch=batch, passes=passes, hires=hires)
+        self._job.plan = self.plan_for(**self._job.shape)
+        return self._job.plan
+
+    def plan_next_batch(self) -> "MemoryPlan":
+        """The next batch of the generation: its one plan, made for the same request as the first's."""
+        if self._job is None or self._job.shape is None:
+            raise RuntimeError("plan_next_batch follows plan_batch within Engine.planned_batches")
+        return self.plan_batch(**self._job.shape)
+
+    def _stage_plan(self, stage: str, *, width: int, height: int, batch: int, passes: int | None = None) -> "MemoryPlan":
+        """The plan stage `stage` runs by: its batch's plan within a generation; else (a stage run on
+        its own, e.g. speed calibration) a plan made for this one call."""
+        job = self._job
+        if job is None:
+            return self.plan_for(width=width, height=height, batch=batch, passes=2 if passes is None else passes)
+        if job.shape is None:
+            raise RuntimeError(f"the {stage} stage ran before its batch's memory plan (Engine.plan_batch)")
+        if job.plan is None:  # the model's sizes changed within the batch (fp32 fallback): plan it again
+            job.plan = self.plan_for(**job.shape)
+        planned = job.plan.request
+        if planned is not None and not planned.covers(width=width, height=height, batch=batch, passes=passes):
+            raise RuntimeError(
+                f"the {stage} stage at {width}x{height} (batch {batch}, {passes or '-'} UNet passes) needs more than "
+                f"its batch's memory plan, made for {planned.label()} (batch {planned.batch}, {planned.passes} passes)"
+            )
+        return job.plan
+
     def placed_text_encoder(self) -> "CLIPTextModel":
         """The text encoder on the compute device, moved there on first use (a cache miss); for SDXL a
         `leansd.prompts.encode.TextEncoderPair` over both encoders."""
         from leansd.request import MIN_SIZE
 
-        # Before the first UNet plan, plan at the smallest size: the text stage does not depend on
-        # the image size, and a larger guess could refuse a budget the real request fits.
-        plan = self.plan or self.plan_for(width=MIN_SIZE, height=MIN_SIZE)
+        if self._job is not None:
+            plan = self._stage_plan(Component.TEXT, width=MIN_SIZE, height=MIN_SIZE, batch=1)
+        else:
+            # On its own (no generation): plan at the smallest size, since the text stage does not
+            # depend on the image size and a larger guess could refuse a budget a request fits.
+            plan = self.plan_for(width=MIN_SIZE, height=MIN_SIZE)
         self._enter_stage(Component.TEXT, plan)
         if self.bundle.text_encoder_2 is None:
             return self.bundle.text_encoder
@@ -400,8 +461,7 @@ class Engine:
         from leansd.engine.attention import ChunkedAttnProcessor
         from leansd.engine.memory import SplitBatchUNet
 
-        self._passes = passes
-        plan = self.plan_for(width=width, height=height, batch=batch, passes=passes)
+        plan = self._stage_plan(Component.UNET, width=width, height=height, batch=batch, passes=passes)
         self._enter_stage(Component.UNET, plan)
         unet = self.bundle.unet
         if plan.attention_chunk != self._attention_chunk:
@@ -417,15 +477,14 @@ class Engine:
         yield unet if plan.cfg_batched or passes == 1 else SplitBatchUNet(unet, batch)
 
     @contextlib.contextmanager
-    def vae_stage(self, *, width: int, height: int, batch: int) -> Iterator[tuple["torch.device", "torch.dtype"]]:
-        """The VAE placed (or on the CPU) per plan; yields the device and dtype to run it at.
-
-        `self.plan.vae_tile` says whether `vae_decode`/`vae_encode` run in tiles."""
+    def vae_stage(self, *, width: int, height: int, batch: int) -> Iterator[tuple["torch.device", "torch.dtype", "MemoryPlan"]]:
+        """The VAE placed (or on the CPU) per plan; yields the device and dtype to run it at, and the
+        plan (its `vae_tile` says whether `vae_decode`/`vae_encode` run in tiles)."""
         import torch
 
         from leansd.engine.tiled_vae import supports
 
-        plan = self.plan_for(width=width, height=height, batch=batch, passes=self._passes)
+        plan = self._stage_plan(Component.VAE, width=width, height=height, batch=batch)
         vae = self.bundle.vae
         if plan.vae_tile is not None and not supports(vae) and any(
             getattr(m, "padding_mode", "zeros") == "circular" for m in vae.modules()
@@ -440,7 +499,7 @@ class Engine:
         self._enter_stage(Component.VAE, plan)
         device = torch.device("cpu") if plan.vae_on_cpu else self.device
         dtype = torch.float32 if plan.vae_on_cpu else self._dtype_of(Component.VAE)  # _bring keeps a CPU VAE in fp32
-        yield device, dtype
+        yield device, dtype, plan
 
     def vae_decode(self, latents: "torch.Tensor") -> "torch.Tensor":
         """Scaled latents (B, 4, h, w) -> images (B, 3, H, W) in [-1, 1], float32.
@@ -455,9 +514,9 @@ class Engine:
         vae = self.bundle.vae
         batch, _, h, w = latents.shape
         factor = self.bundle.vae_scale_factor
-        with self.vae_stage(width=w * factor, height=h * factor, batch=batch) as (device, dtype):
+        with self.vae_stage(width=w * factor, height=h * factor, batch=batch) as (device, dtype, plan):
             z = latents.to(device=device, dtype=dtype) / vae.config.scaling_factor
-            tile = None if self.plan is None else self.plan.vae_tile
+            tile = plan.vae_tile
             with self._vae_compute(device):
                 image = decode(vae, z, tile, scale=factor, efficient_attention=self._efficient_attention(device))
             autocast = self.precision.autocast_dtype is not None and not (self._vae_full_precision or self._full_precision)
@@ -469,9 +528,11 @@ class Engine:
                 )
                 self._vae_full_precision = True
                 self._sizes = None
+                if self._job is not None:
+                    self._job.plan = None  # made for the smaller weights
                 # fp32 doubles the VAE's weights and activations: plan again (a smaller tile, or the
                 # CPU) and place it per that plan before the retry.
-                retry = self.plan_for(width=w * factor, height=h * factor, batch=batch, passes=self._passes)
+                retry = self._stage_plan(Component.VAE, width=w * factor, height=h * factor, batch=batch)
                 self._enter_stage(Component.VAE, retry)
                 device = torch.device("cpu") if retry.vae_on_cpu else self.device
                 with torch.inference_mode(), torch.autocast(device.type, enabled=False):
@@ -492,8 +553,8 @@ class Engine:
         from leansd.engine.vae import encode
 
         batch, _, height, width = pixels.shape
-        with self.vae_stage(width=width, height=height, batch=batch) as (device, dtype):
-            tile = None if self.plan is None else self.plan.vae_tile
+        with self.vae_stage(width=width, height=height, batch=batch) as (device, dtype, plan):
+            tile = plan.vae_tile
             with self._vae_compute(device):
                 return encode(self.bundle.vae, pixels.to(device=device, dtype=dtype), tile,
                               scale=self.bundle.vae_scale_factor, efficient_attention=self._efficient_attention(device))
@@ -796,6 +857,8 @@ class Engine:
         self._sizes = None
         self._fingerprint = None
         self.plan = None
+        if self._job is not None:
+            self._job.plan = None  # the running batch plans again for the fp32 weights
 
     @contextlib.contextmanager
     def compute(self) -> Iterator[None]:
@@ -932,6 +995,14 @@ class Engine:
             if translated is exc:
                 raise
             raise translated from exc
+
+
+class _BatchPlans:
+    """The running generation's batch: what its plan was made for, and the plan (None: make it again)."""
+
+    def __init__(self) -> None:
+        self.shape: dict[str, Any] | None = None
+        self.plan: "MemoryPlan | None" = None
 
 
 AUTO_RESERVE = 512 * 2**20

@@ -41,7 +41,7 @@ from __future__ import annotations
 
 import math
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from leansd.errors import InvalidRequestError
 from leansd.models.families import FAMILIES, Component
@@ -125,6 +125,31 @@ class PlanRequest:
     """Flash / memory-efficient SDPA runs here (CUDA, half precision): scores are never materialised."""
     vae_on_cpu: bool = False
     """--vae-on-cpu: the VAE always runs on the CPU."""
+    hires_width: int | None = None
+    hires_height: int | None = None
+    """The hires fix's second pass: the UNet and the VAE also run at this size (None: one pass)."""
+
+    @property
+    def image_sizes(self) -> tuple[tuple[int, int], ...]:
+        """(width, height) of every pass the UNet and VAE run: the first, and the hires pass if any."""
+        first = (self.width, self.height)
+        if self.hires_width is None or self.hires_height is None:
+            return (first,)
+        return (first, (self.hires_width, self.hires_height))
+
+    def at_size(self, width: int, height: int) -> "PlanRequest":
+        """The same request for one pass at `width` x `height`."""
+        return replace(self, width=width, height=height, hires_width=None, hires_height=None)
+
+    def covers(self, *, width: int, height: int, batch: int, passes: int | None = None) -> bool:
+        """Whether a stage run at this size, batch and UNet passes needs no more than this request planned."""
+        fits = any(width <= w and height <= h for w, h in self.image_sizes)
+        return fits and batch <= self.batch and (passes is None or passes <= self.passes)
+
+    def label(self) -> str:
+        """"512x512" or "512x512 (hires pass 1024x1024)", as errors and plan descriptions name the request."""
+        hires = "" if len(self.image_sizes) == 1 else f" (hires pass {self.hires_width}x{self.hires_height})"
+        return f"{self.width}x{self.height}{hires}"
 
 
 @dataclass(frozen=True)
@@ -143,6 +168,8 @@ class MemoryPlan:
     """The smallest accounted peak any plan reaches for this model and request."""
     streamed_bytes_per_step: int = 0
     """Bytes copied host -> device per UNet evaluation when streaming (0 otherwise)."""
+    request: PlanRequest | None = field(default=None, compare=False)
+    """What the plan was made for: sizes (both passes of a hires fix), batch, UNet passes."""
 
     @property
     def peak(self) -> int:
@@ -169,8 +196,9 @@ class MemoryPlan:
         vae = "cpu" if self.vae_on_cpu else (f"tiled {self.vae_tile}px" if self.vae_tile else "whole")
         attention = f"chunks of {self.attention_chunk} queries" if self.attention_chunk else "full"
         stream = f" ({format_size(self.streamed_bytes_per_step)}/step streamed)" if self.stream_unet else ""
+        made_for = "" if self.request is None else f" for {self.request.label()}, batch {self.request.batch}"
         return (
-            f"memory plan: budget {budget}, peak {format_size(self.peak)} (minimum {format_size(self.minimum)}); "
+            f"memory plan{made_for}: budget {budget}, peak {format_size(self.peak)} (minimum {format_size(self.minimum)}); "
             f"placement {self.placement}{stream}; cond/uncond {'one batch' if self.cfg_batched else 'two batches'}; "
             f"attention {attention}; VAE {vae}"
         )
@@ -209,6 +237,12 @@ def parse_size(text: str | int | None) -> int | str | None:
 
 
 def unet_activation(sizes: ModelSizes, request: PlanRequest, *, cfg_batched: bool, chunk: int | None) -> int:
+    """The UNet's activation estimate: the largest over the request's passes (see the module docstring)."""
+    return max(_unet_activation(sizes, request.at_size(w, h), cfg_batched=cfg_batched, chunk=chunk)
+               for w, h in request.image_sizes)
+
+
+def _unet_activation(sizes: ModelSizes, request: PlanRequest, *, cfg_batched: bool, chunk: int | None) -> int:
     d = sizes.dtype_bytes
     n = (request.width // sizes.vae_scale) * (request.height // sizes.vae_scale)
     b = request.batch * (request.passes if cfg_batched else 1)
@@ -229,6 +263,11 @@ def unet_activation(sizes: ModelSizes, request: PlanRequest, *, cfg_batched: boo
 
 
 def vae_activation(sizes: ModelSizes, request: PlanRequest, *, tile: int | None) -> int:
+    """The VAE's activation estimate (decode or encode): the largest over the request's passes."""
+    return max(_vae_activation(sizes, request.at_size(w, h), tile=tile) for w, h in request.image_sizes)
+
+
+def _vae_activation(sizes: ModelSizes, request: PlanRequest, *, tile: int | None) -> int:
     d = sizes.vae_dtype_bytes or sizes.dtype_bytes
     width, height, b = request.width, request.height, request.batch
     tokens = (width // sizes.vae_scale) * (height // sizes.vae_scale)
@@ -292,10 +331,11 @@ def _cost(placement: str, cfg_batched: bool, passes: int, chunk: int | None, n: 
 
 
 def _tiles(request: PlanRequest, tile: int | None) -> int:
-    """Tiles of the VAE's full-resolution layers (each layer's map is cut edge to edge, no overlap)."""
+    """Tiles of the VAE's full-resolution layers (each layer's map is cut edge to edge, no overlap),
+    at the request's largest pass."""
     if tile is None:
         return 1
-    return math.ceil(request.width / tile) * math.ceil(request.height / tile)
+    return max(math.ceil(w / tile) * math.ceil(h / tile) for w, h in request.image_sizes)
 
 
 def candidate_plans(sizes: ModelSizes, request: PlanRequest, budget: int | None, *, policy: str = "auto") -> list[tuple[float, MemoryPlan]]:
@@ -305,11 +345,12 @@ def candidate_plans(sizes: ModelSizes, request: PlanRequest, budget: int | None,
     placements = {"auto": PLACEMENTS, "medvram": PLACEMENTS[2:], "lowvram": PLACEMENTS[3:]}[policy]
     if not sizes.unet_layer_peak:
         placements = tuple(p for p in placements if p != "stream-layers")
-    n = (request.width // sizes.vae_scale) * (request.height // sizes.vae_scale)
+    n = max((w // sizes.vae_scale) * (h // sizes.vae_scale) for w, h in request.image_sizes)
     chunks: list[int | None] = [None]
     if not request.efficient_attention:
         chunks += [c for c in ATTENTION_CHUNKS if c < n]
-    tiles: list[int | None] = [None] + [t for t in VAE_TILES if t < max(request.width, request.height)]
+    side = max(max(size) for size in request.image_sizes)
+    tiles: list[int | None] = [None] + [t for t in VAE_TILES if t < side]
     vae_modes = [(t, False) for t in tiles] if not request.vae_on_cpu else []
     vae_modes.append((None, True))
     batched = (True, False) if request.passes > 1 else (True,)
@@ -327,6 +368,7 @@ def candidate_plans(sizes: ModelSizes, request: PlanRequest, budget: int | None,
                         activations={TEXT: text_activation(sizes, request), UNET: unet_act,
                                      VAE: 0 if vae_cpu else vae_act},
                         streamed_bytes_per_step=sizes.unet if placement.startswith("stream") else 0,
+                        request=request,
                     )
                     out.append((_cost(placement, cfg_batched, request.passes, chunk, n, _tiles(request, tile), vae_cpu), plan))
     return out
@@ -356,7 +398,7 @@ def plan_memory(
             need = minimum if prefer_speed else math.ceil(minimum / (1 - MARGIN))
             raise InvalidRequestError(
                 f"--vram {format_size(budget_bytes)} is below the minimum of {format_size(need)} for this model at "
-                f"{request.width}x{request.height} (batch {request.batch}); give at least {format_size(need)}, "
+                f"{request.label()} (batch {request.batch}); give at least {format_size(need)}, "
                 "a smaller image or batch, or --vram auto"
             )
     _, best = min(fitting, key=lambda cp: (cp[0], cp[1].peak))

@@ -37,7 +37,7 @@ def generate(
     task = {"txt2img": txt2img, "img2img": img2img, "inpaint": inpaint}[request.task]
     bundle = engine.bundle
     tiling = seamless_tiling(bundle.unet, bundle.vae) if request.tiling else contextlib.nullcontext()
-    with tiling:
+    with tiling, engine.planned_batches():  # one memory plan per batch, made by the task (plan_batches)
         return task(engine, request, progress=progress, progress_bar=progress_bar)
 
 

@@ -5,7 +5,14 @@ from __future__ import annotations
 import time
 from typing import TYPE_CHECKING, Callable
 
-from leansd.pipelines.steps import encode_conditioning, fit_init_image, img2img_latents, loop_length, run_batches
+from leansd.pipelines.steps import (
+    encode_conditioning,
+    fit_init_image,
+    img2img_latents,
+    loop_length,
+    plan_batches,
+    run_batches,
+)
 
 if TYPE_CHECKING:
     import torch
@@ -29,6 +36,7 @@ def img2img(
     # 1. Fit the init image to the output size (resize mode) and make it a tensor.
     init, width, height = fit_init_image(engine, request)
     pixels = image_to_tensor(init)  # (1, 3, H, W) in [-1, 1]
+    plan_batches(engine, request, width=width, height=height)  # one memory plan per batch
 
     # 2. Text conditioning.
     steps = loop_length(engine, request, steps=request.num_inference_steps, strength=request.strength)

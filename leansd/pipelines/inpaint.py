@@ -22,6 +22,7 @@ from leansd.pipelines.steps import (
     loop_length,
     make_scheduler,
     noise_for,
+    plan_batches,
     run_batches,
     run_denoise,
     strength_timesteps,
@@ -67,6 +68,7 @@ def inpaint(
     latent_mask = torch.nn.functional.interpolate(binary, size=(height // factor, width // factor))  # (1,1,h,w)
     latent_mask = latent_mask.to(device=engine.device, dtype=engine.dtype)
     nine_channel = engine.bundle.is_inpainting
+    plan_batches(engine, request, width=width, height=height)  # one memory plan per batch
 
     # 2. Text conditioning.
     steps = loop_length(engine, request, steps=request.num_inference_steps, strength=request.strength)

@@ -149,6 +149,28 @@ def size_ids(engine: "Engine", *, width: int, height: int) -> "torch.Tensor | No
     return torch.tensor([values], device=engine.device, dtype=engine.dtype)  # (1, 6)
 
 
+def unet_passes(engine: "Engine", request: "GenerationRequest") -> int:
+    """UNet evaluations per image and step the request's prompt makes: its AND parts, plus the negative
+    when guided (as `run_denoise` and the loop batch them). Parsed only: no text is encoded."""
+    from leansd.prompts.extra_networks import strip_networks
+    from leansd.prompts.parse import parse_prompt
+    from leansd.sampling.loop import uses_guidance
+
+    parts = parse_prompt(strip_networks(request.prompt), syntax=request.prompt_syntax, steps=1).at(0)
+    composable = len(parts) != 1 or tuple(w for _, w in parts) != (1.0,)
+    guided = uses_guidance(request.guidance_scale, engine.bundle.unet) or composable
+    return 1 + len(parts) if guided else len(parts)
+
+
+def plan_batches(engine: "Engine", request: "GenerationRequest", *, width: int, height: int,
+                 hires: tuple[int, int] | None = None) -> None:
+    """Make the first batch's memory plan (`Engine.plan_batch`) from the request: size, batch, UNet
+    passes and the hires pass's size. Every stage of the batch (text, UNet, VAE, previews) runs by it;
+    `run_batches` makes each later batch's."""
+    engine.plan_batch(width=width, height=height, batch=request.batch_size, passes=unet_passes(engine, request),
+                      hires=hires)
+
+
 def encode_conditioning(engine: "Engine", request: "GenerationRequest", *, steps: int) -> PromptConditioning:
     """Parse and encode the prompts for a first run of `steps` loop steps (later runs reuse them)."""
     from leansd.sampling.loop import uses_guidance
@@ -475,6 +497,8 @@ def run_batches(
     interrupted = False
     sample_seconds = decode_seconds = 0.0
     for b in range(request.n_iter):
+        if b:  # the first batch's plan was made before the text stage (plan_batches)
+            engine.plan_next_batch()
         batch_seeds = seeds[b * request.batch_size : (b + 1) * request.batch_size]
         with tqdm(total=None, desc=f"batch {b + 1}/{request.n_iter}", disable=not progress_bar, leave=False) as bar:
 

@@ -12,6 +12,7 @@ from leansd.pipelines.steps import (
     loop_length,
     make_scheduler,
     noise_for,
+    plan_batches,
     refine_latents,
     resolve_size,
     run_batches,
@@ -42,6 +43,7 @@ def txt2img(
     # 1. Sizes of both passes (the request was validated on entry to Engine.generate).
     width, height = resolve_size(engine, request)
     hires_size = hires_target(request, width=width, height=height)
+    plan_batches(engine, request, width=width, height=height, hires=hires_size)  # one memory plan per batch
 
     # 2. Text conditioning, shared by every image of the request.
     text = encode_conditioning(engine, request, steps=loop_length(engine, request, steps=request.num_inference_steps))
