@@ -65,8 +65,15 @@ VAE_DECODERS = ("full", "taesd")
 DEFAULT_VAE_DECODER = VAE_DECODERS[0]
 
 
+class _ValidationMark:
+    """Where a request keeps whether `validated()` made it: a slot, so it is no field and stays out of
+    `__dict__` (`GenerationRequest(**request.__dict__)` builds an unchecked copy)."""
+
+    __slots__ = ("_validated",)
+
+
 @dataclass
-class GenerationRequest:
+class GenerationRequest(_ValidationMark):
     """What to generate. Field names follow diffusers' public vocabulary.
 
     `width`/`height` of None take the model's native size (512 for SD 1.x), or for img2img the
@@ -134,9 +141,6 @@ class GenerationRequest:
     vae_decoder: str = DEFAULT_VAE_DECODER
     """The final decoder: full (the model's VAE) or taesd (the tiny autoencoder: fast, slightly different)."""
 
-    _validated: bool = field(default=False, init=False, repr=False, compare=False)
-    """Set on the copy `validated()` returns; any later change of a field clears it."""
-
     def __setattr__(self, name: str, value: Any) -> None:
         if name != "_validated":  # a changed value must be checked again
             object.__setattr__(self, "_validated", False)
@@ -145,7 +149,7 @@ class GenerationRequest:
     @property
     def is_validated(self) -> bool:
         """True for the request `validated()` returned, as long as none of its fields changed since."""
-        return self._validated
+        return getattr(self, "_validated", False)
 
     @property
     def task(self) -> str:
@@ -166,7 +170,7 @@ class GenerationRequest:
         """
         from leansd.sampling.samplers import get_sampler
 
-        if self._validated:
+        if self.is_validated:
             return self
         negative = "" if self.negative_prompt is None else self.negative_prompt
         for name, text in (("prompt", self.prompt), ("negative_prompt", negative)):
