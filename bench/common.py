@@ -66,25 +66,70 @@ def build_sd15_components(*, seed: int = 0, dtype: "torch.dtype | None" = None) 
         vae = AutoencoderKL(**SD15_VAE_CONFIG)
         text_encoder = CLIPTextModel(CLIPTextConfig(**SD15_TEXT_CONFIG))
     for offset, module in enumerate((unet, vae, text_encoder), start=1):
-        generator = torch.Generator().manual_seed(seed * 1000 + offset)
-        weights = {}
-        for name, param in module.named_parameters():
-            value = torch.empty(param.shape, dtype=torch.float32)
-            if name.endswith("weight") and param.ndim >= 2:
-                value.normal_(0.0, param[0].numel() ** -0.5, generator=generator)
-            elif "norm" in name and name.endswith("weight"):
-                value.normal_(1.0, 0.1, generator=generator)
-            else:
-                value.normal_(0.0, 0.02, generator=generator)
-            weights[name] = value if dtype == torch.float32 else value.to(dtype)
-        module.load_state_dict(weights, strict=False, assign=True)
-        left = [n for n, p in module.named_parameters() if p.is_meta]
-        left += [n for n, b in module.named_buffers() if b.is_meta]
-        if left:
-            raise RuntimeError(f"{type(module).__name__}: {len(left)} tensors left on meta ({left[:3]})")
-        module.eval()
-        module.requires_grad_(False)
+        _fill_random(module, torch.Generator().manual_seed(seed * 1000 + offset), dtype)
     return Components(unet=unet, vae=vae, text_encoder=text_encoder)
+
+
+def _fill_random(module: "torch.nn.Module", generator: "torch.Generator", dtype: "torch.dtype") -> None:
+    """Seeded random values for every parameter still on meta (see build_sd15_components); eval mode."""
+    import torch
+
+    weights = {}
+    for name, param in module.named_parameters():
+        value = torch.empty(param.shape, dtype=torch.float32)
+        if name.endswith("weight") and param.ndim >= 2:
+            value.normal_(0.0, param[0].numel() ** -0.5, generator=generator)
+        elif "norm" in name and name.endswith("weight"):
+            value.normal_(1.0, 0.1, generator=generator)
+        else:
+            value.normal_(0.0, 0.02, generator=generator)
+        weights[name] = value if dtype == torch.float32 else value.to(dtype)
+    module.load_state_dict(weights, strict=False, assign=True)
+    left = [n for n, p in module.named_parameters() if p.is_meta]
+    left += [n for n, b in module.named_buffers() if b.is_meta]
+    if left:
+        raise RuntimeError(f"{type(module).__name__}: {len(left)} tensors left on meta ({left[:3]})")
+    module.eval()
+    module.requires_grad_(False)
+
+
+def family_bundle(family: str, *, seed: int = 0, dtype: "torch.dtype | None" = None) -> "ModelBundle":
+    """A full-size model of `family` ("sd1", "sd2" = SD 2.1 768-v, "sdxl" = SDXL base) with seeded random
+    weights (as build_sd15_components), as a leansd ModelBundle. SDXL in fp16 holds about 7 GB."""
+    import accelerate
+    import torch
+    import transformers
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+
+    from leansd.models.bundle import ModelBundle
+    from leansd.models.configs import SD1_SCHEDULER_CONFIG, full_size_configs
+    from leansd.models.families import describe
+    from leansd.models.family import ModelFamily
+    from leansd.models.tokenizer import bundled_tokenizer
+
+    if family == "sd1":
+        return sd15_bundle(build_sd15_components(seed=seed, dtype=dtype))
+    kind = ModelFamily(family)
+    spec = describe(kind)
+    dtype = dtype or torch.float32
+    unet_config, vae_config, texts = full_size_configs(kind)
+    with accelerate.init_empty_weights(include_buffers=False):
+        unet = UNet2DConditionModel(**unet_config)
+        vae = AutoencoderKL(**vae_config)
+        encoders = [getattr(transformers, name)(transformers.CLIPTextConfig(**config)) for name, config in texts]
+    for offset, module in enumerate((unet, vae, *encoders), start=1):
+        _fill_random(module, torch.Generator().manual_seed(seed * 1000 + offset), dtype)
+    v = kind is ModelFamily.SD2  # SD 2.1 at 768 px is the v-prediction model
+    pads = [encoder.pad_token for encoder in spec.text_encoders]
+    return ModelBundle(
+        unet=unet, vae=vae, text_encoder=encoders[0], tokenizer=bundled_tokenizer(pad_token=pads[0]),
+        family=kind, name=f"random-{family}", source=f"random-{family}",
+        scheduler_config=dict(SD1_SCHEDULER_CONFIG, prediction_type="v_prediction" if v else "epsilon"),
+        default_size=spec.native_size_for("v_prediction" if v else "epsilon"), is_random=True,
+        text_encoder_2=encoders[1] if len(encoders) > 1 else None,
+        tokenizer_2=bundled_tokenizer(pad_token=pads[1]) if len(encoders) > 1 else None,
+        text_layer=spec.text_encoders[0].layer,
+    )
 
 
 def sd15_bundle(components: Components, *, name: str = "random-sd15") -> "ModelBundle":

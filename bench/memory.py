@@ -1,6 +1,8 @@
 """Memory modes side by side: leansd's budgets against diffusers' offload modes, in ONE run.
 
     python bench/memory.py                      # GPU: full-size SD 1.5 (random weights), 512x512, fp16, 20 steps
+    python bench/memory.py --family sdxl --steps 4      # GPU: full-size SDXL base, 1024x1024
+    python bench/memory.py --family sd2 --steps 6       # GPU: full-size SD 2.1 (768-v), 768x768
     python bench/memory.py --tiny --size 64 --steps 4   # CPU: tiny model, virtual budgets (accounted peaks)
     python bench/memory.py --plot docs/memory.png       # also draw s/step against peak memory
 
@@ -20,17 +22,35 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from bench.common import machine_lines, markdown_table  # noqa: E402
 
 MiB = 2**20
-GPU_BUDGETS = ("none", "4G", "2G", "1.5G", "1G", "750M", "500M", "minimum")
+GPU_BUDGETS = {  # per family: the issue's budgets around its target (SD 2.1 under 2G, SDXL under 4G)
+    "sd1": ("none", "4G", "2G", "1.5G", "1G", "750M", "500M", "minimum"),
+    "sd2": ("none", "4G", "2G", "1G", "minimum"),
+    "sdxl": ("none", "8G", "4G", "3G", "2G", "minimum"),
+}
+NATIVE = {"sd1": 512, "sd2": 768, "sdxl": 1024}
+SEARCH_SIZES = {"sd1": (1024, 1536, 2048, 3072), "sd2": (1024, 1536, 2048), "sdxl": (1024, 1536, 2048)}
+"""Square sides tried under the 4 GiB cap, smallest first."""
+LABELS = {"sd1": "SD 1.5", "sd2": "SD 2.1 (768-v)", "sdxl": "SDXL base"}
 
 
-def build_bundle(tiny: bool, dtype):
+def build_bundle(tiny: bool, dtype, family: str = "sd1"):
     if tiny:
-        from tests.helpers import tiny_bundle
+        if family == "sd1":
+            from tests.helpers import tiny_bundle
 
-        return tiny_bundle()
-    from bench.common import build_sd15_components, sd15_bundle
+            return tiny_bundle()
+        import tempfile
 
-    return sd15_bundle(build_sd15_components(dtype=dtype))
+        from leansd.models.family import ModelFamily
+        from leansd.models.loader import load_model
+        from leansd.models.tiny import write_tiny_single_file
+
+        with tempfile.TemporaryDirectory() as folder:
+            path = write_tiny_single_file(Path(folder) / f"tiny-{family}.safetensors", family=ModelFamily(family))
+            return load_model(str(path))
+    from bench.common import family_bundle
+
+    return family_bundle(family, dtype=dtype)
 
 
 def request_for(args):
@@ -68,7 +88,7 @@ def budgets_for(args, engine) -> list[str | int | None]:
     minimum = min(p.peak for p in plans)
     if args.tiny or engine.device.type == "cpu":
         return [None] + [int(resident * f / 0.9) for f in (0.8, 0.6, 0.45)] + [minimum]
-    return [None if b == "none" else (minimum if b == "minimum" else b) for b in GPU_BUDGETS]
+    return [None if b == "none" else (minimum if b == "minimum" else b) for b in GPU_BUDGETS[args.family]]
 
 
 def run_leansd(args, bundle_factory, budget, *, turbo: bool, bandwidth):
@@ -111,15 +131,21 @@ def run_diffusers(args, bundle_factory, mode: str):
 
     if not torch.cuda.is_available():
         return {"error": "needs CUDA"}
-    from diffusers import StableDiffusionPipeline
+    from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
     from diffusers.hooks import apply_group_offloading
 
     from leansd.sampling.samplers import build_scheduler
 
     b = bundle_factory()
-    pipe = StableDiffusionPipeline(vae=b.vae, text_encoder=b.text_encoder, tokenizer=b.tokenizer, unet=b.unet,
-                                   scheduler=build_scheduler("Euler a", b.scheduler_config, seeds=[1]),
-                                   safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+    scheduler = build_scheduler("Euler a", b.scheduler_config, seeds=[1])
+    if b.text_encoder_2 is not None:  # SDXL: both text encoders, pooled embedding and size ids
+        pipe = StableDiffusionXLPipeline(vae=b.vae, text_encoder=b.text_encoder, text_encoder_2=b.text_encoder_2,
+                                         tokenizer=b.tokenizer, tokenizer_2=b.tokenizer_2, unet=b.unet,
+                                         scheduler=scheduler)
+    else:
+        pipe = StableDiffusionPipeline(vae=b.vae, text_encoder=b.text_encoder, tokenizer=b.tokenizer, unet=b.unet,
+                                       scheduler=scheduler, safety_checker=None, feature_extractor=None,
+                                       requires_safety_checker=False)
     pipe.to(torch.float16)
     pipe.set_progress_bar_config(disable=True)
     if mode == "model_cpu_offload":
@@ -127,7 +153,7 @@ def run_diffusers(args, bundle_factory, mode: str):
     elif mode == "sequential_cpu_offload":
         pipe.enable_sequential_cpu_offload()
     else:
-        for module in (pipe.unet, pipe.text_encoder, pipe.vae):
+        for module in (pipe.unet, *b.text_encoders, pipe.vae):
             apply_group_offloading(module, onload_device=torch.device("cuda"), offload_type="block_level",
                                    num_blocks_per_group=1, use_stream=True)
     kwargs = dict(prompt="a lighthouse at dusk", num_inference_steps=args.steps, height=args.size, width=args.size)
@@ -151,7 +177,7 @@ def largest_under_cap(args, bundle_factory) -> str:
 
     torch.cuda.set_per_process_memory_fraction(4 * 2**30 / torch.cuda.get_device_properties(0).total_memory)
     done = []
-    for size in (1024, 1536, 2048, 3072):
+    for size in SEARCH_SIZES[args.family]:
         try:
             engine = Engine(bundle_factory(), device="cuda", precision="fp16", prompt_cache=False, vram="3.5G")
             engine.generate(request_for(argparse.Namespace(**{**vars(args), "size": size, "steps": 2})),
@@ -170,16 +196,27 @@ def main(argv: list[str] | None = None) -> int:
     import torch
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--tiny", action="store_true", help="the tiny random model instead of full-size SD 1.5")
-    parser.add_argument("--size", type=int, default=512)
+    parser.add_argument("--tiny", action="store_true", help="the tiny random model instead of the full-size one")
+    parser.add_argument("--family", choices=tuple(NATIVE), default="sd1",
+                        help="sd1 (SD 1.5, default), sd2 (SD 2.1 768-v) or sdxl (SDXL base): full-size, random weights")
+    parser.add_argument("--size", type=int, default=None, help="square side (default: the family's native size)")
+    parser.add_argument("--modes", default="model_cpu_offload,sequential_cpu_offload,group_offloading_streams",
+                        help="diffusers' offload modes to compare, comma-separated")
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--precision", default=None, help="default: fp16 on CUDA, full on the CPU")
     parser.add_argument("--plot", metavar="PNG", help="write s/step against peak memory to this PNG")
     args = parser.parse_args(argv)
+    modes = [m.strip() for m in args.modes.split(",") if m.strip()]
+    unknown = sorted(set(modes) - {"model_cpu_offload", "sequential_cpu_offload", "group_offloading_streams"})
+    if unknown:
+        parser.error(f"unknown --modes {', '.join(unknown)}; valid: model_cpu_offload, sequential_cpu_offload, "
+                     "group_offloading_streams")
+    if args.size is None:
+        args.size = 64 if args.tiny else NATIVE[args.family]
 
     cuda = torch.cuda.is_available()
     dtype = torch.float16 if cuda else torch.float32
-    bundle = build_bundle(args.tiny, dtype)
+    bundle = build_bundle(args.tiny, dtype, args.family)
     cache = {"bundle": bundle}
 
     def factory():
@@ -209,7 +246,7 @@ def main(argv: list[str] | None = None) -> int:
                      f"{r['s_step']:.3f}", f"{r['s_image']:.2f}", f"{r['s_step'] / base:.2f}x",
                      f"{r['streamed'] / 2**30:.2f}", "-" if r["bound"] is None else f"{r['bound']:.3f}", r["plan"]])
         points.append(("leansd", r["allocated"] or r["accounted"], r["s_step"], r["bound"]))
-    for mode in ("model_cpu_offload", "sequential_cpu_offload", "group_offloading_streams"):
+    for mode in modes:
         r = run_diffusers(args, factory, mode)
         if "error" in r:
             rows.append([f"diffusers {mode}", r["error"]] + ["-"] * 8)
@@ -219,7 +256,8 @@ def main(argv: list[str] | None = None) -> int:
         points.append(("diffusers", r["allocated"], r["s_step"], None))
     headers = ["mode / budget", "peak alloc MiB", "peak reserved MiB", "accounted MiB", "s/step", "s/image",
                "vs resident", "GB streamed/step", "stream bound s", "plan"]
-    model = "tiny random SD1-shaped model" if args.tiny else "SD 1.5 architecture, random weights"
+    model = (f"tiny random {LABELS[args.family]}-shaped model" if args.tiny
+             else f"{LABELS[args.family]} architecture, random weights")
     print(f"## Memory modes: {model}, {args.size}x{args.size}, {args.steps} steps, batch 1\n")
     print(machine_lines())
     bw = "n/a (CPU)" if bandwidth is None else f"{bandwidth / 1e9:.1f} GB/s"
