@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
-from typing import TYPE_CHECKING, Callable
+from typing import TYPE_CHECKING, Callable, Iterator
 
 import leansd
 from leansd.errors import InvalidRequestError
@@ -18,9 +19,15 @@ if TYPE_CHECKING:
     from leansd.errors import NonFiniteError
     from leansd.prompts.conditioning import ConditioningPlan
     from leansd.request import GenerationRequest, GenerationResult, ProgressEvent
+    from leansd.sampling.denoiser import AddedConditioning, Denoiser
     from leansd.sampling.loop import StepState
 
 logger = logging.getLogger(__name__)
+
+AESTHETIC_SCORE = 6.0
+"""The refiner's aesthetic-score conditioning for the prompt (diffusers' and AUTOMATIC1111's default)."""
+NEGATIVE_AESTHETIC_SCORE = 2.5
+"""... and for the negative prompt."""
 
 
 def resolve_size(engine: "Engine", request: "GenerationRequest") -> tuple[int, int]:
@@ -138,20 +145,33 @@ def pooled_width(engine: "Engine") -> int | None:
     return int(bundle.text_encoder_2.config.projection_dim)
 
 
-def size_ids(engine: "Engine", *, width: int, height: int) -> "torch.Tensor | None":
-    """SDXL's added size conditioning (1, 6): original size = target size = (H, W), crop (0, 0), as
-    AUTOMATIC1111 and diffusers do by default; None for families without it."""
+def added_conditioning(engine: "Engine", *, width: int, height: int) -> "AddedConditioning | None":
+    """The family's added UNet conditioning for an image of this size (None for families without one).
+
+    SDXL base: original size = target size = (H, W), crop (0, 0), as AUTOMATIC1111 and diffusers do
+    by default. SDXL refiner: original size (H, W), crop (0, 0) and the aesthetic score, 6.0 for the
+    prompt and 2.5 for the negative prompt (diffusers' and AUTOMATIC1111's defaults).
+    """
     import torch
 
-    if engine.bundle.description.added_conditioning != "text_time":
+    from leansd.sampling.denoiser import AddedConditioning
+
+    kind = engine.bundle.description.added_conditioning
+    if kind is None:
         return None
-    values = [height, width, 0, 0, height, width]
-    return torch.tensor([values], device=engine.device, dtype=engine.dtype)  # (1, 6)
+
+    def ids(values: list[float]) -> "torch.Tensor":
+        return torch.tensor([values], device=engine.device, dtype=engine.dtype)  # (1, N)
+
+    if kind == "text_time_aesthetic":
+        return AddedConditioning(ids([height, width, 0, 0, AESTHETIC_SCORE]),
+                                 ids([height, width, 0, 0, NEGATIVE_AESTHETIC_SCORE]))
+    return AddedConditioning(ids([height, width, 0, 0, height, width]))
 
 
 def encode_conditioning(engine: "Engine", request: "GenerationRequest", *, steps: int) -> PromptConditioning:
     """Parse and encode the prompts for a first run of `steps` loop steps (later runs reuse them)."""
-    from leansd.sampling.loop import uses_guidance
+    from leansd.sampling.denoiser import uses_guidance
 
     if request.negative_prompt and not uses_guidance(request.guidance_scale, engine.bundle.unet):
         logger.warning("the negative prompt has no effect: guidance is off at CFG scale %g (<= 1)", request.guidance_scale)
@@ -240,34 +260,44 @@ def run_denoise(
     on_step: Callable[["StepState"], None] | None = None,
 ) -> "torch.Tensor":
     """The sampling loop for one batch (its size is len(generators)); returns clean latents."""
-    from leansd.sampling.loop import denoise, uses_guidance
+    from leansd.sampling.loop import denoise
 
     if extra_channels is None and engine.bundle.is_inpainting:
         extra_channels = whole_image_conditioning(engine, latents)
+    if timesteps is None:
+        timesteps = scheduler.timesteps
     # A1111 schedules prompt edits over all the run's steps, counted from the first loop step.
-    plan = text.plan(len(scheduler.timesteps if timesteps is None else timesteps),
-                     steps=getattr(scheduler, "num_inference_steps", None))
-    # UNet passes per step: the negative plus every AND part when guided (as the loop batches them).
-    guided = uses_guidance(request.guidance_scale, engine.bundle.unet) or plan.is_composable
-    passes = 1 + plan.max_parts if guided else plan.max_parts
+    plan = text.plan(len(timesteps), steps=getattr(scheduler, "num_inference_steps", None))
     factor = engine.bundle.vae_scale_factor
     batch, _, h, w = latents.shape
-    with engine.unet_stage(width=w * factor, height=h * factor, batch=batch, passes=passes) as unet, engine.compute():
-        return denoise(
-            unet=unet,
-            scheduler=scheduler,
-            latents=latents,
-            plan=plan,
-            guidance_scale=request.guidance_scale,
-            generators=generators,
-            eta=request.eta,
-            timesteps=timesteps,
-            extra_channels=extra_channels,
-            after_step=after_step,
-            on_step=on_step,
-            guidance_rescale=request.guidance_rescale,
-            time_ids=size_ids(engine, width=w * factor, height=h * factor),
-        )
+    width, height = w * factor, h * factor
+    with unet_denoiser(engine, request, plan=plan, width=width, height=height, batch=batch,
+                       extra_channels=extra_channels) as denoiser, engine.compute():
+        return denoise(denoiser=denoiser, scheduler=scheduler, latents=latents, generators=generators,
+                       eta=request.eta, timesteps=timesteps, after_step=after_step, on_step=on_step)
+
+
+@contextlib.contextmanager
+def unet_denoiser(
+    engine: "Engine",
+    request: "GenerationRequest",
+    *,
+    plan: "ConditioningPlan",
+    width: int,
+    height: int,
+    batch: int,
+    extra_channels: "torch.Tensor | None" = None,
+) -> Iterator["Denoiser"]:
+    """The engine's UNet stage (placed per memory plan) wrapped in the request's guided denoiser."""
+    from leansd.sampling.denoiser import Denoiser, uses_guidance
+
+    # UNet passes per step: the negative plus every AND part when guided (as the denoiser batches them).
+    guided = uses_guidance(request.guidance_scale, engine.bundle.unet) or plan.is_composable
+    passes = 1 + plan.max_parts if guided else plan.max_parts
+    with engine.unet_stage(width=width, height=height, batch=batch, passes=passes) as unet:
+        yield Denoiser(unet=unet, plan=plan, guidance_scale=request.guidance_scale,
+                       guidance_rescale=request.guidance_rescale, extra_channels=extra_channels,
+                       added=added_conditioning(engine, width=width, height=height))
 
 
 def whole_image_conditioning(engine: "Engine", latents: "torch.Tensor") -> "torch.Tensor":
