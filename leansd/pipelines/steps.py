@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
-from typing import TYPE_CHECKING, Callable, Iterator
+from typing import TYPE_CHECKING, Any, Callable, Iterator
 
 import leansd
 from leansd.errors import InvalidRequestError
@@ -67,6 +67,14 @@ class PromptConditioning:
         self._plans: dict[tuple[int, int, int | None], "ConditioningPlan"] = {}
         self.base_steps: int | None = None
         """Set on the copy a hires-fix second pass uses (:meth:`for_second_pass`)."""
+        self._refiner: "PromptConditioning | None" = None
+
+    def for_refiner(self, refiner: "Engine") -> "PromptConditioning":
+        """The same prompts encoded for the SDXL refiner's text encoder (same syntax, emphasis and cache)."""
+        if self._refiner is None or self._refiner.engine is not refiner:
+            self._refiner = PromptConditioning(refiner, self.request)
+        self._refiner.base_steps = self.base_steps
+        return self._refiner
 
     def for_second_pass(self) -> "PromptConditioning":
         """The same prompts for a hires-fix second pass: A1111 counts its edits on from the first pass."""
@@ -75,6 +83,7 @@ class PromptConditioning:
 
         second = PromptConditioning(self.engine, self.request)
         second._plans = self._plans  # one store, so summary() covers both passes (keys differ)
+        second._refiner = None if self._refiner is None else self._refiner.for_second_pass()
         second.base_steps = schedule_steps(
             self.request.num_inference_steps, second_order=get_sampler(self.request.sampler).second_order
         )
@@ -123,6 +132,8 @@ class PromptConditioning:
     def clear(self) -> None:
         """Forget the encoded plans (the engine's dtype changed): the next `plan` encodes again."""
         self._plans.clear()
+        if self._refiner is not None:
+            self._refiner.clear()
 
     def summary(self) -> dict[str, object]:
         """What the CLI reports: syntax, 77-token chunks used, prompt-cache hits/misses."""
@@ -140,9 +151,10 @@ class PromptConditioning:
 def pooled_width(engine: "Engine") -> int | None:
     """Width of the pooled text embedding the family conditions on (SDXL: bigG's projection), else None."""
     bundle = engine.bundle
-    if not bundle.description.pooled_output or bundle.text_encoder_2 is None:
+    if not bundle.description.pooled_output:
         return None
-    return int(bundle.text_encoder_2.config.projection_dim)
+    encoder: Any = bundle.text_encoder_2 if bundle.text_encoder_2 is not None else bundle.text_encoder  # refiner: bigG
+    return int(encoder.config.projection_dim)
 
 
 def added_conditioning(engine: "Engine", *, width: int, height: int) -> "AddedConditioning | None":
@@ -259,22 +271,63 @@ def run_denoise(
     after_step: Callable[[int, "torch.Tensor"], "torch.Tensor"] | None = None,
     on_step: Callable[["StepState"], None] | None = None,
 ) -> "torch.Tensor":
-    """The sampling loop for one batch (its size is len(generators)); returns clean latents."""
+    """The sampling loop for one batch (its size is len(generators)); returns clean latents.
+
+    With an SDXL refiner in the request (ensemble of experts, as diffusers' ``denoising_end`` /
+    ``denoising_start`` and AUTOMATIC1111): the base runs the timesteps at or above the switch point,
+    the refiner the rest, on the same latents with the same scheduler (and its state).
+    """
     from leansd.sampling.loop import denoise
 
     if extra_channels is None and engine.bundle.is_inpainting:
         extra_channels = whole_image_conditioning(engine, latents)
     if timesteps is None:
         timesteps = scheduler.timesteps
-    # A1111 schedules prompt edits over all the run's steps, counted from the first loop step.
-    plan = text.plan(len(timesteps), steps=getattr(scheduler, "num_inference_steps", None))
+    total = len(timesteps)
+    refiner = active_refiner(engine, request)
+    split = total if refiner is None else refiner_split(scheduler, timesteps, switch_at=request.refiner_switch_at)
+    inference_steps = getattr(scheduler, "num_inference_steps", None)
     factor = engine.bundle.vae_scale_factor
     batch, _, h, w = latents.shape
     width, height = w * factor, h * factor
-    with unet_denoiser(engine, request, plan=plan, width=width, height=height, batch=batch,
-                       extra_channels=extra_channels) as denoiser, engine.compute():
-        return denoise(denoiser=denoiser, scheduler=scheduler, latents=latents, generators=generators,
-                       eta=request.eta, timesteps=timesteps, after_step=after_step, on_step=on_step)
+    if split > 0:
+        # A1111 schedules prompt edits over all the run's steps, counted from the first loop step.
+        plan = text.plan(total, steps=inference_steps)
+        with unet_denoiser(engine, request, plan=plan, width=width, height=height, batch=batch,
+                           extra_channels=extra_channels) as denoiser, engine.compute():
+            latents = denoise(denoiser=denoiser, scheduler=scheduler, latents=latents, generators=generators,
+                              eta=request.eta, timesteps=timesteps[:split], total=total, after_step=after_step,
+                              on_step=on_step)
+    if split == total or refiner is None:
+        return latents
+    engine.release_device()  # the base makes room for the refiner (one shared budget)
+    if not engine.reduced_precision and refiner.reduced_precision:
+        refiner.use_full_precision("the base model switched to fp32")
+    refiner_plan = text.for_refiner(refiner).plan(total, steps=inference_steps)
+    with unet_denoiser(refiner, request, plan=refiner_plan, width=width, height=height, batch=batch) as denoiser, \
+            refiner.compute():
+        latents = denoise(denoiser=denoiser, scheduler=scheduler, latents=latents.to(refiner.dtype),
+                          generators=generators, eta=request.eta, timesteps=timesteps[split:], first_step=split,
+                          total=total, after_step=after_step, on_step=on_step)
+    refiner.release_device()  # and hands the device back for the base's VAE and next batch
+    return latents.to(engine.dtype)
+
+
+def active_refiner(engine: "Engine", request: "GenerationRequest") -> "Engine | None":
+    """The refiner's engine when the request uses one (a refiner checkpoint and a switch point below 1)."""
+    if request.refiner_checkpoint is None or request.refiner_switch_at >= 1.0:
+        return None
+    if engine.refiner is None:
+        raise InvalidRequestError("the request names a refiner but none is loaded (Engine.set_refiner)")
+    return engine.refiner
+
+
+def refiner_split(scheduler: "SchedulerMixin", timesteps: "torch.Tensor", *, switch_at: float) -> int:
+    """How many of `timesteps` the base runs: those at or above the cutoff (1 - switch_at) * T, T the
+    training timesteps (diffusers' ``denoising_end``, so the refiner's ``denoising_start`` takes the rest)."""
+    train = int(scheduler.config.num_train_timesteps)
+    cutoff = int(round(train - switch_at * train))
+    return int((timesteps >= cutoff).sum())
 
 
 @contextlib.contextmanager
@@ -449,6 +502,10 @@ def infotext_for(
     entries.update(engine.embedding_infotext(request.prompt, request.negative_prompt))
     entries.update(engine.lora_infotext())
     entries.update(engine.vae_infotext())
+    if request.refiner_checkpoint is not None and request.refiner_switch_at < 1.0 and engine.refiner is not None:
+        refiner = engine.refiner.bundle  # A1111: "Refiner: <name> [hash], Refiner switch at: 0.8"
+        entries["Refiner"] = f"{refiner.name} [{refiner.hash}]" if refiner.hash else refiner.name
+        entries["Refiner switch at"] = request.refiner_switch_at
     if request.vae_decoder == "taesd":
         entries["VAE decoder"] = "TAESD (approximate)"
     if engine.bundle.is_random:
