@@ -38,6 +38,8 @@ DEFAULT_STRENGTH = 0.75
 DEFAULT_MASK_BLUR = 4
 DEFAULT_HIRES_STRENGTH = 0.5
 DEFAULT_GUIDANCE_RESCALE = 0.0
+DEFAULT_REFINER_SWITCH_AT = 0.8
+"""Fraction of the timesteps the SDXL base runs before the refiner takes over (AUTOMATIC1111's default)."""
 RESIZE_MODES = ("just-resize", "crop", "fill")
 DEFAULT_RESIZE_MODE = RESIZE_MODES[0]
 INPAINTING_FILLS = ("original", "fill", "latent-noise", "latent-nothing")
@@ -128,6 +130,12 @@ class GenerationRequest(_ValidationMark):
     checkpoint: str | None = None
     """Checkpoint to generate with: a name (stem, path or A1111 title) from the model library or a
     file; the engine switches to it before the job (one model in memory). None: the loaded one."""
+    refiner_checkpoint: str | None = None
+    """SDXL refiner to run the last steps with (a name from the model library, an A1111 title or a file);
+    None: no refiner. The base model must be SDXL."""
+    refiner_switch_at: float = DEFAULT_REFINER_SWITCH_AT
+    """With a refiner: the fraction of the timesteps the base runs (0 < x <= 1; 1 = no refiner), as
+    diffusers' ``denoising_end`` (timesteps at or above (1 - x) * 1000 go to the base)."""
     vae: str | None = None
     """VAE to decode with: a file, a name from the VAE folder, "None" (the checkpoint's own) or
     "Automatic" (A1111's sd_vae choices); it stays in use afterwards. None: leave it as it is."""
@@ -180,7 +188,7 @@ class GenerationRequest(_ValidationMark):
                 text.encode("utf-8")
             except UnicodeEncodeError:
                 raise InvalidRequestError(f"{name} is not valid text (it holds undecodable bytes)") from None
-        for name in ("checkpoint", "vae"):
+        for name in ("checkpoint", "vae", "refiner_checkpoint"):
             value = getattr(self, name)
             if value is not None and (not isinstance(value, str) or not value.strip()):
                 raise InvalidRequestError(f"{name} must be a non-empty name or path, got {value!r}")
@@ -191,7 +199,7 @@ class GenerationRequest(_ValidationMark):
         for name in ("width", "height", "seed", "hires_width", "hires_height", "hires_steps"):
             value = getattr(self, name)
             values[name] = None if value is None else _as_int(name, value)
-        for name in ("guidance_scale", "eta", "strength", "hires_strength", "guidance_rescale"):
+        for name in ("guidance_scale", "eta", "strength", "hires_strength", "guidance_rescale", "refiner_switch_at"):
             values[name] = _as_float(name, getattr(self, name))
         values["hires_scale"] = None if self.hires_scale is None else _as_float("hires_scale", self.hires_scale)
         values["mask_blur"] = _as_int("mask_blur", self.mask_blur)
@@ -284,6 +292,10 @@ class GenerationRequest(_ValidationMark):
             raise InvalidRequestError(f"ddim_eta must be between 0 and {MAX_ETA:g} (AUTOMATIC1111's range), got {self.eta:g}")
         if not 0.0 <= self.guidance_rescale <= 1.0:
             raise InvalidRequestError(f"guidance_rescale must be between 0 and 1, got {self.guidance_rescale:g}")
+        if not 0.0 < self.refiner_switch_at <= 1.0:
+            raise InvalidRequestError(
+                f"refiner_switch_at must be above 0 and at most 1 (1 = no refiner), got {self.refiner_switch_at:g}"
+            )
         seed = self.seed
         if seed is None or seed == -1:
             seed = random_seed(self.seeds_used)

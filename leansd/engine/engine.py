@@ -141,6 +141,9 @@ class Engine:
         """A1111's sd_vae setting: re-applied when another checkpoint is loaded."""
         self._flop_counter: "FlopCounter | None" = None
         self._speed: "SpeedMeter | None" = None
+        self.refiner: "Engine | None" = None
+        """The SDXL refiner that runs the last steps after this (base) model, when one is loaded."""
+        self._vram_setting: "str | int | None" = vram
         # The text encoder is placed only when a prompt is not in the cache (see placed_text_encoder).
         if self.budget is None and memory_policy == "auto" and not vae_on_cpu:
             for part in (Component.UNET, Component.VAE):  # no budget: resident from the start, as always
@@ -443,6 +446,14 @@ class Engine:
             # depend on the image size and a larger guess could refuse a budget a request fits.
             plan = self.plan_for(width=MIN_SIZE, height=MIN_SIZE)
         self._enter_stage(Component.TEXT, plan)
+        if self.bundle.description.refiner:  # bigG alone, with its pooled output
+            if self._text_pair is None:
+                from leansd.prompts.encode import PooledTextEncoder
+
+                spec = self.bundle.description.text_encoders[0]
+                self._text_pair = PooledTextEncoder(self.bundle.text_encoder, layer=self.bundle.text_layer,
+                                                    final_norm=spec.final_norm)
+            return self._text_pair
         if self.bundle.text_encoder_2 is None:
             return self.bundle.text_encoder
         if self._text_pair is None:  # SDXL: both encoders read as one (see TextEncoderPair)
@@ -738,6 +749,60 @@ class Engine:
             for name, module in self._components().items():
                 self._cast(module, self._dtype_of(name))
 
+    def set_refiner(self, spec: str | None) -> "Engine | None":
+        """Load the SDXL refiner `spec` (a path, or a library checkpoint name / A1111 title) to run the last
+        steps after this SDXL base model; None unloads it. Returns the refiner's engine.
+
+        The refiner gets this engine's device, precision, prompt cache and memory settings, and shares
+        its budget: whichever of the two models is not running is moved off the device (see
+        `release_device`). Raises ModelLoadError for a file that is not an SDXL refiner, and
+        InvalidRequestError for an unknown name or a base model that is not SDXL.
+        """
+        import gc
+
+        from leansd.errors import InvalidRequestError
+        from leansd.models.family import ModelFamily
+        from leansd.models.loader import load_model
+
+        if spec is None:
+            self.refiner = None
+            gc.collect()
+            return None
+        if self.bundle.family is not ModelFamily.SDXL:
+            raise InvalidRequestError(f"a refiner runs after an SDXL base model; {self.bundle.name} is "
+                                      f"{self.bundle.family.label}")
+        if Path(spec).expanduser().exists():
+            target = str(Path(spec).expanduser().resolve())
+        else:
+            entry = self.library.find_checkpoint(spec)
+            if entry is None:
+                names = self.library.names("checkpoint")
+                raise InvalidRequestError(
+                    f"no refiner checkpoint named {spec!r} in {self.library.folder('checkpoint')} (--ckpt-dir)"
+                    + (f"; available: {', '.join(names[:10])}" if names else "")
+                )
+            target = str(entry.path.resolve())
+        if self.refiner is not None and self.refiner.bundle.source == target:
+            return self.refiner
+        self.refiner = None  # released before the next one loads
+        gc.collect()
+        bundle = load_model(target, refiner=True)
+        self.refiner = Engine(
+            bundle, device=str(self.device), precision=self.precision.name, prompt_cache=self.prompt_cache or False,
+            vram=self._vram_setting if self._vram_auto else self.budget, memory_policy=self.memory_policy,
+            turbo=self.turbo, vae_on_cpu=self.vae_on_cpu, virtual_device=self.virtual_device,
+            efficient_attention=self.efficient_attention, library=self._library,
+        )
+        if self._full_precision:
+            self.refiner.use_full_precision("the base model runs in fp32")
+        logger.info("refiner %s loaded", bundle.name)
+        return self.refiner
+
+    def release_device(self) -> None:
+        """Move every component off the compute device (the other model of a base + refiner pair runs next)."""
+        for name in list(self._on_device):
+            self._evict(name)
+
     def vae_infotext(self) -> dict[str, str]:
         """AUTOMATIC1111's `VAE hash` and `VAE` entries when a VAE file is in use."""
         from leansd.models.hashes import vae_short_hash
@@ -883,6 +948,8 @@ class Engine:
         import torch
 
         self.memory.reset_peak()
+        if self.refiner is not None:
+            self.refiner.memory.reset_peak()
         if self.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(self.device)
 
@@ -895,9 +962,11 @@ class Engine:
         return None
 
     def memory_summary(self) -> dict[str, Any]:
-        """What a result reports about memory: the accounted peak and the plan."""
+        """What a result reports about memory: the accounted peak (of the base or the refiner, never both
+        on the device at once) and the plan."""
+        refiner_peak = 0 if self.refiner is None else self.refiner.memory.peak
         return {
-            "memory_peak_bytes": self.memory.peak,
+            "memory_peak_bytes": max(self.memory.peak, refiner_peak),
             "memory_plan": None if self.plan is None else self.plan.describe(),
         }
 

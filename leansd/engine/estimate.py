@@ -175,7 +175,7 @@ def job_flops(engine: "Engine", request: "GenerationRequest") -> int:
     """FLOPs of the whole request: every UNet evaluation, VAE decode and encode, hires pass included."""
     from leansd.inputs.images import target_size
     from leansd.pipelines.steps import loop_length
-    from leansd.sampling.loop import uses_guidance
+    from leansd.sampling.denoiser import uses_guidance
 
     counter = engine.flop_counter
     bundle = engine.bundle

@@ -89,6 +89,8 @@ class A1111Request(BaseModel):
     alwayson_scripts: Optional[dict[str, Any]] = None
     send_images: Optional[bool] = True
     save_images: Optional[bool] = False
+    refiner_checkpoint: Optional[str] = None
+    refiner_switch_at: Optional[float] = None
 
 
 class Txt2ImgRequest(A1111Request):
@@ -285,6 +287,7 @@ def _common_fields(body: A1111Request, *, model_name: str, limits: Limits, libra
         switch["checkpoint"] = str(checkpoint)  # the job loads it before it starts
     if overrides.get("sd_vae") is not None:
         switch["vae"] = check_vae_option(overrides["sd_vae"], library=library, label="override_settings.sd_vae")
+    switch.update(refiner_fields(body, library=library))
     width, height = body.width, body.height  # None: the library's default (the model's native size)
     steps = defaults.DEFAULT_STEPS if body.steps is None else body.steps
     batch_size = defaults.DEFAULT_BATCH_SIZE if body.batch_size is None else body.batch_size
@@ -312,6 +315,24 @@ def _common_fields(body: A1111Request, *, model_name: str, limits: Limits, libra
         eta=defaults.DEFAULT_ETA if body.eta is None else body.eta,
         **switch,
     )
+
+
+NO_REFINER = (None, "", "None", "none")
+"""What A1111 reads as "no refiner" in refiner_checkpoint."""
+
+
+def refiner_fields(body: A1111Request, *, library: Any = None) -> dict[str, Any]:
+    """`refiner_checkpoint` (a checkpoint of the library by name or A1111 title, as sd_model_checkpoint) and
+    `refiner_switch_at` (default: the library's 0.8) -> GenerationRequest fields; {} without a refiner."""
+    name = body.refiner_checkpoint
+    if name in NO_REFINER:
+        return {}
+    entry = None if library is None else library.find_checkpoint(str(name))
+    if entry is None:
+        raise InvalidRequestError(f"refiner_checkpoint {brief(name)} is not a checkpoint of the model folder "
+                                  "(--ckpt-dir); send its name or title as listed by /sdapi/v1/sd-models, or None")
+    switch_at = defaults.DEFAULT_REFINER_SWITCH_AT if body.refiner_switch_at is None else body.refiner_switch_at
+    return {"refiner_checkpoint": str(entry.path), "refiner_switch_at": switch_at}
 
 
 def txt2img_request(body: Txt2ImgRequest, *, model_name: str, limits: Limits,

@@ -76,6 +76,7 @@ def build_parser() -> argparse.ArgumentParser:
         if task != "txt2img":
             _add_image_args(command, mask_required=task == "inpaint")
         _add_sampling_args(command)
+        _add_refiner_args(command)
         if task == "txt2img":
             _add_hires_args(command)
         _add_preview_args(command)
@@ -329,6 +330,17 @@ def _add_sampling_args(command: argparse.ArgumentParser) -> None:
     gen.add_argument("--tiling", action="store_true", help="seamless tiling: the image wraps around (textures, wallpapers)")
 
 
+def _add_refiner_args(command: argparse.ArgumentParser) -> None:
+    refiner = command.add_argument_group("SDXL refiner (ensemble of experts)")
+    refiner.add_argument("--refiner", metavar="FILE|NAME", default=None,
+                         help="an SDXL refiner (Stability's single file, a diffusers folder, or a checkpoint name "
+                         "from --ckpt-dir) that runs the last steps after the SDXL base model (default: none)")
+    refiner.add_argument("--refiner-switch-at", "--refiner_switch_at", dest="refiner_switch_at", type=_float,
+                         default=defaults.DEFAULT_REFINER_SWITCH_AT, metavar="X",
+                         help="fraction of the timesteps the base runs before the refiner takes over, above 0 "
+                         f"and at most 1 (1 = no refiner; default {defaults.DEFAULT_REFINER_SWITCH_AT:g})")
+
+
 def _add_hires_args(command: argparse.ArgumentParser) -> None:
     hires = command.add_argument_group("high-resolution second pass")
     size = hires.add_mutually_exclusive_group()
@@ -550,6 +562,7 @@ def run_generate(args: argparse.Namespace) -> int:
     if not args.model:
         raise InvalidRequestError("no model given: pass --model PATH|owner/name|tiny (or set LEANSD_MODEL)")
     library, model = _library_and_model(args)
+    refiner = _refiner_path(args, library)
     prompts = _read_prompts(args)
     _check_loras(prompts, library)
     images = _read_images(args)
@@ -591,6 +604,8 @@ def run_generate(args: argparse.Namespace) -> int:
                 tiling=args.tiling,
                 prompt_syntax=args.prompt_syntax,
                 guidance_rescale=args.guidance_rescale,
+                refiner_checkpoint=refiner,
+                refiner_switch_at=args.refiner_switch_at,
                 **images,
                 **_hires_fields(args),
                 **previews,
@@ -603,8 +618,10 @@ def run_generate(args: argparse.Namespace) -> int:
         # Checks the folder can be made; creates nothing until the first image is written.
         writer = ImageWriter(Path(args.outdir), fmt=args.fmt)
 
-    # 2. Load the model once.
+    # 2. Load the model once (and the refiner, if any).
     engine = _load_engine(args, library, model)
+    if refiner is not None and args.refiner_switch_at < 1.0:
+        engine.set_refiner(refiner)
     if random_seed_chosen:
         print(f"leansd: seed {seed} (random)", file=sys.stderr)
 
@@ -708,6 +725,21 @@ def _library_and_model(args: argparse.Namespace) -> tuple[Any, str]:
         if entry is not None:
             model = str(entry.path)
     return library, model
+
+
+def _refiner_path(args: argparse.Namespace, library: Any) -> str | None:
+    """--refiner resolved like --model (a file or folder, or a checkpoint name); None without one."""
+    from leansd.errors import InvalidRequestError
+
+    if args.refiner is None:
+        return None
+    if Path(args.refiner).expanduser().exists():
+        return str(Path(args.refiner).expanduser())
+    entry = library.find_checkpoint(args.refiner)
+    if entry is None:
+        raise InvalidRequestError(f"--refiner {args.refiner}: no such file or folder, and no checkpoint of that name "
+                                  f"in {library.folder('checkpoint')} (--ckpt-dir)")
+    return str(entry.path)
 
 
 def _check_loras(prompts: Sequence[str], library: Any) -> None:

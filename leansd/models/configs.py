@@ -268,10 +268,12 @@ def infer_unet_config(
     added: dict[str, Any] = {}
     label = unet.get("label_emb.0.0.weight")
     if label is not None and pooled_width is not None:
-        # SDXL's added conditioning: [pooled text embedding; 6 Fourier-embedded size/crop ids].
+        # SDXL's added conditioning: [pooled text embedding; 6 Fourier-embedded size/crop ids]
+        # (the refiner: 5, the aesthetic score in place of the target size).
+        ids = spec.time_ids if spec is not None and spec.time_ids else 6
         added = {
             "addition_embed_type": "text_time",
-            "addition_time_embed_dim": (int(label[1]) - pooled_width) // 6,
+            "addition_time_embed_dim": (int(label[1]) - pooled_width) // ids,
             "projection_class_embeddings_input_dim": int(label[1]),
         }
     return {

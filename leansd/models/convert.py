@@ -367,12 +367,15 @@ def penultimate_text_encoder(text_encoder: "Any") -> "CLIPTextModel":
 
 SGM_CLIP_L_PREFIX = "conditioner.embedders.0.transformer."
 SGM_BIG_G_PREFIX = "conditioner.embedders.1.model."
+SGM_REFINER_BIG_G_PREFIX = "conditioner.embedders.0.model."
+"""The SDXL refiner's only text encoder (OpenCLIP-bigG) in its single file."""
 
 
 def diffusers_to_sgm(
-    unet: "UNet2DConditionModel", vae: "AutoencoderKL", text_encoder: "CLIPTextModel", text_encoder_2: Any
+    unet: "UNet2DConditionModel", vae: "AutoencoderKL", text_encoder: "CLIPTextModel | None", text_encoder_2: Any
 ) -> dict[str, "torch.Tensor"]:
-    """One state dict in Stability's SDXL base single-file (sgm) layout.
+    """One state dict in Stability's SDXL base single-file (sgm) layout (``text_encoder=None``: the
+    refiner's, whose only embedder, OpenCLIP-bigG, is ``conditioner.embedders.0.model.*``).
 
     ``model.diffusion_model.*`` (UNet, ``label_emb`` for the added conditioning),
     ``first_stage_model.*`` (VAE), ``conditioner.embedders.0.transformer.text_model.*`` (CLIP-L, with
@@ -392,6 +395,9 @@ def diffusers_to_sgm(
     vae_names = vae_key_map(list(vae_sd), num_levels=len(vae.config.block_out_channels))
     out: dict[str, torch.Tensor] = {unet_names[k]: v for k, v in unet_sd.items()}
     out.update({vae_names[k]: as_conv(k, v) for k, v in vae_sd.items()})
+    if text_encoder is None:
+        out.update(transformers_to_open_clip(text_encoder_2.state_dict(), prefix=SGM_REFINER_BIG_G_PREFIX))
+        return out
     prefix = SGM_CLIP_L_PREFIX + TEXT_MODEL_LEVEL
     out.update({prefix + k: v for k, v in text_encoder.state_dict().items()})
     positions = int(text_encoder.config.max_position_embeddings)
@@ -401,11 +407,13 @@ def diffusers_to_sgm(
 
 
 def sgm_to_diffusers(
-    sd: Mapping[str, "torch.Tensor"], *, unet_config: Mapping[str, Any], vae_config: Mapping[str, Any]
+    sd: Mapping[str, "torch.Tensor"], *, unet_config: Mapping[str, Any], vae_config: Mapping[str, Any],
+    big_g_prefix: str = SGM_BIG_G_PREFIX,
 ) -> tuple[dict[str, "torch.Tensor"], dict[str, "torch.Tensor"], dict[str, "torch.Tensor"], dict[str, "torch.Tensor"]]:
     """Split an SDXL base (sgm layout) state dict into (unet, vae, text encoder, text encoder 2) state dicts.
 
-    Renamed, not copied (views where layouts differ), as :func:`ldm_to_diffusers`.
+    Renamed, not copied (views where layouts differ), as :func:`ldm_to_diffusers`. A refiner
+    (``big_g_prefix=SGM_REFINER_BIG_G_PREFIX``) has no CLIP-L: its text encoder state dict is empty.
     """
     from diffusers.loaders.single_file_utils import convert_ldm_unet_checkpoint, convert_ldm_vae_checkpoint
 
@@ -420,4 +428,4 @@ def sgm_to_diffusers(
             name = name[len(TEXT_MODEL_LEVEL) :] if name.startswith(TEXT_MODEL_LEVEL) else name
             if name != POSITION_IDS:
                 text[name] = value
-    return unet, vae, text, open_clip_to_transformers(sd, prefix=SGM_BIG_G_PREFIX)
+    return unet, vae, text, open_clip_to_transformers(sd, prefix=big_g_prefix)

@@ -89,7 +89,9 @@ class FamilySpec:
     pooled_output: bool
     """The UNet receives a pooled text embedding (SDXL)."""
     added_conditioning: str | None
-    """Extra UNet inputs besides the text: None, or ``text_time`` (SDXL size and crop ids)."""
+    """Extra UNet inputs besides the text: None, ``text_time`` (SDXL base: size and crop ids with the
+    pooled text embedding) or ``text_time_aesthetic`` (SDXL refiner: original size, crop and an
+    aesthetic score)."""
     context_width: int
     """Width of the UNet's cross-attention context (all text encoders' hidden states together)."""
     vae_scaling_factor: float
@@ -111,6 +113,8 @@ class FamilySpec:
     the encoded empty text: SDXL, as AUTOMATIC1111 (``force_zero_negative_prompt``) and diffusers'
     ``force_zeros_for_empty_prompt``."""
     components: tuple[Component, ...] = COMPONENTS
+    refiner: bool = False
+    """An SDXL refiner: it runs the last steps of an SDXL base's schedule (ensemble of experts), never alone."""
 
     @property
     def label(self) -> str:
@@ -120,6 +124,11 @@ class FamilySpec:
     def latent_preview(self) -> "LatentPreview":
         """Latent -> RGB preview factors and the matching TAESD (see ``ModelFamily.latent_preview``)."""
         return self.family.latent_preview
+
+    @property
+    def time_ids(self) -> int:
+        """How many ids the added conditioning sends beside the pooled embedding (0 without one)."""
+        return {"text_time": 6, "text_time_aesthetic": 5}.get(self.added_conditioning or "", 0)
 
     @property
     def text_hidden(self) -> int:
@@ -247,7 +256,9 @@ _SDXL_REFINER = FamilySpec(
     **{
         **_SDXL.__dict__,
         "family": ModelFamily.SDXL_REFINER,
-        "supported": False,
+        "supported": False,  # not as a base model: it runs the last steps after an SDXL base
+        "refiner": True,
+        "added_conditioning": "text_time_aesthetic",
         "text_encoders": (REFINER_BIG_G,),
         "context_width": 1280,
         "unet_parameters": 2_259_526_660,

@@ -280,12 +280,27 @@ def detect_family_diffusers(folder: str | os.PathLike[str]) -> ModelFamily:
     return ModelFamily.UNKNOWN
 
 
-def require_supported(family: ModelFamily, source: str) -> None:
-    """Raise ``UnsupportedModelError`` (one line naming the family) unless leansd can run it."""
+def require_supported(family: ModelFamily, source: str, *, refiner: bool = False) -> None:
+    """Raise ``UnsupportedModelError`` (one line naming the family) unless leansd can run it as a base
+    model (``refiner=True``: as an SDXL refiner)."""
     from leansd.models.families import FAMILIES  # the descriptions say which families run
 
-    if family in FAMILIES and FAMILIES[family].supported:
+    spec = FAMILIES.get(family)
+    if refiner:
+        if spec is not None and spec.refiner:
+            return
+        what = "an unrecognised" if family is ModelFamily.UNKNOWN else f"an {family.label}"
+        raise UnsupportedModelError(
+            f"{source}: recognised {what} checkpoint, not an SDXL refiner; a refiner is Stability's SDXL refiner "
+            "single file (only the OpenCLIP-bigG text encoder) or its diffusers folder (only text_encoder_2)"
+        )
+    if spec is not None and spec.supported:
         return
+    if spec is not None and spec.refiner:
+        raise UnsupportedModelError(
+            f"{source}: recognised an SDXL refiner checkpoint, which cannot be used as the base model; "
+            "load an SDXL base and give this file as the refiner (--refiner, HTTP refiner_checkpoint)"
+        )
     supported = "leansd supports SD 1.x and SD 2.x checkpoints (incl. 9-channel inpainting) and SDXL base for now"
     if family is ModelFamily.UNKNOWN:
         raise UnsupportedModelError(

@@ -56,8 +56,10 @@ _IGNORED_PREFIXES = ("first_stage_model.loss.",)
 _IGNORED_KEYS = (LDM_OPEN_CLIP_PREFIX + "logit_scale", LDM_OPEN_CLIP_PREFIX + "attn_mask")
 
 
-def load_model(spec: str | os.PathLike[str], *, prediction_type: str | None = None) -> ModelBundle:
+def load_model(spec: str | os.PathLike[str], *, prediction_type: str | None = None, refiner: bool = False) -> ModelBundle:
     """Load ``spec``: "tiny", a ``.safetensors``/``.ckpt`` file, a diffusers folder or a hub id.
+
+    ``refiner=True`` loads an SDXL refiner (and refuses anything else); without it a refiner is refused.
 
     ``prediction_type`` ("epsilon" or "v_prediction") overrides what the model says it predicts
     (see :mod:`leansd.models.prediction` for how that is told otherwise).
@@ -69,18 +71,22 @@ def load_model(spec: str | os.PathLike[str], *, prediction_type: str | None = No
     explicit = normalise_prediction_type(prediction_type)
     text = os.fspath(spec)
     if text == TINY_SPEC:
+        if refiner:
+            from leansd.errors import UnsupportedModelError
+
+            raise UnsupportedModelError("tiny: the tiny test model is SD 1.x, not an SDXL refiner")
         bundle = load_tiny()
         if explicit is not None:
             bundle.scheduler_config["prediction_type"] = explicit
         return bundle
     path = Path(text).expanduser()
     if path.is_file():
-        return load_single_file(path, prediction_type=explicit)
+        return load_single_file(path, prediction_type=explicit, refiner=refiner)
     if path.is_dir():
-        return load_diffusers_folder(path, prediction_type=explicit)
+        return load_diffusers_folder(path, prediction_type=explicit, refiner=refiner)
     if hub.is_hub_id(text):
         folder = hub.download_diffusers_model(text, token=hub.hf_token())
-        return load_diffusers_folder(folder, name=text, source=text, prediction_type=explicit)
+        return load_diffusers_folder(folder, name=text, source=text, prediction_type=explicit, refiner=refiner)
     raise ModelLoadError(
         f"{text}: no such file or folder (expected a .safetensors/.ckpt file, a diffusers folder, "
         "a hub id like owner/name, or 'tiny')"
@@ -108,13 +114,16 @@ def load_tiny(*, seed: int = 0) -> ModelBundle:
     )
 
 
-def load_single_file(path: str | os.PathLike[str], *, prediction_type: str | None = None) -> ModelBundle:
-    """Load an original-layout SD 1.x/2.x ``.safetensors``/``.ckpt`` (memory-mapped, not copied)."""
+def load_single_file(
+    path: str | os.PathLike[str], *, prediction_type: str | None = None, refiner: bool = False
+) -> ModelBundle:
+    """Load an original-layout SD 1.x/2.x/SDXL ``.safetensors``/``.ckpt`` (memory-mapped, not copied)."""
     from leansd.models.checkpoint import model_hash, read_state_dict
 
     p = Path(path)
     sd = read_state_dict(p)
-    bundle = bundle_from_state_dict(sd, source=str(p), name=p.stem, path=p, prediction_type=prediction_type)
+    bundle = bundle_from_state_dict(sd, source=str(p), name=p.stem, path=p, prediction_type=prediction_type,
+                                    refiner=refiner)
     bundle.hash = model_hash(p)
     return bundle
 
@@ -126,6 +135,7 @@ def bundle_from_state_dict(
     name: str,
     path: str | os.PathLike[str] | None = None,
     prediction_type: str | None = None,
+    refiner: bool = False,
 ) -> ModelBundle:
     """Build the bundle from an original-layout state dict; its tensors are used in place.
 
@@ -144,8 +154,11 @@ def bundle_from_state_dict(
 
     shapes = state_dict_summary(sd)
     family = detect_family(shapes, source=source)
-    require_supported(family, source)
+    require_supported(family, source, refiner=refiner)
     spec = describe(family)
+    if family is ModelFamily.SDXL_REFINER:
+        return _sdxl_from_state_dict(sd, shapes, spec=spec, source=source, name=name, path=path,
+                                     prediction_type=prediction_type)
     if family is ModelFamily.SDXL:
         conv_in = shapes.get(LDM_UNET_PREFIX + "input_blocks.0.0.weight")
         if conv_in is not None and len(conv_in) == 4 and conv_in[1] != 4:
@@ -218,17 +231,19 @@ def _sdxl_from_state_dict(
     path: str | os.PathLike[str] | None,
     prediction_type: str | None,
 ) -> ModelBundle:
-    """An SDXL base single file in Stability's (sgm) layout; tensors used in place as for SD 1.x/2.x."""
+    """An SDXL base or refiner single file in Stability's (sgm) layout; tensors used in place as for SD 1.x/2.x.
+
+    A refiner's bundle holds its one text encoder (OpenCLIP-bigG) as ``text_encoder``."""
     import accelerate
     from diffusers import AutoencoderKL, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
-    from leansd.models.convert import SGM_BIG_G_PREFIX, SGM_CLIP_L_PREFIX, diffusers_to_sgm, sgm_to_diffusers
+    from leansd.models.convert import SGM_CLIP_L_PREFIX, diffusers_to_sgm, sgm_to_diffusers
 
-    clip_l, big_g = spec.text_encoders
+    clip_l, big_g = (None, spec.text_encoders[0]) if spec.refiner else spec.text_encoders
     try:
         text_config_2 = infer_open_clip_config(shapes, prefix=big_g.original_prefix, activation=big_g.activation)
-        text_config = infer_text_config(shapes, prefix=clip_l.original_prefix)
+        text_config = None if clip_l is None else infer_text_config(shapes, prefix=clip_l.original_prefix)
         unet_config = infer_unet_config(shapes, spec=spec, pooled_width=int(text_config_2["projection_dim"]))
         vae_config = infer_vae_config(shapes, scaling_factor=spec.vae_scaling_factor)
     except ModelLoadError as e:
@@ -237,21 +252,29 @@ def _sdxl_from_state_dict(
         with accelerate.init_empty_weights(include_buffers=False):
             unet = UNet2DConditionModel(**unet_config)
             vae = AutoencoderKL(**vae_config)
-            text_encoder = CLIPTextModel(CLIPTextConfig(**text_config))
+            text_encoder = None if text_config is None else CLIPTextModel(CLIPTextConfig(**text_config))
             text_encoder_2 = CLIPTextModelWithProjection(CLIPTextConfig(**text_config_2))
     expected = set(diffusers_to_sgm(unet, vae, text_encoder, text_encoder_2))
-    _check_keys(sd, expected, source, family=spec, prefixes=(LDM_UNET_PREFIX, LDM_VAE_PREFIX, SGM_CLIP_L_PREFIX,
-                                                              SGM_BIG_G_PREFIX))
-    unet_sd, vae_sd, text_sd, text_sd_2 = sgm_to_diffusers(sd, unet_config=unet_config, vae_config=vae_config)
+    text_prefixes = (big_g.original_prefix,) if clip_l is None else (SGM_CLIP_L_PREFIX, big_g.original_prefix)
+    _check_keys(sd, expected, source, family=spec, prefixes=(LDM_UNET_PREFIX, LDM_VAE_PREFIX, *text_prefixes))
+    unet_sd, vae_sd, text_sd, text_sd_2 = sgm_to_diffusers(sd, unet_config=unet_config, vae_config=vae_config,
+                                                           big_g_prefix=big_g.original_prefix)
     _assign(unet, unet_sd, source=source, part="UNet")
     _assign(vae, vae_sd, source=source, part="VAE")
-    _assign(text_encoder, text_sd, source=source, part="text encoder")
-    _assign(text_encoder_2, text_sd_2, source=source, part="second text encoder")
+    if text_encoder is not None:
+        _assign(text_encoder, text_sd, source=source, part="text encoder")
+    _assign(text_encoder_2, text_sd_2, source=source, part="second text encoder" if clip_l else "text encoder")
     unet = _frozen(unet)
     scheduler_config, default_size = _single_file_schedule(
         sd, spec=spec, unet=unet, path=path, explicit=prediction_type, source=source,
         full_size=int(unet_config["block_out_channels"][0]) >= SD1_UNET_MODEL_CHANNELS,
     )
+    if clip_l is None:  # the refiner: bigG alone, as the bundle's text encoder
+        return ModelBundle(
+            unet=unet, vae=_frozen(vae), text_encoder=_frozen(text_encoder_2),
+            tokenizer=_bundled_tokenizer(pad_token=big_g.pad_token), family=spec.family, name=name, source=source,
+            hash=None, scheduler_config=scheduler_config, default_size=default_size, text_layer=big_g.layer,
+        )
     return ModelBundle(
         unet=unet,
         vae=_frozen(vae),
@@ -311,10 +334,12 @@ def load_diffusers_folder(
     name: str | None = None,
     source: str | None = None,
     prediction_type: str | None = None,
+    refiner: bool = False,
 ) -> ModelBundle:
     """Load a diffusers ``StableDiffusionPipeline`` folder (safetensors preferred, no network).
 
-    ``prediction_type`` overrides the one in ``scheduler/scheduler_config.json``."""
+    ``prediction_type`` overrides the one in ``scheduler/scheduler_config.json``. ``refiner``: load an
+    SDXL refiner folder (``text_encoder_2`` only; the bundle holds it as its text encoder)."""
     import torch
     from diffusers import AutoencoderKL, UNet2DConditionModel
     from transformers import CLIPTextModel, CLIPTextModelWithProjection
@@ -326,15 +351,19 @@ def load_diffusers_folder(
             f"{label}: a folder without model_index.json is not a diffusers model "
             "(expected a .safetensors/.ckpt file, a diffusers folder, a hub id like owner/name, or 'tiny')"
         )
-    missing = [part for part in DIFFUSERS_PARTS if not (root / part / "config.json").is_file()]
+    refiner_folder = (root / "text_encoder_2" / "config.json").is_file() and not (root / "text_encoder").exists()
+    parts = [p for p in DIFFUSERS_PARTS if not (refiner_folder and p == "text_encoder")]
+    missing = [part for part in parts if not (root / part / "config.json").is_file()]
     if missing:
         raise ModelLoadError(
             f"{label}: incomplete diffusers model folder: missing {', '.join(p + '/' for p in missing)}"
         )
     family = detect_family_diffusers(root)
-    require_supported(family, label)
+    require_supported(family, label, refiner=refiner)
     spec = describe(family)
     text_spec = spec.text_encoders[0]
+    if spec.refiner:
+        return _refiner_folder(root, label=label, name=name, spec=spec, prediction_type=prediction_type)
 
     common: dict[str, Any] = dict(local_files_only=True)
     with _model_errors(label, "unet/"):
@@ -382,6 +411,43 @@ def load_diffusers_folder(
         text_encoder_2=None if text_encoder_2 is None else _frozen(text_encoder_2),
         tokenizer_2=tokenizer_2,
         text_layer=text_spec.folder_layer,
+    )
+
+
+def _refiner_folder(
+    root: Path, *, label: str, name: str | None, spec: FamilySpec, prediction_type: str | None
+) -> ModelBundle:
+    """An SDXL refiner diffusers folder: unet/, vae/, text_encoder_2/ (OpenCLIP-bigG) and tokenizer_2/."""
+    import torch
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from transformers import CLIPTextModelWithProjection
+
+    big_g = spec.text_encoders[0]
+    if not (root / big_g.subfolder / "config.json").is_file():
+        raise ModelLoadError(f"{label}: incomplete {spec.label} diffusers folder: missing {big_g.subfolder}/")
+    common: dict[str, Any] = dict(local_files_only=True)
+    with _model_errors(label, "unet/"):
+        unet = UNet2DConditionModel.from_pretrained(root, subfolder="unet", torch_dtype=torch.float32, **common)
+    with _model_errors(label, "vae/"):
+        vae = AutoencoderKL.from_pretrained(root, subfolder="vae", torch_dtype=torch.float32, **common)
+    with _model_errors(label, f"{big_g.subfolder}/"):
+        text_encoder = CLIPTextModelWithProjection.from_pretrained(
+            root, subfolder=big_g.subfolder, dtype=torch.float32, **common)
+    for module in (unet, vae, text_encoder):
+        _check_materialised(module, source=label)
+    if int(unet.config.in_channels) != 4:
+        from leansd.errors import UnsupportedModelError
+
+        raise UnsupportedModelError(f"{label}: a {unet.config.in_channels}-channel SDXL refiner is not supported")
+    scheduler_config = _folder_schedule(root)
+    if prediction_type is not None:
+        scheduler_config["prediction_type"] = prediction_type
+    return ModelBundle(
+        unet=_frozen(unet), vae=_frozen(vae), text_encoder=_frozen(text_encoder),
+        tokenizer=_folder_tokenizer(root / "tokenizer_2", pad_token=big_g.pad_token), family=spec.family,
+        name=name or root.name, source=label, hash=None, scheduler_config=scheduler_config,
+        default_size=int(unet.config.sample_size) * 2 ** (len(vae.config.block_out_channels) - 1),
+        text_layer=big_g.folder_layer,
     )
 
 

@@ -101,7 +101,14 @@ TINY_SDXL_UNET_CONFIG = dict(
 )
 TINY_SDXL_VAE_CONFIG = dict(TINY_VAE_CONFIG, scaling_factor=describe(ModelFamily.SDXL).vae_scaling_factor)
 TINY_SDXL_TEXT_2_CONFIG = dict(TINY_SD2_TEXT_CONFIG)
-TINY_FAMILIES = (ModelFamily.SD1, ModelFamily.SD2, ModelFamily.SDXL)
+# SDXL refiner: the bigG-shaped encoder alone (32 wide, so a 32-wide context), its pooled output
+# beside five ids (original size, crop, aesthetic score).
+TINY_SDXL_REFINER_UNET_CONFIG = dict(
+    TINY_SDXL_UNET_CONFIG,
+    cross_attention_dim=32,
+    projection_class_embeddings_input_dim=8 * 5 + 32,
+)
+TINY_FAMILIES = (ModelFamily.SD1, ModelFamily.SD2, ModelFamily.SDXL, ModelFamily.SDXL_REFINER)
 
 
 @dataclass
@@ -128,8 +135,11 @@ def build_tiny_components(
 
     if family not in TINY_FAMILIES:
         raise ValueError(f"no tiny {family.label} model; tiny families: {', '.join(f.value for f in TINY_FAMILIES)}")
-    sd2, sdxl = family is ModelFamily.SD2, family is ModelFamily.SDXL
+    refiner = family is ModelFamily.SDXL_REFINER
+    sd2, sdxl = family is ModelFamily.SD2, family in (ModelFamily.SDXL, ModelFamily.SDXL_REFINER)
     unet_config = TINY_SD2_UNET_CONFIG if sd2 else TINY_SDXL_UNET_CONFIG if sdxl else TINY_UNET_CONFIG
+    if refiner:
+        unet_config = TINY_SDXL_REFINER_UNET_CONFIG
     text_encoder: Any
     text_encoder_2 = None
     # Construction draws from the global RNG; fork it so the caller's random state is untouched
@@ -137,7 +147,9 @@ def build_tiny_components(
     with torch.random.fork_rng(devices=[]):
         unet = UNet2DConditionModel(**{**unet_config, "in_channels": 9 if inpainting else 4})
         vae = AutoencoderKL(**(TINY_SDXL_VAE_CONFIG if sdxl else TINY_VAE_CONFIG))
-        if sd2:
+        if refiner:  # the refiner's only encoder, in the second place as diffusers names it
+            text_encoder = None
+        elif sd2:
             text_encoder = CLIPTextModelWithProjection(CLIPTextConfig(**TINY_SD2_TEXT_CONFIG))
         else:
             text_encoder = CLIPTextModel(CLIPTextConfig(**TINY_TEXT_CONFIG))
@@ -145,7 +157,7 @@ def build_tiny_components(
             text_encoder_2 = CLIPTextModelWithProjection(CLIPTextConfig(**TINY_SDXL_TEXT_2_CONFIG))
     # Default inits leave some layers at exactly zero (conv_out etc.); give every tensor
     # non-trivial values so the pipelines show real differences between settings.
-    generator = torch.Generator().manual_seed(seed * 1000 + (5 if sd2 else 6 if sdxl else 4))
+    generator = torch.Generator().manual_seed(seed * 1000 + (5 if sd2 else 7 if refiner else 6 if sdxl else 4))
     modules = [m for m in (unet, vae, text_encoder, text_encoder_2) if m is not None]
     with torch.no_grad():
         for module in modules:
@@ -189,7 +201,7 @@ def write_tiny_single_file(
         raise ValueError(f"{target}: expected a .safetensors or .ckpt file name")
     tiny = build_tiny_components(seed=seed, family=family, inpainting=inpainting)
     layout = describe(family).text_encoders[0].layout
-    if family is ModelFamily.SDXL:
+    if family in (ModelFamily.SDXL, ModelFamily.SDXL_REFINER):
         from leansd.models.convert import diffusers_to_sgm
 
         original = diffusers_to_sgm(tiny.unet, tiny.vae, tiny.text_encoder, tiny.text_encoder_2)
@@ -220,7 +232,10 @@ def write_pipeline_files(
     from leansd.models.tokenizer import bundled_tokenizer, save_tokenizer
 
     spec = describe(family)
-    save_tokenizer(bundled_tokenizer(pad_token=spec.text_encoders[0].pad_token), root / "tokenizer")
+    if spec.refiner:  # one tokenizer, for text_encoder_2
+        save_tokenizer(bundled_tokenizer(pad_token=spec.text_encoders[0].pad_token), root / "tokenizer_2")
+    else:
+        save_tokenizer(bundled_tokenizer(pad_token=spec.text_encoders[0].pad_token), root / "tokenizer")
     if len(spec.text_encoders) > 1:
         save_tokenizer(bundled_tokenizer(pad_token=spec.text_encoders[1].pad_token), root / "tokenizer_2")
     config = dict(SD1_SCHEDULER_CONFIG, prediction_type=prediction_type)
@@ -237,7 +252,19 @@ def write_pipeline_files(
         "unet": ["diffusers", "UNet2DConditionModel"],
         "vae": ["diffusers", "AutoencoderKL"],
     }
-    if len(spec.text_encoders) > 1:
+    if spec.refiner:
+        for key in ("feature_extractor", "safety_checker", "requires_safety_checker"):
+            index.pop(key)
+        index.update({
+            "_class_name": "StableDiffusionXLImg2ImgPipeline",
+            "force_zeros_for_empty_prompt": False,
+            "requires_aesthetics_score": True,
+            "text_encoder": [None, None],
+            "tokenizer": [None, None],
+            "text_encoder_2": ["transformers", "CLIPTextModelWithProjection"],
+            "tokenizer_2": ["transformers", "CLIPTokenizer"],
+        })
+    elif len(spec.text_encoders) > 1:
         for key in ("feature_extractor", "safety_checker", "requires_safety_checker"):
             index.pop(key)
         index.update({
@@ -273,8 +300,9 @@ def write_tiny_diffusers_folder(
     tiny.unet.save_pretrained(root / "unet", safe_serialization=True)
     tiny.vae.save_pretrained(root / "vae", safe_serialization=True)
     spec = describe(family).text_encoders[0]
-    text_encoder = penultimate_text_encoder(tiny.text_encoder) if spec.layout == OPEN_CLIP else tiny.text_encoder
-    text_encoder.save_pretrained(root / "text_encoder", safe_serialization=True)
+    if tiny.text_encoder is not None:
+        text_encoder = penultimate_text_encoder(tiny.text_encoder) if spec.layout == OPEN_CLIP else tiny.text_encoder
+        text_encoder.save_pretrained(root / "text_encoder", safe_serialization=True)
     if tiny.text_encoder_2 is not None:
         tiny.text_encoder_2.save_pretrained(root / "text_encoder_2", safe_serialization=True)
     if prediction_type is None:

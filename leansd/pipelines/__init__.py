@@ -32,6 +32,8 @@ def generate(
         engine.switch_model(request.checkpoint)  # in the job: a switch never races a generation
     if request.vae is not None:
         engine.set_vae_choice(request.vae)
+    if request.refiner_checkpoint is not None and request.refiner_switch_at < 1.0:
+        engine.set_refiner(request.refiner_checkpoint)  # loaded once; the same name again is a no-op
     engine.apply_prompt_networks(request.prompt)  # <lora:...> tags: applied before any weight is used
     check_decoders(engine, request)
     task = {"txt2img": txt2img, "img2img": img2img, "inpaint": inpaint}[request.task]

@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
-from typing import TYPE_CHECKING, Callable
+from typing import TYPE_CHECKING, Any, Callable, Iterator
 
 import leansd
 from leansd.errors import InvalidRequestError
@@ -18,9 +19,15 @@ if TYPE_CHECKING:
     from leansd.errors import NonFiniteError
     from leansd.prompts.conditioning import ConditioningPlan
     from leansd.request import GenerationRequest, GenerationResult, ProgressEvent
+    from leansd.sampling.denoiser import AddedConditioning, Denoiser
     from leansd.sampling.loop import StepState
 
 logger = logging.getLogger(__name__)
+
+AESTHETIC_SCORE = 6.0
+"""The refiner's aesthetic-score conditioning for the prompt (diffusers' and AUTOMATIC1111's default)."""
+NEGATIVE_AESTHETIC_SCORE = 2.5
+"""... and for the negative prompt."""
 
 
 def resolve_size(engine: "Engine", request: "GenerationRequest") -> tuple[int, int]:
@@ -60,6 +67,14 @@ class PromptConditioning:
         self._plans: dict[tuple[int, int, int | None], "ConditioningPlan"] = {}
         self.base_steps: int | None = None
         """Set on the copy a hires-fix second pass uses (:meth:`for_second_pass`)."""
+        self._refiner: "PromptConditioning | None" = None
+
+    def for_refiner(self, refiner: "Engine") -> "PromptConditioning":
+        """The same prompts encoded for the SDXL refiner's text encoder (same syntax, emphasis and cache)."""
+        if self._refiner is None or self._refiner.engine is not refiner:
+            self._refiner = PromptConditioning(refiner, self.request)
+        self._refiner.base_steps = self.base_steps
+        return self._refiner
 
     def for_second_pass(self) -> "PromptConditioning":
         """The same prompts for a hires-fix second pass: A1111 counts its edits on from the first pass."""
@@ -68,6 +83,7 @@ class PromptConditioning:
 
         second = PromptConditioning(self.engine, self.request)
         second._plans = self._plans  # one store, so summary() covers both passes (keys differ)
+        second._refiner = None if self._refiner is None else self._refiner.for_second_pass()
         second.base_steps = schedule_steps(
             self.request.num_inference_steps, second_order=get_sampler(self.request.sampler).second_order
         )
@@ -116,6 +132,8 @@ class PromptConditioning:
     def clear(self) -> None:
         """Forget the encoded plans (the engine's dtype changed): the next `plan` encodes again."""
         self._plans.clear()
+        if self._refiner is not None:
+            self._refiner.clear()
 
     def summary(self) -> dict[str, object]:
         """What the CLI reports: syntax, 77-token chunks used, prompt-cache hits/misses."""
@@ -133,20 +151,34 @@ class PromptConditioning:
 def pooled_width(engine: "Engine") -> int | None:
     """Width of the pooled text embedding the family conditions on (SDXL: bigG's projection), else None."""
     bundle = engine.bundle
-    if not bundle.description.pooled_output or bundle.text_encoder_2 is None:
+    if not bundle.description.pooled_output:
         return None
-    return int(bundle.text_encoder_2.config.projection_dim)
+    encoder: Any = bundle.text_encoder_2 if bundle.text_encoder_2 is not None else bundle.text_encoder  # refiner: bigG
+    return int(encoder.config.projection_dim)
 
 
-def size_ids(engine: "Engine", *, width: int, height: int) -> "torch.Tensor | None":
-    """SDXL's added size conditioning (1, 6): original size = target size = (H, W), crop (0, 0), as
-    AUTOMATIC1111 and diffusers do by default; None for families without it."""
+def added_conditioning(engine: "Engine", *, width: int, height: int) -> "AddedConditioning | None":
+    """The family's added UNet conditioning for an image of this size (None for families without one).
+
+    SDXL base: original size = target size = (H, W), crop (0, 0), as AUTOMATIC1111 and diffusers do
+    by default. SDXL refiner: original size (H, W), crop (0, 0) and the aesthetic score, 6.0 for the
+    prompt and 2.5 for the negative prompt (diffusers' and AUTOMATIC1111's defaults).
+    """
     import torch
 
-    if engine.bundle.description.added_conditioning != "text_time":
+    from leansd.sampling.denoiser import AddedConditioning
+
+    kind = engine.bundle.description.added_conditioning
+    if kind is None:
         return None
-    values = [height, width, 0, 0, height, width]
-    return torch.tensor([values], device=engine.device, dtype=engine.dtype)  # (1, 6)
+
+    def ids(values: list[float]) -> "torch.Tensor":
+        return torch.tensor([values], device=engine.device, dtype=engine.dtype)  # (1, N)
+
+    if kind == "text_time_aesthetic":
+        return AddedConditioning(ids([height, width, 0, 0, AESTHETIC_SCORE]),
+                                 ids([height, width, 0, 0, NEGATIVE_AESTHETIC_SCORE]))
+    return AddedConditioning(ids([height, width, 0, 0, height, width]))
 
 
 def unet_passes(engine: "Engine", request: "GenerationRequest") -> int:
@@ -173,7 +205,7 @@ def plan_batches(engine: "Engine", request: "GenerationRequest", *, width: int, 
 
 def encode_conditioning(engine: "Engine", request: "GenerationRequest", *, steps: int) -> PromptConditioning:
     """Parse and encode the prompts for a first run of `steps` loop steps (later runs reuse them)."""
-    from leansd.sampling.loop import uses_guidance
+    from leansd.sampling.denoiser import uses_guidance
 
     if request.negative_prompt and not uses_guidance(request.guidance_scale, engine.bundle.unet):
         logger.warning("the negative prompt has no effect: guidance is off at CFG scale %g (<= 1)", request.guidance_scale)
@@ -261,35 +293,86 @@ def run_denoise(
     after_step: Callable[[int, "torch.Tensor"], "torch.Tensor"] | None = None,
     on_step: Callable[["StepState"], None] | None = None,
 ) -> "torch.Tensor":
-    """The sampling loop for one batch (its size is len(generators)); returns clean latents."""
-    from leansd.sampling.loop import denoise, uses_guidance
+    """The sampling loop for one batch (its size is len(generators)); returns clean latents.
+
+    With an SDXL refiner in the request (ensemble of experts, as diffusers' ``denoising_end`` /
+    ``denoising_start`` and AUTOMATIC1111): the base runs the timesteps at or above the switch point,
+    the refiner the rest, on the same latents with the same scheduler (and its state).
+    """
+    from leansd.sampling.loop import denoise
 
     if extra_channels is None and engine.bundle.is_inpainting:
         extra_channels = whole_image_conditioning(engine, latents)
-    # A1111 schedules prompt edits over all the run's steps, counted from the first loop step.
-    plan = text.plan(len(scheduler.timesteps if timesteps is None else timesteps),
-                     steps=getattr(scheduler, "num_inference_steps", None))
-    # UNet passes per step: the negative plus every AND part when guided (as the loop batches them).
-    guided = uses_guidance(request.guidance_scale, engine.bundle.unet) or plan.is_composable
-    passes = 1 + plan.max_parts if guided else plan.max_parts
+    if timesteps is None:
+        timesteps = scheduler.timesteps
+    total = len(timesteps)
+    refiner = active_refiner(engine, request)
+    split = total if refiner is None else refiner_split(scheduler, timesteps, switch_at=request.refiner_switch_at)
+    inference_steps = getattr(scheduler, "num_inference_steps", None)
     factor = engine.bundle.vae_scale_factor
     batch, _, h, w = latents.shape
-    with engine.unet_stage(width=w * factor, height=h * factor, batch=batch, passes=passes) as unet, engine.compute():
-        return denoise(
-            unet=unet,
-            scheduler=scheduler,
-            latents=latents,
-            plan=plan,
-            guidance_scale=request.guidance_scale,
-            generators=generators,
-            eta=request.eta,
-            timesteps=timesteps,
-            extra_channels=extra_channels,
-            after_step=after_step,
-            on_step=on_step,
-            guidance_rescale=request.guidance_rescale,
-            time_ids=size_ids(engine, width=w * factor, height=h * factor),
-        )
+    width, height = w * factor, h * factor
+    if split > 0:
+        # A1111 schedules prompt edits over all the run's steps, counted from the first loop step.
+        plan = text.plan(total, steps=inference_steps)
+        with unet_denoiser(engine, request, plan=plan, width=width, height=height, batch=batch,
+                           extra_channels=extra_channels) as denoiser, engine.compute():
+            latents = denoise(denoiser=denoiser, scheduler=scheduler, latents=latents, generators=generators,
+                              eta=request.eta, timesteps=timesteps[:split], total=total, after_step=after_step,
+                              on_step=on_step)
+    if split == total or refiner is None:
+        return latents
+    engine.release_device()  # the base makes room for the refiner (one shared budget)
+    if not engine.reduced_precision and refiner.reduced_precision:
+        refiner.use_full_precision("the base model switched to fp32")
+    refiner_plan = text.for_refiner(refiner).plan(total, steps=inference_steps)
+    with unet_denoiser(refiner, request, plan=refiner_plan, width=width, height=height, batch=batch) as denoiser, \
+            refiner.compute():
+        latents = denoise(denoiser=denoiser, scheduler=scheduler, latents=latents.to(refiner.dtype),
+                          generators=generators, eta=request.eta, timesteps=timesteps[split:], first_step=split,
+                          total=total, after_step=after_step, on_step=on_step)
+    refiner.release_device()  # and hands the device back for the base's VAE and next batch
+    return latents.to(engine.dtype)
+
+
+def active_refiner(engine: "Engine", request: "GenerationRequest") -> "Engine | None":
+    """The refiner's engine when the request uses one (a refiner checkpoint and a switch point below 1)."""
+    if request.refiner_checkpoint is None or request.refiner_switch_at >= 1.0:
+        return None
+    if engine.refiner is None:
+        raise InvalidRequestError("the request names a refiner but none is loaded (Engine.set_refiner)")
+    return engine.refiner
+
+
+def refiner_split(scheduler: "SchedulerMixin", timesteps: "torch.Tensor", *, switch_at: float) -> int:
+    """How many of `timesteps` the base runs: those at or above the cutoff (1 - switch_at) * T, T the
+    training timesteps (diffusers' ``denoising_end``, so the refiner's ``denoising_start`` takes the rest)."""
+    train = int(scheduler.config.num_train_timesteps)
+    cutoff = int(round(train - switch_at * train))
+    return int((timesteps >= cutoff).sum())
+
+
+@contextlib.contextmanager
+def unet_denoiser(
+    engine: "Engine",
+    request: "GenerationRequest",
+    *,
+    plan: "ConditioningPlan",
+    width: int,
+    height: int,
+    batch: int,
+    extra_channels: "torch.Tensor | None" = None,
+) -> Iterator["Denoiser"]:
+    """The engine's UNet stage (placed per memory plan) wrapped in the request's guided denoiser."""
+    from leansd.sampling.denoiser import Denoiser, uses_guidance
+
+    # UNet passes per step: the negative plus every AND part when guided (as the denoiser batches them).
+    guided = uses_guidance(request.guidance_scale, engine.bundle.unet) or plan.is_composable
+    passes = 1 + plan.max_parts if guided else plan.max_parts
+    with engine.unet_stage(width=width, height=height, batch=batch, passes=passes) as unet:
+        yield Denoiser(unet=unet, plan=plan, guidance_scale=request.guidance_scale,
+                       guidance_rescale=request.guidance_rescale, extra_channels=extra_channels,
+                       added=added_conditioning(engine, width=width, height=height))
 
 
 def whole_image_conditioning(engine: "Engine", latents: "torch.Tensor") -> "torch.Tensor":
@@ -441,6 +524,10 @@ def infotext_for(
     entries.update(engine.embedding_infotext(request.prompt, request.negative_prompt))
     entries.update(engine.lora_infotext())
     entries.update(engine.vae_infotext())
+    if request.refiner_checkpoint is not None and request.refiner_switch_at < 1.0 and engine.refiner is not None:
+        refiner = engine.refiner.bundle  # A1111: "Refiner: <name> [hash], Refiner switch at: 0.8"
+        entries["Refiner"] = f"{refiner.name} [{refiner.hash}]" if refiner.hash else refiner.name
+        entries["Refiner switch at"] = request.refiner_switch_at
     if request.vae_decoder == "taesd":
         entries["VAE decoder"] = "TAESD (approximate)"
     if engine.bundle.is_random:

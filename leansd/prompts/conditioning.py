@@ -47,11 +47,12 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Callable, Sequence, Union, cast
+from typing import TYPE_CHECKING, Callable, Union, cast
 
 from leansd.prompts.cache import CacheStats, PromptCache, entry_key, text_encoder_fingerprint
 from leansd.prompts.encode import CHUNK_LENGTH, TokenChunks, chunk_tokens, encode_chunks_pooled, pad_chunks
 from leansd.prompts.parse import ConditioningSpec, Fragment, WeightedText, parse_prompt
+from leansd.sampling.denoiser import combine_guidance as combine_guidance  # re-exported
 
 if TYPE_CHECKING:
     import torch
@@ -63,29 +64,6 @@ logger = logging.getLogger(__name__)
 
 TextEncoderSource = Union["CLIPTextModel", Callable[[], "CLIPTextModel"]]
 """The text encoder module, or a zero-argument callable returning it (called only if needed)."""
-
-
-def combine_guidance(
-    noise_uncond: "torch.Tensor",
-    noise_conds: Sequence["torch.Tensor"],
-    weights: Sequence[float],
-    guidance_scale: float,
-) -> "torch.Tensor":
-    """Composable diffusion guidance (Liu et al. 2022): eps_u + s * sum_i w_i (eps_c_i - eps_u).
-
-    With one part of weight 1 this is exactly ``noise_uncond + guidance_scale * (noise_cond -
-    noise_uncond)`` (classifier-free guidance, Ho & Salimans 2022), bit for bit.
-    """
-    if not noise_conds or len(noise_conds) != len(weights):
-        raise ValueError(f"need one weight per conditional prediction, got {len(noise_conds)} and {len(weights)}")
-    delta = None
-    for noise_cond, weight in zip(noise_conds, weights, strict=True):
-        term = noise_cond - noise_uncond
-        if weight != 1.0:
-            term = weight * term
-        delta = term if delta is None else delta + term
-    assert delta is not None  # noise_conds is not empty
-    return noise_uncond + guidance_scale * delta
 
 
 @dataclass(frozen=True, eq=False)

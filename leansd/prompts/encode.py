@@ -238,20 +238,41 @@ class TextEncoderPair:
         return z, out.text_embeds  # text_embeds: (k, P), bigG's projection of the end token
 
 
+class PooledTextEncoder:
+    """The SDXL refiner's one text encoder (OpenCLIP-bigG): a hidden layer's states (penultimate, no
+    final norm) with emphasis, and its projected pooled output, as :class:`TextEncoderPair` reads its
+    second encoder. The ids come from a tokenizer that already pads with ``!``."""
+
+    def __init__(self, encoder: "CLIPTextModel", *, layer: int = -2, final_norm: bool = False) -> None:
+        self.encoder, self.layer, self.final_norm = encoder, layer, final_norm
+
+    def encode(self, ids: "torch.Tensor", multipliers: Sequence[Sequence[float]]) -> tuple["torch.Tensor", "torch.Tensor"]:
+        """(k, 77) ids -> hidden states (k, 77, D) with emphasis, pooled (k, P) (no emphasis)."""
+        out = self.encoder(ids, output_hidden_states=True, return_dict=True)
+        h = out.hidden_states[self.layer]
+        if self.final_norm:
+            h = _final_norm(self.encoder, h)
+        return apply_emphasis(h, multipliers), out.text_embeds  # text_embeds: (k, P)
+
+
 def encode_chunks_pooled(
-    chunks: TokenChunks, *, text_encoder: "CLIPTextModel | TextEncoderPair", device: "torch.device | str",
-    layer: int = -1, final_norm: bool = True,
+    chunks: TokenChunks, *, text_encoder: "CLIPTextModel | TextEncoderPair | PooledTextEncoder",
+    device: "torch.device | str", layer: int = -1, final_norm: bool = True,
 ) -> tuple["torch.Tensor", "torch.Tensor | None"]:
     """:func:`encode_chunks`, plus the pooled embedding of the first chunk (1, P) for a TextEncoderPair
-    (AUTOMATIC1111 pools the first 77-token chunk), else None."""
+    or PooledTextEncoder (AUTOMATIC1111 pools the first 77-token chunk), else None."""
     import torch
 
-    if not isinstance(text_encoder, TextEncoderPair):
-        return encode_chunks(chunks, text_encoder=text_encoder, device=device, layer=layer, final_norm=final_norm), None
     from leansd.models.embeddings import inject
 
     ids = torch.tensor(chunks.ids, dtype=torch.long, device=device)  # (k, 77)
     table, base = chunks.embeddings, chunks.embedding_base
+    if isinstance(text_encoder, PooledTextEncoder):
+        with torch.inference_mode(), inject(text_encoder.encoder, table, base=base, encoder="clip_g"):
+            z, pooled = text_encoder.encode(ids, chunks.multipliers)
+        return z.reshape(1, -1, z.shape[-1]), pooled[:1]  # (1, 77k, D), (1, P)
+    if not isinstance(text_encoder, TextEncoderPair):
+        return encode_chunks(chunks, text_encoder=text_encoder, device=device, layer=layer, final_norm=final_norm), None
     with (
         torch.inference_mode(),
         inject(text_encoder.first, table, base=base, encoder="clip_l"),

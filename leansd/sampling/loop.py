@@ -1,4 +1,7 @@
-"""The denoising loop with classifier-free guidance. Pure tensor code: no files, no device choice.
+"""The denoising loop. Pure tensor code: no files, no device choice.
+
+The loop drives a diffusers scheduler and asks a denoiser (:mod:`leansd.sampling.denoiser`, which
+owns the UNet call, guidance and conditioning) for each step's guided prediction.
 
 After every model evaluation the loop reports a typed `StepState` (step, total, timestep, the
 current latents and the model's denoised estimate x0) to its `on_step` callback: progress, live
@@ -33,9 +36,9 @@ from typing import TYPE_CHECKING, Callable
 
 if TYPE_CHECKING:
     import torch
-    from diffusers import SchedulerMixin, UNet2DConditionModel
+    from diffusers import SchedulerMixin
 
-    from leansd.prompts.conditioning import ConditioningPlan
+    from leansd.sampling.denoiser import Denoiser
 
 from leansd.request import PREVIEW_CONTENTS
 
@@ -83,19 +86,6 @@ def step_kwargs(scheduler: "SchedulerMixin", *, eta: float, generators: list["to
     if "generator" in accepted:
         kwargs["generator"] = generators
     return kwargs
-
-
-def uses_guidance(guidance_scale: float, unet: "UNet2DConditionModel") -> bool:
-    """CFG runs the unconditional branch only when it changes the result (as diffusers decides)."""
-    return guidance_scale > 1.0 and unet.config.time_cond_proj_dim is None
-
-
-def rescale_guidance(guided: "torch.Tensor", conditional: "torch.Tensor", amount: float) -> "torch.Tensor":
-    """Guidance rescale (Lin et al. 2023, eq. 15-16, as diffusers): match the guided prediction's
-    per-image standard deviation to the conditional one's, mixed in by ``amount`` (0..1)."""
-    dims = list(range(1, guided.ndim))
-    rescaled = guided * (conditional.std(dim=dims, keepdim=True) / guided.std(dim=dims, keepdim=True))
-    return amount * rescaled + (1 - amount) * guided
 
 
 def sigma_space(scheduler: "SchedulerMixin") -> bool:
@@ -163,74 +153,42 @@ class X0Estimator:
 
 def denoise(
     *,
-    unet: "UNet2DConditionModel",
+    denoiser: "Denoiser",
     scheduler: "SchedulerMixin",
     latents: "torch.Tensor",
-    plan: "ConditioningPlan",
-    guidance_scale: float,
     generators: list["torch.Generator"],
     eta: float = 0.0,
     timesteps: "torch.Tensor | None" = None,
-    extra_channels: "torch.Tensor | None" = None,
+    first_step: int = 0,
+    total: int | None = None,
     after_step: Callable[[int, "torch.Tensor"], "torch.Tensor"] | None = None,
     on_step: Callable[[StepState], None] | None = None,
-    guidance_rescale: float = 0.0,
-    time_ids: "torch.Tensor | None" = None,
 ) -> "torch.Tensor":
-    """Run the sampler from the starting latents to a clean latent.
+    """Run the sampler from the starting latents over `timesteps`; returns the latents after the last one.
 
     `latents` (B, 4, h, w) are the starting latents, already scaled for the scheduler (pure noise
-    times `init_noise_sigma` for txt2img, a noised image latent for img2img). `plan` gives the text
-    conditioning of every loop step (prompt editing, alternation, `AND` parts) and must cover
-    `len(timesteps)` steps. The scheduler must already have its timesteps set; `timesteps`
-    (default: all of them) is the tail to run (img2img strength). `extra_channels` (B, C', h, w)
-    are concatenated to the UNet input after scaling (the mask and masked-image latents of
-    9-channel inpainting models). `after_step(i, latents)` may replace the latents after step i
-    (legacy inpainting re-imposes the known region there). `on_step(state)` receives a
-    `StepState` after every evaluation; it may raise to stop the loop. `guidance_rescale` > 0 applies
-    :func:`rescale_guidance` to the guided prediction (against the single conditional prediction, or
-    the unscaled sum of the AND parts). `time_ids` (1, 6): SDXL's added conditioning (original size,
-    crop, target size), sent with each step's pooled text embeddings when the plan has them.
+    times `init_noise_sigma` for txt2img, a noised image latent for img2img). The scheduler must
+    already have its timesteps set; `timesteps` (default: all of them) is the part to run (img2img
+    strength; one expert's share of an ensemble). `denoiser(x, t, step)` gives the guided model
+    prediction of loop step `step` (:class:`~leansd.sampling.denoiser.Denoiser`). Loop steps are
+    numbered from `first_step` (a run that continues another one: the refiner after the base), out of
+    `total` (default: `first_step + len(timesteps)`). `after_step(step, latents)` may replace the
+    latents after a step (legacy inpainting re-imposes the known region there). `on_step(state)`
+    receives a `StepState` after every evaluation; it may raise to stop the loop.
     """
-    import torch
-
-    from leansd.prompts.conditioning import combine_guidance
-
     extra = step_kwargs(scheduler, eta=eta, generators=generators)
     if timesteps is None:
         timesteps = scheduler.timesteps
-    batch = latents.shape[0]
-    # The unconditional pass runs only when guidance changes the result, or for AND prompts.
-    guided = uses_guidance(guidance_scale, unet) or plan.is_composable
+    if total is None:
+        total = first_step + len(timesteps)
     estimate = X0Estimator(scheduler) if on_step is not None else None
-    last = None
-    for i, t in enumerate(timesteps):
-        step = plan.at(i)
-        if step is not last:  # steps that share a conditioning share one context tensor
-            last = step
-            context = step.context(batch, include_uncond=guided)  # (k*B, 77c, D): [uncond; cond_1; ...]
-            passes = context.shape[0] // batch
-            pooled = step.pooled_context(batch, include_uncond=guided)  # (k*B, P) or None
-            added = {} if pooled is None or time_ids is None else {
-                "added_cond_kwargs": {"text_embeds": pooled, "time_ids": time_ids.expand(pooled.shape[0], -1)}
-            }
-            extra_in = None if extra_channels is None else torch.cat([extra_channels] * passes)  # (k*B, C', h, w)
+    for i, t in enumerate(timesteps, start=first_step):
         scaled = scheduler.scale_model_input(latents, t)  # elementwise: scaling once serves every pass
-        model_input = torch.cat([scaled] * passes) if passes > 1 else scaled
-        if extra_in is not None:
-            model_input = torch.cat([model_input, extra_in], dim=1)  # (k*B, 4 + C', h, w)
-        noise_pred = unet(model_input, t, encoder_hidden_states=context, return_dict=False, **added)[0]
-        branches: dict[str, torch.Tensor] = {}
-        if guided:
-            noise_uncond, *noise_conds = noise_pred.chunk(passes)
-            # Classifier-free guidance (Ho & Salimans 2022), summed over AND parts (Liu et al. 2022).
-            noise_pred = combine_guidance(noise_uncond, noise_conds, step.weights, guidance_scale)
-            if guidance_rescale > 0:
-                single = len(noise_conds) == 1 and step.weights == (1.0,)
-                reference = noise_conds[0] if single else combine_guidance(noise_uncond, noise_conds, step.weights, 1.0)
-                noise_pred = rescale_guidance(noise_pred, reference, guidance_rescale)
-            if on_step is not None:
-                branches = {"negative-prompt": noise_uncond, "prompt": noise_conds[0]}
+        if on_step is not None:
+            prediction = denoiser.predict(scaled, t, i)
+            noise_pred, branches = prediction.guided, prediction.branches
+        else:
+            noise_pred, branches = denoiser(scaled, t, i), {}
         if estimate is not None:
             estimate.before_step(t, latents)
         latents = scheduler.step(noise_pred, t, latents, **extra, return_dict=False)[0]
@@ -239,6 +197,6 @@ def denoise(
         if on_step is not None and estimate is not None:
             estimate.after_step(t)
             x0 = estimate.at(scaled)
-            on_step(StepState(step=i + 1, total=len(timesteps), timestep=t, latents=latents,
+            on_step(StepState(step=i + 1, total=total, timestep=t, latents=latents,
                               denoised=x0(noise_pred), _branches=branches, _x0=x0))
     return latents

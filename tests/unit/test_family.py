@@ -112,14 +112,21 @@ def test_require_supported_messages():
     require_supported(ModelFamily.SDXL, "a.safetensors")  # no error
     tail = "leansd supports SD 1.x and SD 2.x checkpoints (incl. 9-channel inpainting) and SDXL base for now"
     expected = {
-        ModelFamily.SDXL_REFINER: f"m.ckpt: recognised an SDXL refiner checkpoint; {tail}",
+        ModelFamily.SDXL_REFINER: "m.ckpt: recognised an SDXL refiner checkpoint, which cannot be used as the base "
+                                  "model; load an SDXL base and give this file as the refiner (--refiner, HTTP "
+                                  "refiner_checkpoint)",
     }
     for family, message in expected.items():
         with pytest.raises(UnsupportedModelError) as info:
             require_supported(family, "m.ckpt")
         assert str(info.value) == message
-    with pytest.raises(UnsupportedModelError, match=r"^m\.ckpt: could not recognise the model family"):
+    with pytest.raises(UnsupportedModelError, match=r"^m\.ckpt: could not recognise the model family") as info:
         require_supported(ModelFamily.UNKNOWN, "m.ckpt")
+    assert str(info.value).endswith(tail)
+    require_supported(ModelFamily.SDXL_REFINER, "r.safetensors", refiner=True)  # no error
+    for family in (ModelFamily.SDXL, ModelFamily.SD1, ModelFamily.UNKNOWN):
+        with pytest.raises(UnsupportedModelError, match=r"^b\.ckpt: recognised an .* checkpoint, not an SDXL refiner"):
+            require_supported(family, "b.ckpt", refiner=True)
 
 
 def _folder(tmp_path, unet: dict, *, text: dict | None = None, index: dict | None = None):

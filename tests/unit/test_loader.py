@@ -240,8 +240,8 @@ def test_other_families_are_unsupported(tmp_path, extra, label):
     with pytest.raises(UnsupportedModelError) as info:
         load_model(path)
     assert str(info.value) == (
-        f"{path}: recognised an {label} checkpoint; leansd supports SD 1.x and SD 2.x checkpoints "
-        "(incl. 9-channel inpainting) and SDXL base for now"
+        f"{path}: recognised an {label} checkpoint, which cannot be used as the base model; load an SDXL base "
+        "and give this file as the refiner (--refiner, HTTP refiner_checkpoint)"
     )
 
 
