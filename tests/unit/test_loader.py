@@ -240,8 +240,8 @@ def test_other_families_are_unsupported(tmp_path, extra, label):
     with pytest.raises(UnsupportedModelError) as info:
         load_model(path)
     assert str(info.value) == (
-        f"{path}: recognised an {label} checkpoint; leansd supports SD 1.x and SD 2.x checkpoints "
-        "(incl. 9-channel inpainting) and SDXL base for now"
+        f"{path}: recognised an {label} checkpoint; leansd supports SD 1.x, SD 2.x and SDXL base "
+        "checkpoints (incl. 9-channel inpainting) for now"
     )
 
 
