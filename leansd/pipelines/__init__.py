@@ -24,8 +24,10 @@ def generate(
     from leansd.pipelines.txt2img import txt2img
 
     request = request.validated()
-    if request.checkpoint is not None:
-        engine.switch_model(request.checkpoint)  # in the job: a switch never races a generation
+    if request.checkpoint is not None or request.prediction_type is not None:
+        # In the job: a switch never races a generation. A prediction type is a load option: same checkpoint,
+        # another choice reloads it.
+        engine.switch_model(request.checkpoint, prediction_type=request.prediction_type)
     if request.vae is not None:
         engine.set_vae_choice(request.vae)
     engine.apply_prompt_networks(request.prompt)  # <lora:...> tags: applied before any weight is used
