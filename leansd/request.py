@@ -40,6 +40,9 @@ DEFAULT_HIRES_STRENGTH = 0.5
 DEFAULT_GUIDANCE_RESCALE = 0.0
 DEFAULT_REFINER_SWITCH_AT = 0.8
 """Fraction of the timesteps the SDXL base runs before the refiner takes over (AUTOMATIC1111's default)."""
+PREDICTION_CHOICES = ("auto", "epsilon", "v_prediction")
+"""`GenerationRequest.prediction_type`: "auto" is what the model says (its .yaml, scheduler config, marker
+keys or probe); the others force a prediction type. None (the default) keeps the loaded model as it is."""
 RESIZE_MODES = ("just-resize", "crop", "fill")
 DEFAULT_RESIZE_MODE = RESIZE_MODES[0]
 INPAINTING_FILLS = ("original", "fill", "latent-noise", "latent-nothing")
@@ -127,6 +130,10 @@ class GenerationRequest(_ValidationMark):
     """0..1: rescale the guided prediction towards the conditional one's standard deviation (Lin et al.
     2023, "Common Diffusion Noise Schedules and Sample Steps are Flawed", eq. 15-16; diffusers' formula);
     0 (default) is plain guidance. Helps v-prediction / zero-terminal-SNR models at high CFG."""
+    prediction_type: str | None = None
+    """What the checkpoint predicts: "epsilon" or "v_prediction" force it, "auto" lets the model say
+    (see PREDICTION_CHOICES); a model-load option: the engine reloads its checkpoint (or loads
+    `checkpoint`) with it before the job, and it stays in effect. None (default): leave it as it is."""
     checkpoint: str | None = None
     """Checkpoint to generate with: a name (stem, path or A1111 title) from the model library or a
     file; the engine switches to it before the job (one model in memory). None: the loaded one."""
@@ -192,6 +199,7 @@ class GenerationRequest(_ValidationMark):
             value = getattr(self, name)
             if value is not None and (not isinstance(value, str) or not value.strip()):
                 raise InvalidRequestError(f"{name} must be a non-empty name or path, got {value!r}")
+        prediction_type = None if self.prediction_type is None else prediction_choice(self.prediction_type)
         values: dict[str, Any] = {
             name: _as_int(name, getattr(self, name))
             for name in ("num_inference_steps", "batch_size", "n_iter")
@@ -221,6 +229,7 @@ class GenerationRequest(_ValidationMark):
             preview_method=_choice("preview_method", self.preview_method, PREVIEW_METHODS),
             preview_content=_choice("preview_content", self.preview_content, PREVIEW_CONTENTS),
             vae_decoder=_choice("vae_decoder", self.vae_decoder, VAE_DECODERS),
+            prediction_type=prediction_type,
             **values,
         )
         checked._check_images()
@@ -369,6 +378,21 @@ class GenerationResult:
 def random_seed(count: int = 1) -> int:
     """A random first seed such that `count` consecutive seeds all stay within 32 bits."""
     return secrets.randbelow(MAX_SEED + 2 - max(1, count))
+
+
+def prediction_choice(value: object) -> str:
+    """A prediction type choice -> "auto", "epsilon" or "v_prediction" ("Automatic", "eps", "v" accepted)."""
+    from leansd.models.prediction import normalise_prediction_type
+
+    if not isinstance(value, str):
+        raise InvalidRequestError(f"prediction_type must be one of {', '.join(PREDICTION_CHOICES)}, got {brief(value)}")
+    if value.strip().lower() in ("auto", "automatic"):
+        return "auto"
+    try:
+        return str(normalise_prediction_type(value))
+    except InvalidRequestError:
+        raise InvalidRequestError(
+            f"unknown prediction_type {brief(value)}; valid: {', '.join(PREDICTION_CHOICES)}") from None
 
 
 def _choice(name: str, value: object, options: tuple[str, ...]) -> str:

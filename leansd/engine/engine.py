@@ -139,6 +139,9 @@ class Engine:
         """The VAE file in use (None: the checkpoint's own VAE)."""
         self.vae_choice = "Automatic"
         """A1111's sd_vae setting: re-applied when another checkpoint is loaded."""
+        self.prediction_choice = "auto"
+        """How the loaded model's prediction type was chosen: "auto" (what the model says), or "epsilon" /
+        "v_prediction" given explicitly; kept when another checkpoint is loaded."""
         self._flop_counter: "FlopCounter | None" = None
         self._speed: "SpeedMeter | None" = None
         self.refiner: "Engine | None" = None
@@ -200,7 +203,9 @@ class Engine:
                                  f"but {bundle.name} makes {bundle.latent_channels}")
         if tiny is not None:
             _check_taesd_repo(str(taesd), bundle.family)
-        return cls(bundle, device=device, precision=precision, prompt_cache=prompt_cache, taesd=tiny, **memory)
+        engine = cls(bundle, device=device, precision=precision, prompt_cache=prompt_cache, taesd=tiny, **memory)
+        engine.prediction_choice = prediction_type or "auto"
+        return engine
 
     def set_budget(self, vram: "str | int | None") -> int | None:
         """Change the device budget ("4G", "1500M", "auto", "none"); the next stage plans with it.
@@ -676,20 +681,28 @@ class Engine:
         self.set_vae(resolve_vae(choice, library=self.library, checkpoint=checkpoint))
         self.vae_choice = choice
 
-    def switch_model(self, spec: str) -> bool:
-        """Load checkpoint `spec` (a library name, A1111 title or path) in place of the current model.
+    def switch_model(self, spec: str | None = None, *, prediction_type: str | None = None) -> bool:
+        """Load checkpoint `spec` (a library name, A1111 title or path; None: the loaded one again) in
+        place of the current model.
 
+        `prediction_type`: "auto" (what the model says), "epsilon" or "v_prediction" (forced); None keeps
+        the current choice (`prediction_choice`), which also applies to the next checkpoints loaded.
         One model in memory at a time: the current one is released first; if the new one fails to
         load, the previous one is loaded again and the error is raised. LoRAs, the VAE override and
         every cached plan are reset; the `sd_vae` choice is applied to the new model. Returns False
-        when `spec` is the loaded model already. Raises InvalidRequestError for an unknown name.
+        when `spec` is the loaded model already, with the same prediction type choice. Raises
+        InvalidRequestError for an unknown name.
         """
         import gc
 
         from leansd.errors import InvalidRequestError
         from leansd.models.loader import TINY_SPEC, load_model
+        from leansd.request import prediction_choice
 
-        if spec == TINY_SPEC or Path(spec).expanduser().exists():
+        choice = self.prediction_choice if prediction_type is None else prediction_choice(prediction_type)
+        if spec is None:
+            target = self.bundle.source
+        elif spec == TINY_SPEC or Path(spec).expanduser().exists():
             target = spec if spec == TINY_SPEC else str(Path(spec).expanduser())
         else:
             entry = self.library.find_checkpoint(spec)
@@ -704,9 +717,13 @@ class Engine:
         def same(a: str, b: str) -> bool:
             return a == b or (a != TINY_SPEC and b != TINY_SPEC and Path(a).resolve() == Path(b).resolve())
 
-        if same(target, self.bundle.source):
+        if same(target, self.bundle.source) and choice == self.prediction_choice:
             return False
-        previous = self.bundle.source
+
+        def explicit(value: str) -> str | None:
+            return None if value == "auto" else value
+
+        previous, previous_choice = self.bundle.source, self.prediction_choice
         self.set_loras([])
         for name in list(self._on_device):
             self._evict(name)
@@ -715,13 +732,14 @@ class Engine:
         self._own_vae = None
         gc.collect()
         try:
-            bundle = load_model(target)
+            bundle = load_model(target, prediction_type=explicit(choice))
         except Exception:
             logger.warning("loading %s failed; loading %s again", target, previous)
-            self._adopt(load_model(previous))
+            self._adopt(load_model(previous, prediction_type=explicit(previous_choice)))
             raise
         self._adopt(bundle)
-        logger.info("switched model to %s", bundle.name)
+        self.prediction_choice = choice
+        logger.info("switched model to %s (%s prediction)", bundle.name, bundle.prediction_type)
         self.set_vae_choice(self.vae_choice)
         return True
 

@@ -83,6 +83,9 @@ class A1111Request(BaseModel):
     restore_faces: Optional[bool] = None
     tiling: Optional[bool] = None
     eta: Optional[float] = defaults.DEFAULT_ETA
+    guidance_rescale: Optional[float] = defaults.DEFAULT_GUIDANCE_RESCALE
+    """Not an A1111 field (A1111 and Forge have no CFG rescale in their API): diffusers' name, as in the
+    library and the CLI's --guidance-rescale. 0..1, 0 = off."""
     override_settings: Optional[dict[str, Any]] = None
     script_name: Optional[str] = None
     script_args: Optional[list[Any]] = None
@@ -288,6 +291,9 @@ def _common_fields(body: A1111Request, *, model_name: str, limits: Limits, libra
     if overrides.get("sd_vae") is not None:
         switch["vae"] = check_vae_option(overrides["sd_vae"], library=library, label="override_settings.sd_vae")
     switch.update(refiner_fields(body, library=library))
+    if overrides.get(PREDICTION_OPTION) is not None:
+        switch["prediction_type"] = check_prediction_option(overrides[PREDICTION_OPTION],
+                                                            label=f"override_settings.{PREDICTION_OPTION}")
     width, height = body.width, body.height  # None: the library's default (the model's native size)
     steps = defaults.DEFAULT_STEPS if body.steps is None else body.steps
     batch_size = defaults.DEFAULT_BATCH_SIZE if body.batch_size is None else body.batch_size
@@ -313,6 +319,7 @@ def _common_fields(body: A1111Request, *, model_name: str, limits: Limits, libra
         height=height,
         tiling=bool(body.tiling),
         eta=defaults.DEFAULT_ETA if body.eta is None else body.eta,
+        guidance_rescale=defaults.DEFAULT_GUIDANCE_RESCALE if body.guidance_rescale is None else body.guidance_rescale,
         **switch,
     )
 
@@ -485,6 +492,7 @@ def info_json(request: "GenerationRequest", result: "GenerationResult", *, model
         "job_timestamp": job_timestamp,
         "clip_skip": 1,
         "is_using_inpainting_conditioning": request.mask is not None,
+        "guidance_rescale": request.guidance_rescale,
         "version": f"leansd {__version__}",
         "interrupted": interrupted,
         "timings": result.timings,
@@ -518,6 +526,7 @@ def initial_options(*, model_name: str, model_hash: str | None, outdir: "Path | 
         "sd_model_checkpoint": model_title(model_name, model_hash),
         "sd_checkpoint_hash": model_hash,
         "sd_vae": "Automatic",
+        PREDICTION_OPTION: AUTOMATIC_PREDICTION,
         "samples_format": "png",
         "outdir_samples": str(outdir or ""),
         "save_images": outdir is not None,
@@ -585,8 +594,32 @@ def preview_fields(options: dict[str, Any], overrides: dict[str, Any] | None = N
 
 
 READ_ONLY_OPTIONS = ("sd_model_checkpoint", "sd_checkpoint_hash", "outdir_samples", "save_images")
+PREDICTION_OPTION = "prediction_type"
+"""Not an A1111 option (A1111 reads a .yaml beside the checkpoint): what the checkpoint predicts, as
+`--prediction-type`. A model-load option, so it sits with `sd_model_checkpoint` in /options and
+override_settings: "Automatic" (what the model says), "epsilon" or "v_prediction"."""
+AUTOMATIC_PREDICTION = "Automatic"
+PREDICTION_OPTION_VALUES = (AUTOMATIC_PREDICTION, "epsilon", "v_prediction")
+
+
+def prediction_label(choice: str) -> str:
+    """A `prediction_choice` ("auto", "epsilon", "v_prediction") -> the option's value (PREDICTION_OPTION_VALUES)."""
+    return AUTOMATIC_PREDICTION if choice == "auto" else choice
+
+
+def check_prediction_option(value: object, *, label: str) -> str:
+    """A `prediction_type` option from a client -> "auto", "epsilon" or "v_prediction"."""
+    from leansd.request import prediction_choice
+
+    try:
+        return prediction_choice(value)
+    except InvalidRequestError:
+        raise InvalidRequestError(
+            f"{label} must be {AUTOMATIC_PREDICTION}, epsilon or v_prediction, got {brief(value)}") from None
+
+
 SETTABLE_OPTIONS = (
-    "sd_vae", "samples_format", "jpeg_quality", "CLIP_stop_at_last_layers", "eta_ddim", "eta_ancestral",
+    "sd_vae", PREDICTION_OPTION, "samples_format", "jpeg_quality", "CLIP_stop_at_last_layers", "eta_ddim", "eta_ancestral",
     "live_previews_enable", "show_progress_every_n_steps", "samples_save", "grid_save", "return_grid",
     "enable_pnginfo", "add_model_hash_to_info", "add_model_name_to_info", "img2img_fix_steps",
     "do_not_show_images", "sd_vae_as_default", "live_preview_content", "show_progress_type",
@@ -638,6 +671,9 @@ def update_options(options: dict[str, Any], body: object, *, model_name: str, ta
         chosen = None
     if body.get("sd_vae") is not None:
         check_vae_option(body["sd_vae"], library=library, label="sd_vae")
+    if PREDICTION_OPTION in body:
+        body = {**body, PREDICTION_OPTION: prediction_label(check_prediction_option(body[PREDICTION_OPTION],
+                                                                                    label=PREDICTION_OPTION))}
     accepted: dict[str, Any] = {}
     ignored = []
     for key, value in body.items():
@@ -811,8 +847,8 @@ def vae_list(library: Any) -> list[dict[str, Any]]:
 
 def with_model_options(gen: GenerationRequest, *, options: dict[str, Any], engine: object,
                        model_name: str) -> GenerationRequest:
-    """`gen` with the checkpoint and VAE chosen through the A1111 options (`sd_model_checkpoint`,
-    `sd_vae`) where the request does not name its own; the engine switches inside the job. One rule
+    """`gen` with the checkpoint, VAE and prediction type chosen through the options (`sd_model_checkpoint`,
+    `sd_vae`, `prediction_type`) where the request does not name its own; the engine switches inside the job. One rule
     for the HTTP API and the web UI."""
     from dataclasses import replace
 
@@ -822,4 +858,10 @@ def with_model_options(gen: GenerationRequest, *, options: dict[str, Any], engin
     vae = options.get("sd_vae")
     if gen.vae is None and vae is not None and vae != getattr(engine, "vae_choice", vae):
         gen = replace(gen, vae=str(vae))
+    prediction = options.get(PREDICTION_OPTION)
+    current = getattr(engine, "prediction_choice", None)
+    if gen.prediction_type is None and prediction is not None and current is not None:
+        choice = check_prediction_option(prediction, label=PREDICTION_OPTION)
+        if choice != current:
+            gen = replace(gen, prediction_type=choice)
     return gen

@@ -127,6 +127,7 @@ class _Server:
         model_hash = getattr(bundle, "hash", None)
         options = a1111.initial_options(model_name=name, model_hash=model_hash, outdir=outputs)
         options["sd_vae"] = getattr(queue.engine, "vae_choice", options["sd_vae"])  # e.g. the CLI's --vae
+        options[a1111.PREDICTION_OPTION] = a1111.prediction_label(getattr(queue.engine, "prediction_choice", "auto"))
         return cls(
             queue=queue, limits=limits, outputs=outputs, model_name=name, model_hash=model_hash,
             model_source=str(getattr(bundle, "source", name)), native_size=a1111.native_size(queue.engine),

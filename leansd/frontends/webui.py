@@ -336,6 +336,7 @@ def build_ui(
 
     from leansd.frontends.a1111 import (
         DEFAULT_RESIZE_MODE,
+        PREDICTION_OPTION_VALUES,
         Img2ImgRequest,
         Txt2ImgRequest,
         img2img_request,
@@ -425,6 +426,11 @@ def build_ui(
                                   scale=4)
             c["random_seed"] = gr.Button("Random", elem_id=f"{prefix}_random_seed", size="sm", scale=1)
             c["reuse_seed"] = gr.Button("Reuse last", elem_id=f"{prefix}_reuse_seed", size="sm", scale=1)
+        with gr.Accordion("Advanced", open=False):
+            c["guidance_rescale"] = gr.Slider(
+                0.0, 1.0, value=defaults.DEFAULT_GUIDANCE_RESCALE, step=0.05, label="CFG rescale (guidance_rescale)",
+                info="0 = off; rescales the guided prediction's spread to the conditional one's (helps "
+                     "v-prediction / zero-terminal-SNR models at high CFG)", elem_id=f"{prefix}_guidance_rescale")
         return c
 
     def results(prefix: str) -> dict[str, Any]:
@@ -459,7 +465,8 @@ def build_ui(
         return runner.cancel(getattr(request, "session_hash", None))
 
     def common_body(prompt: str, negative: str, sampler: str, steps: Any, cfg: Any, width: Any, height: Any,
-                    n_iter: Any, batch_size: Any, seed: Any, *, from_image: bool = False) -> dict[str, Any]:
+                    n_iter: Any, batch_size: Any, seed: Any, rescale: Any, *,
+                    from_image: bool = False) -> dict[str, Any]:
         def integer(name: str, value: Any) -> int:
             try:
                 number = float(value)
@@ -468,6 +475,14 @@ def build_ui(
             if number != int(number):
                 raise gr.Error(f"{name} must be a whole number, got {value}", print_exception=False)
             return int(number)
+
+        def number(name: str, value: Any, default: float) -> float:
+            if value is None:
+                return default
+            try:
+                return float(value)
+            except (TypeError, ValueError):
+                raise gr.Error(f"{name} must be a number, got {value!r}", print_exception=False) from None
 
         def size(name: str, value: Any) -> int | None:
             number = integer(name, value)
@@ -478,21 +493,22 @@ def build_ui(
             steps=integer("steps", steps), cfg_scale=float(cfg), width=size("width", width),
             height=size("height", height), n_iter=integer("batch count", n_iter),
             batch_size=integer("batch size", batch_size), seed=-1 if seed is None else integer("seed", seed),
+            guidance_rescale=number("CFG rescale", rescale, defaults.DEFAULT_GUIDANCE_RESCALE),
         )
 
     def txt2img(prompt, negative, sampler, steps, cfg, width, height, n_iter, batch_size, seed,
-                request: gr.Request):
+                rescale, request: gr.Request):
         body = Txt2ImgRequest(**common_body(prompt, negative, sampler, steps, cfg, width, height, n_iter,
-                                            batch_size, seed))
+                                            batch_size, seed, rescale))
         gen = runner.build(txt2img_request, body, native_size=model_size)
         yield from runner.run(gen, task="txt2img", session=getattr(request, "session_hash", None))
 
     def img2img(init_image, prompt, negative, sampler, steps, cfg, width, height, n_iter, batch_size, seed,
-                strength, resize_mode, request: gr.Request):
+                strength, resize_mode, rescale, request: gr.Request):
         if not init_image:
             raise gr.Error("upload an image to transform first", print_exception=False)
         body = Img2ImgRequest(
-            **common_body(prompt, negative, sampler, steps, cfg, width, height, n_iter, batch_size, seed,
+            **common_body(prompt, negative, sampler, steps, cfg, width, height, n_iter, batch_size, seed, rescale,
                           from_image=True),
             denoising_strength=float(strength),
             resize_mode=RESIZE_MODES.index(resize_mode) if resize_mode in RESIZE_MODES else DEFAULT_RESIZE_MODE,
@@ -501,7 +517,8 @@ def build_ui(
         yield from runner.run(gen, task="img2img", session=getattr(request, "session_hash", None))
 
     def inpaint(editor, mask_upload, prompt, negative, sampler, steps, cfg, width, height, n_iter, batch_size,
-                seed, strength, mask_blur, masked_content, invert, request: gr.Request):
+                seed, strength, mask_blur, masked_content, invert, rescale,
+                request: gr.Request):
         background = (editor or {}).get("background")
         if background is None:
             raise gr.Error("upload an image to inpaint first", print_exception=False)
@@ -515,7 +532,7 @@ def build_ui(
         init = (upload(background, label="image") if isinstance(background, (str, Path))
                 else background.convert("RGB"))
         body = Img2ImgRequest(
-            **common_body(prompt, negative, sampler, steps, cfg, width, height, n_iter, batch_size, seed,
+            **common_body(prompt, negative, sampler, steps, cfg, width, height, n_iter, batch_size, seed, rescale,
                           from_image=True),
             denoising_strength=float(strength),
             mask_blur=int(mask_blur), inpainting_fill=MASKED_CONTENT.get(masked_content, MASKED_CONTENT[default_fill]),
@@ -530,6 +547,12 @@ def build_ui(
             return load_upload(path, label=label, mask=mask)
         except InvalidRequestError as exc:
             raise gr.Error(one_line(exc), print_exception=False) from None
+
+    def prediction_now() -> str:
+        from leansd.frontends.a1111 import PREDICTION_OPTION, prediction_label
+
+        return str(runner.options.get(PREDICTION_OPTION)
+                   or prediction_label(getattr(queue.engine, "prediction_choice", "auto")))
 
     def png_info(path: str | None) -> tuple[str, dict]:
         if not path:
@@ -552,6 +575,8 @@ def build_ui(
             refresh_models = gr.Button("Refresh", size="sm", elem_id="refresh_sd_model_checkpoint", scale=1)
             vae = gr.Dropdown(vae_choices(queue.engine), value=vae_now, label="SD VAE (used from the next job)",
                               elem_id="setting_sd_vae", scale=3)
+            prediction = gr.Dropdown(list(PREDICTION_OPTION_VALUES), value=prediction_now(), elem_id="setting_prediction_type",
+                                     label="Prediction type (reloads the checkpoint at the next job)", scale=2)
         model_status = gr.Markdown("", elem_id="sd_model_status", elem_classes="leansd-progress")
 
         def model_lists() -> tuple:
@@ -577,6 +602,16 @@ def build_ui(
                 raise
             yield line, model_lists()[0]
 
+        def set_prediction(choice: str | None) -> str:
+            from leansd.frontends.a1111 import PREDICTION_OPTION, update_options
+
+            try:
+                update_options(runner.options, {PREDICTION_OPTION: choice}, model_name=runner.current_model(),
+                               taesd=runner.taesd, library=getattr(queue.engine, "library", None))
+            except InvalidRequestError as exc:
+                raise gr.Error(one_line(exc), print_exception=False) from None
+            return f"Prediction type: {runner.options[PREDICTION_OPTION]} (from the next job)"
+
         def set_vae(choice: str | None) -> str:
             from leansd.frontends.a1111 import update_options
 
@@ -593,6 +628,7 @@ def build_ui(
         checkpoint.input(switch_checkpoint, checkpoint, [model_status, checkpoint], api_name="set_checkpoint",
                          show_progress="minimal", concurrency_limit=None)
         vae.input(set_vae, vae, model_status, api_name="set_vae", queue=False)
+        prediction.input(set_prediction, prediction, model_status, api_name="set_prediction_type", queue=False)
         refresh_models.click(refresh_model_lists, None, [checkpoint, vae], api_name="refresh_checkpoints",
                              queue=False)
         ui.load(model_lists, None, [checkpoint, vae], api_visibility="private", queue=False)
@@ -604,7 +640,7 @@ def build_ui(
                     with gr.Column():
                         tr = results("txt2img")
                 t_inputs = [t["prompt"], t["negative"], t["sampler"], t["steps"], t["cfg"], t["width"],
-                            t["height"], t["n_iter"], t["batch_size"], t["seed"]]
+                            t["height"], t["n_iter"], t["batch_size"], t["seed"], t["guidance_rescale"]]
                 event = tr["generate"].click(txt2img, t_inputs, outputs_of(tr), api_name="txt2img",
                                              show_progress="minimal", concurrency_limit=None)
                 wire_common(t, tr, event)
@@ -622,7 +658,8 @@ def build_ui(
                     with gr.Column():
                         ir = results("img2img")
                 i_inputs = [i_image, i["prompt"], i["negative"], i["sampler"], i["steps"], i["cfg"], i["width"],
-                            i["height"], i["n_iter"], i["batch_size"], i["seed"], i_strength, i_resize]
+                            i["height"], i["n_iter"], i["batch_size"], i["seed"], i_strength, i_resize,
+                            i["guidance_rescale"]]
                 event = ir["generate"].click(img2img, i_inputs, outputs_of(ir), api_name="img2img",
                                              show_progress="minimal", concurrency_limit=None)
                 wire_common(i, ir, event)
@@ -651,7 +688,7 @@ def build_ui(
                         pr = results("inpaint")
                 p_inputs = [p_editor, p_mask, p["prompt"], p["negative"], p["sampler"], p["steps"], p["cfg"],
                             p["width"], p["height"], p["n_iter"], p["batch_size"], p["seed"], p_strength, p_blur,
-                            p_fill, p_invert]
+                            p_fill, p_invert, p["guidance_rescale"]]
                 event = pr["generate"].click(inpaint, p_inputs, outputs_of(pr), api_name="inpaint",
                                              show_progress="minimal", concurrency_limit=None)
                 wire_common(p, pr, event)

@@ -139,7 +139,8 @@ def full_size_configs(family: Any) -> tuple[dict[str, Any], dict[str, Any], tupl
     base = {
         ModelFamily.SD1: ModelFamily.SD1, ModelFamily.SD1_INPAINT: ModelFamily.SD1,
         ModelFamily.SD2: ModelFamily.SD2, ModelFamily.SD2_INPAINT: ModelFamily.SD2,
-        ModelFamily.SDXL: ModelFamily.SDXL, ModelFamily.SDXL_REFINER: ModelFamily.SDXL_REFINER,
+        ModelFamily.SDXL: ModelFamily.SDXL, ModelFamily.SDXL_INPAINT: ModelFamily.SDXL,
+        ModelFamily.SDXL_REFINER: ModelFamily.SDXL_REFINER,
     }.get(family)
     if base is None:
         raise ValueError(f"no published architecture for {family}")
@@ -152,7 +153,7 @@ def full_size_configs(family: Any) -> tuple[dict[str, Any], dict[str, Any], tupl
                                    (("CLIPTextModelWithProjection", SDXL_TEXT_2_CONFIG),)),
     }
     unet, vae, texts = table[base]
-    if family in (ModelFamily.SD1_INPAINT, ModelFamily.SD2_INPAINT):
+    if family in (ModelFamily.SD1_INPAINT, ModelFamily.SD2_INPAINT, ModelFamily.SDXL_INPAINT):
         unet = {**unet, "in_channels": 9}
     return dict(unet), dict(vae), texts
 

@@ -279,6 +279,7 @@ FAMILIES: dict[ModelFamily, FamilySpec] = {
     ModelFamily.SD2: _SD2,
     ModelFamily.SD2_INPAINT: _inpainting(_SD2, ModelFamily.SD2_INPAINT),
     ModelFamily.SDXL: _SDXL,
+    ModelFamily.SDXL_INPAINT: _inpainting(_SDXL, ModelFamily.SDXL_INPAINT),
     ModelFamily.SDXL_REFINER: _SDXL_REFINER,
 }
 

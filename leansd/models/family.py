@@ -2,8 +2,8 @@
 
 Two layouts are read: the original CompVis/Stability single-file layout (``model.diffusion_model.*``,
 ``first_stage_model.*``, ``cond_stage_model.*`` or SDXL's ``conditioner.embedders.*``) and diffusers
-folders (``unet/config.json`` and friends). SD 1.x and SD 2.x (with their 9-channel inpainting
-variants) and SDXL base are supported for generation in this version; the others are recognised so the user gets a
+folders (``unet/config.json`` and friends). SD 1.x, SD 2.x and SDXL base (each with its 9-channel
+inpainting variant) are supported for generation in this version; the others are recognised so the user gets a
 clear message instead of a shape error.
 """
 
@@ -36,6 +36,7 @@ class ModelFamily(str, enum.Enum):
     SD2 = "sd2"
     SD2_INPAINT = "sd2-inpaint"
     SDXL = "sdxl"
+    SDXL_INPAINT = "sdxl-inpaint"
     SDXL_REFINER = "sdxl-refiner"
     UNKNOWN = "unknown"
 
@@ -56,6 +57,7 @@ _LABELS = {
     ModelFamily.SD2: "SD 2.x",
     ModelFamily.SD2_INPAINT: "SD 2.x inpainting (9-channel)",
     ModelFamily.SDXL: "SDXL",
+    ModelFamily.SDXL_INPAINT: "SDXL inpainting (9-channel)",
     ModelFamily.SDXL_REFINER: "SDXL refiner",
     ModelFamily.UNKNOWN: "unrecognised Stable Diffusion variant",
 }
@@ -102,6 +104,7 @@ SDXL_LATENT_PREVIEW = LatentPreview(
 )
 _LATENT_PREVIEWS = {
     ModelFamily.SDXL: SDXL_LATENT_PREVIEW,
+    ModelFamily.SDXL_INPAINT: SDXL_LATENT_PREVIEW,
     ModelFamily.SDXL_REFINER: SDXL_LATENT_PREVIEW,
 }
 
@@ -117,7 +120,8 @@ def _with_inpaint(base: ModelFamily, in_channels: int | None) -> ModelFamily:
         return {
             ModelFamily.SD1: ModelFamily.SD1_INPAINT,
             ModelFamily.SD2: ModelFamily.SD2_INPAINT,
-        }.get(base, base)  # SDXL inpainting stays SDXL: unsupported either way
+            ModelFamily.SDXL: ModelFamily.SDXL_INPAINT,
+        }.get(base, ModelFamily.UNKNOWN)  # no 9-channel refiner exists
     return ModelFamily.UNKNOWN  # e.g. instruct-pix2pix (8 channels)
 
 
@@ -186,7 +190,7 @@ def detect_family(shapes: Mapping[str, tuple[int, ...]], *, source: str = "check
     - ``cond_stage_model.model.*`` (OpenCLIP-H) or a 1024-wide cross-attention context: SD 2.x;
     - ``cond_stage_model.transformer.*`` (OpenAI CLIP) whose width equals the UNet's
       cross-attention context (768 for real checkpoints, 32 for the tiny test model): SD 1.x;
-    - a UNet input conv with 9 channels turns SD 1.x/2.x into their inpainting variants.
+    - a UNet input conv with 9 channels turns SD 1.x/2.x/SDXL into their inpainting variants.
     Anything else with a UNet is ``UNKNOWN``.
     """
     other = recognise_other(shapes)
@@ -301,7 +305,7 @@ def require_supported(family: ModelFamily, source: str, *, refiner: bool = False
             f"{source}: recognised an SDXL refiner checkpoint, which cannot be used as the base model; "
             "load an SDXL base and give this file as the refiner (--refiner, HTTP refiner_checkpoint)"
         )
-    supported = "leansd supports SD 1.x and SD 2.x checkpoints (incl. 9-channel inpainting) and SDXL base for now"
+    supported = "leansd supports SD 1.x, SD 2.x and SDXL base checkpoints (incl. 9-channel inpainting) for now"
     if family is ModelFamily.UNKNOWN:
         raise UnsupportedModelError(
             f"{source}: could not recognise the model family (not SD 1.x, SD 2.x or SDXL); {supported}"

@@ -156,16 +156,7 @@ def bundle_from_state_dict(
     family = detect_family(shapes, source=source)
     require_supported(family, source, refiner=refiner)
     spec = describe(family)
-    if family is ModelFamily.SDXL_REFINER:
-        return _sdxl_from_state_dict(sd, shapes, spec=spec, source=source, name=name, path=path,
-                                     prediction_type=prediction_type)
-    if family is ModelFamily.SDXL:
-        conv_in = shapes.get(LDM_UNET_PREFIX + "input_blocks.0.0.weight")
-        if conv_in is not None and len(conv_in) == 4 and conv_in[1] != 4:
-            from leansd.errors import UnsupportedModelError
-
-            raise UnsupportedModelError(f"{source}: SDXL inpainting ({conv_in[1]}-channel) checkpoints are not "
-                                        "supported yet; use an SDXL base checkpoint with a mask (legacy inpainting)")
+    if family is ModelFamily.SDXL_REFINER or len(spec.text_encoders) == 2:  # SDXL: refiner, base, 9-channel
         return _sdxl_from_state_dict(sd, shapes, spec=spec, source=source, name=name, path=path,
                                      prediction_type=prediction_type)
     text_spec = spec.text_encoders[0]
@@ -231,7 +222,8 @@ def _sdxl_from_state_dict(
     path: str | os.PathLike[str] | None,
     prediction_type: str | None,
 ) -> ModelBundle:
-    """An SDXL base or refiner single file in Stability's (sgm) layout; tensors used in place as for SD 1.x/2.x.
+    """An SDXL base, 9-channel inpainting or refiner single file in Stability's (sgm) layout; tensors used in
+    place as for SD 1.x/2.x.
 
     A refiner's bundle holds its one text encoder (OpenCLIP-bigG) as ``text_encoder``."""
     import accelerate
@@ -386,11 +378,6 @@ def load_diffusers_folder(
     for module in (unet, vae, text_encoder, text_encoder_2):
         if module is not None:
             _check_materialised(module, source=label)
-    if family is ModelFamily.SDXL and int(unet.config.in_channels) != 4:
-        from leansd.errors import UnsupportedModelError
-
-        raise UnsupportedModelError(f"{label}: SDXL inpainting ({unet.config.in_channels}-channel) models are not "
-                                    "supported yet; use an SDXL base model with a mask (legacy inpainting)")
     scheduler_config = _folder_schedule(root)
     if prediction_type is not None:
         scheduler_config["prediction_type"] = prediction_type

@@ -28,8 +28,10 @@ def generate(
 
     if not request.is_validated:
         raise ValueError("pipelines take a validated request (GenerationRequest.validated); call Engine.generate")
-    if request.checkpoint is not None:
-        engine.switch_model(request.checkpoint)  # in the job: a switch never races a generation
+    if request.checkpoint is not None or request.prediction_type is not None:
+        # In the job: a switch never races a generation. A prediction type is a load option: same checkpoint,
+        # another choice reloads it.
+        engine.switch_model(request.checkpoint, prediction_type=request.prediction_type)
     if request.vae is not None:
         engine.set_vae_choice(request.vae)
     if request.refiner_checkpoint is not None and request.refiner_switch_at < 1.0:

@@ -518,6 +518,10 @@ def infotext_for(
     entries: dict[str, object] = {}
     if request.sampler == "DDIM" and request.eta:
         entries["Eta"] = request.eta
+    if request.guidance_rescale:
+        entries["CFG rescale"] = request.guidance_rescale
+    if getattr(engine, "prediction_choice", "auto") != "auto":  # forced: needed to reproduce the image
+        entries["Prediction type"] = engine.bundle.prediction_type
     entries.update(extra or {})
     if request.tiling:
         entries["Tiling"] = "True"

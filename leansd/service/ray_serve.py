@@ -156,9 +156,10 @@ class RemoteEngine:
 
         from leansd.request import ProgressEvent, SkipBatch, StopGeneration
 
-        if request.checkpoint is not None or request.vae is not None:  # one replica would differ from the rest
-            raise InvalidRequestError(
-                "Ray Serve replicas keep the server's checkpoint and VAE: restart with --model/--vae to change them"
+        if request.checkpoint is not None or request.vae is not None or request.prediction_type is not None:
+            raise InvalidRequestError(  # one replica would differ from the rest
+                "Ray Serve replicas keep the server's checkpoint, VAE and prediction type: restart with "
+                "--model/--vae/--prediction-type to change them"
             )
         key = uuid.uuid4().hex
         response = self.handle.generate.remote(key, request)

@@ -159,6 +159,12 @@ KNOBS: dict[str, tuple[str, Getter, Getter, "Getter | None"]] = {
     "hires upscaler": ("hires_upscaler", lambda c: c["txt2img"].hires_upscaler, lambda h: h["hires"].hires_upscaler,
                        None),
     "hires steps": ("hires_steps", lambda c: c["txt2img"].hires_steps, lambda h: h["hires"].hires_steps, None),
+    "guidance rescale": ("guidance_rescale", lambda c: c["txt2img"].guidance_rescale,
+                         lambda h: h["txt2img"].guidance_rescale,
+                         lambda u: [u[f"{t}_guidance_rescale"] for t in ("txt2img", "img2img", "inpaint")]),
+    # None: the loaded model keeps how its prediction type was chosen (CLI: what the model says).
+    "prediction type": ("prediction_type", lambda c: c["txt2img"].prediction_type,
+                        lambda h: h["txt2img"].prediction_type, None),
 }
 
 

@@ -126,17 +126,17 @@ def test_split_cfg_batches_give_the_same_picture(single_engine):
     torch.testing.assert_close(split, whole, rtol=1e-5, atol=1e-5)
 
 
-def test_refiner_and_sdxl_inpainting_are_refused(files, tmp_path):
+def test_refiner_and_an_8_channel_sdxl_are_refused(files, tmp_path):
     from safetensors.torch import save_file
 
     from leansd.errors import UnsupportedModelError
     from leansd.models.checkpoint import read_state_dict
 
     sd = {k: v.clone() for k, v in read_state_dict(files["single"]).items()}
-    sd["model.diffusion_model.input_blocks.0.0.weight"] = torch.zeros(32, 9, 3, 3)
-    path = tmp_path / "xl-inpaint.safetensors"
+    sd["model.diffusion_model.input_blocks.0.0.weight"] = torch.zeros(32, 8, 3, 3)  # instruct-pix2pix-shaped
+    path = tmp_path / "xl-8-channel.safetensors"
     save_file(sd, str(path))
-    with pytest.raises(UnsupportedModelError, match="SDXL inpainting .9-channel. checkpoints are not supported yet"):
+    with pytest.raises(UnsupportedModelError, match="could not recognise the model family"):
         load_model(path)
     refiner = {k: v for k, v in read_state_dict(files["single"]).items() if not k.startswith("conditioner.embedders.0.")}
     refiner = {k.replace("conditioner.embedders.1.", "conditioner.embedders.0."): v.clone() for k, v in refiner.items()}

@@ -65,7 +65,9 @@ SDXL_REFINER = {
         (_sd(1024), ModelFamily.SD2),
         (_sd(1024, in_channels=9, **OPEN_CLIP_H), ModelFamily.SD2_INPAINT),
         (_sd(2048, **SDXL_BASE), ModelFamily.SDXL),
-        (_sd(2048, in_channels=9, **SDXL_BASE), ModelFamily.SDXL),
+        (_sd(2048, in_channels=9, **SDXL_BASE), ModelFamily.SDXL_INPAINT),
+        (_sd(2048, in_channels=8, **SDXL_BASE), ModelFamily.UNKNOWN),
+        (_sd(1280, in_channels=9, **SDXL_REFINER), ModelFamily.UNKNOWN),  # no 9-channel refiner exists
         (_sd(1280, **SDXL_REFINER), ModelFamily.SDXL_REFINER),
         (_sd(2048, **{U + "label_emb.0.0.weight": (1280, 2816)}), ModelFamily.SDXL),
         (_sd(1280, **{U + "label_emb.0.0.weight": (1536, 2560)}), ModelFamily.SDXL_REFINER),
@@ -100,6 +102,7 @@ def test_labels():
     assert ModelFamily.SD2.label == "SD 2.x"
     assert ModelFamily.SD2_INPAINT.label == "SD 2.x inpainting (9-channel)"
     assert ModelFamily.SDXL.label == "SDXL"
+    assert ModelFamily.SDXL_INPAINT.label == "SDXL inpainting (9-channel)"
     assert ModelFamily.SDXL_REFINER.label == "SDXL refiner"
     assert ModelFamily("sd1") is ModelFamily.SD1 and ModelFamily.SD1 == "sd1"
 
@@ -110,7 +113,8 @@ def test_require_supported_messages():
     require_supported(ModelFamily.SD2, "a.safetensors")  # no error
     require_supported(ModelFamily.SD2_INPAINT, "a.safetensors")  # no error
     require_supported(ModelFamily.SDXL, "a.safetensors")  # no error
-    tail = "leansd supports SD 1.x and SD 2.x checkpoints (incl. 9-channel inpainting) and SDXL base for now"
+    require_supported(ModelFamily.SDXL_INPAINT, "a.safetensors")  # no error
+    tail = "leansd supports SD 1.x, SD 2.x and SDXL base checkpoints (incl. 9-channel inpainting) for now"
     expected = {
         ModelFamily.SDXL_REFINER: "m.ckpt: recognised an SDXL refiner checkpoint, which cannot be used as the base "
                                   "model; load an SDXL base and give this file as the refiner (--refiner, HTTP "
@@ -166,6 +170,12 @@ REFINER_INDEX = {
             {"hidden_size": 768},
             XL_INDEX,
             ModelFamily.SDXL,
+        ),
+        (
+            {"in_channels": 9, "cross_attention_dim": 2048, "addition_embed_type": "text_time"},
+            {"hidden_size": 768},
+            XL_INDEX,
+            ModelFamily.SDXL_INPAINT,
         ),
         (
             {"in_channels": 4, "cross_attention_dim": 1280, "addition_embed_type": "text_time"},
