@@ -78,7 +78,7 @@ def run(args: argparse.Namespace, *, memory: dict[str, Any]) -> int:
         for error in exc.errors:
             print(f"leansd: error: {args.jobs} {error}", file=sys.stderr)
         return 2
-    _, state = prepare_outdir(outdir, resume=args.resume)
+    _, state = prepare_outdir(outdir, resume=args.resume, jobs=jobs, overwrite=args.overwrite)
     if state is not None and state.run is not None and state.run.get("seed") != jobs.seed:
         raise InvalidRequestError(
             f"--seed {jobs.seed} differs from the seed {state.run.get('seed')} this manifest was started with; "
@@ -101,7 +101,7 @@ def run(args: argparse.Namespace, *, memory: dict[str, Any]) -> int:
 
         backend = RayBackend.connect(args.ray, workers=args.workers, engine_options=options, vae=vae)
     summary = run_batch(jobs, outdir=outdir, backend=backend, resume=args.resume, model=args.model,
-                        progress=sys.stderr.isatty(), vae=vae)
+                        progress=sys.stderr.isatty(), vae=vae, overwrite=args.overwrite)
     for error in summary.errors:
         print(f"leansd: failed: {error}", file=sys.stderr)
     print(f"leansd: {summary.line(outdir / 'manifest.jsonl')}", file=sys.stderr)

@@ -101,6 +101,8 @@ def _add_batch_args(sub: "argparse._SubParsersAction") -> None:
     run.add_argument("--outdir", default="outputs/batch", help="output folder (default outputs/batch)")
     run.add_argument("--resume", action="store_true",
                      help="finish an earlier run in --outdir: skip images the manifest and the files already hold")
+    run.add_argument("--overwrite", action="store_true",
+                     help="replace <id>-<k>.png files already in --outdir that no manifest lists (default: refuse)")
     run.add_argument("--seed", type=_int, default=None,
                      help="base seed: a line without one gets it plus the number of images before it (default: random, recorded)")
     run.add_argument("--ray", nargs="?", const="", default=None, metavar="ADDRESS",
