@@ -247,6 +247,6 @@ def test_a_fresh_run_refuses_to_replace_images_no_manifest_lists(tmp_path: Path,
     # With a manifest, --resume replaces a file its record never made it into (a crash in between).
     (outdir / "cat-0.png").write_bytes(b"torn")
     lines = (outdir / "manifest.jsonl").read_text().splitlines()
-    (outdir / "manifest.jsonl").write_text("\n".join(l for l in lines if '"cat"' not in l) + "\n")
+    (outdir / "manifest.jsonl").write_text("\n".join(text for text in lines if "\"cat\"" not in text) + "\n")
     resumed = run_batch(jobs, outdir=outdir, backend=_Keep(worker), resume=True)
     assert (resumed.skipped, resumed.written) == (2, 1) and (outdir / "cat-0.png").read_bytes() != b"torn"
