@@ -25,15 +25,23 @@ from leansd.errors import InvalidRequestError
 logger = logging.getLogger(__name__)
 
 INSTALL_HINT = "--ray needs Ray, which is not installed: pip install 'leansd[ray]' (or pip install 'ray[default]')"
+SERVE_INSTALL_HINT = ("--ray needs Ray Serve, which is not installed: pip install 'leansd[ray]' "
+                      "(or pip install 'ray[serve]')")
 DEFAULT_DEPTH = 2
 DEFAULT_MAX_ATTEMPTS = 2
 
 
-def require_ray() -> Any:
+def require_ray(*, serve: bool = False) -> Any:
+    """The `ray` module (`ray.serve` with `serve`); InvalidRequestError saying how to install it when missing."""
     try:
         import ray
+
+        if serve:
+            from ray import serve as ray_serve
+
+            return ray_serve
     except ImportError:
-        raise InvalidRequestError(INSTALL_HINT) from None
+        raise InvalidRequestError(SERVE_INSTALL_HINT if serve else INSTALL_HINT) from None
     return ray
 
 

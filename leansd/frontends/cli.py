@@ -682,7 +682,8 @@ def run_serve(args: argparse.Namespace) -> int:
         options = dict(device=args.device, precision=args.precision, prompt_cache=args.prompt_cache,
                        taesd=args.taesd, library=library, **_memory_options(args))
         engine: Any = start_ray_queue(args.ray, model=model, replicas=args.replicas or 1,
-                                      engine_options=options, max_queue=args.max_queue, vae=args.vae)
+                                      engine_options=options, max_queue=args.max_queue, vae=args.vae,
+                                      max_job_seconds=server_options["max_job_seconds"])
         model_name = engine.engine.bundle.name
     else:
         engine = _load_engine(args, library, model)
