@@ -40,6 +40,14 @@ def engine_options(args: argparse.Namespace, memory: dict[str, Any]) -> dict[str
             "library": library, **memory}
 
 
+def _check_vae(vae: str, *, library: Any, model: str | None) -> None:
+    """A bad --vae (no such file, no such name in --vae-dir) fails before any model loads."""
+    from leansd.models.vae_override import resolve_vae
+
+    checkpoint = model if model and Path(model).expanduser().is_file() else None
+    resolve_vae(vae, library=library, checkpoint=checkpoint)
+
+
 def run(args: argparse.Namespace, *, memory: dict[str, Any]) -> int:
     from leansd.batch.jobs import JobFileError, read_jobs
     from leansd.batch.runner import LocalBackend, prepare_outdir, recorded_seed, run_batch
@@ -50,6 +58,9 @@ def run(args: argparse.Namespace, *, memory: dict[str, Any]) -> int:
         raise InvalidRequestError(f"--workers must be at least 1, got {args.workers}")
     if args.workers is not None and args.ray is None:
         raise InvalidRequestError("--workers is for Ray runs: add --ray [ADDRESS] (locally one process works)")
+    if getattr(args, "taesd", None):
+        # Job lines have no field that asks for TAESD (no previews, no --vae-decoder): refuse, not ignore.
+        raise InvalidRequestError("--taesd has no use in leansd batch: images are decoded with the VAE (--vae)")
     if args.ray is not None:
         from leansd.batch.ray_backend import require_ray
 
@@ -67,7 +78,7 @@ def run(args: argparse.Namespace, *, memory: dict[str, Any]) -> int:
         for error in exc.errors:
             print(f"leansd: error: {args.jobs} {error}", file=sys.stderr)
         return 2
-    _, state = prepare_outdir(outdir, resume=args.resume)
+    _, state = prepare_outdir(outdir, resume=args.resume, jobs=jobs, overwrite=args.overwrite)
     if state is not None and state.run is not None and state.run.get("seed") != jobs.seed:
         raise InvalidRequestError(
             f"--seed {jobs.seed} differs from the seed {state.run.get('seed')} this manifest was started with; "
@@ -78,16 +89,19 @@ def run(args: argparse.Namespace, *, memory: dict[str, Any]) -> int:
     print(f"leansd: {len(jobs.lines)} job line{'s' if len(jobs.lines) != 1 else ''}, {jobs.num_images} image"
           f"{'s' if jobs.num_images != 1 else ''} -> {outdir}", file=sys.stderr)
 
-    # 2. Run on this machine or on Ray.
     options = engine_options(args, memory)
+    vae = getattr(args, "vae", None) or "Automatic"
+    _check_vae(vae, library=options["library"], model=args.model)
+
+    # 2. Run on this machine or on Ray.
     if args.ray is None:
-        backend: Any = LocalBackend(BatchWorker(engine_options=options))
+        backend: Any = LocalBackend(BatchWorker(engine_options=options, vae=vae))
     else:
         from leansd.batch.ray_backend import RayBackend
 
-        backend = RayBackend.connect(args.ray, workers=args.workers, engine_options=options)
+        backend = RayBackend.connect(args.ray, workers=args.workers, engine_options=options, vae=vae)
     summary = run_batch(jobs, outdir=outdir, backend=backend, resume=args.resume, model=args.model,
-                        progress=sys.stderr.isatty())
+                        progress=sys.stderr.isatty(), vae=vae, overwrite=args.overwrite)
     for error in summary.errors:
         print(f"leansd: failed: {error}", file=sys.stderr)
     print(f"leansd: {summary.line(outdir / 'manifest.jsonl')}", file=sys.stderr)

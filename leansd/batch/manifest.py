@@ -210,10 +210,11 @@ class Manifest:
                 os.close(fd)
 
 
-def run_record(*, jobs: Path, seed: int, model: str | None, images: int, lines: int) -> dict[str, Any]:
+def run_record(*, jobs: Path, seed: int, model: str | None, images: int, lines: int,
+               vae: str = "Automatic") -> dict[str, Any]:
     from leansd import __version__
 
-    return {"type": "run", "jobs": str(jobs), "seed": seed, "model": model, "images": images, "lines": lines,
+    return {"type": "run", "jobs": str(jobs), "seed": seed, "model": model, "vae": vae, "images": images, "lines": lines,
             "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "version": f"leansd {__version__}"}
 
 

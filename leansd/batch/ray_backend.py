@@ -25,15 +25,23 @@ from leansd.errors import InvalidRequestError
 logger = logging.getLogger(__name__)
 
 INSTALL_HINT = "--ray needs Ray, which is not installed: pip install 'leansd[ray]' (or pip install 'ray[default]')"
+SERVE_INSTALL_HINT = ("--ray needs Ray Serve, which is not installed: pip install 'leansd[ray]' "
+                      "(or pip install 'ray[serve]')")
 DEFAULT_DEPTH = 2
 DEFAULT_MAX_ATTEMPTS = 2
 
 
-def require_ray() -> Any:
+def require_ray(*, serve: bool = False) -> Any:
+    """The `ray` module (`ray.serve` with `serve`); InvalidRequestError saying how to install it when missing."""
     try:
         import ray
+
+        if serve:
+            from ray import serve as ray_serve
+
+            return ray_serve
     except ImportError:
-        raise InvalidRequestError(INSTALL_HINT) from None
+        raise InvalidRequestError(SERVE_INSTALL_HINT if serve else INSTALL_HINT) from None
     return ray
 
 
@@ -41,12 +49,12 @@ class BatchActor:
     """The body of a Ray worker actor: a BatchWorker plus what the driver wants to know about it."""
 
     def __init__(self, engine_options: dict[str, Any], threads: int | None, name: str,
-                 load: "Callable[..., Any] | None" = None) -> None:
+                 load: "Callable[..., Any] | None" = None, vae: str = "Automatic") -> None:
         if threads:
             import torch
 
             torch.set_num_threads(threads)
-        self.worker = BatchWorker(engine_options=engine_options, load=load, name=name)
+        self.worker = BatchWorker(engine_options=engine_options, load=load, name=name, vae=vae)
 
     def info(self) -> dict[str, Any]:
         import ray
@@ -66,7 +74,8 @@ class RayBackend:
 
     `gpus_per_worker` 1 gives each actor its own GPU (Ray sets CUDA_VISIBLE_DEVICES); 0 makes CPU
     actors with `cpus_per_worker` cores and as many torch threads. `load` replaces `Engine.load`
-    inside the actors (it must be importable there).
+    inside the actors (it must be importable there). `vae`: as `BatchWorker`'s (a file path must
+    be readable on every node, as the model's is).
     """
 
     def __init__(
@@ -80,6 +89,7 @@ class RayBackend:
         max_attempts: int = DEFAULT_MAX_ATTEMPTS,
         load: "Callable[..., Any] | None" = None,
         owns_ray: bool = False,
+        vae: str = "Automatic",
     ) -> None:
         ray = require_ray()
         if workers < 1:
@@ -93,6 +103,7 @@ class RayBackend:
         self.max_attempts = max(1, max_attempts)
         self.load = load
         self.owns_ray = owns_ray
+        self.vae = vae
         self.actors: list[Any] = []
         self.started = 0
         self.deaths = 0
@@ -138,7 +149,7 @@ class RayBackend:
         threads = max(1, int(self.cpus_per_worker))
         actor = self._remote.options(num_gpus=self.gpus_per_worker, num_cpus=self.cpus_per_worker,
                                      max_restarts=0, max_task_retries=0).remote(
-            self.engine_options, threads, f"ray-{self.started}", self.load)
+            self.engine_options, threads, f"ray-{self.started}", self.load, self.vae)
         self.actors.append(actor)
         return actor
 

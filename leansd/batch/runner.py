@@ -80,8 +80,13 @@ class BatchSummary:
         return text
 
 
-def prepare_outdir(outdir: Path, *, resume: bool) -> tuple[Manifest, Resume | None]:
-    """The manifest of `outdir`; a previous run there needs --resume (nothing is overwritten)."""
+def prepare_outdir(outdir: Path, *, resume: bool, jobs: JobFile | None = None,
+                   overwrite: bool = False) -> tuple[Manifest, Resume | None]:
+    """The manifest of `outdir`; a previous run there needs --resume (nothing is overwritten).
+
+    Without a manifest, image files of `jobs` already in `outdir` (`<id>-<k>.png` that no manifest
+    lists: another tool's, or a run whose manifest was deleted) are refused unless `overwrite`.
+    """
     from leansd.outputs.writer import preflight_outdir
 
     preflight_outdir(outdir)
@@ -92,7 +97,24 @@ def prepare_outdir(outdir: Path, *, resume: bool) -> tuple[Manifest, Resume | No
                 f"{manifest.path} already exists: pass --resume to finish that run, or choose another --outdir"
             )
         return manifest, manifest.load_resume()
+    if jobs is not None and not overwrite:
+        stray = stray_images(outdir, jobs)
+        if stray:
+            raise InvalidRequestError(
+                f"{outdir} already has {len(stray)} image{'s' if len(stray) != 1 else ''} not in a manifest "
+                f"({', '.join(stray[:3])}{', ...' if len(stray) > 3 else ''}) that this run would replace: "
+                "pass --overwrite to replace them, or choose another --outdir"
+            )
     return manifest, None
+
+
+def stray_images(outdir: Path, jobs: JobFile) -> list[str]:
+    """The names `jobs` would write that already exist in `outdir` (checked where no manifest lists them)."""
+    if not outdir.is_dir():
+        return []
+    present = {path.name for path in outdir.iterdir()}
+    return [name for line in jobs.lines for k in range(line.num_images)
+            if (name := image_name(line.id, k)) in present]
 
 
 def recorded_seed(outdir: Path) -> int | None:
@@ -114,8 +136,14 @@ def run_batch(
     model: str | None = None,
     progress: bool = False,
     on_image: "Callable[[dict[str, Any]], None] | None" = None,
+    vae: str = "Automatic",
+    overwrite: bool = False,
 ) -> BatchSummary:
     """Run every line of `jobs` not already done into `outdir`; files and manifest written here.
+
+    `overwrite`: replace image files of this job file that are in `outdir` without a manifest
+    (else refused, see `prepare_outdir`). `vae`: the backend's VAE choice (`--vae`), recorded in the manifest's run record; resuming with
+    another one is refused, as it would mix two runs.
 
     `on_image(record)` is called after each image's record is written (progress hooks, tests).
     KeyboardInterrupt stops the backend and returns a summary with `interrupted=True`: every image
@@ -129,7 +157,7 @@ def run_batch(
         preflight_outdir(outdir)
         lock = OutdirLock(outdir).acquire()  # before the manifest is read: one run per folder
         return _run_locked(jobs, outdir=outdir, backend=backend, resume=resume, model=model, progress=progress,
-                           on_image=on_image)
+                           on_image=on_image, vae=vae, overwrite=overwrite)
     finally:
         backend.close()  # also when the folder is refused (closing twice is harmless)
         if lock is not None:
@@ -145,9 +173,17 @@ def _run_locked(
     model: str | None,
     progress: bool,
     on_image: "Callable[[dict[str, Any]], None] | None",
+    vae: str,
+    overwrite: bool,
 ) -> BatchSummary:
-    manifest, state = prepare_outdir(outdir, resume=resume)
+    manifest, state = prepare_outdir(outdir, resume=resume, jobs=jobs, overwrite=overwrite)
     done: dict[tuple[str, int], dict[str, Any]] = {} if state is None else dict(state.done)
+    recorded_vae = None if state is None or state.run is None else state.run.get("vae", "Automatic")
+    if recorded_vae is not None and recorded_vae != vae:
+        raise InvalidRequestError(
+            f"--vae {vae} differs from the VAE {recorded_vae} this manifest was started with: resuming would mix "
+            "two runs; pass the same --vae, or use another --outdir"
+        )
     _check_unchanged(jobs, done)
     summary = BatchSummary(lines=len(jobs.lines), images=jobs.num_images)
     pending = [line for line in group_lines(jobs.lines)
@@ -156,7 +192,7 @@ def _run_locked(
     if state is None or state.run is None:
         outdir.mkdir(parents=True, exist_ok=True)
         manifest.append(run_record(jobs=jobs.path, seed=jobs.seed, model=model, images=jobs.num_images,
-                                   lines=len(jobs.lines)))
+                                   lines=len(jobs.lines), vae=vae))
     by_id = {line.id: line for line in jobs.lines}
     started = time.perf_counter()
     bar = _bar(total=summary.images, initial=summary.skipped, enabled=progress)
@@ -170,6 +206,7 @@ def _run_locked(
                 record: dict[str, Any] = {
                     "type": "image", "id": line.id, "k": outcome.k, "line": line.line, "seed": outcome.seed,
                     "file": None, "sha256": None, "model": result.model, "model_hash": result.model_hash,
+                    "vae": result.vae, "vae_hash": result.vae_hash,
                     "timings": result.timings, "error": outcome.error, "worker": result.worker,
                     "fingerprint": line.fingerprint,
                 }

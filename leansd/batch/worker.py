@@ -10,7 +10,7 @@ from __future__ import annotations
 import gc
 import logging
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Callable
 
 from leansd.errors import one_line
@@ -37,6 +37,9 @@ class LineResult:
     timings: dict[str, float] = field(default_factory=dict)
     error: str | None = None
     worker: str = ""
+    vae: str | None = None
+    """The VAE file the images were decoded with (None: the checkpoint's own)."""
+    vae_hash: str | None = None
 
 
 def describe_error(exc: BaseException) -> str:
@@ -56,14 +59,17 @@ class BatchWorker:
 
     `engine_options`: keyword arguments of `Engine.load` (device, precision, prompt_cache, vram,
     memory_policy, ...). `load`: how to load a model (tests may pass a function returning an
-    Engine they built); defaults to `Engine.load`.
+    Engine they built); defaults to `Engine.load`. `vae`: the VAE of every line that names none in
+    `override_settings.sd_vae` (`--vae`: "Automatic", "None", a file or a VAE-folder name); set
+    for each line, so a line's own choice never leaks into the next one.
     """
 
     def __init__(self, *, engine_options: dict[str, Any] | None = None,
-                 load: "Callable[..., Any] | None" = None, name: str = "local") -> None:
+                 load: "Callable[..., Any] | None" = None, name: str = "local", vae: str = "Automatic") -> None:
         self.engine_options = dict(engine_options or {})
         self._load = load
         self.name = name
+        self.vae = vae
         self.engine: Any = None
         self.model: str | None = None
         self.loads = 0
@@ -90,6 +96,8 @@ class BatchWorker:
         seeds = [line.seed + k for k in range(line.num_images)]
         try:
             request = line.request()
+            if request.vae is None:
+                request = replace(request, vae=self.vae)  # applied inside generate, as `txt2img --vae`
             seeds = request.image_seeds()
             loads = self.loads
             load_started = time.perf_counter()
@@ -113,8 +121,10 @@ class BatchWorker:
         timings["line"] = time.perf_counter() - started
         if load_seconds:
             timings["load"] = load_seconds
+        vae = engine.vae_infotext() if hasattr(engine, "vae_infotext") else {}
         return LineResult(id=line.id, images=images, model=getattr(engine.bundle, "name", line.model),
-                          model_hash=self._model_hash(), timings=timings, worker=self.name)
+                          model_hash=self._model_hash(), timings=timings, worker=self.name,
+                          vae=vae.get("VAE"), vae_hash=vae.get("VAE hash"))
 
     def _model_hash(self) -> str | None:
         return None if self.engine is None else getattr(self.engine.bundle, "hash", None)

@@ -653,8 +653,8 @@ def update_options(options: dict[str, Any], body: object, *, model_name: str, ta
     Returns the keys that were ignored (unknown to this server).
 
     The live preview options are checked first (`preview_fields`): a bad value changes nothing.
-    `sd_model_checkpoint` may name a checkpoint of the library: it is stored, and the next job
-    loads it before it starts (the switch is queued like a job, never racing one)."""
+    `sd_model_checkpoint` may name a checkpoint of the library: it is stored (its title); the HTTP
+    API and the web UI then queue a model-switch job that loads it (never racing a generation)."""
     if not isinstance(body, dict):
         raise InvalidRequestError("the options body must be a JSON object")
     preview_fields({**options, **body}, taesd=taesd)

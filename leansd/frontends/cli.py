@@ -102,6 +102,8 @@ def _add_batch_args(sub: "argparse._SubParsersAction") -> None:
     run.add_argument("--outdir", default="outputs/batch", help="output folder (default outputs/batch)")
     run.add_argument("--resume", action="store_true",
                      help="finish an earlier run in --outdir: skip images the manifest and the files already hold")
+    run.add_argument("--overwrite", action="store_true",
+                     help="replace <id>-<k>.png files already in --outdir that no manifest lists (default: refuse)")
     run.add_argument("--seed", type=_int, default=None,
                      help="base seed: a line without one gets it plus the number of images before it (default: random, recorded)")
     run.add_argument("--ray", nargs="?", const="", default=None, metavar="ADDRESS",
@@ -697,7 +699,8 @@ def run_serve(args: argparse.Namespace) -> int:
         options = dict(device=args.device, precision=args.precision, prompt_cache=args.prompt_cache,
                        taesd=args.taesd, library=library, **_memory_options(args))
         engine: Any = start_ray_queue(args.ray, model=model, replicas=args.replicas or 1,
-                                      engine_options=options, max_queue=args.max_queue, vae=args.vae)
+                                      engine_options=options, max_queue=args.max_queue, vae=args.vae,
+                                      max_job_seconds=server_options["max_job_seconds"])
         model_name = engine.engine.bundle.name
     else:
         engine = _load_engine(args, library, model)

@@ -111,6 +111,12 @@ class _Server:
     preview_png: dict[str, Any] = field(default_factory=dict)
     """The running job's latest preview as base64 PNG, kept for `/progress` (see a1111.progress)."""
 
+    def follow_model(self) -> None:
+        """Take the loaded model's name, hash and source (after a job that may have switched it)."""
+        bundle = getattr(self.queue.engine, "bundle", None)
+        if bundle is not None and bundle.name != self.model_name:
+            self.model_name, self.model_hash, self.model_source = bundle.name, bundle.hash, str(bundle.source)
+
     def with_previews(self, gen: "GenerationRequest", body: A1111Request) -> "GenerationRequest":
         """The request with the live preview fields the options (and its override_settings) ask for."""
         import dataclasses
@@ -313,9 +319,7 @@ async def _generate(http_request: Request, gen: "GenerationRequest", body: A1111
         images = await asyncio.to_thread(
             lambda: [encode_png(im, info) for im, info in zip(result.images, result.infotexts, strict=True)]
         )
-    bundle = getattr(server.queue.engine, "bundle", None)
-    if bundle is not None and bundle.name != server.model_name:  # a job switched the checkpoint
-        server.model_name, server.model_hash, server.model_source = bundle.name, bundle.hash, str(bundle.source)
+    server.follow_model()
     answer = a1111.response(body, gen, result, images=images, model_name=server.model_name,
                             model_hash=server.model_hash, job_timestamp=job_timestamp, interrupted=job.interrupted)
     if save_error is not None:
@@ -373,8 +377,23 @@ async def set_options(request: Request) -> None:
         body = await request.json()
     except (ValueError, RecursionError):  # RecursionError: arrays or objects nested thousands deep
         raise InvalidRequestError("the options body must be a JSON object") from None
+    before = dict(server.options)
     a1111.update_options(server.options, body, model_name=server.model_name, taesd=server.taesd,
                          library=_library(request))
+    chosen = server.options.get("sd_model_checkpoint")
+    if chosen is None or a1111.same_model(str(chosen), server.model_name):
+        return None
+    # As A1111: the checkpoint is loaded before the answer, by a model-switch job of the queue
+    # (after the jobs already waiting, never racing one); a failure leaves the options as they were.
+    try:
+        job = server.queue.submit_switch(str(chosen))
+        await _await_job(request, server.queue, job)
+    except BaseException:
+        server.options.clear()
+        server.options.update(before)
+        raise
+    finally:
+        server.follow_model()
     return None
 
 
@@ -394,42 +413,49 @@ def _library(request: Request) -> Any:
     return getattr(_server(request).queue.engine, "library", None)
 
 
+async def _listing(request: Request, read: Callable[[Any], Any], *, without: Callable[[], Any]) -> Any:
+    """A library route's answer: `read(library)` off the event loop, or `without()` when the engine
+    has no model library."""
+    library = _library(request)
+    if library is None:
+        return without()
+    return await asyncio.to_thread(read, library)
+
+
+def _refresh(request: Request, kind: str) -> None:
+    """A `refresh-...` route: rescan one folder of the library (nothing to do without one)."""
+    library = _library(request)
+    if library is not None:
+        library.refresh(kind)
+
+
 @_route("GET", f"{API}/sd-models")
 async def sd_models(request: Request) -> list:
     server = _server(request)
-    library = _library(request)
-    if library is None:
-        return a1111.sd_models(model_name=server.model_name, model_hash=server.model_hash, source=server.model_source)
-    return await asyncio.to_thread(a1111.library_models, library, model_name=server.model_name,
-                                   model_hash=server.model_hash, source=server.model_source)
+    model: dict[str, Any] = {"model_name": server.model_name, "model_hash": server.model_hash,
+                             "source": server.model_source}
+    return await _listing(request, lambda library: a1111.library_models(library, **model),
+                          without=lambda: a1111.sd_models(**model))
 
 
 @_route("POST", f"{API}/refresh-checkpoints")
 async def refresh_checkpoints(request: Request) -> None:
-    library = _library(request)
-    if library is not None:
-        library.refresh("checkpoint")
-    return None
+    _refresh(request, "checkpoint")
 
 
 @_route("GET", f"{API}/loras")
 async def loras(request: Request) -> list:
-    library = _library(request)
-    return [] if library is None else await asyncio.to_thread(a1111.lora_list, library)
+    return await _listing(request, a1111.lora_list, without=list)
 
 
 @_route("POST", f"{API}/refresh-loras")
 async def refresh_loras(request: Request) -> None:
-    library = _library(request)
-    if library is not None:
-        library.refresh("lora")
-    return None
+    _refresh(request, "lora")
 
 
 @_route("GET", f"{API}/sd-vae")
 async def sd_vae(request: Request) -> list:
-    library = _library(request)
-    return [] if library is None else await asyncio.to_thread(a1111.vae_list, library)
+    return await _listing(request, a1111.vae_list, without=list)
 
 
 @_route("GET", f"{API}/samplers")

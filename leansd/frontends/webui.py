@@ -96,12 +96,11 @@ class _Runner:
 
     def set_checkpoint(self, choice: str | None) -> Iterator[str]:
         """Switch to checkpoint `choice` now: stored as /sdapi/v1/options stores `sd_model_checkpoint`,
-        then loaded by a one-step job of the queue (never racing a job); yields status lines.
+        then loaded by a model-switch job of the queue (never racing a job); yields status lines.
 
         A failure raises gr.Error with one line; the previous model is loaded again by the engine and
         the option goes back to it, so the following jobs use it."""
         from leansd.frontends.a1111 import model_title, same_model, update_options
-        from leansd.request import MIN_SIZE, GenerationRequest
 
         gr = _gradio()
         engine = self.queue.engine
@@ -114,9 +113,7 @@ class _Runner:
         try:
             update_options(self.options, {"sd_model_checkpoint": str(choice)}, model_name=loaded,
                            taesd=self.taesd, library=getattr(engine, "library", None))
-            request = self.with_options(GenerationRequest(prompt="", width=MIN_SIZE, height=MIN_SIZE,
-                                                          num_inference_steps=1, seed=0))
-            job = self.queue.submit(request)
+            job = self.queue.submit_switch(str(self.options["sd_model_checkpoint"]))
         except LeansdError as exc:
             self.options["sd_model_checkpoint"] = previous
             raise gr.Error(one_line(exc), print_exception=False) from None

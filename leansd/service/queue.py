@@ -65,6 +65,13 @@ class JobState(str, enum.Enum):
         return self in (JobState.DONE, JobState.FAILED, JobState.CANCELLED)
 
 
+class JobKind(str, enum.Enum):
+    GENERATE = "generate"
+    SWITCH_MODEL = "switch_model"
+    """Load another checkpoint (`Engine.switch_model`): queued like a generation, so it never races
+    one; it can be cancelled while it waits, not once the load has started."""
+
+
 class GeneratingEngine(Protocol):
     """What the worker needs from an engine: `leansd.Engine` or a test double wrapping one."""
 
@@ -95,9 +102,13 @@ class JobProgress:
 class Job:
     """One request in the queue. Read its fields; change it only through the `JobQueue`."""
 
-    def __init__(self, request: "GenerationRequest") -> None:
+    def __init__(self, request: "GenerationRequest | None", *, checkpoint: str | None = None) -> None:
         self.id: str = uuid.uuid4().hex
         self.request = request
+        """The generation request (None for a model switch)."""
+        self.checkpoint = checkpoint
+        """For a model switch: the checkpoint to load (a library name, A1111 title or path)."""
+        self.kind = JobKind.GENERATE if checkpoint is None else JobKind.SWITCH_MODEL
         self.state: JobState = JobState.QUEUED
         self.created: float = time.time()
         self.started: float | None = None
@@ -137,6 +148,7 @@ class Job:
         p = self.progress
         return {
             "id": self.id,
+            "kind": self.kind.value,
             "state": self.state.value,
             "created": self.created,
             "started": self.started,
@@ -231,6 +243,8 @@ class JobQueue:
         self._closed = False
         self._thread: threading.Thread | None = None
         self._durations: collections.deque[float] = collections.deque(maxlen=16)
+        self._calibration = threading.Lock()
+        self._calibrated = False
         self.completed = 0
         """Jobs that reached a final state (done, failed or cancelled)."""
 
@@ -294,6 +308,9 @@ class JobQueue:
         """Queue a (validated) request; QueueFullError if `max_queue` jobs already wait, JobTooLongError
         if it would run longer than `max_job_seconds` (when the device's speed is known)."""
         self._check_time(request)
+        return self._enqueue(Job(request))
+
+    def _enqueue(self, job: Job) -> Job:
         with self._lock:
             if self._closed:
                 raise QueueClosedError("the server is shutting down and takes no new jobs")
@@ -303,12 +320,18 @@ class JobQueue:
                     f"the queue is full ({self.max_queue} jobs waiting); retry in about {retry} s",
                     retry_after=retry,
                 )
-            job = Job(request)
             self._waiting.append(job)
             self._jobs[job.id] = job
             self._trim_history_locked()
             self._lock.notify_all()
         return job
+
+    def submit_switch(self, checkpoint: str) -> Job:
+        """Queue a model switch to `checkpoint` (see `JobKind.SWITCH_MODEL`); its result is True when
+        another model was loaded, False when `checkpoint` was loaded already. QueueFullError as `submit`."""
+        if not callable(getattr(self.engine, "switch_model", None)):
+            raise InvalidRequestError("this server cannot switch checkpoints")
+        return self._enqueue(Job(None, checkpoint=checkpoint))
 
     def get(self, job_id: str) -> Job | None:
         with self._lock:
@@ -349,6 +372,8 @@ class JobQueue:
                     return False
                 self._waiting.remove(job)
                 job.state = JobState.CANCELLED
+            elif job.kind is JobKind.SWITCH_MODEL:
+                return False  # a load that has started finishes (or fails) as a whole
             else:
                 job._cancel = True
                 return True
@@ -395,43 +420,67 @@ class JobQueue:
             )
 
     def _calibrate(self) -> None:
-        """Measure the device's speed once, before the first job, so estimates exist from the start."""
+        """Measure the device's speed once, before the first job, so estimates exist from the start.
+
+        With several worker threads, the first measures and the others wait for it."""
         if self.max_job_seconds is None or not hasattr(self.engine, "calibrate_speed"):
             return
-        try:
-            self.engine.calibrate_speed()
-        except Exception as exc:  # noqa: BLE001 - without a speed, jobs run unestimated
-            logger.warning("could not measure the device's speed (%s: %s)", type(exc).__name__, exc)
-            self._free_memory()
+        with self._calibration:
+            if self._calibrated:
+                return
+            self._calibrated = True
+            try:
+                self.engine.calibrate_speed()
+            except Exception as exc:  # noqa: BLE001 - without a speed, jobs run unestimated
+                logger.warning("could not measure the device's speed (%s: %s)", type(exc).__name__, exc)
+                self._free_memory()
 
     def _run(self) -> None:
+        """A worker thread's loop: take the oldest waiting job, run it, until closed and drained."""
         self._calibrate()
-        while True:
-            with self._lock:
-                while not self._waiting and not self._closed:
-                    self._lock.wait()
-                if not self._waiting:
-                    return  # closed and drained
-                job = self._waiting.popleft()
-                job.state = JobState.RUNNING
-                job.started = time.time()
-                self._current = job
+        while (job := self._next_job()) is not None:
             try:
                 self._execute(job)
             finally:
                 with self._lock:
-                    self._current = None
+                    self._job_ended_locked(job)
                     self.completed += 1
                     if job.started is not None:
                         self._durations.append(time.time() - job.started)
 
+    def _next_job(self) -> Job | None:
+        """Wait for a job and mark it running; None once the queue is closed and drained."""
+        with self._lock:
+            while not self._waiting and not self._closed:
+                self._lock.wait()
+            if not self._waiting:
+                return None
+            job = self._waiting.popleft()
+            job.state = JobState.RUNNING
+            job.started = time.time()
+            self._job_started_locked(job)
+            return job
+
+    def _job_started_locked(self, job: Job) -> None:
+        """Bookkeeping when a worker takes `job` (under the lock): it is the current job."""
+        self._current = job
+
+    def _job_ended_locked(self, job: Job) -> None:
+        """Bookkeeping when `job` ends (under the lock)."""
+        self._current = None
+
     def _execute(self, job: Job) -> None:
         interruptible = getattr(self.engine, "interruptible", None)
         try:
-            self._check_time(job.request)
-            within_steps = interruptible(job._check) if callable(interruptible) else contextlib.nullcontext()
-            with within_steps:
-                result = self.engine.generate(job.request, progress=job._on_progress, progress_bar=False)
+            if job.kind is JobKind.SWITCH_MODEL:
+                result: Any = self.engine.switch_model(job.checkpoint)  # type: ignore[attr-defined]
+            else:
+                request = job.request
+                assert request is not None  # a generation job always has one
+                self._check_time(request)
+                within_steps = interruptible(job._check) if callable(interruptible) else contextlib.nullcontext()
+                with within_steps:
+                    result = self.engine.generate(request, progress=job._on_progress, progress_bar=False)
         except BaseException as exc:  # noqa: BLE001 - one job's failure must never stop the worker
             job.preview = None  # a preview never outlives its job
             if job._cancel:

@@ -24,25 +24,18 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Callable
 
 from leansd.errors import InvalidRequestError
-from leansd.service.queue import DEFAULT_MAX_QUEUE, JobQueue, JobState
+from leansd.service.queue import DEFAULT_MAX_QUEUE, JobQueue
 
 if TYPE_CHECKING:
+    from leansd.engine.estimate import JobEstimate
+    from leansd.models.library import ModelLibrary
     from leansd.request import GenerationRequest, GenerationResult, ProgressEvent
 
 logger = logging.getLogger(__name__)
 
 APP_NAME = "leansd"
 POLL_SECONDS = 0.1
-INSTALL_HINT = "--ray needs Ray Serve, which is not installed: pip install 'leansd[ray]' (or pip install 'ray[serve]')"
-
-
-def require_serve() -> Any:
-    try:
-        import ray  # noqa: F401
-        from ray import serve
-    except ImportError:
-        raise InvalidRequestError(INSTALL_HINT) from None
-    return serve
+SPEED_KEY = "_leansd_flops_per_second"
 
 
 class ProgressBoard:
@@ -93,10 +86,19 @@ class EngineReplica:
 
     def describe(self) -> dict[str, Any]:
         bundle = self.engine.bundle
+        store = self.engine.embeddings
         return {"name": bundle.name, "hash": bundle.hash, "source": str(bundle.source), "replica": self.name,
                 "default_size": bundle.default_size, "vae_scale_factor": bundle.vae_scale_factor,
                 "device": str(self.engine.device), "precision": self.engine.precision.name,
-                "budget": self.engine.budget, "memory_policy": self.engine.memory_policy}
+                "budget": self.engine.budget, "memory_policy": self.engine.memory_policy,
+                # What the front end needs to estimate a job's time and to list the embeddings.
+                "unet": (type(bundle.unet), dict(bundle.unet.config)), "vae": (type(bundle.vae), dict(bundle.vae.config)),
+                "scheduler_config": dict(bundle.scheduler_config),
+                "embeddings": {"width": store.width, "encoder": store.encoder, "also": store.also}}
+
+    def calibrate_speed(self) -> float:
+        """This replica's measured UNet speed in FLOP/s (`Engine.calibrate_speed`)."""
+        return self.engine.calibrate_speed()
 
     def generate(self, key: str, request: "GenerationRequest") -> "GenerationResult":
         import ray
@@ -115,6 +117,7 @@ class EngineReplica:
 
         result = self.engine.generate(request, progress=on_step, progress_bar=False)
         result.info["replica"] = self.name
+        result.info[SPEED_KEY] = self.engine.speed.flops_per_second  # taken off by RemoteEngine
         return result
 
 
@@ -132,9 +135,20 @@ class _Bundle:
 class RemoteEngine:
     """The engine the queue's workers call: forwards each job to a replica, relays its progress."""
 
-    def __init__(self, handle: Any, board: Any, info: dict[str, Any], replicas: int) -> None:
+    def __init__(self, handle: Any, board: Any, info: dict[str, Any], replicas: int, *,
+                 library: "ModelLibrary | None" = None) -> None:
+        from leansd.models.embeddings import EmbeddingStore
+        from leansd.models.library import ModelLibrary
+
         self.handle = handle
         self.board = board
+        self.library = library if library is not None else ModelLibrary()
+        """The replicas' model library (the same folders): what the library routes and the web UI list."""
+        self.embeddings = EmbeddingStore(self.library, **info["embeddings"])
+        self._info = info
+        self._estimator: _Estimator | None = None
+        self.flops_per_second: float | None = None
+        """The replicas' measured speed (the latest any of them reported)."""
         self.bundle = _Bundle(name=info["name"], hash=info.get("hash"), source=info.get("source", info["name"]),
                               default_size=info["default_size"], vae_scale_factor=info["vae_scale_factor"])
         self.device = f"{info.get('device')} x {replicas} Ray Serve replicas"
@@ -149,6 +163,21 @@ class RemoteEngine:
 
     def set_budget(self, vram: Any) -> None:
         raise InvalidRequestError("the VRAM budget of Ray replicas is set when the server starts (--vram)")
+
+    def calibrate_speed(self) -> float:
+        """Measure the speed on a replica (the queue does this once, before the first job)."""
+        self.flops_per_second = float(self.handle.calibrate_speed.remote().result())
+        return self.flops_per_second
+
+    def estimate(self, request: "GenerationRequest") -> "JobEstimate":
+        """The request's FLOPs (counted here, on a weightless copy of the replicas' model) and its time
+        at the replicas' measured speed: the same estimate a single-process server makes."""
+        from leansd.engine.estimate import estimate
+
+        if self._estimator is None:
+            self._estimator = _Estimator(self._info)
+        self._estimator.speed.flops_per_second = self.flops_per_second
+        return estimate(self._estimator, request)  # type: ignore[arg-type]
 
     def generate(self, request: "GenerationRequest", *, progress: "Callable[[ProgressEvent], None] | None" = None,
                  progress_bar: bool = False) -> "GenerationResult":
@@ -186,9 +215,33 @@ class RemoteEngine:
                     self.board.flag.remote(key, "skip")
         finally:
             self.board.forget.remote(key)
+        rate = result.info.pop(SPEED_KEY, None)
         with self._lock:
             self.ran_on[result.info.get("replica", "?")] += 1
+            if rate:
+                self.flops_per_second = rate
         return result
+
+
+class _Estimator:
+    """What `leansd.engine.estimate.estimate` reads of an Engine, built from a replica's description:
+    the UNet and VAE on the "meta" device (no weights), the scheduler config and the measured speed."""
+
+    def __init__(self, info: dict[str, Any]) -> None:
+        import types
+
+        import torch
+
+        from leansd.engine.estimate import FlopCounter
+
+        (unet_class, unet_config), (vae_class, vae_config) = info["unet"], info["vae"]
+        with torch.device("meta"):
+            unet, vae = unet_class.from_config(unet_config), vae_class.from_config(vae_config)
+        self.bundle = types.SimpleNamespace(unet=unet, vae=vae, scheduler_config=info["scheduler_config"],
+                                            default_size=info["default_size"], vae_scale_factor=info["vae_scale_factor"])
+        self.device = torch.device("cpu")
+        self.flop_counter = FlopCounter(unet, vae)
+        self.speed = types.SimpleNamespace(flops_per_second=None)
 
 
 class RayJobQueue(JobQueue):
@@ -199,8 +252,8 @@ class RayJobQueue(JobQueue):
     """
 
     def __init__(self, engine: RemoteEngine, *, workers: int, max_queue: int = DEFAULT_MAX_QUEUE,
-                 on_shutdown: "Callable[[], None] | None" = None) -> None:
-        super().__init__(engine, max_queue=max_queue)
+                 max_job_seconds: float | None = None, on_shutdown: "Callable[[], None] | None" = None) -> None:
+        super().__init__(engine, max_queue=max_queue, max_job_seconds=max_job_seconds)
         self.workers = workers
         self._running: list[Any] = []
         self._threads: list[threading.Thread] = []
@@ -210,7 +263,7 @@ class RayJobQueue(JobQueue):
         with self._lock:
             if not self._threads:
                 for i in range(self.workers):
-                    thread = threading.Thread(target=self._run_one, name=f"leansd-ray-{i}", daemon=True)
+                    thread = threading.Thread(target=self._run, name=f"leansd-ray-{i}", daemon=True)
                     self._threads.append(thread)
                     thread.start()
                 self._thread = self._threads[0]
@@ -220,27 +273,13 @@ class RayJobQueue(JobQueue):
         with self._lock:
             return list(self._running)
 
-    def _run_one(self) -> None:
-        while True:
-            with self._lock:
-                while not self._waiting and not self._closed:
-                    self._lock.wait()
-                if not self._waiting:
-                    return  # closed and drained
-                job = self._waiting.popleft()
-                job.state = JobState.RUNNING
-                job.started = time.time()
-                self._running.append(job)
-                self._current = self._running[0]
-            try:
-                self._execute(job)
-            finally:
-                with self._lock:
-                    self._running.remove(job)
-                    self._current = self._running[0] if self._running else None
-                    self.completed += 1
-                    if job.started is not None:
-                        self._durations.append(time.time() - job.started)
+    def _job_started_locked(self, job: Any) -> None:
+        self._running.append(job)
+        self._current = self._running[0]
+
+    def _job_ended_locked(self, job: Any) -> None:
+        self._running.remove(job)
+        self._current = self._running[0] if self._running else None
 
     def status(self) -> dict[str, Any]:
         status = super().status()
@@ -274,6 +313,7 @@ def start_ray_queue(
     replicas: int,
     engine_options: dict[str, Any],
     max_queue: int = DEFAULT_MAX_QUEUE,
+    max_job_seconds: float | None = None,
     load: "Callable[..., Any] | None" = None,
     vae: str | None = None,
 ) -> RayJobQueue:
@@ -281,8 +321,13 @@ def start_ray_queue(
 
     On a cluster with GPUs each replica gets one (Ray sets CUDA_VISIBLE_DEVICES), else the CPUs are
     shared out. The queue's shutdown deletes the Serve application (and leaves the cluster running).
+    `max_job_seconds`: as the single-process server's (`JobQueue`): the replicas' speed is measured
+    before the first job and longer jobs are refused. The front end lists the library in
+    `engine_options["library"]`, the one the replicas load LoRAs, embeddings and VAEs from.
     """
-    serve = require_serve()
+    from leansd.batch.ray_backend import require_ray
+
+    serve = require_ray(serve=True)
     import ray
 
     if replicas < 1:
@@ -322,5 +367,6 @@ def start_ray_queue(
             if owns:
                 ray.shutdown()
 
-    return RayJobQueue(RemoteEngine(handle, board, info, replicas), workers=replicas, max_queue=max_queue,
+    engine = RemoteEngine(handle, board, info, replicas, library=engine_options.get("library"))
+    return RayJobQueue(engine, workers=replicas, max_queue=max_queue, max_job_seconds=max_job_seconds,
                        on_shutdown=stop)

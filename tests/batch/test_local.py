@@ -217,3 +217,36 @@ def test_cli_batch_finds_loras_in_the_lora_dir_flag(tmp_path: Path) -> None:
     out = _cli(str(jobs), "--model", "tiny", "--outdir", str(outdir), "--lora-dir", str(loras), "--no-prompt-cache")
     assert out.returncode == 0, out.stderr
     assert parse_infotext(read_infotext(outdir / "ink-0.png"))["Lora hashes"].startswith("ink: ")
+
+
+def test_a_fresh_run_refuses_to_replace_images_no_manifest_lists(tmp_path: Path, worker: BatchWorker,
+                                                                   capsys: pytest.CaptureFixture) -> None:
+    from leansd.frontends.cli import main
+
+    path = write_jsonl(tmp_path / "jobs.jsonl", [{"id": "fox", "prompt": "a fox", "batch_size": 2, **SIZE},
+                                                 {"id": "cat", "prompt": "a cat", **SIZE}])
+    jobs = read_jobs(path, model="tiny", seed=3)
+    outdir = tmp_path / "out"
+    outdir.mkdir()
+    for name in ("fox-1.png", "cat-0.png", "other-0.png"):
+        (outdir / name).write_bytes(b"someone else's picture")
+    for resume in (False, True):  # without a manifest, --resume has nothing to trust either
+        with pytest.raises(InvalidRequestError, match=r"already has 2 images not in a manifest \(fox-1.png, cat-0.png\)"
+                           r" that this run would replace: pass --overwrite"):
+            run_batch(jobs, outdir=outdir, backend=_Keep(worker), resume=resume)
+    assert main(["batch", str(path), "--model", "tiny", "--outdir", str(outdir), "--seed", "3"]) == 2
+    assert "already has 2 images not in a manifest" in capsys.readouterr().err
+    assert sorted(p.name for p in outdir.iterdir()) == ["cat-0.png", "fox-1.png", "other-0.png"]
+    assert {(outdir / n).read_bytes() for n in ("cat-0.png", "fox-1.png")} == {b"someone else's picture"}
+
+    summary = run_batch(jobs, outdir=outdir, backend=_Keep(worker), overwrite=True)
+    assert (summary.written, summary.exit_code) == (3, 0)
+    assert (outdir / "other-0.png").read_bytes() == b"someone else's picture"  # not this run's: left alone
+    for record in records(outdir):
+        assert record["sha256"] == sha256_file(outdir / record["file"])
+    # With a manifest, --resume replaces a file its record never made it into (a crash in between).
+    (outdir / "cat-0.png").write_bytes(b"torn")
+    lines = (outdir / "manifest.jsonl").read_text().splitlines()
+    (outdir / "manifest.jsonl").write_text("\n".join(text for text in lines if "\"cat\"" not in text) + "\n")
+    resumed = run_batch(jobs, outdir=outdir, backend=_Keep(worker), resume=True)
+    assert (resumed.skipped, resumed.written) == (2, 1) and (outdir / "cat-0.png").read_bytes() != b"torn"

@@ -98,3 +98,23 @@ def test_interrupted_ray_run_resumes_to_the_same_pixels(ray_cluster, reference, 
     resumed = run_batch(jobs, outdir=outdir, backend=backend, resume=True)
     assert (resumed.skipped, resumed.written, resumed.exit_code) == (2, 5, 0)
     assert _hashes(outdir) == expected
+
+
+def test_ray_workers_apply_the_vae_as_the_local_run(ray_cluster, tmp_path: Path) -> None:
+    from leansd.models.tiny import write_tiny_single_file
+    from tests.test_cli_library import write_vae
+
+    checkpoint = write_tiny_single_file(tmp_path / "m.safetensors")
+    vae = write_vae(tmp_path / "other.vae.safetensors", seed=5)
+    path = tmp_path / "jobs.jsonl"
+    path.write_text(json.dumps({"id": "fox", "prompt": "a red fox", "seed": 5, **SIZE}) + "\n")
+    jobs = read_jobs(path, model=str(checkpoint))
+    local, plain = tmp_path / "local", tmp_path / "plain"
+    run_batch(jobs, outdir=local, backend=LocalBackend(BatchWorker(engine_options=OPTIONS, vae=str(vae))), vae=str(vae))
+    run_batch(jobs, outdir=plain, backend=LocalBackend(BatchWorker(engine_options=OPTIONS)))
+    backend = RayBackend(workers=1, engine_options=OPTIONS, gpus_per_worker=0, cpus_per_worker=1, vae=str(vae))
+    summary = run_batch(jobs, outdir=tmp_path / "ray", backend=backend, vae=str(vae))
+    assert summary.exit_code == 0
+    [on_ray] = records(tmp_path / "ray")
+    assert (on_ray["vae"], on_ray["sha256"]) == ("other.vae.safetensors", records(local)[0]["sha256"])
+    assert on_ray["sha256"] != records(plain)[0]["sha256"]

@@ -91,9 +91,10 @@ def test_checkpoint_switching_through_options_and_override_settings(library: Mod
     back = api.txt2img(prompt="a red fox", seed=3, width=64, height=64)
     np.testing.assert_array_equal(np.asarray(back.image), np.asarray(first.image))
 
-    # Through /options (webuiapi's util_set_model): stored at once, loaded by the next job.
+    # Through /options (webuiapi's util_set_model): loaded before the answer, by a switch job.
     api.util_set_model("sd1/other.safetensors")
     assert api.get_options()["sd_model_checkpoint"] == "sd1/other.safetensors"
+    assert engine.bundle.name == "other"
     switched = api.txt2img(prompt="a red fox", seed=3, width=64, height=64)
     np.testing.assert_array_equal(np.asarray(switched.image), np.asarray(other.image))
     assert engine.bundle.name == "other"
@@ -123,3 +124,45 @@ def test_sd_vae_from_a_client_names_a_library_vae_never_a_server_path(library: M
     assert job.status_code == 400 and "override_settings.sd_vae" in job.text
     for good in ("Automatic", "None", "ft-mse.vae.safetensors"):
         assert requests.post(f"{base}/options", json={"sd_vae": good}, timeout=30).status_code == 200, good
+
+
+def test_a_model_switch_job_runs_no_unet_step_and_the_next_job_uses_the_new_model(library: ModelLibrary) -> None:
+    from diffusers import UNet2DConditionModel
+
+    from leansd.engine.engine import Engine
+    from leansd.request import GenerationRequest
+    from leansd.service import JobCancelledError, JobQueue
+
+    engine = Engine(tiny_bundle(), device="cpu", precision="full", prompt_cache=False, library=library)
+    request = GenerationRequest(prompt="a red fox", width=64, height=64, num_inference_steps=2, seed=3,
+                                sampler="DDIM")
+    calls = []
+
+    def count(module: torch.nn.Module, args: tuple, output: object) -> None:
+        if isinstance(module, UNet2DConditionModel):
+            calls.append(module)
+
+    hook = torch.nn.modules.module.register_module_forward_hook(count)
+    queue = JobQueue(engine).start()
+    try:
+        job = queue.submit_switch("sd1/other.safetensors")
+        assert job.snapshot()["kind"] == "switch_model"
+        assert job.wait(60) is True and calls == [] and engine.bundle.name == "other"
+        image = np.asarray(queue.submit(request).wait(60).images[0])
+        assert len(calls) == 2 and calls[0] is engine.bundle.unet  # two steps, on the new model's UNet
+        other = Engine.load(str(library.find_checkpoint("sd1/other.safetensors").path), device="cpu", precision="full",
+                            prompt_cache=False)
+        np.testing.assert_array_equal(image, np.asarray(other.generate(request, progress_bar=False).images[0]))
+        assert queue.submit_switch("sd1/other.safetensors").wait(60) is False  # loaded already: nothing to do
+
+        # A switch waiting behind a generation can be cancelled; it never starts.
+        slow = queue.submit(GenerationRequest(prompt="x", width=64, height=64, num_inference_steps=200, seed=1))
+        waiting = queue.submit_switch("tiny")
+        assert queue.cancel(waiting.id)
+        with pytest.raises(JobCancelledError):
+            waiting.wait(60)
+        queue.cancel(slow.id)
+        assert engine.bundle.name == "other"
+    finally:
+        hook.remove()
+        queue.shutdown(30)
