@@ -9,6 +9,7 @@ path; `pip install leansd[openvino]`). See docs/OPENVINO.md.
 from __future__ import annotations
 
 import importlib.util
+import sys
 from typing import TYPE_CHECKING
 
 from leansd.errors import InvalidRequestError
@@ -31,7 +32,12 @@ INSTALL_HINT = "pip install leansd[openvino]"
 
 def openvino_installed() -> bool:
     """Whether the `openvino` package can be imported (without importing it)."""
-    return importlib.util.find_spec("openvino") is not None
+    if "openvino" in sys.modules:  # imported already, or blocked (None)
+        return sys.modules["openvino"] is not None
+    try:
+        return importlib.util.find_spec("openvino") is not None
+    except (ImportError, ValueError):
+        return False
 
 
 def check_backend_name(name: str) -> str:

@@ -198,6 +198,16 @@ class Engine:
 
         return OpenVinoBackend(cache=cache)
 
+    def set_backend(self, backend: str, *, convert: bool = False) -> str:
+        """Use another compute backend from the next stage on ("auto", "torch", "openvino"; see
+        `Engine`); returns the name of the one chosen. Raises InvalidRequestError where it cannot run."""
+        chosen = self._choose_backend(backend, convert=convert)
+        if chosen.name != self.backend.name:
+            self.backend.release()
+            self.backend = chosen
+            logger.info("backend now %s", chosen.name)
+        return self.backend.name
+
     def _check(self) -> None:
         """The running job's interrupt check, if any (see `interruptible`)."""
         if self._interrupt_check is not None:
