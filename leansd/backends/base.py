@@ -21,7 +21,10 @@ class ComputeBackend(Protocol):
     name: str
     """"torch" or "openvino": what the infotext's `Backend` entry and the result's info record."""
 
-    def unet(self, unet: Any, *, patches: str, check: Callable[[], None]) -> Any: ...
+    def unet(self, unet: Any, *, patches: str, check: Callable[[], None],
+             timer: "Callable[[tuple[int, ...], float], None] | None" = None) -> Any:
+        """`timer(sample_shape, seconds)`, when given, receives the compute time of every call that
+        the engine's own hooks cannot see (the speed meter)."""
 
     def vae_decode(self, vae: Any, z: "torch.Tensor", tile: int | None, *, scale: int,
                    efficient_attention: bool | None, check: Callable[[], None]) -> "torch.Tensor": ...
@@ -40,8 +43,9 @@ class TorchBackend:
 
     name = "torch"
 
-    def unet(self, unet: Any, *, patches: str, check: Callable[[], None]) -> Any:
-        return unet  # the engine's in-layer interrupt hooks are on its modules already
+    def unet(self, unet: Any, *, patches: str, check: Callable[[], None],
+             timer: "Callable[[tuple[int, ...], float], None] | None" = None) -> Any:
+        return unet  # the engine's speed meter and in-layer interrupt hooks are on its modules already  # the engine's in-layer interrupt hooks are on its modules already
 
     def vae_decode(self, vae: Any, z: "torch.Tensor", tile: int | None, *, scale: int,
                    efficient_attention: bool | None, check: Callable[[], None]) -> "torch.Tensor":

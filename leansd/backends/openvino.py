@@ -113,8 +113,9 @@ class OpenVinoBackend:
 
     # -- the interface -----------------------------------------------------------------------------
 
-    def unet(self, unet: Any, *, patches: str, check: Callable[[], None]) -> "OpenVinoUNet":
-        return OpenVinoUNet(self, unet, patches=patches, check=check)
+    def unet(self, unet: Any, *, patches: str, check: Callable[[], None],
+             timer: "Callable[[tuple[int, ...], float], None] | None" = None) -> "OpenVinoUNet":
+        return OpenVinoUNet(self, unet, patches=patches, check=check, timer=timer)
 
     def vae_decode(self, vae: Any, z: "torch.Tensor", tile: int | None, *, scale: int,
                    efficient_attention: bool | None, check: Callable[[], None]) -> "torch.Tensor":
@@ -159,13 +160,19 @@ class OpenVinoBackend:
             "diffusers": diffusers.__version__,
         }
 
-    def run(self, part: str, module: Any, inputs: list["torch.Tensor"], *, patches: str) -> "torch.Tensor":
-        """`part` of `module` on `inputs` (float32 CPU tensors): converted, cached and compiled on first use."""
+    def run(self, part: str, module: Any, inputs: list["torch.Tensor"], *, patches: str,
+            timer: "Callable[[tuple[int, ...], float], None] | None" = None) -> "torch.Tensor":
+        """`part` of `module` on `inputs` (float32 CPU tensors): converted, cached and compiled on first use.
+
+        `timer(shape of the first input, seconds)` gets the inference time (not the conversion's)."""
         import torch
 
         arrays = [t.detach().to(device="cpu", dtype=torch.float32).contiguous().numpy() for t in inputs]
         compiled = self.compiled(part, module, inputs, patches=patches)
+        started = time.perf_counter()
         output = compiled(arrays)[0]
+        if timer is not None:
+            timer(tuple(inputs[0].shape), time.perf_counter() - started)
         return torch.from_numpy(output)
 
     def compiled(self, part: str, module: Any, inputs: list["torch.Tensor"], *, patches: str) -> Any:
@@ -239,8 +246,10 @@ class OpenVinoUNet:
     The engine's interrupt check runs before every call: a stop takes effect between steps.
     """
 
-    def __init__(self, backend: OpenVinoBackend, unet: Any, *, patches: str, check: Callable[[], None]) -> None:
+    def __init__(self, backend: OpenVinoBackend, unet: Any, *, patches: str, check: Callable[[], None],
+                 timer: "Callable[[tuple[int, ...], float], None] | None" = None) -> None:
         self.backend = backend
+        self.timer = timer
         self.module = unet
         self.config = unet.config
         self.patches = patches
@@ -260,5 +269,5 @@ class OpenVinoUNet:
         inputs = [sample, t, encoder_hidden_states]
         if added_cond_kwargs:
             inputs += [added_cond_kwargs["text_embeds"], added_cond_kwargs["time_ids"]]
-        out = self.backend.run("unet", self.module, inputs, patches=self.patches)
+        out = self.backend.run("unet", self.module, inputs, patches=self.patches, timer=self.timer)
         return (out.to(dtype=sample.dtype),)

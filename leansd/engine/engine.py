@@ -491,10 +491,9 @@ class Engine:
             self._attention_chunk = plan.attention_chunk
             if self._interrupt_check is not None:  # the new processors stay stoppable within a call
                 _wrap_attention(unet, self._interrupt_check)
-        if plan.cfg_batched or passes == 1:
-            yield self.backend.unet(unet, patches=self._unet_patches(), check=self._check)
-        else:
-            yield SplitBatchUNet(self.backend.unet(unet, patches=self._unet_patches(), check=self._check), batch)
+        timer = None if self._speed is None else self._speed.record
+        runner = self.backend.unet(unet, patches=self._unet_patches(), check=self._check, timer=timer)
+        yield runner if plan.cfg_batched or passes == 1 else SplitBatchUNet(runner, batch)
 
     @contextlib.contextmanager
     def vae_stage(self, *, width: int, height: int, batch: int) -> Iterator[tuple["torch.device", "torch.dtype"]]:
@@ -971,15 +970,20 @@ class Engine:
         return self._speed
 
     def calibrate_speed(self) -> float:
-        """Time one UNet forward at half the native size (a quarter of a real step); returns FLOP/s."""
+        """Time one UNet forward at half the native size (a quarter of a real step); returns FLOP/s.
+
+        With OpenVINO: one CFG step at the native size, the shape most jobs use, so the conversion
+        this may need is not wasted (and its time is not counted)."""
 
         from leansd.engine.estimate import calibration_size, unet_inputs
 
         speed = self.speed
-        size = calibration_size(self)
+        native = self.backend.name == "openvino"
+        size = self.bundle.default_size if native else calibration_size(self)
+        passes = 2 if native else 1
         side = size // self.bundle.vae_scale_factor
-        with self.unet_stage(width=size, height=size, batch=1, passes=1) as unet, self.compute():
-            inputs = unet_inputs(self.bundle.unet.config, 1, side, side, device=self.device, dtype=self.dtype)
+        with self.unet_stage(width=size, height=size, batch=1, passes=passes) as unet, self.compute():
+            inputs = unet_inputs(self.bundle.unet.config, passes, side, side, device=self.device, dtype=self.dtype)
             unet(**inputs)
         logger.info("measured speed: %.1f GFLOP/s (UNet at %dx%d)", (speed.flops_per_second or 0) / 1e9, size, size)
         return speed.flops_per_second or 0.0

@@ -186,6 +186,15 @@ def test_a_second_engine_reuses_the_disk_cache_without_converting(tmp_path, capl
     np.testing.assert_array_equal(a.pixels, b.pixels)
 
 
+def test_speed_is_measured_on_openvino_calls_without_a_new_conversion(sd1) -> None:
+    _, engine = sd1
+    engine.generate(request(num_inference_steps=1), progress_bar=False)  # the native CFG shape is converted
+    before = engine.backend.conversions  # type: ignore[attr-defined]
+    assert engine.calibrate_speed() > 0  # timed on the OpenVINO call (torch's hooks never see it)
+    assert engine.backend.conversions == before  # type: ignore[attr-defined]
+    assert engine.estimate(request()).seconds is not None
+
+
 def test_interrupt_check_runs_before_every_step(sd1) -> None:
     _, engine = sd1
     calls = []
