@@ -129,8 +129,11 @@ class SpeedMeter:
             import torch
 
             torch.cuda.synchronize(self.device)  # kernels run asynchronously: the clock needs them done
-        seconds = time.perf_counter() - started[0]
-        flops = self.counter.unet(*started[1])
+        self.record(started[1], time.perf_counter() - started[0])
+
+    def record(self, shape: tuple[int, ...], seconds: float) -> None:
+        """One UNet call on a sample of `shape` took `seconds` (also what a non-torch backend reports)."""
+        flops = self.counter.unet(*shape)
         if seconds <= 0 or flops <= 0:
             return
         rate = flops / seconds

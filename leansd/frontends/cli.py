@@ -230,6 +230,10 @@ def _add_model_args(command: argparse.ArgumentParser) -> None:
                         help="prefer speed within the budget: plan against all of it (no 10%% safety margin)")
     memory.add_argument("--vae-on-cpu", "--vae_on_cpu", dest="vae_on_cpu", action="store_true",
                         help="decode/encode with the VAE on the CPU in fp32 (slow; frees its GPU memory)")
+    from leansd.backends import BACKEND_HELP, CONVERT_HELP, DEFAULT_BACKEND
+
+    model.add_argument("--backend", default=DEFAULT_BACKEND, type=_backend, metavar="NAME", help=BACKEND_HELP)
+    model.add_argument("--convert", action="store_true", help=CONVERT_HELP)
     model.add_argument("--taesd", metavar="PATH|ID",
                        help="TAESD weights (a diffusers AutoencoderTiny folder, or a hub id such as madebyollin/taesd "
                        "for SD 1.x/2.x or madebyollin/taesdxl for SDXL, needs network) for TAESD previews and --vae-decoder taesd")
@@ -245,6 +249,17 @@ def _vram(text: str) -> str:
     except InvalidRequestError as exc:
         raise argparse.ArgumentTypeError(str(exc)) from None
     return text
+
+
+def _backend(text: str) -> str:
+    """--backend: a known name, checked before the model loads (whether it can run: at the load)."""
+    from leansd.backends import check_backend_name
+    from leansd.errors import InvalidRequestError
+
+    try:
+        return check_backend_name(text)
+    except InvalidRequestError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 def _prediction_type(text: str) -> str:
@@ -263,6 +278,8 @@ def _memory_options(args: argparse.Namespace) -> dict[str, Any]:
     policy = "lowvram" if args.lowvram else "medvram" if args.medvram else "auto"
     options: dict[str, Any] = {"vram": args.vram, "memory_policy": policy, "turbo": args.turbo,
                                   "vae_on_cpu": args.vae_on_cpu}
+    if getattr(args, "backend", None) is not None:
+        options.update(backend=args.backend, convert=args.convert)
     if getattr(args, "prediction_type", None) is not None:
         options["prediction_type"] = args.prediction_type
     return options

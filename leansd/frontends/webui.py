@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Iterator
 
 from leansd import request as defaults
+from leansd.backends import BACKEND_HELP, BACKENDS
 from leansd.errors import InvalidRequestError, LeansdError, one_line
 from leansd.frontends.a1111 import INPAINTING_FILL, Limits, failure, preview_fields
 from leansd.service.queue import Job, JobCancelledError, JobQueue, JobState
@@ -263,6 +264,7 @@ def memory_text(queue: JobQueue) -> str:
         f"- **Precision:** {precision or 'n/a'}",
         f"- **VRAM budget:** {'none (no limit)' if budget is None else f'{budget >> 20} MiB'}",
         f"- **Memory policy:** {getattr(engine, 'memory_policy', 'n/a')}",
+        f"- **Compute backend:** {getattr(getattr(engine, 'backend', None), 'name', 'n/a')}",
         f"- **Last memory plan:** {plan.describe() if plan is not None else 'none yet'}",
         "",
         "Change the budget above (it applies from the next model stage) or when the server starts "
@@ -718,6 +720,22 @@ def build_ui(
                 return memory_text(queue)
 
             apply_vram.click(set_vram, vram_box, memory, api_name="set_vram")
+            with gr.Row():
+                backend_box = gr.Dropdown(list(BACKENDS), value=getattr(getattr(queue.engine, "backend", None), "name", None),
+                                          label="Compute backend", info=BACKEND_HELP, elem_id="compute_backend", scale=3)
+                apply_backend = gr.Button("Apply", size="sm", elem_id="backend_apply", scale=1)
+
+            def set_backend(name):
+                if not hasattr(queue.engine, "set_backend"):
+                    raise gr.Error("this server's models run on Ray replicas: choose the backend when it starts "
+                                   "(leansd serve --backend)", print_exception=False)
+                try:
+                    queue.engine.set_backend(str(name or "auto"), convert=False)
+                except LeansdError as exc:
+                    raise gr.Error(one_line(exc), print_exception=False) from None
+                return memory_text(queue)
+
+            apply_backend.click(set_backend, backend_box, memory, api_name="set_backend")
 
         def send(target: dict[str, Any]) -> list:
             return [target["prompt"], target["negative"], target["sampler"], target["steps"], target["cfg"],
