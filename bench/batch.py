@@ -16,6 +16,10 @@ a busy machine slows them alike. For the full-size model, which costs ~4.3 GB pe
 local and ray-1 are interleaved first, then ray-2 runs alone (RAM). "start-up" is the time to the
 first finished image of a fresh backend: Ray actor start, imports and model load included (Ray's
 own cluster start is listed separately). "overhead/img" is (ray-1 - local) time per image.
+"CPU s/image" is CPU time (user + system) per image: of this process for local; of this process and
+all its descendants (Ray's daemons and actors, which the driver started) for Ray. On a shared machine
+wall time measures the neighbours as much as Ray; CPU time is what the run itself costs, so the CPU
+overhead column is the per-image cost Ray adds that other processes cannot hide or inflate.
 Prints markdown; never asserts.
 """
 
@@ -77,19 +81,52 @@ def write_jobs(folder: Path, *, count: int, size: int, steps: int, first: int) -
     return path
 
 
-def timed_run(backend: Any, jobs_path: Path, model: str, workdir: Path) -> tuple[float, int]:
+def tree_cpu_seconds() -> float:
+    """CPU seconds (user + system) used so far by this process and every live descendant of it.
+
+    Ray's daemons (GCS, raylet, agents) and its worker actors are descendants of the driver that
+    started the cluster, so for a Ray run this counts everything the run costs on this machine.
+    Reads /proc (Linux)."""
+    tick = os.sysconf("SC_CLK_TCK")
+    parent: dict[int, int] = {}
+    used: dict[int, float] = {}
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        parent[int(entry)] = int(fields[1])
+        used[int(entry)] = (int(fields[11]) + int(fields[12])) / tick
+    me = os.getpid()
+    total = 0.0
+    for pid, seconds in used.items():
+        p = pid
+        while p > 1 and p != me:
+            p = parent.get(p, 0)
+        if p == me:
+            total += seconds
+    return total
+
+
+def timed_run(backend: Any, jobs_path: Path, model: str, workdir: Path, *, tree: bool = False) -> tuple[float, float, int]:
+    """(wall seconds, CPU seconds, images written) of one run. CPU: this process alone (a local run),
+    or with every descendant process (`tree`: a Ray run, daemons and actors included)."""
     from leansd.batch.jobs import read_jobs
     from leansd.batch.runner import run_batch
 
     jobs = read_jobs(jobs_path, model=model, seed=0)
     outdir = Path(tempfile.mkdtemp(dir=workdir))
-    start = time.perf_counter()
+    cpu = tree_cpu_seconds if tree else time.process_time
+    cpu0, start = cpu(), time.perf_counter()
     summary = run_batch(jobs, outdir=outdir, backend=backend)
-    seconds = time.perf_counter() - start
+    seconds, cpu_seconds = time.perf_counter() - start, cpu() - cpu0
     shutil.rmtree(outdir)
     if summary.failed:
         raise SystemExit(f"bench run failed: {summary.errors[:3]}")
-    return seconds, summary.written
+    return seconds, cpu_seconds, summary.written
 
 
 def make_backend(name: str, *, threads: int, options: dict[str, Any]) -> Any:
@@ -112,6 +149,7 @@ def bench_model(model: str, *, label: str, groups: list[list[str]], jobs: int, r
     options = {"device": "cpu", "precision": "full", "prompt_cache": False}
     startup: dict[str, float] = {}
     times: dict[str, list[float]] = {}
+    cpu_times: dict[str, list[float]] = {}
     counter = 1000
     for group in groups:
         backends = {}
@@ -123,7 +161,7 @@ def bench_model(model: str, *, label: str, groups: list[list[str]], jobs: int, r
             t0 = time.perf_counter()
             if name != "local":
                 backend.backend.start()
-            timed_run(backend, warm, model, workdir)
+            timed_run(backend, warm, model, workdir, tree=name != "local")
             startup[name] = time.perf_counter() - t0
             backends[name] = backend
         for r in range(rounds):
@@ -131,21 +169,28 @@ def bench_model(model: str, *, label: str, groups: list[list[str]], jobs: int, r
             for name in order:
                 path = write_jobs(workdir, count=jobs, size=size, steps=steps, first=counter)
                 counter += jobs
-                seconds, written = timed_run(backends[name], path, model, workdir)
+                seconds, cpu_seconds, written = timed_run(backends[name], path, model, workdir,
+                                                          tree=name != "local")
                 times.setdefault(name, []).append(seconds / written)
-                print(f"[{label}] round {r + 1} {name}: {written} images in {seconds:.1f} s", file=sys.stderr,
-                      flush=True)
+                cpu_times.setdefault(name, []).append(cpu_seconds / written)
+                print(f"[{label}] round {r + 1} {name}: {written} images in {seconds:.1f} s "
+                      f"(CPU {cpu_seconds:.1f} s)", file=sys.stderr, flush=True)
         for backend in backends.values():
             backend.really_close()
     local = statistics.median(times["local"])
+    local_cpu = statistics.median(cpu_times["local"])
     rows = []
     for name in ("local", "ray-1", "ray-2"):
         if name not in times:
             continue
         per = statistics.median(times[name])
-        overhead = "" if name != "ray-1" else f"{per - local:+.3f} s ({(per / local - 1) * 100:+.1f} %)"
+        per_cpu = statistics.median(cpu_times[name])
+        overhead = cpu_overhead = ""
+        if name == "ray-1":
+            overhead = f"{per - local:+.3f} s ({(per / local - 1) * 100:+.1f} %)"
+            cpu_overhead = f"{per_cpu - local_cpu:+.3f} s ({(per_cpu / local_cpu - 1) * 100:+.1f} %)"
         rows.append([label, name, f"{1 / per:.2f}", f"{per:.2f}", f"{local / per:.2f}x", overhead,
-                     f"{startup[name]:.1f}"])
+                     f"{per_cpu:.2f}", cpu_overhead, f"{startup[name]:.1f}"])
     return rows
 
 
@@ -171,6 +216,10 @@ def main() -> None:
     ray.init(num_cpus=max(cores, 3 * args.threads), include_dashboard=False, log_to_driver=False, logging_level="WARNING",
              runtime_env={"env_vars": {"PYTHONPATH": pythonpath}})
     ray_start = time.perf_counter() - t0
+    time.sleep(5)  # let the fresh cluster settle, then measure what its idle daemons cost
+    idle_cpu0, idle_t0 = tree_cpu_seconds() - time.process_time(), time.perf_counter()
+    time.sleep(10)
+    idle_share = (tree_cpu_seconds() - time.process_time() - idle_cpu0) / (time.perf_counter() - idle_t0)
     rows = []
     with tempfile.TemporaryDirectory(prefix="leansd-bench-batch-") as folder:
         workdir = Path(folder)
@@ -190,9 +239,10 @@ def main() -> None:
           f"{args.threads} torch thread(s) per worker\n")
     print(machine_lines())
     print(f"- Ray {ray.__version__}: single-node cluster started in {ray_start:.1f} s (not in the table); "
-          f"worker niceness {os.environ['RAY_worker_niceness']}\n")
+          f"worker niceness {os.environ['RAY_worker_niceness']}; its idle daemons used {idle_share * 100:.1f} % "
+          f"of one core (counted in the Ray rows' CPU time)\n")
     print(markdown_table(["model", "backend", "images/s", "s/image", "vs local", "Ray overhead/img (ray-1)",
-                          "start-up s"], rows))
+                          "CPU s/image", "Ray CPU overhead/img (ray-1)", "start-up s"], rows))
 
 
 if __name__ == "__main__":
