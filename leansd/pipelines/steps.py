@@ -186,7 +186,7 @@ def unet_passes(engine: "Engine", request: "GenerationRequest") -> int:
     when guided (as `run_denoise` and the loop batch them). Parsed only: no text is encoded."""
     from leansd.prompts.extra_networks import strip_networks
     from leansd.prompts.parse import parse_prompt
-    from leansd.sampling.loop import uses_guidance
+    from leansd.sampling.denoiser import uses_guidance
 
     parts = parse_prompt(strip_networks(request.prompt), syntax=request.prompt_syntax, steps=1).at(0)
     composable = len(parts) != 1 or tuple(w for _, w in parts) != (1.0,)
