@@ -10,6 +10,7 @@ scores. Prints markdown; never asserts.
 
 from __future__ import annotations
 
+import math
 import sys
 from pathlib import Path
 
@@ -27,7 +28,7 @@ TARGETS = (  # (family, side, budget in GiB): the issue's targets and SD 1.5's u
 
 def main() -> int:
     from leansd.engine.memory import reference_sizes
-    from leansd.engine.planner import PlanRequest, format_size, plan_memory
+    from leansd.engine.planner import MARGIN, PlanRequest, format_size, plan_memory
     from leansd.errors import InvalidRequestError
     from leansd.models.family import ModelFamily
 
@@ -43,11 +44,16 @@ def main() -> int:
                 fits = f"{plan.placement}, peak {format_size(plan.peak)}"
             except InvalidRequestError:
                 fits = "does not fit"
+            # The lowest --vram that plans (the minimum plus the planner's 10 % margin) and its plan there.
+            lowest = math.ceil(resident.minimum / (1 - MARGIN) / 2**20) * 2**20
+            floor = plan_memory(sizes, request, lowest)
             rows.append([ModelFamily(family).label, f"{side}x{side}", "efficient" if efficient else "math",
                          format_size(sizes.unet), format_size(sizes.text_encoder), format_size(resident.peak),
-                         format_size(resident.minimum), f"{budget_gib:g}G: {fits}"])
+                         format_size(resident.minimum), f"{budget_gib:g}G: {fits}",
+                         f"{format_size(lowest)}: {floor.placement}"])
     print("## The planner on full-size architectures (bench/planner_families.py), fp16, batch 1\n")
-    headers = ["family", "size", "attention", "UNet", "text encoders", "all resident", "minimum", "under budget"]
+    headers = ["family", "size", "attention", "UNet", "text encoders", "all resident", "minimum", "under budget",
+               "lowest --vram"]
     print(markdown_table(headers, rows))
     return 0
 
