@@ -292,6 +292,9 @@ class Engine:
         budget = resolve_budget(vram, self.device, virtual=self.virtual_device)
         self.budget = budget
         self._vram_auto = self._is_auto(vram)
+        self._vram_setting = vram
+        if self.refiner is not None:  # one budget for both models
+            self.refiner.set_budget(vram)
         self.memory.budget = budget
         self.plan = None
         logger.info("memory budget now %s", "none" if budget is None else f"{budget >> 20} MiB")

@@ -77,7 +77,8 @@ class _Runner:
         """`builder(body, ..., **extra)` (a1111's txt2img_request/img2img_request); bad values -> gr.Error."""
         gr = _gradio()
         try:
-            request = builder(body, model_name=self.current_model(), limits=self.limits, **extra)
+            library = getattr(self.queue.engine, "library", None)  # refiner_checkpoint names one of its checkpoints
+            request = builder(body, model_name=self.current_model(), limits=self.limits, library=library, **extra)
             request = dataclasses.replace(request, **preview_fields(self.options, taesd=self.taesd))
             return self.with_options(request)
         except InvalidRequestError as exc:
@@ -308,6 +309,12 @@ def checkpoint_choices(engine: Any) -> tuple[list[str], str]:
     return [m["title"] for m in models], models[0]["title"]
 
 
+def refiner_choices(engine: Any) -> list[str]:
+    """The refiner dropdown: "None" and the library's checkpoints by name (A1111's refiner_checkpoint choices)."""
+    library = getattr(engine, "library", None)
+    return ["None"] + ([] if library is None else library.names("checkpoint"))
+
+
 def vae_choices(engine: Any) -> list[str]:
     """A1111's `sd_vae` choices: "Automatic", "None" and the VAE folder's files (as `GET /sd-vae`)."""
     from leansd.frontends.a1111 import vae_list
@@ -420,6 +427,13 @@ def build_ui(
                                         elem_id=f"{prefix}_batch_size")
         c["cfg"] = gr.Slider(1.0, 30.0, value=defaults.DEFAULT_GUIDANCE, step=0.5, label="CFG scale",
                              elem_id=f"{prefix}_cfg_scale")
+        with gr.Accordion("Refiner (SDXL)", open=False):
+            with gr.Row():
+                c["refiner"] = gr.Dropdown(refiner_choices(queue.engine), value="None", label="Refiner checkpoint",
+                                           elem_id=f"{prefix}_refiner_checkpoint")
+                c["switch_at"] = gr.Slider(0.01, 1.0, value=defaults.DEFAULT_REFINER_SWITCH_AT, step=0.01,
+                                           label="Switch at (fraction of the steps the base runs)",
+                                           elem_id=f"{prefix}_refiner_switch_at")
         with gr.Row(equal_height=True):
             c["seed"] = gr.Number(value=-1, precision=0, label="Seed (-1 = random)", elem_id=f"{prefix}_seed",
                                   scale=4)
@@ -495,15 +509,18 @@ def build_ui(
             guidance_rescale=number("CFG rescale", rescale, defaults.DEFAULT_GUIDANCE_RESCALE),
         )
 
+    def refiner_body(refiner: Any, switch_at: Any) -> dict[str, Any]:
+        return dict(refiner_checkpoint=refiner or None, refiner_switch_at=float(switch_at))
+
     def txt2img(prompt, negative, sampler, steps, cfg, width, height, n_iter, batch_size, seed,
-                rescale, request: gr.Request):
+                rescale, refiner, switch_at, request: gr.Request):
         body = Txt2ImgRequest(**common_body(prompt, negative, sampler, steps, cfg, width, height, n_iter,
-                                            batch_size, seed, rescale))
+                                            batch_size, seed, rescale), **refiner_body(refiner, switch_at))
         gen = runner.build(txt2img_request, body, native_size=model_size)
         yield from runner.run(gen, task="txt2img", session=getattr(request, "session_hash", None))
 
     def img2img(init_image, prompt, negative, sampler, steps, cfg, width, height, n_iter, batch_size, seed,
-                strength, resize_mode, rescale, request: gr.Request):
+                strength, resize_mode, rescale, refiner, switch_at, request: gr.Request):
         if not init_image:
             raise gr.Error("upload an image to transform first", print_exception=False)
         body = Img2ImgRequest(
@@ -511,12 +528,13 @@ def build_ui(
                           from_image=True),
             denoising_strength=float(strength),
             resize_mode=RESIZE_MODES.index(resize_mode) if resize_mode in RESIZE_MODES else DEFAULT_RESIZE_MODE,
+            **refiner_body(refiner, switch_at),
         )
         gen = runner.build(img2img_request, body, init_image=upload(init_image, label="image"))
         yield from runner.run(gen, task="img2img", session=getattr(request, "session_hash", None))
 
     def inpaint(editor, mask_upload, prompt, negative, sampler, steps, cfg, width, height, n_iter, batch_size,
-                seed, strength, mask_blur, masked_content, invert, rescale,
+                seed, strength, mask_blur, masked_content, invert, rescale, refiner, switch_at,
                 request: gr.Request):
         background = (editor or {}).get("background")
         if background is None:
@@ -536,6 +554,7 @@ def build_ui(
             denoising_strength=float(strength),
             mask_blur=int(mask_blur), inpainting_fill=MASKED_CONTENT.get(masked_content, MASKED_CONTENT[default_fill]),
             inpainting_mask_invert=int(bool(invert)),
+            **refiner_body(refiner, switch_at),
         )
         gen = runner.build(img2img_request, body, init_image=init, mask=mask)
         yield from runner.run(gen, task="inpaint", session=getattr(request, "session_hash", None))
@@ -639,7 +658,8 @@ def build_ui(
                     with gr.Column():
                         tr = results("txt2img")
                 t_inputs = [t["prompt"], t["negative"], t["sampler"], t["steps"], t["cfg"], t["width"],
-                            t["height"], t["n_iter"], t["batch_size"], t["seed"], t["guidance_rescale"]]
+                            t["height"], t["n_iter"], t["batch_size"], t["seed"], t["guidance_rescale"], t["refiner"],
+                            t["switch_at"]]
                 event = tr["generate"].click(txt2img, t_inputs, outputs_of(tr), api_name="txt2img",
                                              show_progress="minimal", concurrency_limit=None)
                 wire_common(t, tr, event)
@@ -658,7 +678,7 @@ def build_ui(
                         ir = results("img2img")
                 i_inputs = [i_image, i["prompt"], i["negative"], i["sampler"], i["steps"], i["cfg"], i["width"],
                             i["height"], i["n_iter"], i["batch_size"], i["seed"], i_strength, i_resize,
-                            i["guidance_rescale"]]
+                            i["guidance_rescale"], i["refiner"], i["switch_at"]]
                 event = ir["generate"].click(img2img, i_inputs, outputs_of(ir), api_name="img2img",
                                              show_progress="minimal", concurrency_limit=None)
                 wire_common(i, ir, event)
@@ -687,7 +707,7 @@ def build_ui(
                         pr = results("inpaint")
                 p_inputs = [p_editor, p_mask, p["prompt"], p["negative"], p["sampler"], p["steps"], p["cfg"],
                             p["width"], p["height"], p["n_iter"], p["batch_size"], p["seed"], p_strength, p_blur,
-                            p_fill, p_invert, p["guidance_rescale"]]
+                            p_fill, p_invert, p["guidance_rescale"], p["refiner"], p["switch_at"]]
                 event = pr["generate"].click(inpaint, p_inputs, outputs_of(pr), api_name="inpaint",
                                              show_progress="minimal", concurrency_limit=None)
                 wire_common(p, pr, event)

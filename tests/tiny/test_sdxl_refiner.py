@@ -177,3 +177,5 @@ def test_memory_modes_give_the_same_picture(files, policy):
     assert out.memory_peak_bytes <= budget and refiner.memory.peak <= budget
     assert not refiner._on_device  # the refiner left the device to the base's VAE
     np.testing.assert_allclose(out.pixels, expected, atol=1e-5)
+    constrained.set_budget("none")  # one budget for both models
+    assert constrained.budget is None and refiner.budget is None
