@@ -99,6 +99,11 @@ def test_requests_spread_over_two_replicas_with_the_single_process_pixels(ray_cl
             assert list(client.get("/sdapi/v1/embeddings").json()["skipped"]) == ["sd15only"]
             for lists in (library_choices, vae_choices, checkpoint_choices):
                 assert lists(queue.engine) == lists(local), lists.__name__
+            # A listed checkpoint cannot be switched to on replicas: refused, the options unchanged.
+            before = client.get("/sdapi/v1/options").json()
+            switch = client.post("/sdapi/v1/options", json={"sd_model_checkpoint": "sd1/other.safetensors"})
+            assert switch.status_code == 400 and "Ray Serve replicas keep the server's checkpoint" in switch.text
+            assert client.get("/sdapi/v1/options").json() == before
 
             # --max-job-seconds: the same refusal as the single-process server, before any replica works.
             deadline = time.monotonic() + 120
