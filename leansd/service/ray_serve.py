@@ -36,6 +36,8 @@ logger = logging.getLogger(__name__)
 APP_NAME = "leansd"
 POLL_SECONDS = 0.1
 SPEED_KEY = "_leansd_flops_per_second"
+REPLICAS_KEEP_MODEL = ("Ray Serve replicas keep the server's checkpoint, VAE and prediction type: restart with "
+                       "--model/--vae/--prediction-type to change them")
 
 
 class ProgressBoard:
@@ -164,6 +166,9 @@ class RemoteEngine:
     def set_budget(self, vram: Any) -> None:
         raise InvalidRequestError("the VRAM budget of Ray replicas is set when the server starts (--vram)")
 
+    def switch_model(self, spec: str) -> bool:
+        raise InvalidRequestError(REPLICAS_KEEP_MODEL)
+
     def calibrate_speed(self) -> float:
         """Measure the speed on a replica (the queue does this once, before the first job)."""
         self.flops_per_second = float(self.handle.calibrate_speed.remote().result())
@@ -186,10 +191,7 @@ class RemoteEngine:
         from leansd.request import ProgressEvent, SkipBatch, StopGeneration
 
         if request.checkpoint is not None or request.vae is not None or request.prediction_type is not None:
-            raise InvalidRequestError(  # one replica would differ from the rest
-                "Ray Serve replicas keep the server's checkpoint, VAE and prediction type: restart with "
-                "--model/--vae/--prediction-type to change them"
-            )
+            raise InvalidRequestError(REPLICAS_KEEP_MODEL)  # one replica would differ from the rest
         key = uuid.uuid4().hex
         response = self.handle.generate.remote(key, request)
         last = None

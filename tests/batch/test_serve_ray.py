@@ -99,19 +99,25 @@ def test_requests_spread_over_two_replicas_with_the_single_process_pixels(ray_cl
             assert list(client.get("/sdapi/v1/embeddings").json()["skipped"]) == ["sd15only"]
             for lists in (library_choices, vae_choices, checkpoint_choices):
                 assert lists(queue.engine) == lists(local), lists.__name__
+            # A listed checkpoint cannot be switched to on replicas: refused, the options unchanged.
+            before = client.get("/sdapi/v1/options").json()
+            switch = client.post("/sdapi/v1/options", json={"sd_model_checkpoint": "sd1/other.safetensors"})
+            assert switch.status_code == 400 and "Ray Serve replicas keep the server's checkpoint" in switch.text
+            assert client.get("/sdapi/v1/options").json() == before
 
             # --max-job-seconds: the same refusal as the single-process server, before any replica works.
             deadline = time.monotonic() + 120
             while (queue.engine.flops_per_second is None or local.speed.flops_per_second is None) \
                     and time.monotonic() < deadline:
                 time.sleep(0.05)
+            done = queue.status()["completed"]
             refused = client.post("/sdapi/v1/txt2img", json=TOO_LONG)
             single = httpx.post(f"{single_url}/sdapi/v1/txt2img", json=TOO_LONG, timeout=60)
             assert refused.status_code == single.status_code == 400
             assert refused.json()["error"] == single.json()["error"] == "InvalidRequestError"
             limit = "more than this server's limit of 60 s (--max-job-seconds); ask for a smaller size"
             assert limit in refused.json()["detail"] and limit in single.json()["detail"]
-            assert queue.status()["completed"] == 0 and sum(queue.engine.ran_on.values()) == 0
+            assert queue.status()["completed"] == done and sum(queue.engine.ran_on.values()) == 0
 
             bodies = [{"prompt": f"a fox {i}", "seed": 10 + i, "width": 64, "height": 64, "steps": 3,
                        "sampler_name": "Euler a"} for i in range(4)]
