@@ -214,10 +214,13 @@ class OpenVinoBackend:
         example = tuple(t.detach().to(device="cpu", dtype=torch.float32) for t in inputs)
         with torch.no_grad(), warnings.catch_warnings():
             warnings.simplefilter("ignore")  # tracer warnings about Python branches: shapes are static
-            model = ov.convert_model(
-                wrapper, example_input=example, input=[(list(t.shape), ov.Type.f32) for t in example]
-            )
-        del wrapper
+            # Traced here once, without torch's trace check: the check traces a second time (twice the
+            # time), and LoRA hooks that keep their cast weights after the first call would fail it
+            # (same outputs, a different graph).
+            traced = torch.jit.trace(wrapper, example, check_trace=False, strict=False)
+            model = ov.convert_model(traced, example_input=example,
+                                     input=[(list(t.shape), ov.Type.f32) for t in example])
+        del wrapper, traced
         gc.collect()
 
         xml = self.cache.put(key, functools.partial(_save, ov, model, fp16=self.weights == "f16"), fields=fields)

@@ -134,6 +134,9 @@ class _Server:
         options = a1111.initial_options(model_name=name, model_hash=model_hash, outdir=outputs)
         options["sd_vae"] = getattr(queue.engine, "vae_choice", options["sd_vae"])  # e.g. the CLI's --vae
         options[a1111.PREDICTION_OPTION] = a1111.prediction_label(getattr(queue.engine, "prediction_choice", "auto"))
+        backend = getattr(getattr(queue.engine, "backend", None), "name", None)
+        if backend is not None:
+            options[BACKEND_OPTION] = backend  # leansd's own option: the compute backend in use
         return cls(
             queue=queue, limits=limits, outputs=outputs, model_name=name, model_hash=model_hash,
             model_source=str(getattr(bundle, "source", name)), native_size=a1111.native_size(queue.engine),
@@ -377,6 +380,9 @@ async def set_options(request: Request) -> None:
         body = await request.json()
     except (ValueError, RecursionError):  # RecursionError: arrays or objects nested thousands deep
         raise InvalidRequestError("the options body must be a JSON object") from None
+    if isinstance(body, dict) and BACKEND_OPTION in body:  # first: a backend that cannot run changes nothing
+        body = dict(body)
+        server.options[BACKEND_OPTION] = _set_backend(server.queue.engine, body.pop(BACKEND_OPTION))
     before = dict(server.options)
     a1111.update_options(server.options, body, model_name=server.model_name, taesd=server.taesd,
                          library=_library(request))
@@ -395,6 +401,21 @@ async def set_options(request: Request) -> None:
     finally:
         server.follow_model()
     return None
+
+
+BACKEND_OPTION = "leansd_backend"
+"""`POST /options {"leansd_backend": "openvino"}`: the compute backend (auto, torch, openvino; see
+docs/OPENVINO.md). Asking for openvino is the consent to convert the model; 400 where it cannot run."""
+
+
+def _set_backend(engine: Any, value: object) -> str:
+    from leansd.backends import check_backend_name
+
+    name = check_backend_name(str(value))
+    if not hasattr(engine, "set_backend"):
+        raise InvalidRequestError("this server's models run on Ray replicas: choose the backend when it starts "
+                                  "(leansd serve --backend)")
+    return str(engine.set_backend(name))
 
 
 @_route("GET", f"{API}/cmd-flags")

@@ -36,7 +36,8 @@ PIXEL_TOLERANCE = 1 / 255
 
 @pytest.fixture(scope="module")
 def cache_dir(tmp_path_factory):
-    return tmp_path_factory.mktemp("openvino-cache")
+    """The module's conversions, where `IRCache()` looks with LEANSD_CACHE_DIR = its parent."""
+    return tmp_path_factory.mktemp("leansd-cache") / "openvino"
 
 
 @pytest.fixture(scope="module")
@@ -210,13 +211,12 @@ def test_interrupt_check_runs_before_every_step(sd1) -> None:
     assert len(calls) == 3
 
 
-def test_auto_picks_openvino_only_when_converted_or_allowed(tmp_path, monkeypatch) -> None:
+def test_auto_picks_openvino_only_when_converted_or_allowed(sd1, cache_dir, tmp_path, monkeypatch) -> None:
     monkeypatch.setenv("LEANSD_CACHE_DIR", str(tmp_path))
     assert Engine(tiny_bundle(), device="cpu", prompt_cache=False).backend.name == "torch"  # nothing converted
     assert Engine(tiny_bundle(), device="cpu", prompt_cache=False, convert=True).backend.name == "openvino"
-    Engine(tiny_bundle(), device="cpu", prompt_cache=False, backend="openvino").generate(
-        request(guidance_scale=1.0, num_inference_steps=1), progress_bar=False
-    )
+    sd1[1].generate(request(num_inference_steps=1), progress_bar=False)  # converted in the module's cache
+    monkeypatch.setenv("LEANSD_CACHE_DIR", str(cache_dir.parent))
     assert Engine(tiny_bundle(), device="cpu", prompt_cache=False).backend.name == "openvino"  # converted before
     other = tiny_bundle()
     with torch.no_grad():
@@ -245,16 +245,14 @@ def run_cli(*args: str, env: dict[str, str], prelude: str = "") -> "subprocess.C
                           env={**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", **env})
 
 
-def test_cli_auto_reuses_another_process_conversion(tmp_path, monkeypatch) -> None:
+def test_cli_auto_reuses_another_process_conversion(sd1, cache_dir, tmp_path) -> None:
     from leansd.outputs.infotext import parse_infotext
     from leansd.outputs.writer import read_infotext
 
-    monkeypatch.setenv("LEANSD_CACHE_DIR", str(tmp_path / "cache"))
-    engine = Engine(tiny_bundle(), device="cpu", prompt_cache=False, backend="openvino")
-    engine.generate(request(num_inference_steps=1), progress_bar=False)  # converts at 64x64, CFG batch 2
-    assert engine.backend.conversions == 2  # type: ignore[attr-defined]
+    sd1[1].generate(request(num_inference_steps=1), progress_bar=False)  # converted at 64x64, CFG batch 2
+    assert cache_dir.is_dir() and IRCache(cache_dir).entries()
     out = run_cli("txt2img", "--model", "tiny", "--prompt", "a red fox", "--steps", "2", "--seed", "5",
-                  "--outdir", str(tmp_path / "out"), env={"LEANSD_CACHE_DIR": str(tmp_path / "cache")})
+                  "--outdir", str(tmp_path / "out"), env={"LEANSD_CACHE_DIR": str(cache_dir.parent)})
     assert out.returncode == 0, out.stderr
     assert "converting" not in out.stderr  # auto chose OpenVINO (converted before) and converted nothing
     (png,) = [p for p in (tmp_path / "out").iterdir() if p.name.startswith("seed_")]
