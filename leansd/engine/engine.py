@@ -16,6 +16,7 @@ if TYPE_CHECKING:
     from diffusers import AutoencoderTiny
     from transformers import CLIPTextModel
 
+    from leansd.backends.base import ComputeBackend
     from leansd.engine.estimate import FlopCounter, JobEstimate, SpeedMeter
     from leansd.engine.planner import MemoryPlan, ModelSizes
     from leansd.models.bundle import ModelBundle
@@ -61,6 +62,8 @@ class Engine:
         efficient_attention: bool | None = None,
         library: "ModelLibrary | None" = None,
         taesd: "AutoencoderTiny | None" = None,
+        backend: "str | ComputeBackend" = "auto",
+        convert: bool = False,
     ) -> None:
         """`prompt_cache`: True for the on-disk embedding cache in the user cache folder, False for
         none, or a `PromptCache` (e.g. another folder or size bound).
@@ -78,6 +81,9 @@ class Engine:
         `taesd`: the tiny autoencoder (`leansd.models.taesd.load_taesd`) for TAESD previews and the
         TAESD final decoder; it stays on the CPU and visits the device per decode (see
         `leansd.engine.previews`).
+        `backend`: what runs the UNet and the VAE: "torch", "openvino" (CPU only, fp32, no memory
+        budget; `pip install leansd[openvino]`), "auto" (OpenVINO on a CPU where it is installed and
+        this model was converted before or `convert` is True; else torch), or a `ComputeBackend`.
         """
         import torch
 
@@ -137,6 +143,7 @@ class Engine:
         """A1111's sd_vae setting: re-applied when another checkpoint is loaded."""
         self._flop_counter: "FlopCounter | None" = None
         self._speed: "SpeedMeter | None" = None
+        self.backend: "ComputeBackend" = self._choose_backend(backend, convert=convert)
         # The text encoder is placed only when a prompt is not in the cache (see placed_text_encoder).
         if self.budget is None and memory_policy == "auto" and not vae_on_cpu:
             for part in (Component.UNET, Component.VAE):  # no budget: resident from the start, as always
@@ -145,14 +152,62 @@ class Engine:
             for name, module in self._components().items():
                 self._cast(module, self._dtype_of(name))
         logger.info(
-            "model %s (%s) on %s, precision %s, memory budget %s%s",
+            "model %s (%s) on %s, precision %s, memory budget %s%s, backend %s",
             bundle.name,
             bundle.family.label,
             self.device,
             self.precision.name,
             "none" if self.budget is None else f"{self.budget >> 20} MiB",
             " (virtual)" if virtual_device else "",
+            self.backend.name,
         )
+
+    def _choose_backend(self, backend: "str | ComputeBackend", *, convert: bool) -> "ComputeBackend":
+        """The backend `backend` names ("auto": see `Engine`); InvalidRequestError where it cannot run."""
+        from leansd.backends import check_backend_name, check_openvino_usable, openvino_installed
+        from leansd.backends.base import TorchBackend
+
+        if not isinstance(backend, str):
+            return backend
+        name = check_backend_name(backend)
+        if name == "torch":
+            return TorchBackend()
+        settings: dict[str, Any] = dict(precision=self.precision.name, budget=self.budget,
+                                        memory_policy=self.memory_policy)
+        if name == "openvino":
+            check_openvino_usable(self.device, **settings)
+            from leansd.backends.openvino import OpenVinoBackend
+
+            return OpenVinoBackend()
+        # auto: OpenVINO only where it can run and the user will not wait for a surprise conversion.
+        if self.device.type != "cpu" or not openvino_installed():
+            return TorchBackend()
+        try:
+            check_openvino_usable(self.device, **settings)
+        except ValueError:
+            return TorchBackend()
+        from leansd.backends.ir_cache import IRCache
+        from leansd.prompts.cache import text_encoder_fingerprint
+
+        cache = IRCache()
+        if not convert and not (cache.entries() and cache.has_weights(text_encoder_fingerprint(self.bundle.unet), "unet")):
+            logger.info("backend auto: torch (no OpenVINO conversion of this model in %s; --convert allows one)",
+                        cache.directory)
+            return TorchBackend()
+        from leansd.backends.openvino import OpenVinoBackend
+
+        return OpenVinoBackend(cache=cache)
+
+    def _check(self) -> None:
+        """The running job's interrupt check, if any (see `interruptible`)."""
+        if self._interrupt_check is not None:
+            self._interrupt_check()
+
+    def _unet_patches(self) -> str:
+        """Identity of the LoRAs that change the UNet's output (empty: none)."""
+        from leansd.models.lora import lora_identity
+
+        return "" if self._loras is None else lora_identity(self._loras.active, "unet")
 
     @classmethod
     def load(
@@ -164,6 +219,8 @@ class Engine:
         prompt_cache: bool = True,
         prediction_type: str | None = None,
         taesd: str | None = None,
+        backend: str = "auto",
+        convert: bool = False,
         **memory: Any,
     ) -> "Engine":
         """Load a .safetensors/.ckpt file, a diffusers folder, a hub id, or "tiny" (random test model).
@@ -172,16 +229,25 @@ class Engine:
         .yaml, scheduler config, marker keys or probe; see `leansd.models.prediction`).
         `taesd`: a diffusers AutoencoderTiny folder or hub id (madebyollin/taesd for SD 1.x/2.x,
         madebyollin/taesdxl for SDXL; the other family's known id is refused) for
-        TAESD previews and `vae_decoder="taesd"`. `memory`: vram, memory_policy, turbo, vae_on_cpu,
-        virtual_device (see `Engine`).
+        TAESD previews and `vae_decoder="taesd"`. `backend` ("auto", "torch", "openvino") and
+        `convert` (let "auto" convert to OpenVINO): see `Engine`. `memory`: vram, memory_policy,
+        turbo, vae_on_cpu, virtual_device (see `Engine`).
         """
+        from leansd.backends import check_backend_name, check_openvino_usable
         from leansd.models.loader import load_model
         from leansd.models.prediction import normalise_prediction_type
         from leansd.models.taesd import load_taesd
 
-        # Validate device/precision/budget before the (slow) load so a typo fails at once.
+        # Validate device/precision/budget/backend before the (slow) load so a typo fails at once.
         resolved = resolve_device(device)
-        resolve_precision(precision, resolved)
+        chosen_precision = resolve_precision(precision, resolved)
+        if check_backend_name(backend) == "openvino":
+            check_openvino_usable(
+                resolved, precision=chosen_precision.name,
+                budget=resolve_budget(memory.get("vram", "auto"), resolved, virtual=memory.get("virtual_device", False),
+                                      probe=False),
+                memory_policy=memory.get("memory_policy", "auto"),
+            )
         resolve_budget(memory.get("vram", "auto"), resolved, virtual=memory.get("virtual_device", False), probe=False)
         prediction_type = normalise_prediction_type(prediction_type)
         tiny = None if taesd is None else load_taesd(taesd)  # small: a bad path fails before the model loads
@@ -193,7 +259,8 @@ class Engine:
                                  f"but {bundle.name} makes {bundle.latent_channels}")
         if tiny is not None:
             _check_taesd_repo(str(taesd), bundle.family)
-        return cls(bundle, device=device, precision=precision, prompt_cache=prompt_cache, taesd=tiny, **memory)
+        return cls(bundle, device=device, precision=precision, prompt_cache=prompt_cache, taesd=tiny,
+                   backend=backend, convert=convert, **memory)
 
     def set_budget(self, vram: "str | int | None") -> int | None:
         """Change the device budget ("4G", "1500M", "auto", "none"); the next stage plans with it.
@@ -383,7 +450,7 @@ class Engine:
         plan = self.plan or self.plan_for(width=MIN_SIZE, height=MIN_SIZE)
         self._enter_stage(Component.TEXT, plan)
         if self.bundle.text_encoder_2 is None:
-            return self.bundle.text_encoder
+            return self.backend.text_encoder(self.bundle.text_encoder)
         if self._text_pair is None:  # SDXL: both encoders read as one (see TextEncoderPair)
             from leansd.prompts.encode import TextEncoderPair
 
@@ -392,7 +459,7 @@ class Engine:
                 self.bundle.text_encoder, self.bundle.text_encoder_2, layers=(first.layer, second.layer),
                 final_norms=(first.final_norm, second.final_norm), pad_id_2=int(self.bundle.tokenizer_2.pad_token_id),
             )
-        return self._text_pair
+        return self.backend.text_encoder(self._text_pair)
 
     @contextlib.contextmanager
     def unet_stage(self, *, width: int, height: int, batch: int, passes: int) -> Iterator[Any]:
@@ -414,7 +481,10 @@ class Engine:
             self._attention_chunk = plan.attention_chunk
             if self._interrupt_check is not None:  # the new processors stay stoppable within a call
                 _wrap_attention(unet, self._interrupt_check)
-        yield unet if plan.cfg_batched or passes == 1 else SplitBatchUNet(unet, batch)
+        if plan.cfg_batched or passes == 1:
+            yield self.backend.unet(unet, patches=self._unet_patches(), check=self._check)
+        else:
+            yield SplitBatchUNet(self.backend.unet(unet, patches=self._unet_patches(), check=self._check), batch)
 
     @contextlib.contextmanager
     def vae_stage(self, *, width: int, height: int, batch: int) -> Iterator[tuple["torch.device", "torch.dtype"]]:
@@ -450,7 +520,7 @@ class Engine:
         """
         import torch
 
-        from leansd.engine.vae import decode, is_finite
+        from leansd.engine.vae import is_finite
 
         vae = self.bundle.vae
         batch, _, h, w = latents.shape
@@ -459,7 +529,8 @@ class Engine:
             z = latents.to(device=device, dtype=dtype) / vae.config.scaling_factor
             tile = None if self.plan is None else self.plan.vae_tile
             with self._vae_compute(device):
-                image = decode(vae, z, tile, scale=factor, efficient_attention=self._efficient_attention(device))
+                image = self.backend.vae_decode(vae, z, tile, scale=factor, check=self._check,
+                                                efficient_attention=self._efficient_attention(device))
             autocast = self.precision.autocast_dtype is not None and not (self._vae_full_precision or self._full_precision)
             half = dtype != torch.float32 or (autocast and device == self.device)
             if half and not is_finite(image):
@@ -475,8 +546,8 @@ class Engine:
                 self._enter_stage(Component.VAE, retry)
                 device = torch.device("cpu") if retry.vae_on_cpu else self.device
                 with torch.inference_mode(), torch.autocast(device.type, enabled=False):
-                    image = decode(vae, z.float().to(device), retry.vae_tile, scale=factor,
-                                   efficient_attention=self._efficient_attention(device))
+                    image = self.backend.vae_decode(vae, z.float().to(device), retry.vae_tile, scale=factor,
+                                                    check=self._check, efficient_attention=self._efficient_attention(device))
         return image.float()
 
     def _efficient_attention(self, device: "torch.device") -> bool:
@@ -489,14 +560,13 @@ class Engine:
 
     def vae_encode(self, pixels: "torch.Tensor") -> Any:
         """Images (B, 3, H, W) in [-1, 1] -> the VAE's latent distribution (on the VAE's device)."""
-        from leansd.engine.vae import encode
-
         batch, _, height, width = pixels.shape
         with self.vae_stage(width=width, height=height, batch=batch) as (device, dtype):
             tile = None if self.plan is None else self.plan.vae_tile
             with self._vae_compute(device):
-                return encode(self.bundle.vae, pixels.to(device=device, dtype=dtype), tile,
-                              scale=self.bundle.vae_scale_factor, efficient_attention=self._efficient_attention(device))
+                return self.backend.vae_encode(self.bundle.vae, pixels.to(device=device, dtype=dtype), tile,
+                                               scale=self.bundle.vae_scale_factor, check=self._check,
+                                               efficient_attention=self._efficient_attention(device))
 
     @contextlib.contextmanager
     def _vae_compute(self, device: "torch.device") -> Iterator[None]:
@@ -655,6 +725,7 @@ class Engine:
 
     def _adopt(self, bundle: "ModelBundle") -> None:
         """Make `bundle` this engine's model: fresh plans and memos, placed as at construction."""
+        self.backend.release()  # the previous model's compiled parts
         self.bundle = bundle
         self.vae_path = None
         self._own_vae = None

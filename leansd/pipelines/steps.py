@@ -421,6 +421,8 @@ def infotext_for(
     entries.update(engine.vae_infotext())
     if request.vae_decoder == "taesd":
         entries["VAE decoder"] = "TAESD (approximate)"
+    if engine.backend.name != "torch":  # which runtime computed the picture (torch: no entry, as before)
+        entries["Backend"] = engine.backend.name
     if engine.bundle.is_random:
         entries["Note"] = "random test model, noise image"
     entries["Version"] = f"leansd {leansd.__version__}"
@@ -511,6 +513,7 @@ def run_batches(
     all_pixels = np.concatenate(pixels) if pixels else np.zeros((0, height, width, 3), np.float32)
     seeds = done_seeds
     info = text.summary()
+    info["backend"] = engine.backend.name
     if interrupted or len(seeds) < request.num_images:
         info["interrupted"] = True
     return GenerationResult(

@@ -39,7 +39,7 @@ import time
 import weakref
 from dataclasses import dataclass, fields
 from pathlib import Path
-from typing import TYPE_CHECKING, Mapping
+from typing import TYPE_CHECKING, Callable, Mapping
 
 from leansd.prompts.encode import CHUNK_LENGTH
 
@@ -255,46 +255,61 @@ class PromptCache:
 
         Also removes temporary files older than an hour (left by a killed writer).
         """
-        self._remove_stale_temps()
-        entries = self.entries()
-        total = sum(size for _, size, _ in entries)
-        removed = 0
-        for path, size, _ in sorted(entries, key=lambda e: (e[2], e[0].name)):
-            if total <= self.max_bytes:
-                break
-            if path.name == keep:
-                continue
-            try:
-                path.unlink()
-                removed += 1
-            except FileNotFoundError:  # another process evicted it first
-                pass
-            except OSError as exc:
-                logger.warning("prompt cache: cannot evict %s (%s)", path, exc)
-                continue
-            total -= size
+        remove_stale_temps(self.directory)
+        removed = evict_lru(self.entries(), self.max_bytes, keep=keep, what="prompt cache")
         self.stats.evicted += removed
         return removed
-
-    def _remove_stale_temps(self) -> None:
-        now = time.time()
-        try:
-            listing = list(os.scandir(self.directory))
-        except OSError:
-            return
-        for entry in listing:
-            if entry.name.startswith(".") and entry.name.endswith(".tmp"):
-                try:
-                    if now - entry.stat().st_mtime > _STALE_TEMP_SECONDS:
-                        os.unlink(entry.path)
-                except OSError:
-                    pass
 
     def clear(self) -> None:
         """Delete every entry."""
         for path, _, _ in self.entries():
             try:
                 path.unlink()
+            except OSError:
+                pass
+
+
+def evict_lru(entries: "list[tuple[Path, int, int]]", max_bytes: int, *, keep: str | None = None,
+              what: str = "cache", remove: "Callable[[Path], None] | None" = None) -> int:
+    """Delete the least recently used of `entries` ((path, bytes, mtime ns)) until their total is
+    within `max_bytes`, never the one named `keep`; returns how many were deleted.
+
+    `remove` deletes one entry (default: unlink a file); an entry another process removed first
+    counts as gone.
+    """
+    total = sum(size for _, size, _ in entries)
+    removed = 0
+    for path, size, _ in sorted(entries, key=lambda e: (e[2], e[0].name)):
+        if total <= max_bytes:
+            break
+        if path.name == keep:
+            continue
+        try:
+            (remove or Path.unlink)(path)
+            removed += 1
+        except FileNotFoundError:  # another process evicted it first
+            pass
+        except OSError as exc:
+            logger.warning("%s: cannot evict %s (%s)", what, path, exc)
+            continue
+        total -= size
+    return removed
+
+
+def remove_stale_temps(directory: Path, *, remove: "Callable[[str], None] | None" = None) -> None:
+    """Remove temporaries (``.*.tmp``) older than an hour from `directory`: left by a killed writer.
+
+    `remove` deletes one (default: unlink a file)."""
+    now = time.time()
+    try:
+        listing = list(os.scandir(directory))
+    except OSError:
+        return
+    for entry in listing:
+        if entry.name.startswith(".") and entry.name.endswith(".tmp"):
+            try:
+                if now - entry.stat(follow_symlinks=False).st_mtime > _STALE_TEMP_SECONDS:
+                    (remove or os.unlink)(entry.path)
             except OSError:
                 pass
 

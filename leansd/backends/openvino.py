@@ -1,0 +1,258 @@
+"""The OpenVINO backend: the UNet and the VAE run as OpenVINO models compiled for the CPU.
+
+Each part is converted in-process from the torch module the engine loaded
+(`openvino.convert_model` traces it), with the module's current state: LoRA forward hooks and
+circular (seamless-tiling) padding are part of the traced graph, so the patch set and the padding
+mode are part of the cache key. Shapes are static: one model per (part, input shapes). A static
+model ran about 17 % faster than a dynamic one on full-size SD 1.5, and tracing bakes some
+shape-dependent Python branches of diffusers' code (upsampling, attention size checks) into the
+graph, which only a static shape makes safe. Models are fp32 (`INFERENCE_PRECISION_HINT` f32,
+weights stored fp32), so outputs match torch's within float rounding.
+
+Text encoders stay on torch: they run once per prompt (and not at all on a prompt-cache hit),
+a negligible share of an image's time. Noise is drawn by torch on the CPU as always, so seeds
+give the same pictures.
+
+Converted models are kept on disk (`leansd.backends.ir_cache.IRCache`) and reused by later
+processes; the compiled models of the last few shapes are kept in memory.
+"""
+
+from __future__ import annotations
+
+import functools
+import gc
+import logging
+import time
+import warnings
+from collections import OrderedDict
+from typing import TYPE_CHECKING, Any, Callable
+
+if TYPE_CHECKING:
+    import torch
+
+    from leansd.backends.ir_cache import IRCache
+
+logger = logging.getLogger(__name__)
+
+PRECISION = "f32"
+KEEP_COMPILED = 2
+"""Compiled models kept in memory per part: a hires fix alternates between two UNet sizes."""
+
+
+def _wrappers() -> dict[str, Any]:
+    """The modules `openvino.convert_model` traces: each returns one tensor from positional tensors."""
+    import torch
+
+    class UNetPart(torch.nn.Module):
+        def __init__(self, unet: Any) -> None:
+            super().__init__()
+            self.unet = unet
+
+        def forward(self, sample: "torch.Tensor", timestep: "torch.Tensor", context: "torch.Tensor",
+                    *added: "torch.Tensor") -> "torch.Tensor":
+            cond = {"text_embeds": added[0], "time_ids": added[1]} if added else None
+            return self.unet(sample, timestep, encoder_hidden_states=context, added_cond_kwargs=cond,
+                             return_dict=False)[0]
+
+    class DecoderPart(torch.nn.Module):
+        def __init__(self, vae: Any) -> None:
+            super().__init__()
+            self.vae = vae
+
+        def forward(self, z: "torch.Tensor") -> "torch.Tensor":
+            return self.vae.decode(z, return_dict=False)[0]
+
+    class EncoderPart(torch.nn.Module):
+        def __init__(self, vae: Any) -> None:
+            super().__init__()
+            self.vae = vae
+
+        def forward(self, pixels: "torch.Tensor") -> "torch.Tensor":
+            return self.vae.encode(pixels).latent_dist.parameters  # (B, 2C, h, w): mean and log-variance
+
+    return {"unet": UNetPart, "vae-decoder": DecoderPart, "vae-encoder": EncoderPart}
+
+
+def compute_threads() -> int:
+    """Threads for OpenVINO: torch's count, which follows OMP_NUM_THREADS and the CPU affinity."""
+    import torch
+
+    return max(1, torch.get_num_threads())
+
+
+def circular(module: Any) -> bool:
+    """Whether the module's convolutions pad circularly (seamless tiling is on)."""
+    import torch
+
+    return any(isinstance(m, torch.nn.Conv2d) and m.padding_mode == "circular" for m in module.modules())
+
+
+class OpenVinoBackend:
+    """UNet and VAE on OpenVINO's CPU plugin; text encoders on torch (see the module docstring)."""
+
+    name = "openvino"
+
+    def __init__(self, *, cache: "IRCache | None" = None, threads: int | None = None) -> None:
+        import openvino
+
+        from leansd.backends.ir_cache import IRCache
+
+        self._ov = openvino
+        self.core = openvino.Core()
+        self.cache = cache if cache is not None else IRCache()
+        self.threads = threads or compute_threads()
+        self._compiled: dict[str, OrderedDict[str, Any]] = {}
+        self.conversions = 0
+        """Parts converted by this backend (0 when everything came from the disk cache)."""
+        self.conversion_seconds = 0.0
+
+    # -- the interface -----------------------------------------------------------------------------
+
+    def unet(self, unet: Any, *, patches: str, check: Callable[[], None]) -> "OpenVinoUNet":
+        return OpenVinoUNet(self, unet, patches=patches, check=check)
+
+    def vae_decode(self, vae: Any, z: "torch.Tensor", tile: int | None, *, scale: int,
+                   efficient_attention: bool | None, check: Callable[[], None]) -> "torch.Tensor":
+        if tile is not None:
+            raise RuntimeError("the openvino backend decodes the whole image; the engine planned VAE tiles")
+        check()
+        return self.run("vae-decoder", vae, [z], patches="")
+
+    def vae_encode(self, vae: Any, pixels: "torch.Tensor", tile: int | None, *, scale: int,
+                   efficient_attention: bool | None, check: Callable[[], None]) -> Any:
+        from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
+
+        if tile is not None:
+            raise RuntimeError("the openvino backend encodes the whole image; the engine planned VAE tiles")
+        check()
+        return DiagonalGaussianDistribution(self.run("vae-encoder", vae, [pixels], patches=""))
+
+    def text_encoder(self, encoder: Any) -> Any:
+        return encoder
+
+    def release(self) -> None:
+        self._compiled.clear()
+        gc.collect()
+
+    # -- converting, caching, running ------------------------------------------------------------
+
+    def key_fields(self, part: str, module: Any, inputs: list["torch.Tensor"], *, patches: str) -> dict[str, Any]:
+        """What identifies a converted model: weights, part, shapes, precision, patches, padding, versions."""
+        import diffusers
+
+        from leansd.prompts.cache import text_encoder_fingerprint
+
+        return {
+            "weights": text_encoder_fingerprint(module),  # sha256 over the state dict, memoised per module
+            "part": part,
+            "inputs": [[list(t.shape), str(t.dtype).split(".")[-1]] for t in inputs],
+            "precision": PRECISION,
+            "patches": patches,
+            "padding": "circular" if circular(module) else "zeros",
+            "openvino": self._ov.__version__,
+            "diffusers": diffusers.__version__,
+        }
+
+    def run(self, part: str, module: Any, inputs: list["torch.Tensor"], *, patches: str) -> "torch.Tensor":
+        """`part` of `module` on `inputs` (float32 CPU tensors): converted, cached and compiled on first use."""
+        import torch
+
+        arrays = [t.detach().to(device="cpu", dtype=torch.float32).contiguous().numpy() for t in inputs]
+        compiled = self.compiled(part, module, inputs, patches=patches)
+        output = compiled(arrays)[0]
+        return torch.from_numpy(output)
+
+    def compiled(self, part: str, module: Any, inputs: list["torch.Tensor"], *, patches: str) -> Any:
+        """The compiled model for these input shapes: from memory, the disk cache, or a conversion now."""
+        from leansd.backends.ir_cache import entry_key
+
+        fields = self.key_fields(part, module, inputs, patches=patches)
+        key = entry_key(fields)
+        kept = self._compiled.setdefault(part, OrderedDict())
+        if key in kept:
+            kept.move_to_end(key)
+            return kept[key]
+        xml = self.cache.get(key)
+        if xml is None:
+            xml = self._convert(part, module, inputs, key=key, fields=fields)
+        started = time.perf_counter()
+        config = {"INFERENCE_PRECISION_HINT": PRECISION, "INFERENCE_NUM_THREADS": self.threads,
+                  "PERFORMANCE_HINT": "LATENCY"}
+        compiled = self.core.compile_model(xml if isinstance(xml, self._ov.Model) else str(xml), "CPU", config)
+        logger.info("openvino: compiled the %s for %s in %.1f s", part, _shapes(inputs), time.perf_counter() - started)
+        while len(kept) >= KEEP_COMPILED:
+            kept.popitem(last=False)
+            gc.collect()
+        kept[key] = compiled
+        return compiled
+
+    def _convert(self, part: str, module: Any, inputs: list["torch.Tensor"], *, key: str,
+                 fields: dict[str, Any]) -> Any:
+        """Trace `part` to an OpenVINO model at these static shapes and store it; returns the
+        cached ``model.xml`` (or the in-memory model when the cache cannot be written)."""
+        import torch
+
+        ov = self._ov
+        wrapper = _wrappers()[part](module)
+        # A conversion of a full-size UNet takes minutes: say what runs, never a silent stall.
+        logger.warning("openvino: converting the %s for %s (once per shape; cached in %s)...",
+                       part.replace("-", " "), _shapes(inputs), self.cache.directory)
+        started = time.perf_counter()
+        example = tuple(t.detach().to(device="cpu", dtype=torch.float32) for t in inputs)
+        with torch.no_grad(), warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # tracer warnings about Python branches: shapes are static
+            model = ov.convert_model(
+                wrapper, example_input=example, input=[(list(t.shape), ov.Type.f32) for t in example]
+            )
+        del wrapper
+        gc.collect()
+
+        xml = self.cache.put(key, functools.partial(_save, ov, model), fields=fields)
+        seconds = time.perf_counter() - started
+        self.conversions += 1
+        self.conversion_seconds += seconds
+        logger.warning("openvino: converted the %s in %.1f s", part.replace("-", " "), seconds)
+        if xml is None:
+            return model
+        del model  # compiled from the file instead: its weights are read from disk, not held twice
+        gc.collect()
+        return xml
+
+
+def _save(ov: Any, model: Any, path: Any) -> None:
+    ov.save_model(model, str(path), compress_to_fp16=False)  # fp32 weights: outputs as torch's
+
+
+def _shapes(inputs: list["torch.Tensor"]) -> str:
+    return "x".join(str(s) for s in inputs[0].shape)
+
+
+class OpenVinoUNet:
+    """What the sampling loop calls in place of the torch UNet (same call, same ``config``).
+
+    The engine's interrupt check runs before every call: a stop takes effect between steps.
+    """
+
+    def __init__(self, backend: OpenVinoBackend, unet: Any, *, patches: str, check: Callable[[], None]) -> None:
+        self.backend = backend
+        self.module = unet
+        self.config = unet.config
+        self.patches = patches
+        self.check = check
+
+    def __call__(self, sample: "torch.Tensor", timestep: Any, encoder_hidden_states: "torch.Tensor",
+                 *, return_dict: bool = False, added_cond_kwargs: dict | None = None,
+                 **unused: Any) -> tuple["torch.Tensor"]:
+        import torch
+
+        if unused:
+            raise TypeError(f"the openvino UNet takes no {', '.join(sorted(unused))}")
+        self.check()
+        batch = sample.shape[0]
+        # (B,) float32 timesteps: the UNet broadcasts a scalar the same way and embeds them as floats.
+        t = torch.as_tensor(timestep, dtype=torch.float32).reshape(-1).expand(batch).contiguous()
+        inputs = [sample, t, encoder_hidden_states]
+        if added_cond_kwargs:
+            inputs += [added_cond_kwargs["text_embeds"], added_cond_kwargs["time_ids"]]
+        out = self.backend.run("unet", self.module, inputs, patches=self.patches)
+        return (out.to(dtype=sample.dtype),)
