@@ -61,7 +61,7 @@ DEFAULT_VARIANTS = ("diffusers", "leansd-torch", "leansd-ov")
 STRATEGIES = ("fp32", "fp16-save", "fp16-module", "export", "free-module")
 EST_STEPS = 20
 # Rough resident GiB of one worker process (fp32 weights + runtime), to refuse runs that would not fit.
-WORKER_GIB = {"sd15": {"torch": 4.6, "ov": 5.0, "spike": 4.5}, "sdxl": {"torch": 11.0, "ov": 12.0, "spike": 11.0}}
+WORKER_GIB = {"sd15": {"torch": 4.6, "ov": 8.0, "spike": 4.5}, "sdxl": {"torch": 11.0, "ov": 18.0, "spike": 11.0}}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -387,12 +387,11 @@ def worker(kind: str, model: str, options: dict[str, Any]) -> None:
     if kind == "torch":
         from leansd.engine.engine import Engine
 
-        state["engine"] = Engine(bundle, device="cpu", precision="full", prompt_cache=False)
+        state["engine"] = Engine(bundle, device="cpu", precision="full", prompt_cache=False, backend="torch")
     elif kind == "ov":
         from leansd.engine.engine import Engine
 
-        state["engine"] = Engine(bundle, device="cpu", precision="full", prompt_cache=False,
-                                 backend="openvino")  # type: ignore[call-arg]  # the OpenVINO backend's knob
+        state["engine"] = Engine(bundle, device="cpu", precision="full", prompt_cache=False, backend="openvino")
     elif kind == "spike":
         state["cache"] = Path(options["cache"])
         del bundle.unet  # the spike runs the converted UNet only
@@ -448,6 +447,27 @@ class Worker:
 # ---------------------------------------------------------------------------------------------
 # Conversion measurements
 # ---------------------------------------------------------------------------------------------
+
+
+def first_conversion(model: str, sizes: list[int]) -> dict[str, Any]:
+    """A fresh process with an empty cache: leansd's OpenVINO engine makes one 1-step image per size
+    (converting the UNet and VAE decoder for each shape); times, peak RSS."""
+    from leansd.engine.engine import Engine
+
+    t0 = time.perf_counter()
+    bundle = build_bundle(model)
+    build_s = time.perf_counter() - t0
+    built_rss = peak_rss()
+    engine = Engine(bundle, device="cpu", precision="full", prompt_cache=False, backend="openvino")
+    images = {}
+    for size in sizes:
+        t1 = time.perf_counter()
+        engine.generate(request_for(size, 1), progress_bar=False)
+        images[size] = time.perf_counter() - t1
+    backend = engine.backend
+    return {"build_s": build_s, "built_rss": built_rss, "images_s": images, "peak_rss": peak_rss(),
+            "conversions": getattr(backend, "conversions", None),
+            "conversion_s": getattr(backend, "conversion_seconds", None)}
 
 
 def child_json(args: list[str], env: dict[str, str] | None = None) -> dict[str, Any]:
@@ -540,7 +560,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--variants", default=",".join(DEFAULT_VARIANTS),
                         help=f"comma list of {', '.join(VARIANTS)} (default {','.join(DEFAULT_VARIANTS)})")
     parser.add_argument("--warmup", action=argparse.BooleanOptionalAction, default=True,
-                        help="one untimed 1-step image per config and size first (default on)")
+                        help="untimed warm-up first: OpenVINO configs one 1-step image per size (compiles it), "
+                             "torch configs one 64x64 image (default on)")
     parser.add_argument("--threads", default="", help="torch threads, comma list (default: torch's own choice)")
     parser.add_argument("--wait-policy", default="default",
                         help="torch OMP_WAIT_POLICY per torch process: comma list of default, passive")
@@ -550,11 +571,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--cache", default=None, help="OpenVINO IR folder for the spike (default: a temporary one)")
     parser.add_argument("--strategies", default="fp32", help=f"conversion strategies: comma list of {', '.join(STRATEGIES)}")
     parser.add_argument("--convert-only", action="store_true", help="only the conversion measurements")
+    parser.add_argument("--ram-budget", type=float, default=10.0,
+                        help="GiB this benchmark may hold at once; processes that do not fit together run in "
+                             "successive phases (default 10)")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     parser.add_argument("--worker-options", default="{}", help=argparse.SUPPRESS)
     parser.add_argument("--convert-child", help=argparse.SUPPRESS)
     parser.add_argument("--convert-vae-child", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--later-start", help=argparse.SUPPRESS)
+    parser.add_argument("--first-conversion", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--size", type=int, default=512, help=argparse.SUPPRESS)
     parser.add_argument("--out", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -567,6 +592,9 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if args.convert_vae_child:
         send(convert_vae_decoder(Path(args.out)))
+        return 0
+    if args.first_conversion:
+        send(first_conversion(args.models, [int(x) for x in args.sizes.split(",")]))
         return 0
     if args.later_start:
         send(later_start(Path(args.later_start), args.size))
@@ -622,7 +650,22 @@ def main(argv: list[str] | None = None) -> int:
                 vae = child_json(["--convert-vae-child", "--out", str(spike_cache / "vae_decoder.xml")])
                 print(f"- VAE decoder conversion: {fmt(vae.get('convert_s'), 0)} s, peak RSS "
                       f"{gib_text(vae.get('peak_rss'))} GiB\n")
-        bench(args, variants, sizes, threads, policies, ov_threads, ov_precisions, spike_cache)
+        if "leansd-ov" in variants:
+            leansd_cache = cache_root / "leansd"
+            print(f"first OpenVINO conversion (fresh process); MemAvailable {gib_text(mem_available())} GiB ...",
+                  file=sys.stderr, flush=True)
+            first = child_json(["--first-conversion", "--models", args.models, "--sizes", args.sizes],
+                               env={"LEANSD_CACHE_DIR": str(leansd_cache)})
+            print("## leansd OpenVINO: first conversion (fresh process, empty cache)\n")
+            if "error" in first:
+                print(f"failed: {first['error']}\n")
+            else:
+                per_size = ", ".join(f"{s}: {v:.0f} s" for s, v in first["images_s"].items())
+                print(f"- model build {first['build_s']:.0f} s (RSS {gib_text(first['built_rss'])} GiB); first 1-step "
+                      f"image per size, conversion included: {per_size}; parts converted: {first['conversions']} in "
+                      f"{fmt(first['conversion_s'], 0)} s; process peak RSS {gib_text(first['peak_rss'])} GiB; "
+                      f"cache on disk {gib_text(disk_bytes(leansd_cache))} GiB\n")
+        bench(args, variants, sizes, threads, policies, ov_threads, ov_precisions, spike_cache, cache_root)
     finally:
         if not args.cache:
             shutil.rmtree(cache_root, ignore_errors=True)
@@ -636,7 +679,7 @@ def openvino_version() -> str:
 
 
 def bench(args: argparse.Namespace, variants: list[str], sizes: list[int], threads: list[int], policies: list[str],
-          ov_threads: list[int], ov_precisions: list[str], spike_cache: Path | None) -> None:
+          ov_threads: list[int], ov_precisions: list[str], spike_cache: Path | None, cache_root: Path) -> None:
     # The processes and the configs each one serves.
     specs: list[tuple[str, str, dict[str, str], dict[str, Any]]] = []  # (label, kind, env, options)
     configs: list[tuple[str, str, dict[str, Any]]] = []  # (config label, process label, command)
@@ -649,7 +692,7 @@ def bench(args: argparse.Namespace, variants: list[str], sizes: list[int], threa
                 name = v + (f" {t}t" if t else "") + (" passive" if policy == "passive" else "")
                 configs.append((name, label, {"variant": v, "threads": t}))
     if "leansd-ov" in variants:
-        specs.append(("openvino", "ov", {}, {}))
+        specs.append(("openvino", "ov", {"LEANSD_CACHE_DIR": str(cache_root / "leansd")}, {}))
         configs.append(("leansd-ov", "openvino", {"variant": "leansd-ov", "threads": 0}))
     if "ov-spike" in variants:
         for prec in ov_precisions:
@@ -659,35 +702,58 @@ def bench(args: argparse.Namespace, variants: list[str], sizes: list[int], threa
                                                    "dynamic": args.dynamic}))
                 configs.append((label, label, {"variant": "ov-spike", "threads": 0}))
 
-    need = sum(WORKER_GIB[args.models][kind] for _, kind, _, _ in specs)
+    # Processes that fit together in the RAM budget run at the same time (their configs interleave);
+    # the rest run in later phases.
+    phases: list[list[str]] = [[]]
+    need = 0.0
+    for label, kind, _, _ in specs:
+        gib = WORKER_GIB[args.models][kind]
+        if phases[-1] and need + gib > args.ram_budget:
+            phases.append([])
+            need = 0.0
+        phases[-1].append(label)
+        need += gib
+    kinds = {label: kind for label, kind, _, _ in specs}
     free = mem_available()
-    print(f"- processes: {len(specs)}, estimated RAM {need:.1f} GiB, MemAvailable {gib_text(free)} GiB\n")
-    if free is not None and need * GIB > free - 2 * GIB:
-        print(f"**not run: these processes need about {need:.1f} GiB and only {free / GIB:.1f} GiB are available "
-              "(keep 2 GiB spare); run fewer variants at a time**")
-        return
+    print(f"- processes: {len(specs)} in {len(phases)} phase(s) ({' | '.join(', '.join(p) for p in phases)}); "
+          f"MemAvailable {gib_text(free)} GiB\n")
 
-    workers: dict[str, Worker] = {}
-    try:
-        for label, kind, env, options in specs:
-            print(f"starting {label} ...", file=sys.stderr, flush=True)
-            workers[label] = Worker(kind, args.models, env=env, options=options)
-        results: dict[tuple[str, int], list[dict[str, Any]]] = {}
-        for size in sizes:
-            for name, process, command in configs if args.warmup else []:  # allocator, kernels, OV compile
-                print(f"warm-up {name} {size} ...", file=sys.stderr, flush=True)
-                workers[process].ask(**command, size=size, steps=1)
-            for r in range(args.rounds):
-                order = configs[r % len(configs):] + configs[:r % len(configs)]
-                for name, process, command in order:
-                    print(f"round {r + 1} {name} {size} ...", file=sys.stderr, flush=True)
-                    results.setdefault((name, size), []).append(workers[process].ask(**command, size=size,
-                                                                                     steps=args.steps))
-        stats = {label: w.ask(op="stats") for label, w in workers.items()}
-    finally:
-        for w in workers.values():
-            w.close()
+    results: dict[tuple[str, int], list[dict[str, Any]]] = {}
+    warm: dict[tuple[str, int], dict[str, Any]] = {}
+    ready: dict[str, dict[str, Any]] = {}
+    stats: dict[str, dict[str, Any]] = {}
+    phase_of: dict[str, int] = {}
+    for number, phase in enumerate(phases, start=1):
+        workers: dict[str, Worker] = {}
+        phase_configs = [c for c in configs if c[1] in phase]
+        try:
+            for label, kind, env, options in specs:
+                if label in phase:
+                    print(f"phase {number}: starting {label}; MemAvailable {gib_text(mem_available())} GiB ...",
+                          file=sys.stderr, flush=True)
+                    workers[label] = Worker(kind, args.models, env=env, options=options)
+                    ready[label] = workers[label].ready
+                    phase_of[label] = number
+            for size in sizes:
+                for name, process, command in phase_configs if args.warmup else []:
+                    # OpenVINO: compile for this shape (from the cache); torch: one cheap 64x64 image warms
+                    # the allocator and kernels (its first step is excluded from s/step anyway).
+                    ov_kind = kinds[process] != "torch"
+                    if ov_kind or size == sizes[0]:
+                        print(f"warm-up {name} {size} ...", file=sys.stderr, flush=True)
+                        warm[(name, size)] = workers[process].ask(**command, size=size if ov_kind else 64, steps=1)
+                for r in range(args.rounds):
+                    order = phase_configs[r % len(phase_configs):] + phase_configs[:r % len(phase_configs)]
+                    for name, process, command in order:
+                        print(f"round {r + 1} {name} {size} ...", file=sys.stderr, flush=True)
+                        results.setdefault((name, size), []).append(
+                            workers[process].ask(**command, size=size, steps=args.steps))
+            stats.update({label: w.ask(op="stats") for label, w in workers.items()})
+        finally:
+            for w in workers.values():
+                w.close()
 
+    process_of = {name: process for name, process, _ in configs}
     rows = []
     reference = configs[0][0]
     for size in sizes:
@@ -699,8 +765,10 @@ def bench(args: argparse.Namespace, variants: list[str], sizes: list[int], threa
                 med([x["wall"] for x in runs])
             cpu = med([x["cpu"] for x in runs])
             est = None if image is None or step is None else image + (EST_STEPS - args.steps) * step
+            first = warm.get((name, size))
             rows.append([
-                name, f"{size}x{size}", fmt(step), fmt(decode), fmt(image), fmt(est, 1), fmt(cpu, 1),
+                name, phase_of[process_of[name]], f"{size}x{size}",
+                fmt(first["wall"], 1) if first and kinds[process_of[name]] != "torch" else "-", fmt(step), fmt(decode), fmt(image), fmt(est, 1), fmt(cpu, 1),
                 fmt(cpu / image if cpu and image else None), fmt(med([x["other"] for x in runs])),
                 fmt(step / ref_step if step and ref_step else None) + "x",
                 fmt(image / ref_image if image and ref_image else None) + "x",
@@ -708,15 +776,15 @@ def bench(args: argparse.Namespace, variants: list[str], sizes: list[int], threa
             ])
     print(f"## Time per image ({args.steps} steps; medians of {args.rounds} interleaved rounds)\n")
     print(markdown_table(
-        ["config", "size", "s/step", "VAE decode s", "s/image", f"s/image at {EST_STEPS} steps (est.)",
+        ["config", "phase", "size", "first 1-step image s (cache hit, compile incl.)", "s/step", "VAE decode s", "s/image", f"s/image at {EST_STEPS} steps (est.)",
          "CPU s/image", "CPU/wall", "other load (cores)", f"step vs {reference}", f"image vs {reference}",
          f"8-bit diff vs {reference} (max / mean)"], rows))
     print("\n## Processes\n")
     proc_rows = []
-    for label, w in workers.items():
+    for label, info in ready.items():
         compile_s = stats[label].get("compile_s") or []
-        proc_rows.append([label, fmt(w.ready["build_s"], 1), fmt(w.ready["start_s"], 1),
-                          ", ".join(f"{c:.1f}" for c in compile_s) or "-", gib_text(w.ready["peak_rss"]),
+        proc_rows.append([label, fmt(info["build_s"], 1), fmt(info["start_s"], 1),
+                          ", ".join(f"{c:.1f}" for c in compile_s) or "-", gib_text(info["peak_rss"]),
                           gib_text(stats[label]["peak_rss"])])
     print(markdown_table(["process", "model build s", "start-up s (build + engine)", "OpenVINO compile s",
                           "peak RSS after start GiB", "peak RSS GiB"], proc_rows))
