@@ -115,11 +115,7 @@ def build_bundle(model: str) -> Any:
 
     if model == "sd15":
         return sd15_bundle(build_sd15_components(seed=0))
-    if model == "sdxl":
-        from bench.common import sdxl_bundle  # type: ignore[attr-defined]  # only where SDXL bench helpers exist
-
-        return sdxl_bundle()
-    raise SystemExit(f"unknown model {model!r}; valid: sd15, sdxl")
+    raise SystemExit(f"unknown model {model!r}; valid: sd15 (sdxl is not available yet)")
 
 
 class UNetGraph:
