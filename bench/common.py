@@ -52,6 +52,15 @@ def build_sd15_components(*, seed: int = 0, dtype: "torch.dtype | None" = None) 
     convolutions N(0, 1/fan_in) (activations keep their scale through the 100+ layers), norm
     weights 1 + N(0, 0.1^2), everything else N(0, 0.02^2). Same seed, same tensors.
     """
+    parts = [build_sd15_part(part, seed=seed, dtype=dtype) for part in SD15_PARTS]
+    return Components(unet=parts[0], vae=parts[1], text_encoder=parts[2])
+
+
+SD15_PARTS = ("unet", "vae", "text_encoder")
+
+
+def build_sd15_part(part: str, *, seed: int = 0, dtype: "torch.dtype | None" = None) -> Any:
+    """One module of `build_sd15_components` ("unet", "vae" or "text_encoder"): the same tensors, alone."""
     import accelerate
     import torch
     from diffusers import AutoencoderKL, UNet2DConditionModel
@@ -62,12 +71,16 @@ def build_sd15_components(*, seed: int = 0, dtype: "torch.dtype | None" = None) 
     dtype = dtype or torch.float32
     # Parameters on meta, buffers real (CLIP's position_ids is a buffer the weights do not carry).
     with accelerate.init_empty_weights(include_buffers=False):
-        unet = UNet2DConditionModel(**SD15_UNET_CONFIG)
-        vae = AutoencoderKL(**SD15_VAE_CONFIG)
-        text_encoder = CLIPTextModel(CLIPTextConfig(**SD15_TEXT_CONFIG))
-    for offset, module in enumerate((unet, vae, text_encoder), start=1):
-        _fill_random(module, torch.Generator().manual_seed(seed * 1000 + offset), dtype)
-    return Components(unet=unet, vae=vae, text_encoder=text_encoder)
+        if part == "unet":
+            module = UNet2DConditionModel(**SD15_UNET_CONFIG)
+        elif part == "vae":
+            module = AutoencoderKL(**SD15_VAE_CONFIG)
+        elif part == "text_encoder":
+            module = CLIPTextModel(CLIPTextConfig(**SD15_TEXT_CONFIG))
+        else:
+            raise ValueError(f"unknown SD 1.5 part {part!r}; valid: {', '.join(SD15_PARTS)}")
+    _fill_random(module, torch.Generator().manual_seed(seed * 1000 + SD15_PARTS.index(part) + 1), dtype)
+    return module
 
 
 def _fill_random(module: "torch.nn.Module", generator: "torch.Generator", dtype: "torch.dtype") -> None:
