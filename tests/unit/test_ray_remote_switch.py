@@ -8,7 +8,7 @@ from leansd.errors import InvalidRequestError
 from leansd.request import GenerationRequest
 from leansd.service.ray_serve import RemoteEngine
 
-INFO = {"name": "tiny", "default_size": 64, "vae_scale_factor": 8}
+INFO = {"name": "tiny", "default_size": 64, "vae_scale_factor": 8, "embeddings": {"width": 32, "encoder": "te", "also": ()}}
 
 
 @pytest.mark.parametrize("change", [{"checkpoint": "other"}, {"vae": "None"}, {"prediction_type": "v_prediction"}])
