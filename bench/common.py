@@ -79,11 +79,11 @@ def build_sd15_part(part: str, *, seed: int = 0, dtype: "torch.dtype | None" = N
             module = CLIPTextModel(CLIPTextConfig(**SD15_TEXT_CONFIG))
         else:
             raise ValueError(f"unknown SD 1.5 part {part!r}; valid: {', '.join(SD15_PARTS)}")
-    _fill_random(module, torch.Generator().manual_seed(seed * 1000 + SD15_PARTS.index(part) + 1), dtype)
+    fill_random(module, torch.Generator().manual_seed(seed * 1000 + SD15_PARTS.index(part) + 1), dtype)
     return module
 
 
-def _fill_random(module: "torch.nn.Module", generator: "torch.Generator", dtype: "torch.dtype") -> None:
+def fill_random(module: "torch.nn.Module", generator: "torch.Generator", dtype: "torch.dtype") -> None:
     """Seeded random values for every parameter still on meta (see build_sd15_components); eval mode."""
     import torch
 
@@ -131,7 +131,7 @@ def family_bundle(family: str, *, seed: int = 0, dtype: "torch.dtype | None" = N
         vae = AutoencoderKL(**vae_config)
         encoders = [getattr(transformers, name)(transformers.CLIPTextConfig(**config)) for name, config in texts]
     for offset, module in enumerate((unet, vae, *encoders), start=1):
-        _fill_random(module, torch.Generator().manual_seed(seed * 1000 + offset), dtype)
+        fill_random(module, torch.Generator().manual_seed(seed * 1000 + offset), dtype)
     v = kind is ModelFamily.SD2  # SD 2.1 at 768 px is the v-prediction model
     pads = [encoder.pad_token for encoder in spec.text_encoders]
     return ModelBundle(

@@ -38,7 +38,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench.common import PROMPT, gib, machine_lines, markdown_table, peak_rss, proc_status  # noqa: E402
+from bench.common import PROMPT, fill_random, gib, machine_lines, markdown_table, peak_rss, proc_status  # noqa: E402
 
 RESULT_PREFIX = "RESULT "
 FILE_NAME = "random-sdxl.safetensors"
@@ -89,18 +89,7 @@ def child_write(workdir: Path, reduced: bool, file_dtype: str) -> None:
         text_2 = CLIPTextModelWithProjection(CLIPTextConfig(**text_2_c))
     dtype = torch.float16 if file_dtype == "fp16" else torch.float32
     for offset, module in enumerate((unet, vae, text, text_2), start=1):
-        generator = torch.Generator().manual_seed(offset)
-        weights = {}
-        for name, param in module.named_parameters():
-            value = torch.empty(param.shape, dtype=torch.float32)
-            if name.endswith("weight") and param.ndim >= 2:
-                value.normal_(0.0, param[0].numel() ** -0.5, generator=generator)
-            elif "norm" in name and name.endswith("weight"):
-                value.normal_(1.0, 0.1, generator=generator)
-            else:
-                value.normal_(0.0, 0.02, generator=generator)
-            weights[name] = value.to(dtype)
-        module.load_state_dict(weights, strict=False, assign=True)
+        fill_random(module, torch.Generator().manual_seed(offset), dtype)
     sd = {k: v.contiguous() for k, v in diffusers_to_sgm(unet, vae, text, text_2).items()}
     path = workdir / FILE_NAME
     save_file(sd, str(path.with_name(path.name + ".partial")))

@@ -41,18 +41,20 @@ def entry_key(fields: dict[str, Any]) -> str:
     return hashlib.sha256(payload.encode()).hexdigest()
 
 
+def _entry_size(entry: "os.DirEntry[str]") -> int | None:
+    """An entry's size: a real folder named by a key, its files' bytes."""
+    if not _RE_KEY.fullmatch(entry.name) or not entry.is_dir(follow_symlinks=False):
+        return None
+    return sum(f.stat(follow_symlinks=False).st_size for f in os.scandir(entry.path) if f.is_file(follow_symlinks=False))
+
+
 class IRCache:
     """A folder of converted models with LRU eviction to ``max_bytes``; safe across processes."""
 
     def __init__(self, directory: str | os.PathLike[str] | None = None, *, max_bytes: int = DEFAULT_MAX_BYTES) -> None:
-        if max_bytes < 0:
-            raise ValueError(f"max_bytes must be >= 0, got {max_bytes}")
-        if directory is None:
-            from leansd.models.checkpoint import user_cache_dir
+        from leansd.prompts.cache import cache_folder
 
-            directory = user_cache_dir() / CACHE_SUBDIR
-        self.directory = Path(directory).expanduser()
-        self.max_bytes = max_bytes
+        self.directory, self.max_bytes = cache_folder(directory, CACHE_SUBDIR, max_bytes)
 
     def __repr__(self) -> str:
         return f"IRCache({str(self.directory)!r}, max_bytes={self.max_bytes})"
@@ -102,23 +104,9 @@ class IRCache:
 
     def entries(self) -> list[tuple[Path, int, int]]:
         """(folder, bytes, mtime ns) of every entry; a missing folder gives []."""
-        out = []
-        try:
-            listing = list(os.scandir(self.directory))
-        except OSError:
-            return []
-        for entry in listing:
-            if not _RE_KEY.fullmatch(entry.name):
-                continue
-            try:
-                if not entry.is_dir(follow_symlinks=False):
-                    continue
-                size = sum(f.stat(follow_symlinks=False).st_size for f in os.scandir(entry.path)
-                           if f.is_file(follow_symlinks=False))
-                out.append((Path(entry.path), size, entry.stat(follow_symlinks=False).st_mtime_ns))
-            except OSError:  # removed by another process meanwhile
-                continue
-        return out
+        from leansd.prompts.cache import scan_entries
+
+        return scan_entries(self.directory, _entry_size)
 
     def total_bytes(self) -> int:
         return sum(size for _, size, _ in self.entries())

@@ -763,6 +763,22 @@ class Engine:
         self.set_vae(resolve_vae(choice, library=self.library, checkpoint=checkpoint))
         self.vae_choice = choice
 
+    def _checkpoint_file(self, spec: str, *, what: str) -> Path:
+        """`spec` as a file or folder that exists, else a checkpoint of the model library by name or title;
+        InvalidRequestError naming the library folder (and some of its names) when neither."""
+        from leansd.errors import InvalidRequestError
+
+        if Path(spec).expanduser().exists():
+            return Path(spec).expanduser()
+        entry = self.library.find_checkpoint(spec)
+        if entry is None:
+            names = self.library.names("checkpoint")
+            raise InvalidRequestError(
+                f"no {what} named {spec!r} in {self.library.folder('checkpoint')} (--ckpt-dir)"
+                + (f"; available: {', '.join(names[:10])}" if names else "")
+            )
+        return Path(entry.path)
+
     def switch_model(self, spec: str | None = None, *, prediction_type: str | None = None) -> bool:
         """Load checkpoint `spec` (a library name, A1111 title or path; None: the loaded one again) in
         place of the current model.
@@ -777,24 +793,16 @@ class Engine:
         """
         import gc
 
-        from leansd.errors import InvalidRequestError
         from leansd.models.loader import TINY_SPEC, load_model
         from leansd.request import prediction_choice
 
         choice = self.prediction_choice if prediction_type is None else prediction_choice(prediction_type)
         if spec is None:
             target = self.bundle.source
-        elif spec == TINY_SPEC or Path(spec).expanduser().exists():
-            target = spec if spec == TINY_SPEC else str(Path(spec).expanduser())
+        elif spec == TINY_SPEC:
+            target = spec
         else:
-            entry = self.library.find_checkpoint(spec)
-            if entry is None:
-                names = self.library.names("checkpoint")
-                raise InvalidRequestError(
-                    f"no checkpoint named {spec!r} in {self.library.folder('checkpoint')} (--ckpt-dir)"
-                    + (f"; available: {', '.join(names[:10])}" if names else "")
-                )
-            target = str(entry.path)
+            target = str(self._checkpoint_file(spec, what="checkpoint"))
 
         def same(a: str, b: str) -> bool:
             return a == b or (a != TINY_SPEC and b != TINY_SPEC and Path(a).resolve() == Path(b).resolve())
@@ -872,17 +880,7 @@ class Engine:
         if self.bundle.family is not ModelFamily.SDXL:
             raise InvalidRequestError(f"a refiner runs after an SDXL base model; {self.bundle.name} is "
                                       f"{self.bundle.family.label}")
-        if Path(spec).expanduser().exists():
-            target = str(Path(spec).expanduser().resolve())
-        else:
-            entry = self.library.find_checkpoint(spec)
-            if entry is None:
-                names = self.library.names("checkpoint")
-                raise InvalidRequestError(
-                    f"no refiner checkpoint named {spec!r} in {self.library.folder('checkpoint')} (--ckpt-dir)"
-                    + (f"; available: {', '.join(names[:10])}" if names else "")
-                )
-            target = str(entry.path.resolve())
+        target = str(self._checkpoint_file(spec, what="refiner checkpoint").resolve())
         if self.refiner is not None and self.refiner.bundle.source == target:
             return self.refiner
         self.refiner = None  # released before the next one loads

@@ -143,14 +143,7 @@ class PromptCache:
     """
 
     def __init__(self, directory: str | os.PathLike[str] | None = None, *, max_bytes: int = DEFAULT_MAX_BYTES) -> None:
-        if max_bytes < 0:
-            raise ValueError(f"max_bytes must be >= 0, got {max_bytes}")
-        if directory is None:
-            from leansd.models.checkpoint import user_cache_dir
-
-            directory = user_cache_dir() / CACHE_SUBDIR
-        self.directory = Path(directory).expanduser()
-        self.max_bytes = max_bytes
+        self.directory, self.max_bytes = cache_folder(directory, CACHE_SUBDIR, max_bytes)
         self.stats = CacheStats()
 
     def __repr__(self) -> str:
@@ -228,23 +221,7 @@ class PromptCache:
 
     def entries(self) -> list[tuple[Path, int, int]]:
         """(path, size in bytes, mtime in ns) of every entry; missing folder -> []."""
-        out = []
-        try:
-            listing = list(os.scandir(self.directory))
-        except OSError:
-            return []
-        for entry in listing:
-            name = entry.name
-            if not (name.endswith(ENTRY_SUFFIX) and _RE_KEY.fullmatch(name[: -len(ENTRY_SUFFIX)])):
-                continue
-            try:
-                if not entry.is_file(follow_symlinks=False):  # links, FIFOs, sockets: never ours
-                    continue
-                st = entry.stat(follow_symlinks=False)
-            except OSError:  # removed by another process meanwhile
-                continue
-            out.append((Path(entry.path), st.st_size, st.st_mtime_ns))
-        return out
+        return scan_entries(self.directory, _entry_size)
 
     def total_bytes(self) -> int:
         """Bytes used by entries."""
@@ -267,6 +244,45 @@ class PromptCache:
                 path.unlink()
             except OSError:
                 pass
+
+
+def scan_entries(directory: Path, size_of: "Callable[[os.DirEntry[str]], int | None]") -> list[tuple[Path, int, int]]:
+    """(path, size in bytes, mtime in ns) of every entry of a cache folder: what `size_of` sizes (None: not
+    an entry of this cache). A missing folder gives []; an entry removed meanwhile by another process is
+    left out."""
+    try:
+        listing = list(os.scandir(directory))
+    except OSError:
+        return []
+    out = []
+    for entry in listing:
+        try:
+            size = size_of(entry)
+            if size is not None:
+                out.append((Path(entry.path), size, entry.stat(follow_symlinks=False).st_mtime_ns))
+        except OSError:  # removed by another process meanwhile
+            continue
+    return out
+
+
+def _entry_size(entry: "os.DirEntry[str]") -> int | None:
+    """A prompt-cache entry's size: a regular file named <key><ENTRY_SUFFIX> (links, FIFOs, sockets: never ours)."""
+    name = entry.name
+    if not (name.endswith(ENTRY_SUFFIX) and _RE_KEY.fullmatch(name[: -len(ENTRY_SUFFIX)])):
+        return None
+    return entry.stat(follow_symlinks=False).st_size if entry.is_file(follow_symlinks=False) else None
+
+
+def cache_folder(directory: "str | os.PathLike[str] | None", subdir: str, max_bytes: int) -> tuple[Path, int]:
+    """A cache's folder (``user_cache_dir() / subdir`` when None, resolved now so ``LEANSD_CACHE_DIR``
+    applies) and its checked size bound (>= 0; 0 stores nothing)."""
+    if max_bytes < 0:
+        raise ValueError(f"max_bytes must be >= 0, got {max_bytes}")
+    if directory is None:
+        from leansd.models.checkpoint import user_cache_dir
+
+        directory = user_cache_dir() / subdir
+    return Path(directory).expanduser(), max_bytes
 
 
 def evict_lru(entries: "list[tuple[Path, int, int]]", max_bytes: int, *, keep: str | None = None,

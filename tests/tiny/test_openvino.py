@@ -15,7 +15,6 @@ import sys
 import numpy as np
 import pytest
 import torch
-from PIL import Image
 from safetensors.torch import save_file
 
 from leansd import Engine, GenerationRequest
@@ -28,6 +27,7 @@ from leansd.models.loader import load_model
 from leansd.models.tiny import write_tiny_diffusers_folder, write_tiny_single_file
 from leansd.request import StopGeneration
 from tests.helpers import tiny_bundle, tiny_inpaint_bundle, tiny_kohya_lora
+from tests.tiny.test_img2img_inpaint import init_image, square_mask
 
 SIZE = 64
 PIXEL_TOLERANCE = 1 / 255
@@ -91,19 +91,6 @@ def same_picture(engines: tuple[Engine, Engine], req: GenerationRequest) -> tupl
     for a, b in zip(eight_bit[:half], eight_bit[half:], strict=True):
         assert np.abs(a - b).max() <= 1
     return reference.pixels, ours.pixels
-
-
-def init_image() -> Image.Image:
-    y, x = np.mgrid[0:SIZE, 0:SIZE]
-    rgb = np.stack([x * 4, y * 4, 255 - (x + y) * 2], axis=-1).clip(0, 255).astype(np.uint8)
-    rgb[16:40, 20:44] = (250, 250, 30)
-    return Image.fromarray(rgb)
-
-
-def square_mask() -> Image.Image:
-    m = np.zeros((SIZE, SIZE), np.uint8)
-    m[8:56, 32:56] = 255
-    return Image.fromarray(m)
 
 
 def test_unet_output_matches_torch_within_1e_4(sd1) -> None:
