@@ -32,11 +32,8 @@ def tiny_file(tmp_path_factory) -> Path:
 
 
 def test_help_is_fast_and_lists_flags() -> None:
-    import time
-
-    start = time.perf_counter()
+    # "Fast" is checked by what --help imports (below), not by a wall-clock limit that a busy machine breaks.
     top = subprocess.run([sys.executable, "-m", "leansd.frontends.cli", "--help"], capture_output=True, text=True)
-    assert time.perf_counter() - start < 1.0
     assert top.returncode == 0 and "txt2img" in top.stdout
     out = run_cli("txt2img", "--help")
     assert out.returncode == 0

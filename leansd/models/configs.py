@@ -91,7 +91,7 @@ SD2_TEXT_CONFIG: dict[str, Any] = {
 }
 
 # The published SDXL base 1.0 and refiner architectures (stabilityai/stable-diffusion-xl-*-1.0),
-# for the planner's sizes; SDXL is not loaded for generation yet.
+# for the planner's sizes and the full-size benchmarks.
 SDXL_UNET_CONFIG: dict[str, Any] = {
     "sample_size": 128,
     "in_channels": 4,
