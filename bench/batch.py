@@ -16,8 +16,10 @@ a busy machine slows them alike. For the full-size model, which costs ~4.3 GB pe
 local and ray-1 are interleaved first, then ray-2 runs alone (RAM). "start-up" is the time to the
 first finished image of a fresh backend: Ray actor start, imports and model load included (Ray's
 own cluster start is listed separately). "overhead/img" is (ray-1 - local) time per image.
-"CPU s/image" is CPU time (user + system) per image: of this process for local; of this process and
-all its descendants (Ray's daemons and actors, which the driver started) for Ray. On a shared machine
+"CPU s/image" is CPU time (user + system) per image: of the thread that runs the local backend
+(it computes and writes every image) for local; of this process and all its descendants (the Ray
+driver's threads, Ray's daemons and actors, which the driver started) for Ray, so the Ray rows carry
+every cost Ray adds, idle polling included. On a shared machine
 wall time measures the neighbours as much as Ray; CPU time is what the run itself costs, so the CPU
 overhead column is the per-image cost Ray adds that other processes cannot hide or inflate.
 Prints markdown; never asserts.
@@ -112,14 +114,16 @@ def tree_cpu_seconds() -> float:
 
 
 def timed_run(backend: Any, jobs_path: Path, model: str, workdir: Path, *, tree: bool = False) -> tuple[float, float, int]:
-    """(wall seconds, CPU seconds, images written) of one run. CPU: this process alone (a local run),
-    or with every descendant process (`tree`: a Ray run, daemons and actors included)."""
+    """(wall seconds, CPU seconds, images written) of one run. CPU: this thread alone for a local run
+    (it computes and writes every image; the Ray driver's own threads, which live in this process
+    because the cluster is up, are not the local run's cost), or this process and every descendant
+    process (`tree`: a Ray run, the driver's threads, the daemons and the actors included)."""
     from leansd.batch.jobs import read_jobs
     from leansd.batch.runner import run_batch
 
     jobs = read_jobs(jobs_path, model=model, seed=0)
     outdir = Path(tempfile.mkdtemp(dir=workdir))
-    cpu = tree_cpu_seconds if tree else time.process_time
+    cpu = tree_cpu_seconds if tree else time.thread_time
     cpu0, start = cpu(), time.perf_counter()
     summary = run_batch(jobs, outdir=outdir, backend=backend)
     seconds, cpu_seconds = time.perf_counter() - start, cpu() - cpu0
