@@ -19,7 +19,11 @@ own cluster start is listed separately). "overhead/img" is (ray-1 - local) time 
 "CPU s/image" is CPU time (user + system) per image: of the thread that runs the local backend
 (it computes and writes every image) for local; of this process and all its descendants (the Ray
 driver's threads, Ray's daemons and actors, which the driver started) for Ray, so the Ray rows carry
-every cost Ray adds, idle polling included. On a shared machine
+every cost Ray adds, idle polling included. "outside worker s/img" is the run's wall time less the
+time the workers spent on its lines as they timed themselves (the manifest's `timings.line`): for
+local, the runner's own work (PNG, hash, manifest); for Ray, that plus scheduling, transfer and
+result handling. Ray's added per-image cost is the difference between the two, measured around the
+same images, so the compute's own variation (the largest noise on a shared machine) drops out. On a shared machine
 wall time measures the neighbours as much as Ray; CPU time is what the run itself costs, so the CPU
 overhead column is the per-image cost Ray adds that other processes cannot hide or inflate.
 Prints markdown; never asserts.
@@ -113,8 +117,10 @@ def tree_cpu_seconds() -> float:
     return total
 
 
-def timed_run(backend: Any, jobs_path: Path, model: str, workdir: Path, *, tree: bool = False) -> tuple[float, float, int]:
-    """(wall seconds, CPU seconds, images written) of one run. CPU: this thread alone for a local run
+def timed_run(backend: Any, jobs_path: Path, model: str, workdir: Path, *,
+              tree: bool = False) -> tuple[float, float, float, int]:
+    """(wall seconds, CPU seconds, wall seconds outside the workers' own line timings, images written) of
+    one run. CPU: this thread alone for a local run
     (it computes and writes every image; the Ray driver's own threads, which live in this process
     because the cluster is up, are not the local run's cost), or this process and every descendant
     process (`tree`: a Ray run, the driver's threads, the daemons and the actors included)."""
@@ -127,10 +133,23 @@ def timed_run(backend: Any, jobs_path: Path, model: str, workdir: Path, *, tree:
     cpu0, start = cpu(), time.perf_counter()
     summary = run_batch(jobs, outdir=outdir, backend=backend)
     seconds, cpu_seconds = time.perf_counter() - start, cpu() - cpu0
+    in_worker = worker_seconds(outdir / "manifest.jsonl")
     shutil.rmtree(outdir)
     if summary.failed:
         raise SystemExit(f"bench run failed: {summary.errors[:3]}")
-    return seconds, cpu_seconds, summary.written
+    return seconds, cpu_seconds, seconds - in_worker, summary.written
+
+
+def worker_seconds(manifest: Path) -> float:
+    """Seconds the workers spent on the run's lines, as they timed themselves (`timings.line` of each
+    line's manifest records, counted once per line)."""
+    lines: dict[str, float] = {}
+    with open(manifest) as f:
+        for text in f:
+            record = json.loads(text)
+            if "timings" in record and "id" in record:
+                lines[record["id"]] = float(record["timings"].get("line", 0.0))
+    return sum(lines.values())
 
 
 def make_backend(name: str, *, threads: int, options: dict[str, Any]) -> Any:
@@ -154,6 +173,7 @@ def bench_model(model: str, *, label: str, groups: list[list[str]], jobs: int, r
     startup: dict[str, float] = {}
     times: dict[str, list[float]] = {}
     cpu_times: dict[str, list[float]] = {}
+    outside: dict[str, list[float]] = {}
     counter = 1000
     for group in groups:
         backends = {}
@@ -173,28 +193,35 @@ def bench_model(model: str, *, label: str, groups: list[list[str]], jobs: int, r
             for name in order:
                 path = write_jobs(workdir, count=jobs, size=size, steps=steps, first=counter)
                 counter += jobs
-                seconds, cpu_seconds, written = timed_run(backends[name], path, model, workdir,
-                                                          tree=name != "local")
+                seconds, cpu_seconds, gap, written = timed_run(backends[name], path, model, workdir,
+                                                               tree=name != "local")
                 times.setdefault(name, []).append(seconds / written)
                 cpu_times.setdefault(name, []).append(cpu_seconds / written)
+                outside.setdefault(name, []).append(gap / written)
                 print(f"[{label}] round {r + 1} {name}: {written} images in {seconds:.1f} s "
                       f"(CPU {cpu_seconds:.1f} s)", file=sys.stderr, flush=True)
         for backend in backends.values():
             backend.really_close()
     local = statistics.median(times["local"])
     local_cpu = statistics.median(cpu_times["local"])
+    local_out = statistics.median(outside["local"])
     rows = []
     for name in ("local", "ray-1", "ray-2"):
         if name not in times:
             continue
         per = statistics.median(times[name])
         per_cpu = statistics.median(cpu_times[name])
-        overhead = cpu_overhead = ""
+        per_out = statistics.median(outside[name])
+        overhead = cpu_overhead = out_overhead = ""
         if name == "ray-1":
             overhead = f"{per - local:+.3f} s ({(per / local - 1) * 100:+.1f} %)"
             cpu_overhead = f"{per_cpu - local_cpu:+.3f} s ({(per_cpu / local_cpu - 1) * 100:+.1f} %)"
+            added = per_out - local_out
+            out_overhead = f"{added:+.3f} s ({added / local * 100:+.1f} % of local s/image)"
         rows.append([label, name, f"{1 / per:.2f}", f"{per:.2f}", f"{local / per:.2f}x", overhead,
-                     f"{per_cpu:.2f}", cpu_overhead, f"{startup[name]:.1f}"])
+                     f"{per_cpu:.2f}", cpu_overhead,
+                     "" if name == "ray-2" else f"{per_out:.3f}",  # ray-2: the two workers' lines overlap
+                     out_overhead, f"{startup[name]:.1f}"])
     return rows
 
 
@@ -246,7 +273,8 @@ def main() -> None:
           f"worker niceness {os.environ['RAY_worker_niceness']}; its idle daemons used {idle_share * 100:.1f} % "
           f"of one core (counted in the Ray rows' CPU time)\n")
     print(markdown_table(["model", "backend", "images/s", "s/image", "vs local", "Ray overhead/img (ray-1)",
-                          "CPU s/image", "Ray CPU overhead/img (ray-1)", "start-up s"], rows))
+                          "CPU s/image", "Ray CPU overhead/img (ray-1)", "outside worker s/img",
+                          "Ray added outside the worker (ray-1)", "start-up s"], rows))
 
 
 if __name__ == "__main__":
