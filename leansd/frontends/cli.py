@@ -508,11 +508,10 @@ def _terminate_as_exception() -> Iterator[None]:
     at once and leave a half-written hidden temp file behind); the old handler comes back after."""
     import signal
 
-    def raise_terminated(signum: int, frame: object) -> None:
-        raise Terminated()
+    from leansd.outputs.writer import deferrable
 
-    try:
-        previous = signal.signal(signal.SIGTERM, raise_terminated)
+    try:  # an image being written is finished (or its temp file removed) before Terminated is raised
+        previous = signal.signal(signal.SIGTERM, deferrable(Terminated))
     except ValueError:  # not the main thread: signals cannot be handled here
         yield
         return

@@ -6,14 +6,15 @@ Names follow the optimizedSD scripts: images are `seed_<seed>_<NNNNN>.<ext>`, gr
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import math
 import os
 import struct
 import tempfile
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
-from typing import BinaryIO
+from typing import Any, BinaryIO
 
 from PIL import ExifTags, Image, PngImagePlugin
 
@@ -218,8 +219,46 @@ def _place(tmp: Path, path: Path) -> None:
     tmp.unlink()
 
 
+_DEFERRED: dict[str, Any] = {"depth": 0, "pending": None}
+"""`signals_deferred` nesting and the exception a deferrable signal handler postponed."""
+
+
+@contextlib.contextmanager
+def signals_deferred() -> Iterator[None]:
+    """Inside, a handler made by `deferrable` records its exception instead of raising it; the exception is
+    raised when the outermost block ends. Python runs a signal handler between any two bytecodes, so
+    without this a signal could land after a temp file is created and before anyone knows its name."""
+    _DEFERRED["depth"] += 1
+    try:
+        yield
+    finally:
+        _DEFERRED["depth"] -= 1
+        pending = _DEFERRED["pending"]
+        if _DEFERRED["depth"] == 0 and pending is not None:
+            _DEFERRED["pending"] = None
+            raise pending()
+
+
+def deferrable(exception: "type[BaseException]") -> "Callable[[int, object], None]":
+    """A signal handler that raises `exception`, or, inside `signals_deferred`, raises it when the block ends."""
+
+    def handler(signum: int, frame: object) -> None:
+        if _DEFERRED["depth"] > 0:
+            _DEFERRED["pending"] = exception
+            return
+        raise exception()
+
+    return handler
+
+
 def _write_atomic(image: Image.Image, path: Path, *, infotext: str | None, fmt: str, quality: int) -> Path:
-    """save_image without the wrapping of FileExistsError, so ImageWriter can take the next number."""
+    """save_image without the wrapping of FileExistsError, so ImageWriter can take the next number. A
+    termination signal (see `deferrable`) waits until the file is published or its temp file removed."""
+    with signals_deferred():
+        return _write_atomic_now(image, path, infotext=infotext, fmt=fmt, quality=quality)
+
+
+def _write_atomic_now(image: Image.Image, path: Path, *, infotext: str | None, fmt: str, quality: int) -> Path:
     if path.exists():
         raise FileExistsError(errno.EEXIST, "file exists", str(path))
     try:
