@@ -31,6 +31,22 @@ DEFAULT_DEPTH = 2
 DEFAULT_MAX_ATTEMPTS = 2
 
 
+def join_cluster(address: str | None) -> tuple[bool, int, int]:
+    """Join the Ray cluster at `address` ("" or None: the running one, else a new one on this machine)
+    unless this process is already in one: (whether this call started it, its GPUs, its CPUs >= 1)."""
+    import ray
+
+    owns = False
+    if not ray.is_initialized():
+        try:
+            ray.init(address=address or None, logging_level=logging.WARNING, log_to_driver=False)
+        except (ConnectionError, ValueError, RuntimeError) as exc:
+            raise InvalidRequestError(f"cannot connect to the Ray cluster at {address or 'auto'}: {exc}") from None
+        owns = True
+    resources = ray.cluster_resources()
+    return owns, int(resources.get("GPU", 0)), max(1, int(resources.get("CPU", 1)))
+
+
 def require_ray(*, serve: bool = False) -> Any:
     """The `ray` module (`ray.serve` with `serve`); InvalidRequestError saying how to install it when missing."""
     try:
@@ -114,16 +130,7 @@ class RayBackend:
                 **options: Any) -> "RayBackend":
         """Join the cluster at `address` ("" or None: the running one, else a new one on this machine)."""
         ray = require_ray()
-        owns = False
-        if not ray.is_initialized():
-            try:
-                ray.init(address=address or None, logging_level=logging.WARNING, log_to_driver=False)
-            except (ConnectionError, ValueError, RuntimeError) as exc:
-                raise InvalidRequestError(f"cannot connect to the Ray cluster at {address or 'auto'}: {exc}") from None
-            owns = True
-        resources = ray.cluster_resources()
-        gpus = int(resources.get("GPU", 0))
-        cpus = max(1, int(resources.get("CPU", 1)))
+        owns, gpus, cpus = join_cluster(address)
         if gpus:
             count = workers or gpus
             if count > gpus:

@@ -327,22 +327,14 @@ def start_ray_queue(
     before the first job and longer jobs are refused. The front end lists the library in
     `engine_options["library"]`, the one the replicas load LoRAs, embeddings and VAEs from.
     """
-    from leansd.batch.ray_backend import require_ray
+    from leansd.batch.ray_backend import join_cluster, require_ray
 
     serve = require_ray(serve=True)
     import ray
 
     if replicas < 1:
         raise InvalidRequestError(f"--replicas must be at least 1, got {replicas}")
-    owns = False
-    if not ray.is_initialized():
-        try:
-            ray.init(address=address or None, logging_level=logging.WARNING, log_to_driver=False)
-        except (ConnectionError, ValueError, RuntimeError) as exc:
-            raise InvalidRequestError(f"cannot connect to the Ray cluster at {address or 'auto'}: {exc}") from None
-        owns = True
-    resources = ray.cluster_resources()
-    gpus, cpus = int(resources.get("GPU", 0)), max(1, int(resources.get("CPU", 1)))
+    owns, gpus, cpus = join_cluster(address)
     if gpus and replicas > gpus:
         raise InvalidRequestError(f"--replicas {replicas} needs {replicas} GPUs (one per replica) but the cluster has {gpus}")
     if not gpus and replicas > cpus:
