@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import signal
+import threading
 
 import pytest
 
@@ -12,6 +13,13 @@ from leansd.outputs.writer import deferrable, signals_deferred
 
 class Stop(BaseException):
     pass
+
+
+def send_usr1() -> None:
+    """SIGUSR1 to the main thread only. `os.kill` lets the kernel pick any thread of the process, and
+    earlier tests leave foreign threads running in it (a Ray driver, OpenVINO's workers); a signal
+    handled on one of those crashed the test process once."""
+    signal.pthread_kill(threading.main_thread().ident, signal.SIGUSR1)
 
 
 @pytest.fixture
@@ -27,7 +35,7 @@ def test_a_signal_inside_the_block_is_raised_when_the_block_ends(usr1_raises_sto
     done = []
     with pytest.raises(Stop):
         with signals_deferred():
-            os.kill(os.getpid(), signal.SIGUSR1)
+            send_usr1()
             with signals_deferred():  # nested: still deferred to the outermost end
                 done.append("inner")
             done.append("outer")
@@ -39,7 +47,7 @@ def test_a_signal_inside_the_block_is_raised_when_the_block_ends(usr1_raises_sto
 
 def test_a_signal_outside_any_block_raises_at_once(usr1_raises_stop) -> None:
     with pytest.raises(Stop):
-        os.kill(os.getpid(), signal.SIGUSR1)
+        send_usr1()
         for _ in range(1000):  # the handler runs between bytecodes, well before this ends
             pass
         pytest.fail("the handler did not raise")
@@ -53,7 +61,7 @@ def test_save_image_under_a_signal_publishes_the_whole_file_and_no_temp(usr1_rai
     real_encode = writer._encode
 
     def encode_then_signal(*args, **kwargs):  # the signal arrives mid-write
-        os.kill(os.getpid(), signal.SIGUSR1)
+        send_usr1()
         return real_encode(*args, **kwargs)
 
     writer._encode = encode_then_signal
