@@ -60,6 +60,13 @@ VARIANTS = ("diffusers", "leansd-torch", "leansd-ov", "ov-spike")
 DEFAULT_VARIANTS = ("diffusers", "leansd-torch", "leansd-ov")
 STRATEGIES = ("fp32", "fp16-save", "fp16-module", "export", "free-module")
 EST_STEPS = 20
+ISA_LIMITS: dict[str, dict[str, str]] = {
+    "native": {},
+    "avx2": {"ATEN_CPU_CAPABILITY": "avx2", "ONEDNN_MAX_CPU_ISA": "AVX2", "MKL_ENABLE_INSTRUCTIONS": "AVX2"},
+}
+"""Environment for the workers per --isa. OpenVINO's CPU plugin honours ONEDNN_MAX_CPU_ISA (its
+convolutions run as brgconv_avx2 instead of brgconv_avx512 under it; its MLAS matrix products pick
+their kernels themselves), so "avx2" approximates an AVX2-only machine rather than being one."""
 # Rough resident GiB of one worker process (fp32 weights + runtime), to refuse runs that would not fit.
 WORKER_GIB = {"sd15": {"torch": 4.6, "ov": 8.0, "spike": 4.5}, "sdxl": {"torch": 11.0, "ov": 18.0, "spike": 11.0}}
 
@@ -570,6 +577,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--ram-budget", type=float, default=10.0,
                         help="GiB this benchmark may hold at once; processes that do not fit together run in "
                              "successive phases (default 10)")
+    parser.add_argument("--isa", choices=sorted(ISA_LIMITS), default="native",
+                        help="native (default) or avx2: every worker limits torch (ATen, oneDNN, MKL) and OpenVINO "
+                             "(oneDNN) to AVX2 kernels, to stand in for an AVX2-only CPU on a newer one")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     parser.add_argument("--worker-options", default="{}", help=argparse.SUPPRESS)
     parser.add_argument("--convert-child", help=argparse.SUPPRESS)
@@ -624,10 +634,12 @@ def main(argv: list[str] | None = None) -> int:
     ov_threads = [int(t) for t in split(args.ov_threads)] or [0]
     ov_precisions = split(args.ov_precision)
 
+    os.environ.update(ISA_LIMITS[args.isa])  # inherited by every worker and conversion process
     print(f"# CPU speed: {args.models} (random weights), {', '.join(f'{s}x{s}' for s in sizes)}\n")
     print(machine_lines())
     print(f"- CPU flags: {cpu_flags()}")
     print(f"- allowed cores (sched_getaffinity): {len(os.sched_getaffinity(0))}")
+    print(f"- ISA limit: {args.isa}" + "".join(f", {k}={v}" for k, v in ISA_LIMITS[args.isa].items()))
     print(f"- openvino: {openvino_version()}")
     print(f"- command: python bench/cpu_speed.py {' '.join(argv if argv is not None else sys.argv[1:])}")
     print(f"- sampler {SAMPLER}, CFG {GUIDANCE} (UNet batch 2), seed {SEED}, {args.steps} steps per image, "

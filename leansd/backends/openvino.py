@@ -229,9 +229,13 @@ class OpenVinoBackend:
         logger.warning("openvino: converted the %s in %.1f s", part.replace("-", " "), seconds)
         if xml is None:
             logger.info("openvino: the converted %s is used without the disk cache", part)
+        elif self.weights == "f16":
+            return xml  # the stored fp16 weights, so this process computes what later ones will
         # Compiled from the converted model itself, not from the file just written: its weights are
-        # the torch tensors (shared, not copied), where compiling the file would map the whole
-        # model.bin as well (full-size SD 1.5 first run: 9.4 GiB peak RSS instead of 12.8).
+        # the torch tensors (shared, not copied, and kept alive by the compiled model), where
+        # compiling the file would map the whole model.bin as well (full-size SD 1.5, first 512x512
+        # run: 9.4 GiB peak RSS instead of 12.8). Sharing needs the module's weights unchanged in
+        # place, which the fingerprint in the key assumes already (`text_encoder_fingerprint`).
         return model
 
 
