@@ -301,3 +301,15 @@ def test_fp16_stored_weights_compute_the_same_in_the_converting_and_a_later_proc
         expected = bundle.unet(*inputs[:2], encoder_hidden_states=inputs[2], return_dict=False)[0]
     error = (first - expected).abs().max().item()
     assert 0 < error <= 1e-2  # rounded to fp16 once, computed in fp32
+
+
+def test_one_compiled_unet_is_kept_and_a_size_seen_before_compiles_from_the_cache(tmp_path) -> None:
+    backend = OpenVinoBackend(cache=IRCache(tmp_path / "ir"))
+    engine = Engine(tiny_bundle(), device="cpu", prompt_cache=False, backend=backend)
+    first = engine.generate(request(num_inference_steps=2), progress_bar=False)
+    engine.generate(request(num_inference_steps=2, width=2 * SIZE, height=2 * SIZE), progress_bar=False)
+    assert len(backend._compiled["unet"]) == 1  # the other size's compiled UNet (its own weights copy) was dropped
+    converted = backend.conversions
+    again = engine.generate(request(num_inference_steps=2), progress_bar=False)
+    assert backend.conversions == converted  # compiled from the disk cache, not converted again
+    np.testing.assert_array_equal(again.pixels, first.pixels)
