@@ -40,6 +40,8 @@ KEEP_COMPILED = {"unet": 1, "vae-decoder": 2, "vae-encoder": 2}
 of the weights (3.3 GiB for SD 1.5, 6.5 GiB when compiled from the cached file), while compiling a
 cached one again takes seconds (6.7-8.1 s at 512x512); a hires fix runs all base steps before the
 hires ones, so it compiles each size once per image. The VAE parts are small (0.2 GiB)."""
+KEEP_CONVERTED = 4
+"""Converted (not compiled) models kept for compiling again: a UNet at two sizes and its decoders."""
 
 
 def _wrappers() -> dict[str, Any]:
@@ -110,6 +112,10 @@ class OpenVinoBackend:
             raise ValueError(f"weights must be 'f32' or 'f16', got {weights!r}")
         self.weights = weights
         self._compiled: dict[str, OrderedDict[str, Any]] = {}
+        self._converted: OrderedDict[str, Any] = OrderedDict()
+        """The last few models this backend converted, by key: their weights are the torch tensors
+        (no copy), so compiling one again costs no mapped IR file. Bounded: an entry keeps alive the
+        tensors it was converted from (a LoRA's, a replaced VAE's)."""
         self.conversions = 0
         """Parts converted by this backend (0 when everything came from the disk cache)."""
         self.conversion_seconds = 0.0
@@ -141,6 +147,7 @@ class OpenVinoBackend:
 
     def release(self) -> None:
         self._compiled.clear()
+        self._converted.clear()
         gc.collect()
 
     # -- converting, caching, running ------------------------------------------------------------
@@ -191,14 +198,21 @@ class OpenVinoBackend:
         while len(kept) >= KEEP_COMPILED.get(part, 1):  # dropped first: never two UNets compiled at once
             kept.popitem(last=False)
             gc.collect()
-        source: Any = self.cache.get(key)  # the cached model.xml, or None
+        # A model this process converted (its weights shared with torch), else the cached model.xml.
+        source: Any = self._converted.get(key)
+        if source is not None:
+            self._converted.move_to_end(key)
+        else:
+            source = self.cache.get(key)
         if source is None:
             source = self._convert(part, module, inputs, key=key, fields=fields)
         started = time.perf_counter()
         config = {"INFERENCE_PRECISION_HINT": PRECISION, "INFERENCE_NUM_THREADS": self.threads,
                   "PERFORMANCE_HINT": "LATENCY"}
-        compiled = self.core.compile_model(source if isinstance(source, self._ov.Model) else str(source), "CPU", config)
-        logger.info("openvino: compiled the %s for %s in %.1f s", part, _shapes(inputs), time.perf_counter() - started)
+        in_memory = isinstance(source, self._ov.Model)
+        compiled = self.core.compile_model(source if in_memory else str(source), "CPU", config)
+        logger.info("openvino: compiled the %s for %s from %s in %.1f s", part, _shapes(inputs),
+                    "the converted model" if in_memory else "the disk cache", time.perf_counter() - started)
         kept[key] = compiled
         return compiled
 
@@ -239,6 +253,9 @@ class OpenVinoBackend:
         # compiling the file would map the whole model.bin as well (full-size SD 1.5, first 512x512
         # run: 9.4 GiB peak RSS instead of 12.8). Sharing needs the module's weights unchanged in
         # place, which the fingerprint in the key assumes already (`text_encoder_fingerprint`).
+        self._converted[key] = model
+        while len(self._converted) > KEEP_CONVERTED:
+            self._converted.popitem(last=False)
         return model
 
 

@@ -303,13 +303,21 @@ def test_fp16_stored_weights_compute_the_same_in_the_converting_and_a_later_proc
     assert 0 < error <= 1e-2  # rounded to fp16 once, computed in fp32
 
 
-def test_one_compiled_unet_is_kept_and_a_size_seen_before_compiles_from_the_cache(tmp_path) -> None:
+def test_one_compiled_unet_is_kept_and_a_size_seen_before_compiles_again_without_converting(tmp_path, caplog) -> None:
     backend = OpenVinoBackend(cache=IRCache(tmp_path / "ir"))
     engine = Engine(tiny_bundle(), device="cpu", prompt_cache=False, backend=backend)
     first = engine.generate(request(num_inference_steps=2), progress_bar=False)
     engine.generate(request(num_inference_steps=2, width=2 * SIZE, height=2 * SIZE), progress_bar=False)
     assert len(backend._compiled["unet"]) == 1  # the other size's compiled UNet (its own weights copy) was dropped
     converted = backend.conversions
-    again = engine.generate(request(num_inference_steps=2), progress_bar=False)
-    assert backend.conversions == converted  # compiled from the disk cache, not converted again
+    with caplog.at_level("INFO", logger="leansd.backends.openvino"):
+        again = engine.generate(request(num_inference_steps=2), progress_bar=False)
+    assert backend.conversions == converted
+    assert "compiled the unet for 2x4x8x8 from the converted model" in caplog.text  # not the mapped IR file
     np.testing.assert_array_equal(again.pixels, first.pixels)
+    later = OpenVinoBackend(cache=IRCache(tmp_path / "ir"))  # another process: the disk cache
+    with caplog.at_level("INFO", logger="leansd.backends.openvino"):
+        from_disk = Engine(tiny_bundle(), device="cpu", prompt_cache=False, backend=later).generate(
+            request(num_inference_steps=2), progress_bar=False)
+    assert later.conversions == 0 and "compiled the unet for 2x4x8x8 from the disk cache" in caplog.text
+    np.testing.assert_array_equal(from_disk.pixels, first.pixels)
