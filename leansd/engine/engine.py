@@ -216,6 +216,8 @@ class Engine:
             self.backend.release()
             self.backend = chosen
             logger.info("backend now %s", chosen.name)
+        if self.refiner is not None:  # the refiner follows, as `set_refiner` gives it this engine's backend
+            self.refiner.set_backend(self.backend.name)
         return self.backend.name
 
     def _check(self) -> None:

@@ -179,3 +179,17 @@ def test_memory_modes_give_the_same_picture(files, policy):
     np.testing.assert_allclose(out.pixels, expected, atol=1e-5)
     constrained.set_budget("none")  # one budget for both models
     assert constrained.budget is None and refiner.budget is None
+
+
+def test_set_backend_reaches_a_loaded_refiner(files):
+    pytest.importorskip("openvino")
+    engine = base_engine(files)
+    req = request_for(files["single"], switch_at=0.5, steps=2)
+    on_torch = engine.generate(req, progress_bar=False)
+    assert engine.refiner is not None and engine.refiner.backend.name == "torch"
+    assert engine.set_backend("openvino") == "openvino"
+    assert engine.refiner.backend.name == "openvino"
+    on_openvino = engine.generate(req, progress_bar=False)
+    assert engine.refiner.backend.conversions == 1  # type: ignore[attr-defined]  # its UNet ran on OpenVINO
+    assert np.abs(on_openvino.pixels - on_torch.pixels).max() <= 1 / 255
+    assert engine.set_backend("torch") == "torch" and engine.refiner.backend.name == "torch"
