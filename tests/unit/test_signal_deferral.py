@@ -1,9 +1,11 @@
 """A termination signal never lands between creating an image's temp file and publishing or removing it.
 
 Each scenario runs in a fresh Python process (`python -m tests.unit.test_signal_deferral NAME`): a
-signal is process-wide state, and in the full suite's process (a Ray driver, OpenVINO and uvicorn
-threads left by earlier tests) delivering SIGUSR1 killed the test process with SIGSEGV, which a
-fresh process of this file alone never did. The scenario prints what it saw; the test asserts on it.
+signal is process-wide state, and in the full suite's process delivering SIGUSR1 killed the test
+process with SIGSEGV, which a fresh process of this file alone never did. There, by this point, the
+main thread's alternate signal stack (which Python's handlers run on) was still registered but no
+longer mapped, after what earlier tests had loaded (Ray's driver, OpenVINO, servers). The scenario
+prints what it saw; the test asserts on it.
 """
 
 from __future__ import annotations
